@@ -1,0 +1,357 @@
+"""The NumPy API: validates arguments, maps shapes onto the kernels' two views, allocates outputs.
+
+Nothing reaches the compiled kernels before it has been checked here: they run without bounds checks.
+"""
+import math
+import numbers
+import operator
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _kernels
+from ._threads import get_num_threads
+
+__all__ = [
+    "group_norm", "instance_norm", "layer_norm", "rms_norm",
+    "group_norm_backward", "instance_norm_backward", "layer_norm_backward", "rms_norm_backward",
+]
+
+
+class _Geometry(NamedTuple):
+    """How a normalization maps onto the kernels (see cynorm/_kernels.pyx for the two views)."""
+    rows: bool                  # rows view if True, columns view otherwise
+    groups: int                 # groups per sample
+    chans_per_group: int = 1    # rows view
+    inner: int = 1              # rows view: elements per channel
+    n_rows: int = 0             # columns view: rows reduced over
+    n_cols: int = 0             # columns view
+    cols_per_channel: int = 1   # columns view
+    affine_per_row: bool = False  # columns view: weight indexed by row (layer norm over a middle axis)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------------------
+
+def _float_array(a, name):
+    arr = np.asarray(a)
+    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
+        raise TypeError(f"`{name}` must be a float16, float32 or float64 array, got dtype {arr.dtype}")
+    return arr
+
+
+def _compute_dtype(dtype):
+    """float16 is computed in float32; other dtypes as they are, in native byte order."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else np.dtype(dtype.type)
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"`eps` must be a real number, got {eps!r}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _integer(value, name):
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an integer, got {value!r}") from None
+
+
+def _axis(axis, ndim):
+    index = _integer(axis, "axis")
+    if not -ndim <= index < ndim:
+        raise ValueError(f"`axis` {axis} is out of range for an input with {ndim} dimensions")
+    return index % ndim
+
+
+def _channel_axis(axis, ndim):
+    index = _axis(axis, ndim)
+    if index == 0:
+        raise ValueError(f"`axis` must be a channel axis, not 0 (the batch axis), got {axis}")
+    return index
+
+
+def _normalized_axes(axis, ndim):
+    """A sorted tuple of contiguous axes from an int or a sequence of ints."""
+    if isinstance(axis, (list, tuple)):
+        if len(axis) == 0:
+            raise ValueError("`axis` must name at least one axis, got an empty sequence")
+        axes = tuple(_axis(a, ndim) for a in axis)
+    else:
+        axes = (_axis(axis, ndim),)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"`axis` contains duplicate axes: {axis}")
+    axes = tuple(sorted(axes))
+    if axes[-1] - axes[0] != len(axes) - 1:
+        raise ValueError(f"`axis` must name contiguous axes, got {axis}")
+    return axes
+
+
+def _check_groups(num_groups, channels):
+    groups = _integer(num_groups, "num_groups")
+    if not 1 <= groups <= channels:
+        raise ValueError(f"`num_groups` must be between 1 and the number of channels ({channels}), got {num_groups}")
+    if channels % groups:
+        raise ValueError(f"The number of channels ({channels}) must be divisible by `num_groups` ({num_groups})")
+    return groups
+
+
+def _param(param, name, shape, dtype, default):
+    """A flat contiguous parameter in the compute dtype; `default`-filled when None."""
+    size = math.prod(shape)
+    if param is None:
+        return np.full(size, default, dtype=dtype)
+    arr = _float_array(param, name)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
+
+
+def _stats(stats, name, shape):
+    arr = _float_array(stats, name)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {tuple(shape)} (as returned by the forward), got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+
+
+def _output(out, like, name):
+    """`out` checked against `like`, or a new array like it."""
+    if out is None:
+        return np.empty(like.shape, like.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"`{name}` must be a NumPy array, got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"`{name}` must have shape {like.shape}, got {out.shape}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"`{name}` must have dtype {like.dtype}, got {out.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"`{name}` must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"`{name}` is read-only")
+    return out
+
+
+def _flat_input(arr, dtype, result):
+    """arr as a flat C-contiguous array of the compute dtype that the kernel may read while writing
+    `result`: the very same memory (in place) is fine, a partial overlap gets a private copy."""
+    flat = np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
+    if (np.may_share_memory(flat, result)
+            and flat.__array_interface__["data"][0] != result.__array_interface__["data"][0]):
+        flat = flat.copy()
+    return flat
+
+
+def _flat_result(result, dtype):
+    """Where the kernel writes: `result` itself, or a compute-dtype buffer copied back by _store."""
+    return result.reshape(-1) if result.dtype == dtype else np.empty(result.size, dtype)
+
+
+def _store(result, flat):
+    if not np.shares_memory(result, flat):
+        result[...] = flat.reshape(result.shape)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------------------
+
+def _group_geometry(shape, axis, groups):
+    """(N, A, C, B) around the channel axis; channels-first (A == 1) is the rows view."""
+    channels = shape[axis]
+    before = math.prod(shape[1:axis])
+    after = math.prod(shape[axis + 1:])
+    if before == 1:
+        return _Geometry(rows=True, groups=groups, chans_per_group=channels // groups, inner=after)
+    return _Geometry(rows=False, groups=groups, n_rows=before, n_cols=channels * after, cols_per_channel=after)
+
+
+def _layer_geometry(shape, axes):
+    """Normalized axes followed by others (a middle axis) are the columns view, one column per group."""
+    length = math.prod(shape[axes[0]:axes[-1] + 1])
+    after = math.prod(shape[axes[-1] + 1:])
+    if after == 1:
+        return _Geometry(rows=True, groups=1, chans_per_group=length, inner=1)
+    return _Geometry(rows=False, groups=after, n_rows=length, n_cols=after, affine_per_row=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Drivers shared by the four norms
+# ---------------------------------------------------------------------------------------------------------
+
+def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, centered):
+    eps = _check_eps(eps)
+    dtype = _compute_dtype(x.dtype)
+    weight = _param(weight, "weight", param_shape, dtype, 1.0)
+    bias = _param(bias, "bias", param_shape, dtype, 0.0)
+    y = _output(out, x, "out")
+    y_flat = _flat_result(y, dtype)
+    x_flat = _flat_input(x, dtype, y_flat)
+    size = math.prod(stats_shape)
+    mean = np.full(size, np.nan)
+    rstd = np.full(size, np.nan)
+    threads = get_num_threads()
+    if geometry.rows:
+        _kernels.forward_rows(x_flat, y_flat, weight, bias, mean, rstd, geometry.groups,
+                              geometry.chans_per_group, geometry.inner, eps, centered, threads)
+    else:
+        _kernels.forward_columns(x_flat, y_flat, weight, bias, mean, rstd, geometry.n_rows, geometry.n_cols,
+                                 geometry.groups, geometry.cols_per_channel, geometry.affine_per_row, eps,
+                                 centered, threads)
+    return _store(y, y_flat), mean.reshape(stats_shape), rstd.reshape(stats_shape)
+
+
+def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape, centered):
+    dy = _float_array(dy, "dy")
+    if dy.shape != x.shape:
+        raise ValueError(f"`dy` must have the shape of `x` {x.shape}, got {dy.shape}")
+    mean = _stats(mean, "mean", stats_shape) if centered else np.zeros(math.prod(stats_shape))
+    rstd = _stats(rstd, "rstd", stats_shape)
+    dtype = _compute_dtype(x.dtype)
+    weight = _param(weight, "weight", param_shape, dtype, 1.0)
+    dx = _output(out, x, "out")
+    dx_flat = _flat_result(dx, dtype)
+    x_flat = _flat_input(x, dtype, dx_flat)
+    dy_flat = _flat_input(dy, dtype, dx_flat)
+    dweight = np.empty(weight.size)
+    dbias = np.empty(weight.size)
+    threads = get_num_threads()
+    if geometry.rows:
+        _kernels.backward_rows(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.groups,
+                               geometry.chans_per_group, geometry.inner, centered, threads)
+    else:
+        _kernels.backward_columns(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.n_rows,
+                                  geometry.n_cols, geometry.groups, geometry.cols_per_channel,
+                                  geometry.affine_per_row, centered, threads)
+    param_dtype = np.float64 if dtype == np.float64 else np.float32
+    return (_store(dx, dx_flat), dweight.astype(param_dtype, copy=False).reshape(param_shape),
+            dbias.astype(param_dtype, copy=False).reshape(param_shape))
+
+
+def _grouped_input(x, axis, name):
+    x = _float_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"{name} expects `x` with at least 2 dimensions (batch, channels, ...), got shape {x.shape}")
+    return x, _channel_axis(axis, x.ndim)
+
+
+def _normalized_input(x, axis):
+    x = _float_array(x, "x")
+    axes = _normalized_axes(axis, x.ndim)
+    stats_shape = x.shape[:axes[0]] + x.shape[axes[-1] + 1:]
+    param_shape = tuple(x.shape[a] for a in axes)
+    return x, _layer_geometry(x.shape, axes), stats_shape, param_shape
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------------
+
+def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5, out=None, return_stats=False):
+    """Group normalization: each sample's channels split into ``num_groups`` groups, each normalized to zero
+    mean and unit variance, then scaled and shifted per channel.
+
+    Parameters
+    ----------
+    x : ndarray of float16, float32 or float64, shape (N, ..., C, ...)
+        ``axis`` is the channel axis: 1 for channels-first ``(N, C, *spatial)``, -1 for channels-last
+        ``(N, *spatial, C)``.  Any strides (a non-contiguous input costs one copy).
+    num_groups : int, dividing C.
+    weight, bias : ndarray of shape (C,), optional
+        Per-channel scale and shift (identity when None).
+    axis : int, default 1
+    eps : float, default 1e-5
+        Added to the variance.
+    out : ndarray, optional
+        C-contiguous array of x's shape and dtype to write into; may be ``x`` itself.
+    return_stats : bool, default False
+        Also return the float64 ``mean`` and inverse standard deviation ``rstd``, shape (N, num_groups).
+
+    Returns
+    -------
+    y : ndarray like x, or ``(y, mean, rstd)``.
+    """
+    x, axis = _grouped_input(x, axis, "group_norm")
+    groups = _check_groups(num_groups, x.shape[axis])
+    y, mean, rstd = _forward(x, _group_geometry(x.shape, axis, groups), weight, bias, eps, out,
+                             (x.shape[0], groups), (x.shape[axis],), centered=True)
+    return (y, mean, rstd) if return_stats else y
+
+
+def instance_norm(x, weight=None, bias=None, *, axis=1, eps=1e-5, out=None, return_stats=False):
+    """Instance normalization: group normalization with one group per channel.
+
+    Same arguments as :func:`group_norm`; ``mean`` and ``rstd`` have shape (N, C).
+    """
+    x, axis = _grouped_input(x, axis, "instance_norm")
+    channels = x.shape[axis]
+    y, mean, rstd = _forward(x, _group_geometry(x.shape, axis, channels), weight, bias, eps, out,
+                             (x.shape[0], channels), (channels,), centered=True)
+    return (y, mean, rstd) if return_stats else y
+
+
+def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, out=None, return_stats=False):
+    """Layer normalization over the axes ``axis``: an int or a tuple of contiguous axes, trailing (torch's
+    ``normalized_shape``) or not (Keras ``LayerNormalization(axis=1)``).
+
+    ``weight`` and ``bias`` have the shape of the normalized axes, ``tuple(x.shape[a] for a in axes)``;
+    ``mean`` and ``rstd`` (float64) have x's shape without them.  Other arguments as in :func:`group_norm`.
+    """
+    x, geometry, stats_shape, param_shape = _normalized_input(x, axis)
+    y, mean, rstd = _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, centered=True)
+    return (y, mean, rstd) if return_stats else y
+
+
+def rms_norm(x, weight=None, *, axis=-1, eps=1e-6, out=None, return_stats=False):
+    """RMS normalization, ``x * rsqrt(mean(x**2) + eps) * weight``, over the contiguous axes ``axis``.
+
+    As :func:`layer_norm` without centering and without bias; ``return_stats=True`` returns ``(y, rstd)``.
+    """
+    x, geometry, stats_shape, param_shape = _normalized_input(x, axis)
+    y, _, rstd = _forward(x, geometry, weight, None, eps, out, stats_shape, param_shape, centered=False)
+    return (y, rstd) if return_stats else y
+
+
+def group_norm_backward(dy, x, mean, rstd, weight=None, *, axis=1, out=None):
+    """Gradients of :func:`group_norm` given ``dy``, the gradient of its output.
+
+    ``mean`` and ``rstd`` are those the forward returned (``return_stats=True``), ``weight`` the same weight.
+    Returns ``(dx, dweight, dbias)``: ``dx`` like ``x`` (written into ``out`` if given), ``dweight`` and
+    ``dbias`` of shape (C,), float64 for float64 input and float32 otherwise.
+    """
+    x, axis = _grouped_input(x, axis, "group_norm_backward")
+    mean_shape = np.shape(mean)
+    if len(mean_shape) != 2 or mean_shape[0] != x.shape[0]:
+        raise ValueError(f"`mean` must have shape (N, num_groups) with N = {x.shape[0]}, as returned by the "
+                         f"forward, got {mean_shape}")
+    groups = _check_groups(mean_shape[1], x.shape[axis])
+    return _backward(dy, x, mean, rstd, weight, _group_geometry(x.shape, axis, groups), out,
+                     (x.shape[0], groups), (x.shape[axis],), centered=True)
+
+
+def instance_norm_backward(dy, x, mean, rstd, weight=None, *, axis=1, out=None):
+    """Gradients of :func:`instance_norm`; as :func:`group_norm_backward`."""
+    x, axis = _grouped_input(x, axis, "instance_norm_backward")
+    channels = x.shape[axis]
+    return _backward(dy, x, mean, rstd, weight, _group_geometry(x.shape, axis, channels), out,
+                     (x.shape[0], channels), (channels,), centered=True)
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, axis=-1, out=None):
+    """Gradients of :func:`layer_norm`; returns ``(dx, dweight, dbias)`` as :func:`group_norm_backward`."""
+    x, geometry, stats_shape, param_shape = _normalized_input(x, axis)
+    return _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape, centered=True)
+
+
+def rms_norm_backward(dy, x, rstd, weight=None, *, axis=-1, out=None):
+    """Gradients of :func:`rms_norm`; returns ``(dx, dweight, None)``."""
+    x, geometry, stats_shape, param_shape = _normalized_input(x, axis)
+    dx, dweight, _ = _backward(dy, x, None, rstd, weight, geometry, out, stats_shape, param_shape,
+                               centered=False)
+    return dx, dweight, None

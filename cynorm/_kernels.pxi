@@ -1,0 +1,730 @@
+"""Normalization kernels: statistics, normalization and gradients on C-contiguous buffers.
+
+This file is compiled once per instruction set (cynorm/_kernels_*.pyx include it); cynorm/_kernels.py
+loads the build the CPU runs.
+
+Every kernel sees its input through one of two views, chosen by the Python layer from the shape alone:
+
+* rows:    x is (n_rows, length); each row is one normalization group, made of `chans_per_group` channels of
+           `inner` consecutive elements (channels-first group/instance norm, layer/RMS norm over trailing axes).
+* columns: x is (n_samples, n_rows, n_cols); a group is a run of consecutive columns of one sample, reduced
+           over the rows (channels-last group/instance norm, layer/RMS norm over a middle axis).
+
+Statistics are accumulated in fixed-size blocks whose boundaries depend on the shape only, and blocks are
+merged in a fixed order: results do not depend on the thread count, on the schedule or on the batch size.
+Within a block, a corrected two-pass (rough centre, then centred sums) keeps float32 sums accurate when
+|mean| >> std; blocks are merged in float64 with Chan's pairwise formula.
+
+The Python layer validates every argument: these functions run without bounds checks.
+"""
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+from libc.math cimport sqrt
+from libc.string cimport memset
+
+import numpy as np
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define CYNORM_HAVE_OPENMP 1
+    #else
+    #define CYNORM_HAVE_OPENMP 0
+    static int omp_get_max_threads(void) { return 1; }
+    #endif
+
+    /* 0: baseline, 3: x86-64-v3 (AVX2, FMA), 4: x86-64-v4 (AVX-512); libgcc also checks the OS saves the
+       wider registers. */
+    static int cynorm_cpu_level(void) {
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("x86-64-v4")) return 4;
+        if (__builtin_cpu_supports("x86-64-v3")) return 3;
+    #endif
+        return 0;
+    }
+    """
+    bint CYNORM_HAVE_OPENMP
+    int omp_get_max_threads() noexcept nogil
+    int cynorm_cpu_level() noexcept nogil
+
+cdef enum:
+    # Independent partial sums per reduction: the compiler vectorizes across them, the order stays fixed.
+    LANES = 32
+    # Elements of a row whose moments are computed while they sit in L1, before merging.
+    CHUNK = 4096
+    # Columns view: a tile holds about this many elements, and at most MAX_TILE_ROWS rows so that the
+    # per-column float sums stay short.
+    TILE_ELEMS = 16384
+    MAX_TILE_ROWS = 256
+    # Rows backward: samples are grouped into blocks of about this many elements for dweight/dbias.
+    BLOCK_ELEMS = 65536
+
+HAVE_OPENMP = bool(CYNORM_HAVE_OPENMP)
+
+
+def cpu_level():
+    """The x86-64 micro-architecture level this CPU and OS run (0 when unknown or not x86-64)."""
+    return cynorm_cpu_level()
+
+
+def max_threads():
+    """OpenMP's current thread limit (OMP_NUM_THREADS, threadpoolctl and the CPU count all apply)."""
+    return omp_get_max_threads()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Moments
+# ---------------------------------------------------------------------------------------------------------
+
+cdef inline double lanes_total(floating* lanes) noexcept nogil:
+    """Sum of the lanes as a fixed pairwise tree (clobbers them): short, vectorizable, order-independent of
+    the vector width."""
+    cdef int j, width = LANES // 2
+    while width > 0:
+        for j in range(width):
+            lanes[j] += lanes[j + width]
+        width //= 2
+    return lanes[0]
+
+
+cdef inline void chunk_moments(const floating* x,      # IN (m,)
+                               Py_ssize_t m,
+                               bint centered,
+                               double* mean,           # OUT
+                               double* m2) noexcept nogil:  # OUT sum of squared deviations (of x if not centered)
+    """Mean and M2 of m <= CHUNK cache-resident values.
+
+    The first pass only finds a rough centre; the second sums deviations from it, which are small, and the
+    S1²/m term corrects for the centre's own error."""
+    cdef floating s1[LANES]
+    cdef floating s2[LANES]
+    cdef floating centre = 0
+    cdef floating d
+    cdef Py_ssize_t i, step, body = m - m % LANES
+    cdef int j
+    cdef double t1, t2
+    if centered:
+        for j in range(LANES):
+            s1[j] = 0
+        for step in range(body // LANES):
+            i = step * LANES
+            for j in range(LANES):
+                s1[j] += x[i + j]
+        for i in range(body, m):
+            s1[i - body] += x[i]
+        centre = <floating>(lanes_total(s1) / m)
+    for j in range(LANES):
+        s1[j] = 0
+        s2[j] = 0
+    for step in range(body // LANES):
+        i = step * LANES
+        for j in range(LANES):
+            d = x[i + j] - centre
+            s1[j] += d
+            s2[j] += d * d
+    for i in range(body, m):
+        d = x[i] - centre
+        s1[i - body] += d
+        s2[i - body] += d * d
+    t1 = lanes_total(s1)
+    t2 = lanes_total(s2)
+    if centered:
+        mean[0] = centre + t1 / m
+        m2[0] = t2 - t1 * t1 / m
+        if m2[0] < 0:   # written so that a NaN stays NaN
+            m2[0] = 0
+    else:
+        mean[0] = 0
+        m2[0] = t2
+
+
+cdef inline void merge_moments(double* count, double* mean, double* m2,   # INOUT running moments
+                               double block_count, double block_mean, double block_m2) noexcept nogil:
+    """Chan et al.'s pairwise update: fold one block's moments into the running ones."""
+    cdef double total = count[0] + block_count
+    cdef double delta = block_mean - mean[0]
+    mean[0] += delta * (block_count / total)
+    m2[0] += block_m2 + delta * delta * (count[0] * block_count / total)
+    count[0] = total
+
+
+cdef inline double inverse_std(double m2, double count, double eps) noexcept nogil:
+    return 1.0 / sqrt(m2 / count + eps)
+
+
+cdef inline double row_moments(const floating* x, Py_ssize_t length, bint centered,
+                               double* mean) noexcept nogil:
+    """Mean (OUT) and returned M2 of a contiguous row: CHUNK-sized blocks merged in order."""
+    cdef double count = 0, running_mean = 0, running_m2 = 0, block_mean, block_m2
+    cdef Py_ssize_t start, m, step
+    for step in range((length + CHUNK - 1) // CHUNK):
+        start = step * CHUNK
+        m = min(<Py_ssize_t>CHUNK, length - start)
+        chunk_moments(x + start, m, centered, &block_mean, &block_m2)
+        merge_moments(&count, &running_mean, &running_m2, m, block_mean, block_m2)
+    mean[0] = running_mean
+    return running_m2
+
+
+cdef inline void tile_moments(const floating* x,       # IN (rows, n_cols)
+                              Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups, bint centered,
+                              floating* scratch,        # 3 * n_cols
+                              double* out) noexcept nogil:  # OUT (groups, 2): mean, M2 of each column group
+    """Columns view: moments of each group of consecutive columns over a tile of rows (corrected two-pass,
+    vectorized across columns)."""
+    cdef floating* centre = scratch
+    cdef floating* s1 = scratch + n_cols
+    cdef floating* s2 = scratch + 2 * n_cols
+    cdef Py_ssize_t cols_per_group = n_cols // groups
+    cdef Py_ssize_t a, col, g
+    cdef const floating* row
+    cdef floating d
+    cdef double t1, t2, count = rows * cols_per_group
+    memset(s1, 0, n_cols * sizeof(floating))
+    memset(s2, 0, n_cols * sizeof(floating))
+    memset(centre, 0, n_cols * sizeof(floating))
+    if centered:
+        for a in range(rows):
+            row = x + a * n_cols
+            for col in range(n_cols):
+                s1[col] += row[col]
+        for g in range(groups):
+            t1 = 0
+            for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+                t1 += s1[col]
+            for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+                centre[col] = <floating>(t1 / count)
+        memset(s1, 0, n_cols * sizeof(floating))
+    for a in range(rows):
+        row = x + a * n_cols
+        for col in range(n_cols):
+            d = row[col] - centre[col]
+            s1[col] += d
+            s2[col] += d * d
+    for g in range(groups):
+        t1 = 0
+        t2 = 0
+        for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+            t1 += s1[col]
+            t2 += s2[col]
+        if centered:
+            out[2 * g] = centre[g * cols_per_group] + t1 / count
+            out[2 * g + 1] = t2 - t1 * t1 / count
+            if out[2 * g + 1] < 0:
+                out[2 * g + 1] = 0
+        else:
+            out[2 * g] = 0
+            out[2 * g + 1] = t2
+
+
+cdef inline Py_ssize_t rows_per_tile(Py_ssize_t n_cols) noexcept nogil:
+    return max(1, min(<Py_ssize_t>MAX_TILE_ROWS, TILE_ELEMS // max(n_cols, 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalization
+# ---------------------------------------------------------------------------------------------------------
+
+cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT: one row
+                                     Py_ssize_t start, Py_ssize_t stop, Py_ssize_t inner,
+                                     const floating* weight, const floating* bias,  # the row's channels
+                                     double mean, double rstd) noexcept nogil:
+    """y = (x - mean) * rstd * weight[c] + bias[c] on elements [start, stop) of a row (channel c holds
+    `inner` consecutive elements)."""
+    # float32 cannot hold a large mean exactly: subtract it as a high and a low part.
+    cdef floating mean_hi = <floating>mean
+    cdef floating mean_lo = <floating>(mean - <double>mean_hi)
+    cdef floating rs = <floating>rstd
+    cdef floating scale, shift
+    cdef Py_ssize_t i, c, lo, hi
+    if inner == 1:
+        for i in range(start, stop):
+            y[i] = ((x[i] - mean_hi) - mean_lo) * rs * weight[i] + bias[i]
+        return
+    c = start // inner
+    while c * inner < stop:
+        lo = max(start, c * inner)
+        hi = min(stop, (c + 1) * inner)
+        scale = <floating>(rstd * weight[c])
+        shift = bias[c]
+        for i in range(lo, hi):
+            y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift
+        c += 1
+
+
+cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (rows, n_cols)
+                                Py_ssize_t rows, Py_ssize_t n_cols,
+                                const floating* mean_hi, const floating* mean_lo,  # (n_cols,) per column
+                                const floating* scale, const floating* shift,      # (n_cols,) per column
+                                bint affine_per_row,
+                                const floating* row_weight, const floating* row_bias) noexcept nogil:
+    cdef Py_ssize_t a, col
+    cdef const floating* xr
+    cdef floating* yr
+    cdef floating w, b
+    for a in range(rows):
+        xr = x + a * n_cols
+        yr = y + a * n_cols
+        if affine_per_row:
+            w = row_weight[a]
+            b = row_bias[a]
+            for col in range(n_cols):
+                yr[col] = (((xr[col] - mean_hi[col]) - mean_lo[col]) * scale[col] + shift[col]) * w + b
+        else:
+            for col in range(n_cols):
+                yr[col] = ((xr[col] - mean_hi[col]) - mean_lo[col]) * scale[col] + shift[col]
+
+
+def _float_dtype(floating[::1] like):
+    if floating is float:
+        return np.float32
+    else:
+        return np.float64
+
+
+def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
+                 floating[::1] y,               # OUT (n_rows * length,), may be x itself
+                 const floating[::1] weight,    # IN  (groups * chans_per_group,)
+                 const floating[::1] bias,      # IN  (groups * chans_per_group,)
+                 double[::1] mean,              # OUT (n_rows,)
+                 double[::1] rstd,              # OUT (n_rows,)
+                 Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
+                 double eps, bint centered, int num_threads):
+    """Rows view forward; row r uses channels (r % groups) * chans_per_group + [0, chans_per_group)."""
+    cdef Py_ssize_t n_rows = mean.shape[0]
+    cdef Py_ssize_t length = chans_per_group * inner
+    cdef Py_ssize_t r, u, k, start, chunks, first_channel
+    cdef double m2, count, running_mean
+    cdef double[::1] chunk_stats
+    if n_rows == 0 or length == 0:
+        return
+    if n_rows >= num_threads:
+        # One row per task: the row stays in cache between its statistics and its normalization.
+        for r in prange(n_rows, nogil=True, num_threads=num_threads, schedule="static"):
+            m2 = row_moments(&x[r * length], length, centered, &mean[r])
+            rstd[r] = inverse_std(m2, length, eps)
+            first_channel = (r % groups) * chans_per_group
+            normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
+                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r])
+        return
+    # Fewer rows than threads: the same chunks, computed in parallel and merged in the same order.
+    chunks = (length + CHUNK - 1) // CHUNK
+    chunk_stats = np.empty(2 * n_rows * chunks)
+    with nogil:
+        for u in prange(n_rows * chunks, num_threads=num_threads, schedule="static"):
+            r = u // chunks
+            start = (u % chunks) * CHUNK
+            chunk_moments(&x[r * length + start], min(<Py_ssize_t>CHUNK, length - start), centered,
+                          &chunk_stats[2 * u], &chunk_stats[2 * u + 1])
+        for r in range(n_rows):
+            count = 0
+            running_mean = 0
+            m2 = 0
+            for k in range(chunks):
+                u = r * chunks + k
+                merge_moments(&count, &running_mean, &m2, min(<Py_ssize_t>CHUNK, length - k * CHUNK),
+                              chunk_stats[2 * u], chunk_stats[2 * u + 1])
+            mean[r] = running_mean
+            rstd[r] = inverse_std(m2, length, eps)
+        for u in prange(n_rows * chunks, num_threads=num_threads, schedule="static"):
+            r = u // chunks
+            start = (u % chunks) * CHUNK
+            first_channel = (r % groups) * chans_per_group
+            normalize_row_range(&x[r * length], &y[r * length], start, min(start + CHUNK, length), inner,
+                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r])
+
+
+def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_cols,)
+                    floating[::1] y,              # OUT same, may be x itself
+                    const floating[::1] weight,   # IN  (n_rows,) if affine_per_row else (n_cols // cols_per_channel,)
+                    const floating[::1] bias,     # IN  same shape as weight
+                    double[::1] mean,             # OUT (n_samples * groups,)
+                    double[::1] rstd,             # OUT (n_samples * groups,)
+                    Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
+                    bint affine_per_row, double eps, bint centered, int num_threads):
+    """Columns view forward: group g of sample n is columns [g, g+1) * n_cols/groups, reduced over rows."""
+    cdef Py_ssize_t n_samples = mean.shape[0] // groups
+    cdef Py_ssize_t cols_per_group = n_cols // groups
+    cdef Py_ssize_t tile_rows = rows_per_tile(n_cols)
+    cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
+    cdef Py_ssize_t u, n, t, g, s, col, channel, a0, sample_offset
+    cdef double count, running_mean, m2
+    cdef double[::1] tile_stats
+    cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_scale, column_shift, scratch
+    if n_samples == 0 or n_rows == 0 or n_cols == 0:
+        return
+    dtype = _float_dtype(y)
+    tile_stats = np.empty(2 * n_samples * tiles * groups)
+    column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
+    column_mean_lo = np.empty((n_samples, n_cols), dtype=dtype)
+    column_scale = np.empty((n_samples, n_cols), dtype=dtype)
+    column_shift = np.zeros((n_samples, n_cols), dtype=dtype)
+    scratch = np.empty((num_threads, 3 * n_cols), dtype=dtype)
+    with nogil:
+        for u in prange(n_samples * tiles, num_threads=num_threads, schedule="static"):
+            n = u // tiles
+            a0 = (u % tiles) * tile_rows
+            tile_moments(&x[(n * n_rows + a0) * n_cols], min(tile_rows, n_rows - a0), n_cols, groups,
+                         centered, &scratch[threadid(), 0], &tile_stats[2 * u * groups])
+        for s in prange(n_samples * groups, num_threads=num_threads, schedule="static"):
+            n = s // groups
+            g = s % groups
+            count = 0
+            running_mean = 0
+            m2 = 0
+            for t in range(tiles):
+                u = (n * tiles + t) * groups + g
+                merge_moments(&count, &running_mean, &m2,
+                              min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
+                              tile_stats[2 * u], tile_stats[2 * u + 1])
+            mean[s] = running_mean
+            rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps)
+        for n in prange(n_samples, num_threads=num_threads, schedule="static"):
+            for col in range(n_cols):
+                s = n * groups + col // cols_per_group
+                column_mean_hi[n, col] = <floating>mean[s]
+                column_mean_lo[n, col] = <floating>(mean[s] - <double>column_mean_hi[n, col])
+                if affine_per_row:
+                    column_scale[n, col] = <floating>rstd[s]
+                else:
+                    channel = col // cols_per_channel
+                    column_scale[n, col] = <floating>(rstd[s] * weight[channel])
+                    column_shift[n, col] = bias[channel]
+        for u in prange(n_samples * tiles, num_threads=num_threads, schedule="static"):
+            n = u // tiles
+            a0 = (u % tiles) * tile_rows
+            sample_offset = (n * n_rows + a0) * n_cols
+            normalize_tile(&x[sample_offset], &y[sample_offset], min(tile_rows, n_rows - a0), n_cols,
+                           &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_scale[n, 0],
+                           &column_shift[n, 0], affine_per_row,
+                           &weight[a0] if affine_per_row else &weight[0],
+                           &bias[a0] if affine_per_row else &bias[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradients
+#
+# With g = weight * dy, xhat = (x - mean) * rstd and M elements per group:
+#   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dweight = sum(dy * xhat),  dbias = sum(dy)
+# (without centering, as in RMS norm, the mean(g) term is absent).  Written as
+#   dx = (rstd * weight) * dy + coef_x * (x - mean) + coef_0.
+# ---------------------------------------------------------------------------------------------------------
+
+cdef inline void segment_gradient_sums(const floating* dy, const floating* x, Py_ssize_t m,
+                                       floating mean_hi, floating mean_lo, floating rs,
+                                       double* sum_dy, double* sum_dy_xhat) noexcept nogil:
+    """OUT sum(dy), sum(dy * xhat) over m consecutive elements, in CHUNK blocks of float lanes."""
+    cdef floating s1[LANES]
+    cdef floating s2[LANES]
+    cdef floating xhat
+    cdef Py_ssize_t start, i, end, body, step, block
+    cdef int j
+    sum_dy[0] = 0
+    sum_dy_xhat[0] = 0
+    for step in range((m + CHUNK - 1) // CHUNK):
+        start = step * CHUNK
+        end = min(start + CHUNK, m)
+        body = end - (end - start) % LANES
+        for j in range(LANES):
+            s1[j] = 0
+            s2[j] = 0
+        for block in range((body - start) // LANES):
+            i = start + block * LANES
+            for j in range(LANES):
+                xhat = ((x[i + j] - mean_hi) - mean_lo) * rs
+                s1[j] += dy[i + j]
+                s2[j] += dy[i + j] * xhat
+        for i in range(body, end):
+            xhat = ((x[i] - mean_hi) - mean_lo) * rs
+            s1[i - body] += dy[i]
+            s2[i - body] += dy[i] * xhat
+        sum_dy[0] += lanes_total(s1)
+        sum_dy_xhat[0] += lanes_total(s2)
+
+
+cdef inline void backward_row(const floating* dy, const floating* x, floating* dx,  # one row
+                              Py_ssize_t length, Py_ssize_t inner,
+                              const floating* weight,          # IN  the row's channels
+                              double mean, double rstd, bint centered,
+                              double* dweight_acc, double* dbias_acc) noexcept nogil:  # INOUT the row's channels
+    cdef floating mean_hi = <floating>mean
+    cdef floating mean_lo = <floating>(mean - <double>mean_hi)
+    cdef floating rs = <floating>rstd
+    cdef floating xhat, coef_x, coef_0, scale
+    cdef floating g1[LANES]
+    cdef floating g2[LANES]
+    cdef double sum_g = 0, sum_g_xhat = 0, sum_dy, sum_dy_xhat, k1, k2
+    cdef Py_ssize_t c, i, start, end, body, step, block, channels = length // inner
+    cdef int j
+    if inner == 1:
+        for i in range(length):
+            xhat = ((x[i] - mean_hi) - mean_lo) * rs
+            dweight_acc[i] += dy[i] * xhat
+            dbias_acc[i] += dy[i]
+        for step in range((length + CHUNK - 1) // CHUNK):
+            start = step * CHUNK
+            end = min(start + CHUNK, length)
+            body = end - (end - start) % LANES
+            for j in range(LANES):
+                g1[j] = 0
+                g2[j] = 0
+            for block in range((body - start) // LANES):
+                i = start + block * LANES
+                for j in range(LANES):
+                    xhat = ((x[i + j] - mean_hi) - mean_lo) * rs
+                    g1[j] += weight[i + j] * dy[i + j]
+                    g2[j] += weight[i + j] * dy[i + j] * xhat
+            for i in range(body, end):
+                xhat = ((x[i] - mean_hi) - mean_lo) * rs
+                g1[i - body] += weight[i] * dy[i]
+                g2[i - body] += weight[i] * dy[i] * xhat
+            sum_g += lanes_total(g1)
+            sum_g_xhat += lanes_total(g2)
+    else:
+        for c in range(channels):
+            segment_gradient_sums(dy + c * inner, x + c * inner, inner, mean_hi, mean_lo, rs,
+                                  &sum_dy, &sum_dy_xhat)
+            dweight_acc[c] += sum_dy_xhat
+            dbias_acc[c] += sum_dy
+            sum_g += weight[c] * sum_dy
+            sum_g_xhat += weight[c] * sum_dy_xhat
+    k1 = sum_g / length if centered else 0.0
+    k2 = sum_g_xhat / length
+    coef_x = <floating>(-rstd * rstd * k2)
+    coef_0 = <floating>(-rstd * k1)
+    if inner == 1:
+        for i in range(length):
+            dx[i] = rs * weight[i] * dy[i] + coef_x * ((x[i] - mean_hi) - mean_lo) + coef_0
+        return
+    for c in range(channels):
+        scale = <floating>(rstd * weight[c])
+        for i in range(c * inner, (c + 1) * inner):
+            dx[i] = scale * dy[i] + coef_x * ((x[i] - mean_hi) - mean_lo) + coef_0
+
+
+def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
+                  const floating[::1] x,        # IN  (n_rows * length,)
+                  const double[::1] mean,       # IN  (n_rows,)
+                  const double[::1] rstd,       # IN  (n_rows,)
+                  const floating[::1] weight,   # IN  (groups * chans_per_group,)
+                  floating[::1] dx,             # OUT (n_rows * length,)
+                  double[::1] dweight,          # OUT (groups * chans_per_group,)
+                  double[::1] dbias,            # OUT (groups * chans_per_group,)
+                  Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
+                  bint centered, int num_threads):
+    """Rows view backward.  Rows of a block of samples add into that block's own dweight/dbias partials
+    (one task per (block, group): no shared writes); the blocks are then summed in order."""
+    cdef Py_ssize_t n_rows = mean.shape[0]
+    cdef Py_ssize_t length = chans_per_group * inner
+    cdef Py_ssize_t channels = groups * chans_per_group
+    cdef Py_ssize_t n_samples = n_rows // groups
+    cdef Py_ssize_t samples_per_block, blocks, u, block, g, n, r, c
+    cdef double[::1] partials
+    dweight[:] = 0
+    dbias[:] = 0
+    if n_rows == 0 or length == 0:
+        return
+    samples_per_block = max(1, BLOCK_ELEMS // (groups * length))
+    blocks = (n_samples + samples_per_block - 1) // samples_per_block
+    partials = np.zeros(2 * blocks * channels)
+    with nogil:
+        for u in prange(blocks * groups, num_threads=num_threads, schedule="static"):
+            block = u // groups
+            g = u % groups
+            for n in range(block * samples_per_block, min(n_samples, (block + 1) * samples_per_block)):
+                r = n * groups + g
+                backward_row(&dy[r * length], &x[r * length], &dx[r * length], length, inner,
+                             &weight[g * chans_per_group], mean[r], rstd[r], centered,
+                             &partials[2 * block * channels + g * chans_per_group],
+                             &partials[(2 * block + 1) * channels + g * chans_per_group])
+        for block in range(blocks):
+            for c in range(channels):
+                dweight[c] += partials[2 * block * channels + c]
+                dbias[c] += partials[(2 * block + 1) * channels + c]
+
+
+def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n_cols,)
+                     const floating[::1] x,        # IN  same
+                     const double[::1] mean,       # IN  (n_samples * groups,)
+                     const double[::1] rstd,       # IN  (n_samples * groups,)
+                     const floating[::1] weight,   # IN  (n_rows,) if affine_per_row else (channels,)
+                     floating[::1] dx,             # OUT same as x
+                     double[::1] dweight,          # OUT same shape as weight
+                     double[::1] dbias,            # OUT same shape as weight
+                     Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
+                     bint affine_per_row, bint centered, int num_threads):
+    """Columns view backward: per-column sums over tiles of rows, merged in tile order."""
+    cdef Py_ssize_t n_samples = mean.shape[0] // groups
+    cdef Py_ssize_t cols_per_group = n_cols // groups
+    cdef Py_ssize_t channels = n_cols // cols_per_channel
+    cdef Py_ssize_t chans_per_group = cols_per_group // cols_per_channel
+    cdef Py_ssize_t tile_rows = rows_per_tile(n_cols)
+    cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
+    cdef Py_ssize_t group_size = n_rows * cols_per_group
+    cdef Py_ssize_t u, n, t, g, s, a, col, channel, a0, rows, offset, p
+    cdef double k1, k2, r
+    cdef double[::1] tile_sums, column_sums, channel_sums, row_sums
+    cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_rstd, column_scale, column_coef_x, column_coef_0
+    cdef floating[:, ::1] scratch
+    dweight[:] = 0
+    dbias[:] = 0
+    if n_samples == 0 or n_rows == 0 or n_cols == 0:
+        return
+    dtype = _float_dtype(dx)
+    tile_sums = np.empty(2 * n_samples * tiles * n_cols)      # [tile][sum(v*dy) | sum(v*dy*xhat)][col]
+    column_sums = np.zeros(2 * n_samples * n_cols)            # [sample][sum(v*dy) | sum(v*dy*xhat)][col]
+    channel_sums = np.zeros(2 * n_samples * channels)         # [sample][sum(dy) | sum(dy*xhat)][channel]
+    row_sums = np.zeros(2 * n_samples * n_rows)               # [sample][sum(dy*xhat) | sum(dy)][row]
+    column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
+    column_mean_lo = np.empty((n_samples, n_cols), dtype=dtype)
+    column_rstd = np.empty((n_samples, n_cols), dtype=dtype)
+    column_scale = np.empty((n_samples, n_cols), dtype=dtype)
+    column_coef_x = np.empty((n_samples, n_cols), dtype=dtype)
+    column_coef_0 = np.empty((n_samples, n_cols), dtype=dtype)
+    with nogil:
+        for n in prange(n_samples, num_threads=num_threads, schedule="static"):
+            for col in range(n_cols):
+                s = n * groups + col // cols_per_group
+                column_mean_hi[n, col] = <floating>mean[s]
+                column_mean_lo[n, col] = <floating>(mean[s] - <double>column_mean_hi[n, col])
+                column_rstd[n, col] = <floating>rstd[s]
+    scratch = np.empty((num_threads, 2 * n_cols), dtype=dtype)
+    with nogil:
+        for u in prange(n_samples * tiles, num_threads=num_threads, schedule="static"):
+            n = u // tiles
+            a0 = (u % tiles) * tile_rows
+            columns_gradient_sums(&dy[(n * n_rows + a0) * n_cols], &x[(n * n_rows + a0) * n_cols],
+                                  min(tile_rows, n_rows - a0), n_cols,
+                                  &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_rstd[n, 0],
+                                  affine_per_row, &weight[a0] if affine_per_row else &weight[0],
+                                  &scratch[threadid(), 0], &tile_sums[2 * u * n_cols],
+                                  &row_sums[2 * n * n_rows + a0], &row_sums[(2 * n + 1) * n_rows + a0])
+    with nogil:
+        for n in prange(n_samples, num_threads=num_threads, schedule="static"):
+            for t in range(tiles):
+                offset = 2 * (n * tiles + t) * n_cols
+                for col in range(2 * n_cols):
+                    column_sums[2 * n * n_cols + col] += tile_sums[offset + col]
+            for col in range(n_cols):
+                s = n * groups + col // cols_per_group
+                r = rstd[s]
+                if affine_per_row:
+                    # every column is its own group, the weight varies along the reduced rows
+                    k1 = column_sums[2 * n * n_cols + col] / group_size
+                    k2 = column_sums[(2 * n + 1) * n_cols + col] / group_size
+                    column_scale[n, col] = <floating>r
+                    column_coef_x[n, col] = <floating>(-r * r * k2)
+                    column_coef_0[n, col] = <floating>((-r * k1) if centered else 0.0)
+                else:
+                    channel = col // cols_per_channel
+                    channel_sums[2 * n * channels + channel] += column_sums[2 * n * n_cols + col]
+                    channel_sums[(2 * n + 1) * channels + channel] += column_sums[(2 * n + 1) * n_cols + col]
+            if not affine_per_row:
+                for g in range(groups):
+                    k1 = 0
+                    k2 = 0
+                    for channel in range(g * chans_per_group, (g + 1) * chans_per_group):
+                        k1 = k1 + weight[channel] * channel_sums[2 * n * channels + channel]
+                        k2 = k2 + weight[channel] * channel_sums[(2 * n + 1) * channels + channel]
+                    k1 = k1 / group_size
+                    k2 = k2 / group_size
+                    r = rstd[n * groups + g]
+                    for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+                        column_scale[n, col] = <floating>(r * weight[col // cols_per_channel])
+                        column_coef_x[n, col] = <floating>(-r * r * k2)
+                        column_coef_0[n, col] = <floating>((-r * k1) if centered else 0.0)
+        for u in prange(n_samples * tiles, num_threads=num_threads, schedule="static"):
+            n = u // tiles
+            a0 = (u % tiles) * tile_rows
+            offset = (n * n_rows + a0) * n_cols
+            columns_input_gradient(&dy[offset], &x[offset], &dx[offset], min(tile_rows, n_rows - a0), n_cols,
+                                   &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_scale[n, 0],
+                                   &column_coef_x[n, 0], &column_coef_0[n, 0],
+                                   affine_per_row, &weight[a0] if affine_per_row else &weight[0])
+        # parameter gradients: samples summed in order
+        for n in range(n_samples):
+            if affine_per_row:
+                for a in range(n_rows):
+                    dweight[a] += row_sums[2 * n * n_rows + a]
+                    dbias[a] += row_sums[(2 * n + 1) * n_rows + a]
+            else:
+                for channel in range(channels):
+                    dbias[channel] += channel_sums[2 * n * channels + channel]
+                    dweight[channel] += channel_sums[(2 * n + 1) * channels + channel]
+
+
+cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   # IN (rows, n_cols)
+                                       Py_ssize_t rows, Py_ssize_t n_cols,
+                                       const floating* mean_hi, const floating* mean_lo, const floating* rs,
+                                       bint affine_per_row, const floating* row_weight,
+                                       floating* scratch,          # 2 * n_cols
+                                       double* out,                # OUT (2, n_cols): sum(v*dy), sum(v*dy*xhat)
+                                       double* row_dy_xhat,        # OUT (rows,) if affine_per_row
+                                       double* row_dy) noexcept nogil:  # OUT (rows,) if affine_per_row
+    """Per-column gradient sums over a tile; v is the row's weight when the weight varies along rows, else 1."""
+    cdef floating* s1 = scratch
+    cdef floating* s2 = scratch + n_cols
+    cdef floating l1[LANES]
+    cdef floating l2[LANES]
+    cdef floating xhat, v, d
+    cdef Py_ssize_t a, col, step, body = n_cols - n_cols % LANES
+    cdef const floating* dyr
+    cdef const floating* xr
+    cdef int j
+    memset(scratch, 0, 2 * n_cols * sizeof(floating))
+    for a in range(rows):
+        dyr = dy + a * n_cols
+        xr = x + a * n_cols
+        if not affine_per_row:
+            for col in range(n_cols):
+                xhat = ((xr[col] - mean_hi[col]) - mean_lo[col]) * rs[col]
+                s1[col] += dyr[col]
+                s2[col] += dyr[col] * xhat
+            continue
+        v = row_weight[a]
+        for j in range(LANES):
+            l1[j] = 0
+            l2[j] = 0
+        for step in range(body // LANES):
+            col = step * LANES
+            for j in range(LANES):
+                xhat = ((xr[col + j] - mean_hi[col + j]) - mean_lo[col + j]) * rs[col + j]
+                d = dyr[col + j]
+                s1[col + j] += v * d
+                s2[col + j] += v * d * xhat
+                l1[j] += d * xhat
+                l2[j] += d
+        for col in range(body, n_cols):
+            xhat = ((xr[col] - mean_hi[col]) - mean_lo[col]) * rs[col]
+            d = dyr[col]
+            s1[col] += v * d
+            s2[col] += v * d * xhat
+            l1[col - body] += d * xhat
+            l2[col - body] += d
+        row_dy_xhat[a] = lanes_total(l1)
+        row_dy[a] = lanes_total(l2)
+    for col in range(n_cols):
+        out[col] = s1[col]
+        out[n_cols + col] = s2[col]
+
+
+cdef inline void columns_input_gradient(const floating* dy, const floating* x, floating* dx,  # (rows, n_cols)
+                                        Py_ssize_t rows, Py_ssize_t n_cols,
+                                        const floating* mean_hi, const floating* mean_lo,
+                                        const floating* scale, const floating* coef_x, const floating* coef_0,
+                                        bint affine_per_row, const floating* row_weight) noexcept nogil:
+    cdef Py_ssize_t a, col
+    cdef const floating* dyr
+    cdef const floating* xr
+    cdef floating* dxr
+    cdef floating v
+    for a in range(rows):
+        dyr = dy + a * n_cols
+        xr = x + a * n_cols
+        dxr = dx + a * n_cols
+        v = row_weight[a] if affine_per_row else 1
+        for col in range(n_cols):
+            dxr[col] = (scale[col] * v) * dyr[col] + coef_x[col] * ((xr[col] - mean_hi[col]) - mean_lo[col]) \
+                + coef_0[col]

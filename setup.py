@@ -1,0 +1,96 @@
+"""Builds the cynorm kernels: one Cython extension, compiled with -O3 and OpenMP when the compiler has it.
+
+Environment switches:
+  CYNORM_DEBUG=1   turn bounds, wraparound and initialization checks back on (slow; for debugging crashes)
+  CYNORM_NATIVE=1  compile for the build machine's CPU (-march=native); the default runs on any CPU of the arch
+"""
+import os
+import platform
+import sys
+import tempfile
+import textwrap
+import warnings
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+DEBUG = os.environ.get("CYNORM_DEBUG", "0") == "1"
+NATIVE = os.environ.get("CYNORM_NATIVE", "0") == "1"
+
+# -ffp-contract=off: a fused multiply-add chosen in one inlined copy of a routine but not in another would
+# make the row-parallel and chunk-parallel paths disagree in the last bit.
+COMPILE_ARGS = ["-O3", "-ffp-contract=off"] + (["-march=native"] if NATIVE else [])
+if DEBUG:
+    COMPILE_ARGS = ["-O0", "-g"]
+
+DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+}
+
+OPENMP_PROBE = textwrap.dedent("""
+    #include <omp.h>
+    int main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }
+""")
+
+
+class BuildExtWithOpenMP(build_ext):
+    """Adds OpenMP flags when the compiler accepts them; otherwise builds serial kernels and says so."""
+
+    def build_extensions(self):
+        openmp_flags = self._openmp_flags()
+        if openmp_flags is None:
+            warnings.warn("cynorm: the C compiler has no OpenMP support; building single-threaded kernels.")
+            openmp_flags = []
+        compile_args = COMPILE_ARGS if self.compiler.compiler_type != "msvc" else ["/O2"]
+        for ext in list(self.extensions):
+            level_flags = X86_64_LEVELS.get(ext.name.rsplit("_kernels_", 1)[-1], [])
+            if level_flags and not self._compiles_and_links(level_flags, "int main(void) { return 0; }"):
+                warnings.warn(f"cynorm: the C compiler does not accept {level_flags}; skipping {ext.name}.")
+                self.extensions.remove(ext)
+                continue
+            ext.extra_compile_args = compile_args + level_flags + openmp_flags
+            ext.extra_link_args = openmp_flags
+        super().build_extensions()
+
+    def _openmp_flags(self):
+        candidates = [["/openmp"]] if self.compiler.compiler_type == "msvc" else [["-fopenmp"]]
+        for flags in candidates:
+            if self._compiles_and_links(flags, OPENMP_PROBE):
+                return flags
+        return None
+
+    def _compiles_and_links(self, flags, program):
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "probe.c")
+            with open(source, "w") as f:
+                f.write(program)
+            try:
+                objects = self.compiler.compile([source], output_dir=tmp, extra_postargs=flags)
+                self.compiler.link_executable(objects, "probe", output_dir=tmp, extra_postargs=flags)
+            except Exception:  # any compiler or linker failure means "no OpenMP with these flags"
+                return False
+        return True
+
+
+# One build of the kernels per x86-64 level, chosen at import time (cynorm/_kernels.py): a wheel runs
+# everywhere and still uses AVX2 or AVX-512 where the CPU has them.
+X86_64_LEVELS = {"x86_64_v3": ["-march=x86-64-v3"],
+                 "x86_64_v4": ["-march=x86-64-v4", "-mprefer-vector-width=512"]}
+IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+extensions = [Extension("cynorm._kernels_baseline", ["cynorm/_kernels_baseline.pyx"])]
+if IS_X86_64 and not NATIVE and sys.platform != "win32":
+    extensions += [Extension(f"cynorm._kernels_{level}", [f"cynorm/_kernels_{level}.pyx"]) for level in X86_64_LEVELS]
+
+setup(
+    packages=["cynorm", "cynorm.adapters"],
+    package_dir={"cynorm": "cynorm", "cynorm.adapters": "adapters"},
+    ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES, annotate=False),
+    cmdclass={"build_ext": BuildExtWithOpenMP},
+    zip_safe=False,
+)

@@ -18,7 +18,7 @@ Within a block, a corrected two-pass (rough centre, then centred sums) keeps flo
 The Python layer validates every argument: these functions run without bounds checks.
 """
 from cython cimport floating
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport sqrt
 from libc.string cimport memset
 
@@ -58,6 +58,9 @@ cdef enum:
     # per-column float sums stay short.
     TILE_ELEMS = 16384
     MAX_TILE_ROWS = 256
+    # Columns view: samples are processed in batches of about this many elements, small enough that a batch
+    # read for its statistics is still in the last-level cache when it is normalized.
+    BATCH_ELEMS = 1048576
     # Rows backward: samples are grouped into blocks of about this many elements for dweight/dbias.
     BLOCK_ELEMS = 65536
 
@@ -223,6 +226,10 @@ cdef inline Py_ssize_t rows_per_tile(Py_ssize_t n_cols) noexcept nogil:
     return max(1, min(<Py_ssize_t>MAX_TILE_ROWS, TILE_ELEMS // max(n_cols, 1)))
 
 
+cdef inline Py_ssize_t samples_per_batch(Py_ssize_t sample_size) noexcept nogil:
+    return max(1, BATCH_ELEMS // max(sample_size, 1))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Normalization
 # ---------------------------------------------------------------------------------------------------------
@@ -349,7 +356,8 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t tile_rows = rows_per_tile(n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
-    cdef Py_ssize_t u, n, t, g, s, col, channel, a0, sample_offset
+    cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
+    cdef Py_ssize_t batch_index, first, batch_size, u, n, t, g, s, col, channel, a0, offset
     cdef double count, running_mean, m2
     cdef double[::1] tile_stats
     cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_scale, column_shift, scratch
@@ -362,45 +370,48 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
     column_shift = np.zeros((n_samples, n_cols), dtype=dtype)
     scratch = np.empty((num_threads, 3 * n_cols), dtype=dtype)
-    with nogil:
-        for u in prange(n_samples * tiles, num_threads=num_threads, schedule="static"):
-            n = u // tiles
-            a0 = (u % tiles) * tile_rows
-            tile_moments(&x[(n * n_rows + a0) * n_cols], min(tile_rows, n_rows - a0), n_cols, groups,
-                         centered, &scratch[threadid(), 0], &tile_stats[2 * u * groups])
-        for s in prange(n_samples * groups, num_threads=num_threads, schedule="static"):
-            n = s // groups
-            g = s % groups
-            count = 0
-            running_mean = 0
-            m2 = 0
-            for t in range(tiles):
-                u = (n * tiles + t) * groups + g
-                merge_moments(&count, &running_mean, &m2,
-                              min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
-                              tile_stats[2 * u], tile_stats[2 * u + 1])
-            mean[s] = running_mean
-            rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps)
-        for n in prange(n_samples, num_threads=num_threads, schedule="static"):
-            for col in range(n_cols):
-                s = n * groups + col // cols_per_group
-                column_mean_hi[n, col] = <floating>mean[s]
-                column_mean_lo[n, col] = <floating>(mean[s] - <double>column_mean_hi[n, col])
-                if affine_per_row:
-                    column_scale[n, col] = <floating>rstd[s]
-                else:
-                    channel = col // cols_per_channel
-                    column_scale[n, col] = <floating>(rstd[s] * weight[channel])
-                    column_shift[n, col] = bias[channel]
-        for u in prange(n_samples * tiles, num_threads=num_threads, schedule="static"):
-            n = u // tiles
-            a0 = (u % tiles) * tile_rows
-            sample_offset = (n * n_rows + a0) * n_cols
-            normalize_tile(&x[sample_offset], &y[sample_offset], min(tile_rows, n_rows - a0), n_cols,
-                           &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_scale[n, 0],
-                           &column_shift[n, 0], affine_per_row,
-                           &weight[a0] if affine_per_row else &weight[0],
-                           &bias[a0] if affine_per_row else &bias[0])
+    with nogil, parallel(num_threads=num_threads):
+        # A batch of samples is normalized right after its statistics, while it is still in the last-level
+        # cache; every thread walks the same batches.
+        for batch_index in range((n_samples + batch - 1) // batch):
+            first = batch_index * batch
+            batch_size = min(batch, n_samples - first)
+            for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
+                n = u // tiles
+                a0 = (u % tiles) * tile_rows
+                tile_moments(&x[(n * n_rows + a0) * n_cols], min(tile_rows, n_rows - a0), n_cols, groups,
+                             centered, &scratch[threadid(), 0], &tile_stats[2 * u * groups])
+            for s in prange(first * groups, (first + batch_size) * groups, schedule="static"):
+                n = s // groups
+                g = s % groups
+                count = 0
+                running_mean = 0
+                m2 = 0
+                for t in range(tiles):
+                    u = (n * tiles + t) * groups + g
+                    merge_moments(&count, &running_mean, &m2,
+                                  min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
+                                  tile_stats[2 * u], tile_stats[2 * u + 1])
+                mean[s] = running_mean
+                rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps)
+                for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+                    column_mean_hi[n, col] = <floating>running_mean
+                    column_mean_lo[n, col] = <floating>(running_mean - <double>column_mean_hi[n, col])
+                    if affine_per_row:
+                        column_scale[n, col] = <floating>rstd[s]
+                    else:
+                        channel = col // cols_per_channel
+                        column_scale[n, col] = <floating>(rstd[s] * weight[channel])
+                        column_shift[n, col] = bias[channel]
+            for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
+                n = u // tiles
+                a0 = (u % tiles) * tile_rows
+                offset = (n * n_rows + a0) * n_cols
+                normalize_tile(&x[offset], &y[offset], min(tile_rows, n_rows - a0), n_cols,
+                               &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_scale[n, 0],
+                               &column_shift[n, 0], affine_per_row,
+                               &weight[a0] if affine_per_row else &weight[0],
+                               &bias[a0] if affine_per_row else &bias[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -555,16 +566,16 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
                      double[::1] dbias,            # OUT same shape as weight
                      Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
                      bint affine_per_row, bint centered, int num_threads):
-    """Columns view backward: per-column sums over tiles of rows, merged in tile order."""
+    """Columns view backward: per-column sums over tiles of rows, merged in tile order, then dx; samples
+    in batches as in the forward."""
     cdef Py_ssize_t n_samples = mean.shape[0] // groups
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t channels = n_cols // cols_per_channel
-    cdef Py_ssize_t chans_per_group = cols_per_group // cols_per_channel
     cdef Py_ssize_t tile_rows = rows_per_tile(n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t group_size = n_rows * cols_per_group
-    cdef Py_ssize_t u, n, t, g, s, a, col, channel, a0, rows, offset, p
-    cdef double k1, k2, r
+    cdef Py_ssize_t batch = samples_per_batch(2 * n_rows * n_cols)
+    cdef Py_ssize_t batch_index, first, batch_size, u, n, s, a, col, channel, a0, offset
     cdef double[::1] tile_sums, column_sums, channel_sums, row_sums
     cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_rstd, column_scale, column_coef_x, column_coef_0
     cdef floating[:, ::1] scratch
@@ -583,66 +594,42 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
     column_coef_x = np.empty((n_samples, n_cols), dtype=dtype)
     column_coef_0 = np.empty((n_samples, n_cols), dtype=dtype)
-    with nogil:
-        for n in prange(n_samples, num_threads=num_threads, schedule="static"):
-            for col in range(n_cols):
+    scratch = np.empty((num_threads, 2 * n_cols), dtype=dtype)
+    with nogil, parallel(num_threads=num_threads):
+        for batch_index in range((n_samples + batch - 1) // batch):
+            first = batch_index * batch
+            batch_size = min(batch, n_samples - first)
+            for u in prange(first * n_cols, (first + batch_size) * n_cols, schedule="static"):
+                n = u // n_cols
+                col = u % n_cols
                 s = n * groups + col // cols_per_group
                 column_mean_hi[n, col] = <floating>mean[s]
                 column_mean_lo[n, col] = <floating>(mean[s] - <double>column_mean_hi[n, col])
                 column_rstd[n, col] = <floating>rstd[s]
-    scratch = np.empty((num_threads, 2 * n_cols), dtype=dtype)
+            for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
+                n = u // tiles
+                a0 = (u % tiles) * tile_rows
+                offset = (n * n_rows + a0) * n_cols
+                columns_gradient_sums(&dy[offset], &x[offset], min(tile_rows, n_rows - a0), n_cols,
+                                      &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_rstd[n, 0],
+                                      affine_per_row, &weight[a0] if affine_per_row else &weight[0],
+                                      &scratch[threadid(), 0], &tile_sums[2 * u * n_cols],
+                                      &row_sums[2 * n * n_rows + a0], &row_sums[(2 * n + 1) * n_rows + a0])
+            for n in prange(first, first + batch_size, schedule="static"):
+                sample_input_gradient_coefficients(
+                    &tile_sums[2 * n * tiles * n_cols], tiles, n_cols, groups, cols_per_channel, group_size,
+                    &rstd[n * groups], &weight[0], affine_per_row, centered, &column_sums[2 * n * n_cols],
+                    &channel_sums[2 * n * channels], &column_scale[n, 0], &column_coef_x[n, 0],
+                    &column_coef_0[n, 0])
+            for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
+                n = u // tiles
+                a0 = (u % tiles) * tile_rows
+                offset = (n * n_rows + a0) * n_cols
+                columns_input_gradient(&dy[offset], &x[offset], &dx[offset], min(tile_rows, n_rows - a0), n_cols,
+                                       &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_scale[n, 0],
+                                       &column_coef_x[n, 0], &column_coef_0[n, 0],
+                                       affine_per_row, &weight[a0] if affine_per_row else &weight[0])
     with nogil:
-        for u in prange(n_samples * tiles, num_threads=num_threads, schedule="static"):
-            n = u // tiles
-            a0 = (u % tiles) * tile_rows
-            columns_gradient_sums(&dy[(n * n_rows + a0) * n_cols], &x[(n * n_rows + a0) * n_cols],
-                                  min(tile_rows, n_rows - a0), n_cols,
-                                  &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_rstd[n, 0],
-                                  affine_per_row, &weight[a0] if affine_per_row else &weight[0],
-                                  &scratch[threadid(), 0], &tile_sums[2 * u * n_cols],
-                                  &row_sums[2 * n * n_rows + a0], &row_sums[(2 * n + 1) * n_rows + a0])
-    with nogil:
-        for n in prange(n_samples, num_threads=num_threads, schedule="static"):
-            for t in range(tiles):
-                offset = 2 * (n * tiles + t) * n_cols
-                for col in range(2 * n_cols):
-                    column_sums[2 * n * n_cols + col] += tile_sums[offset + col]
-            for col in range(n_cols):
-                s = n * groups + col // cols_per_group
-                r = rstd[s]
-                if affine_per_row:
-                    # every column is its own group, the weight varies along the reduced rows
-                    k1 = column_sums[2 * n * n_cols + col] / group_size
-                    k2 = column_sums[(2 * n + 1) * n_cols + col] / group_size
-                    column_scale[n, col] = <floating>r
-                    column_coef_x[n, col] = <floating>(-r * r * k2)
-                    column_coef_0[n, col] = <floating>((-r * k1) if centered else 0.0)
-                else:
-                    channel = col // cols_per_channel
-                    channel_sums[2 * n * channels + channel] += column_sums[2 * n * n_cols + col]
-                    channel_sums[(2 * n + 1) * channels + channel] += column_sums[(2 * n + 1) * n_cols + col]
-            if not affine_per_row:
-                for g in range(groups):
-                    k1 = 0
-                    k2 = 0
-                    for channel in range(g * chans_per_group, (g + 1) * chans_per_group):
-                        k1 = k1 + weight[channel] * channel_sums[2 * n * channels + channel]
-                        k2 = k2 + weight[channel] * channel_sums[(2 * n + 1) * channels + channel]
-                    k1 = k1 / group_size
-                    k2 = k2 / group_size
-                    r = rstd[n * groups + g]
-                    for col in range(g * cols_per_group, (g + 1) * cols_per_group):
-                        column_scale[n, col] = <floating>(r * weight[col // cols_per_channel])
-                        column_coef_x[n, col] = <floating>(-r * r * k2)
-                        column_coef_0[n, col] = <floating>((-r * k1) if centered else 0.0)
-        for u in prange(n_samples * tiles, num_threads=num_threads, schedule="static"):
-            n = u // tiles
-            a0 = (u % tiles) * tile_rows
-            offset = (n * n_rows + a0) * n_cols
-            columns_input_gradient(&dy[offset], &x[offset], &dx[offset], min(tile_rows, n_rows - a0), n_cols,
-                                   &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_scale[n, 0],
-                                   &column_coef_x[n, 0], &column_coef_0[n, 0],
-                                   affine_per_row, &weight[a0] if affine_per_row else &weight[0])
         # parameter gradients: samples summed in order
         for n in range(n_samples):
             if affine_per_row:
@@ -653,6 +640,54 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
                 for channel in range(channels):
                     dbias[channel] += channel_sums[2 * n * channels + channel]
                     dweight[channel] += channel_sums[(2 * n + 1) * channels + channel]
+
+
+cdef inline void sample_input_gradient_coefficients(
+        const double* tile_sums,      # IN  (tiles, 2, n_cols) of one sample
+        Py_ssize_t tiles, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
+        Py_ssize_t group_size,
+        const double* rstd,           # IN  (groups,) of the sample
+        const floating* weight,       # IN  (channels,) unless affine_per_row
+        bint affine_per_row, bint centered,
+        double* column_sums,          # OUT (2, n_cols), zero on entry
+        double* channel_sums,         # OUT (2, channels), zero on entry
+        floating* scale, floating* coef_x, floating* coef_0) noexcept nogil:  # OUT (n_cols,)
+    """Merges a sample's tile sums in order and turns them into the per-column dx coefficients."""
+    cdef Py_ssize_t t, col, g, channel
+    cdef Py_ssize_t cols_per_group = n_cols // groups
+    cdef Py_ssize_t channels = n_cols // cols_per_channel
+    cdef Py_ssize_t chans_per_group = cols_per_group // cols_per_channel
+    cdef double k1, k2, r
+    for t in range(tiles):
+        for col in range(2 * n_cols):
+            column_sums[col] += tile_sums[2 * t * n_cols + col]
+    if affine_per_row:
+        # every column is its own group; the weight varies along the reduced rows
+        for col in range(n_cols):
+            r = rstd[col]
+            k1 = column_sums[col] / group_size
+            k2 = column_sums[n_cols + col] / group_size
+            scale[col] = <floating>r
+            coef_x[col] = <floating>(-r * r * k2)
+            coef_0[col] = <floating>((-r * k1) if centered else 0.0)
+        return
+    for col in range(n_cols):
+        channel = col // cols_per_channel
+        channel_sums[channel] += column_sums[col]
+        channel_sums[channels + channel] += column_sums[n_cols + col]
+    for g in range(groups):
+        k1 = 0
+        k2 = 0
+        for channel in range(g * chans_per_group, (g + 1) * chans_per_group):
+            k1 += weight[channel] * channel_sums[channel]
+            k2 += weight[channel] * channel_sums[channels + channel]
+        k1 /= group_size
+        k2 /= group_size
+        r = rstd[g]
+        for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+            scale[col] = <floating>(r * weight[col // cols_per_channel])
+            coef_x[col] = <floating>(-r * r * k2)
+            coef_0[col] = <floating>((-r * k1) if centered else 0.0)
 
 
 cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   # IN (rows, n_cols)

@@ -327,10 +327,12 @@ def group_norm_backward(dy, x, mean, rstd, weight=None, *, axis=1, out=None):
     """
     x, axis = _grouped_input(x, axis, "group_norm_backward")
     mean_shape = np.shape(mean)
-    if len(mean_shape) != 2 or mean_shape[0] != x.shape[0]:
-        raise ValueError(f"`mean` must have shape (N, num_groups) with N = {x.shape[0]}, as returned by the "
-                         f"forward, got {mean_shape}")
-    groups = _check_groups(mean_shape[1], x.shape[axis])
+    channels = x.shape[axis]
+    if (len(mean_shape) != 2 or mean_shape[0] != x.shape[0] or not 1 <= mean_shape[1] <= channels
+            or channels % mean_shape[1]):
+        raise ValueError(f"`mean` must have shape (N, num_groups) as returned by the forward, with N = "
+                         f"{x.shape[0]} and num_groups dividing the {channels} channels, got {mean_shape}")
+    groups = mean_shape[1]
     return _backward(dy, x, mean, rstd, weight, _group_geometry(x.shape, axis, groups), out,
                      (x.shape[0], groups), (x.shape[axis],), centered=True)
 

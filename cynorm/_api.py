@@ -2,6 +2,7 @@
 
 Nothing reaches the compiled kernels before it has been checked here: they run without bounds checks.
 """
+import functools
 import math
 import numbers
 import operator
@@ -102,11 +103,18 @@ def _check_groups(num_groups, channels):
     return groups
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(size, dtype, value):
+    """A read-only array standing in for a missing weight or bias, shared between calls."""
+    arr = np.full(size, value, dtype=dtype)
+    arr.flags.writeable = False
+    return arr
+
+
 def _param(param, name, shape, dtype, default):
     """A flat contiguous parameter in the compute dtype; `default`-filled when None."""
-    size = math.prod(shape)
     if param is None:
-        return np.full(size, default, dtype=dtype)
+        return _constant(math.prod(shape), dtype, default)
     arr = _float_array(param, name)
     if arr.shape != tuple(shape):
         raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {arr.shape}")
@@ -118,6 +126,15 @@ def _stats(stats, name, shape):
     if arr.shape != tuple(shape):
         raise ValueError(f"`{name}` must have shape {tuple(shape)} (as returned by the forward), got {arr.shape}")
     return np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)
+
+
+# Below this many elements per thread, waking another thread costs more than it saves.
+_MIN_ELEMENTS_PER_THREAD = 32768
+
+
+def _thread_count(size):
+    """Threads for a call on `size` elements; results do not depend on it, only the speed does."""
+    return max(1, min(get_num_threads(), size // _MIN_ELEMENTS_PER_THREAD))
 
 
 def _output(out, like, name):
@@ -196,7 +213,7 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
     size = math.prod(stats_shape)
     mean = np.full(size, np.nan)
     rstd = np.full(size, np.nan)
-    threads = get_num_threads()
+    threads = _thread_count(x.size)
     if geometry.rows:
         _kernels.forward_rows(x_flat, y_flat, weight, bias, mean, rstd, geometry.groups,
                               geometry.chans_per_group, geometry.inner, eps, centered, threads)
@@ -221,7 +238,7 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
     dy_flat = _flat_input(dy, dtype, dx_flat)
     dweight = np.empty(weight.size)
     dbias = np.empty(weight.size)
-    threads = get_num_threads()
+    threads = _thread_count(x.size)
     if geometry.rows:
         _kernels.backward_rows(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.groups,
                                geometry.chans_per_group, geometry.inner, centered, threads)

@@ -19,7 +19,7 @@ The Python layer validates every argument: these functions run without bounds ch
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.string cimport memset
 
 import numpy as np
@@ -81,7 +81,12 @@ def max_threads():
 # Moments
 # ---------------------------------------------------------------------------------------------------------
 
-cdef inline double lanes_total(floating* lanes) noexcept nogil:
+ctypedef fused accumulator:
+    float
+    double
+
+
+cdef inline double lanes_total(accumulator* lanes) noexcept nogil:
     """Sum of the lanes as a fixed pairwise tree (clobbers them): short, vectorizable, order-independent of
     the vector width."""
     cdef int j, width = LANES // 2
@@ -92,19 +97,19 @@ cdef inline double lanes_total(floating* lanes) noexcept nogil:
     return lanes[0]
 
 
-cdef inline void chunk_moments(const floating* x,      # IN (m,)
-                               Py_ssize_t m,
-                               bint centered,
-                               double* mean,           # OUT
-                               double* m2) noexcept nogil:  # OUT sum of squared deviations (of x if not centered)
-    """Mean and M2 of m <= CHUNK cache-resident values.
+cdef inline void moments_in_lanes(const floating* x,      # IN (m,)
+                                  Py_ssize_t m,
+                                  bint centered,
+                                  accumulator* s1,         # scratch (LANES,)
+                                  accumulator* s2,         # scratch (LANES,)
+                                  double* mean,            # OUT
+                                  double* m2) noexcept nogil:  # OUT sum of squared deviations
+    """Mean and M2 of m <= CHUNK cache-resident values, summed in `accumulator` lanes.
 
     The first pass only finds a rough centre; the second sums deviations from it, which are small, and the
     S1²/m term corrects for the centre's own error."""
-    cdef floating s1[LANES]
-    cdef floating s2[LANES]
-    cdef floating centre = 0
-    cdef floating d
+    cdef accumulator centre = 0
+    cdef accumulator d
     cdef Py_ssize_t i, step, body = m - m % LANES
     cdef int j
     cdef double t1, t2
@@ -117,7 +122,7 @@ cdef inline void chunk_moments(const floating* x,      # IN (m,)
                 s1[j] += x[i + j]
         for i in range(body, m):
             s1[i - body] += x[i]
-        centre = <floating>(lanes_total(s1) / m)
+        centre = <accumulator>(lanes_total(s1) / m)
     for j in range(LANES):
         s1[j] = 0
         s2[j] = 0
@@ -141,6 +146,20 @@ cdef inline void chunk_moments(const floating* x,      # IN (m,)
     else:
         mean[0] = 0
         m2[0] = t2
+
+
+cdef inline void chunk_moments(const floating* x, Py_ssize_t m, bint centered,
+                               double* mean, double* m2) noexcept nogil:  # OUT
+    """Moments of a chunk in lanes of the input's precision; float lanes overflow once squares pass
+    ~3e38, so such a chunk (or one holding a NaN or Inf) is summed again in double."""
+    cdef floating s1[LANES]
+    cdef floating s2[LANES]
+    cdef double wide1[LANES]
+    cdef double wide2[LANES]
+    moments_in_lanes(x, m, centered, s1, s2, mean, m2)
+    if floating is float:
+        if not (isfinite(mean[0]) and isfinite(m2[0])):
+            moments_in_lanes(x, m, centered, wide1, wide2, mean, m2)
 
 
 cdef inline void merge_moments(double* count, double* mean, double* m2,   # INOUT running moments
@@ -171,23 +190,23 @@ cdef inline double row_moments(const floating* x, Py_ssize_t length, bint center
     return running_m2
 
 
-cdef inline void tile_moments(const floating* x,       # IN (rows, n_cols)
-                              Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups, bint centered,
-                              floating* scratch,        # 3 * n_cols
-                              double* out) noexcept nogil:  # OUT (groups, 2): mean, M2 of each column group
+cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
+                                 Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups, bint centered,
+                                 accumulator* scratch,     # 3 * n_cols
+                                 double* out) noexcept nogil:  # OUT (groups, 2): mean, M2 of each column group
     """Columns view: moments of each group of consecutive columns over a tile of rows (corrected two-pass,
-    vectorized across columns)."""
-    cdef floating* centre = scratch
-    cdef floating* s1 = scratch + n_cols
-    cdef floating* s2 = scratch + 2 * n_cols
+    vectorized across columns, per-column sums in `accumulator`)."""
+    cdef accumulator* centre = scratch
+    cdef accumulator* s1 = scratch + n_cols
+    cdef accumulator* s2 = scratch + 2 * n_cols
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t a, col, g
     cdef const floating* row
-    cdef floating d
+    cdef accumulator d
     cdef double t1, t2, count = rows * cols_per_group
-    memset(s1, 0, n_cols * sizeof(floating))
-    memset(s2, 0, n_cols * sizeof(floating))
-    memset(centre, 0, n_cols * sizeof(floating))
+    memset(s1, 0, n_cols * sizeof(accumulator))
+    memset(s2, 0, n_cols * sizeof(accumulator))
+    memset(centre, 0, n_cols * sizeof(accumulator))
     if centered:
         for a in range(rows):
             row = x + a * n_cols
@@ -198,8 +217,8 @@ cdef inline void tile_moments(const floating* x,       # IN (rows, n_cols)
             for col in range(g * cols_per_group, (g + 1) * cols_per_group):
                 t1 += s1[col]
             for col in range(g * cols_per_group, (g + 1) * cols_per_group):
-                centre[col] = <floating>(t1 / count)
-        memset(s1, 0, n_cols * sizeof(floating))
+                centre[col] = <accumulator>(t1 / count)
+        memset(s1, 0, n_cols * sizeof(accumulator))
     for a in range(rows):
         row = x + a * n_cols
         for col in range(n_cols):
@@ -220,6 +239,20 @@ cdef inline void tile_moments(const floating* x,       # IN (rows, n_cols)
         else:
             out[2 * g] = 0
             out[2 * g + 1] = t2
+
+
+cdef inline void tile_moments(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
+                              bint centered, double* scratch, double* out) noexcept nogil:
+    """tile_moments_in with float sums for float input, redone in double if they overflow (as chunk_moments)."""
+    cdef Py_ssize_t g
+    if floating is double:
+        tile_moments_in(x, rows, n_cols, groups, centered, scratch, out)
+    else:
+        tile_moments_in(x, rows, n_cols, groups, centered, <float*>scratch, out)
+        for g in range(2 * groups):
+            if not isfinite(out[g]):
+                tile_moments_in(x, rows, n_cols, groups, centered, scratch, out)
+                return
 
 
 cdef inline Py_ssize_t rows_per_tile(Py_ssize_t n_cols) noexcept nogil:
@@ -360,7 +393,8 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     cdef Py_ssize_t batch_index, first, batch_size, u, n, t, g, s, col, channel, a0, offset
     cdef double count, running_mean, m2
     cdef double[::1] tile_stats
-    cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_scale, column_shift, scratch
+    cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_scale, column_shift
+    cdef double[:, ::1] scratch
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
     dtype = _float_dtype(y)
@@ -369,7 +403,7 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     column_mean_lo = np.empty((n_samples, n_cols), dtype=dtype)
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
     column_shift = np.zeros((n_samples, n_cols), dtype=dtype)
-    scratch = np.empty((num_threads, 3 * n_cols), dtype=dtype)
+    scratch = np.empty((num_threads, 3 * n_cols))   # room for double sums, which float input may need
     with nogil, parallel(num_threads=num_threads):
         # A batch of samples is normalized right after its statistics, while it is still in the last-level
         # cache; every thread walks the same batches.

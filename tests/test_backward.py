@@ -1,0 +1,160 @@
+"""Backward kernels against the float64 reference `cynorm.slow` and against central finite differences."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cynorm
+from cynorm import slow
+
+from _core_util import (FLOAT_DTYPES, LAYOUT_CASES, LAYOUTS, SPLIT_CASES, NormCase, assert_bitwise_equal, assert_close,
+                        compute_dtype, dtype_name, norm_cases, random_array, random_params, with_layout)
+
+ODD_SIZE_CASES = (
+    NormCase("group", (3, 4, 1, 1), 1, 4),  # one element per group: dx is 0
+    NormCase("group", (3, 7, 11), 1, 7),
+    NormCase("group", (2, 3, 3, 13), -1, 13),
+    NormCase("group", (2, 64, 5, 5), 1, 32),
+    NormCase("instance", (3, 7, 1), 1),
+    NormCase("instance", (2, 8, 8, 64), -1),
+    NormCase("layer", (3, 5000), -1),
+    NormCase("layer", (2, 26, 26, 10), 1),
+    NormCase("layer", (7,), -1),
+    NormCase("rms", (3, 5000), -1),
+    NormCase("rms", (6,), 0),
+)
+
+
+def _backward_inputs(case, dtype, *, with_weight, seed=0):
+    x = random_array(case.shape, dtype, seed=seed, loc=0.5, scale=2.0)
+    dy = random_array(case.shape, dtype, seed=seed + 1)
+    weight, bias = random_params(case, dtype, seed=seed + 2, weight=with_weight)
+    return x, dy, weight, bias
+
+
+def _check_against_reference(case, dtype, x, dy, weight, bias):
+    """The kernels' gradients equal the reference's, both given the statistics the kernels' forward returned."""
+    _, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    dx, dweight, dbias = case.backward(cynorm, dy, x, stats, weight)
+    expected_dx, expected_dweight, expected_dbias = case.backward(slow, dy, x, stats, weight)
+
+    assert dx.dtype == x.dtype and dx.shape == x.shape
+    # dx = rstd * (dy * weight - terms that nearly cancel it): rounding errors scale with the first term.
+    scaled_dy = dy if weight is None else dy * case.broadcastable(weight)
+    assert_close(dx, expected_dx, scale=float(np.max(np.abs(scaled_dy), initial=0) * np.max(stats[-1], initial=0)))
+    assert dweight.dtype == compute_dtype(dtype) and dweight.shape == case.param_shape
+    assert_close(dweight, expected_dweight, err_msg="dweight")
+    if case.has_bias:
+        assert dbias.dtype == compute_dtype(dtype) and dbias.shape == case.param_shape
+        assert_close(dbias, expected_dbias, err_msg="dbias")
+    else:
+        assert dbias is None
+
+
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES, ids=str)
+def test_backward_matches_reference(case, dtype, with_weight):
+    _check_against_reference(case, dtype, *_backward_inputs(case, dtype, with_weight=with_weight))
+
+
+@given(case=norm_cases(), dtype=st.sampled_from(FLOAT_DTYPES), with_weight=st.booleans(),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_generated_backward_matches_reference(case, dtype, with_weight, seed):
+    _check_against_reference(case, dtype, *_backward_inputs(case, dtype, with_weight=with_weight, seed=seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finite differences: the gradients are those of the kernels' own forward.
+
+FINITE_DIFFERENCE_CASES = (
+    NormCase("group", (2, 4, 3), 1, 2),
+    NormCase("group", (2, 3, 4), -1, 2),
+    NormCase("group", (2, 2, 4, 3), 2, 2),
+    NormCase("instance", (2, 2, 3), 1),
+    NormCase("instance", (2, 3, 2), -1),
+    NormCase("layer", (3, 5), -1),
+    NormCase("layer", (2, 2, 3), (-2, -1)),
+    NormCase("layer", (2, 4, 3), 1),
+    NormCase("rms", (3, 5), -1),
+    NormCase("rms", (2, 4, 3), 1),
+)
+
+STEP = 1e-6
+
+
+def _central_difference(loss, array):
+    """d loss / d array, one element at a time; `array` is perturbed in place and restored."""
+    gradient = np.empty_like(array)
+    for index in np.ndindex(array.shape):
+        original = array[index]
+        array[index] = original + STEP
+        above = loss()
+        array[index] = original - STEP
+        below = loss()
+        array[index] = original
+        gradient[index] = (above - below) / (2 * STEP)
+    return gradient
+
+
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("case", FINITE_DIFFERENCE_CASES, ids=str)
+def test_backward_matches_finite_differences(case, with_weight):
+    x = random_array(case.shape, seed=0, loc=0.5, scale=2.0)
+    dy = random_array(case.shape, seed=1)
+    weight, bias = random_params(case, np.float64, seed=2)
+    used_weight = weight if with_weight else None
+
+    def loss():  # <dy, y>: its gradient with respect to anything is the backward of dy
+        return float(np.sum(dy * case.forward(cynorm, x, used_weight, bias)))
+
+    _, stats = case.forward_with_stats(cynorm, x, used_weight, bias)
+    dx, dweight, dbias = case.backward(cynorm, dy, x, stats, used_weight)
+
+    # Truncation error is O(STEP**2) and rounding error O(1e-16 / STEP): both far below this tolerance.
+    np.testing.assert_allclose(dx, _central_difference(loss, x), rtol=1e-6, atol=1e-7, err_msg="dx")
+    if with_weight:
+        np.testing.assert_allclose(dweight, _central_difference(loss, weight), rtol=1e-6, atol=1e-7,
+                                   err_msg="dweight")
+    if case.has_bias:
+        np.testing.assert_allclose(dbias, _central_difference(loss, bias), rtol=1e-6, atol=1e-7, err_msg="dbias")
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_dweight_does_not_depend_on_weight(case):
+    """dweight = sum(dy * normalized x) and dbias = sum(dy) are computed whatever the weight."""
+    x, dy, weight, bias = _backward_inputs(case, np.float64, with_weight=True)
+    _, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    _, dweight, dbias = case.backward(cynorm, dy, x, stats, weight)
+    _, dweight_unscaled, dbias_unscaled = case.backward(cynorm, dy, x, stats, None)
+    assert_bitwise_equal(dweight, dweight_unscaled)
+    if case.has_bias:
+        assert_bitwise_equal(dbias, dbias_unscaled)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_backward_out_is_written_and_returned(case, dtype):
+    x, dy, weight, bias = _backward_inputs(case, dtype, with_weight=True)
+    _, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    out = np.full_like(x, np.nan)
+    dx, dweight, dbias = case.backward(cynorm, dy, x, stats, weight, out=out)
+    assert dx is out
+    expected = case.backward(cynorm, dy, x, stats, weight)
+    for name, value, reference in zip(("dx", "dweight", "dbias"), (dx, dweight, dbias), expected):
+        if reference is not None:
+            assert_bitwise_equal(value, reference, err_msg=name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_backward_accepts_any_memory_layout(case, layout):
+    x, dy, weight, bias = _backward_inputs(case, np.float32, with_weight=True)
+    _, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    gradients = case.backward(cynorm, with_layout(dy, layout), with_layout(x, layout),
+                              tuple(with_layout(s, layout) for s in stats),
+                              with_layout(weight, layout))
+    for name, value, expected in zip(("dx", "dweight", "dbias"), gradients,
+                                     case.backward(slow, dy, x, stats, weight)):
+        if expected is not None:
+            assert_close(value, expected, err_msg=name)

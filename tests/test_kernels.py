@@ -1,0 +1,329 @@
+"""Forward kernels against the float64 reference `cynorm.slow`, and the forward API's contract.
+
+Accuracy over norms x layouts x dtypes x affine parameters x odd sizes, statistics, the float32 accuracy
+contract on data with a large mean, NaN confinement, memory layouts, `out=`, empty batches, inputs left
+untouched and hypothesis-generated shapes.
+"""
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cynorm
+from cynorm import slow
+
+from _core_util import (FLOAT_DTYPES, LAYOUT_CASES, LAYOUTS, SPLIT_CASES, NormCase, assert_bitwise_equal,
+                        assert_close, compute_dtype, dtype_name, norm_cases, random_array, random_params,
+                        run_forward_and_backward, with_layout)
+
+ODD_SIZE_CASES = (
+    NormCase("group", (3, 7, 11), 1, 7),  # prime channel count, 3-D input
+    NormCase("group", (2, 13, 3, 3), 1, 1),
+    NormCase("group", (2, 3, 3, 13), -1, 13),
+    NormCase("group", (4, 8, 1, 1), 1, 4),  # spatial size 1
+    NormCase("group", (4, 1, 1, 8), -1, 4),
+    NormCase("group", (2, 6), 1, 2),  # no spatial axes
+    NormCase("group", (2, 4, 3, 2, 3), 1, 2),  # 3-D images
+    NormCase("group", (2, 3, 2, 3, 4), -1, 2),
+    NormCase("group", (2, 64, 5, 5), 1, 32),
+    NormCase("instance", (3, 7, 1), 1),
+    NormCase("instance", (2, 8, 8, 64), -1),
+    NormCase("layer", (3, 5000), -1),  # rows longer than 4096
+    NormCase("layer", (2, 4097), -1),
+    NormCase("layer", (7,), -1),  # a single row
+    NormCase("layer", (2, 26, 26, 10), 1),  # the Keras tutorial's LayerNormalization(axis=1)
+    NormCase("layer", (2, 5, 6, 7), (1, 2)),  # a block of middle axes
+    NormCase("layer", (2, 3, 4, 5), (-3, -2, -1)),
+    NormCase("rms", (3, 5000), -1),
+    NormCase("rms", (6,), 0),
+    NormCase("rms", (2, 26, 26, 10), 1),
+    NormCase("rms", (2, 3, 7), 1),
+)
+
+# Every element alone in its group: the normalized value is 0, so the output is the bias.
+SINGLE_ELEMENT_GROUP_CASES = (
+    NormCase("group", (4, 8, 1, 1), 1, 8),
+    NormCase("group", (3, 1, 1, 6), -1, 6),
+    NormCase("instance", (3, 7, 1), 1),
+    NormCase("instance", (3, 1, 7), -1),
+    NormCase("layer", (5, 1), -1),
+    NormCase("layer", (2, 1, 1, 3), (1, 2)),
+)
+
+AFFINE = {"plain": (False, False), "weight": (True, False), "bias": (False, True), "affine": (True, True)}
+
+
+def _affine_params(cases):
+    """(case, affine) pairs: RMS norm has a weight but no bias."""
+    return [pytest.param(case, affine, id=f"{case}-{affine}")
+            for case in cases for affine in AFFINE if case.has_bias or not AFFINE[affine][1]]
+
+
+def _forward_inputs(case, dtype, affine="affine", seed=0):
+    """x with a mean and spread far from 0 and 1, and the requested parameters, all of dtype."""
+    x = random_array(case.shape, dtype, seed=seed, loc=0.5, scale=2.0)
+    with_weight, with_bias = AFFINE[affine]
+    weight, bias = random_params(case, dtype, seed=seed + 1, weight=with_weight, bias=with_bias)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case,affine", _affine_params(LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES))
+def test_forward_matches_reference(case, affine, dtype):
+    x, weight, bias = _forward_inputs(case, dtype, affine)
+    y, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    expected_y, expected_stats = case.forward_with_stats(slow, x, weight, bias)
+
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, expected_y)
+    for name, value, expected in zip(("mean", "rstd") if case.has_bias else ("rstd",), stats, expected_stats):
+        assert value.dtype == np.float64 and value.shape == case.stats_shape, name
+        assert_close(value, expected, dtype=compute_dtype(dtype), err_msg=name)
+    # Asking for the statistics does not change the output.
+    assert_bitwise_equal(case.forward(cynorm, x, weight, bias), y)
+
+
+@pytest.mark.parametrize("eps", [1e-12, 0.1, 3.0])
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_eps_is_added_to_the_variance(case, eps):
+    x, weight, bias = _forward_inputs(case, np.float64)
+    assert_close(case.forward(cynorm, x, weight, bias, eps=eps), case.forward(slow, x, weight, bias, eps=eps))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", SINGLE_ELEMENT_GROUP_CASES, ids=str)
+def test_single_element_groups_give_the_bias(case, dtype):
+    x, weight, bias = _forward_inputs(case, dtype)
+    y = case.forward(cynorm, x, weight, bias)
+    assert_close(y, np.broadcast_to(case.broadcastable(bias), case.shape))
+
+
+@pytest.mark.parametrize("param_dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", [NormCase("group", (2, 6, 5, 4), 1, 3), NormCase("layer", (3, 4, 5), (-2, -1)),
+                                  NormCase("rms", (3, 4, 5), (-2, -1))], ids=str)
+def test_parameters_of_another_float_dtype(case, dtype, param_dtype):
+    x, _, _ = _forward_inputs(case, dtype)
+    weight, bias = random_params(case, param_dtype, seed=5)
+    y = case.forward(cynorm, x, weight, bias)
+    assert y.dtype == x.dtype
+    # Parameters may be rounded to the computing precision first; that rounding is within x's tolerance.
+    assert_close(y, case.forward(slow, x, weight, bias))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The float32 accuracy contract: groups whose |mean| / std reaches 1e4 keep every output within 1e-3 of the
+# float64 reference computed from the same float32 values.
+
+CONTRACT_ATOL = 1e-3
+
+CENTERED_ADVERSARIAL_CASES = (
+    NormCase("group", (2, 8, 16, 16), 1, 4),
+    NormCase("group", (2, 16, 16, 8), -1, 4),
+    NormCase("group", (1, 4, 300, 100), 1, 1),  # one block split between threads
+    NormCase("instance", (2, 4, 16, 16), 1),
+    NormCase("instance", (2, 16, 16, 4), -1),
+    NormCase("layer", (8, 1024), -1),
+    NormCase("layer", (2, 10_000), -1),
+    NormCase("layer", (2, 26, 26, 10), 1),
+)
+ADVERSARIAL_CASES = CENTERED_ADVERSARIAL_CASES + (NormCase("rms", (8, 1024), -1), NormCase("rms", (2, 10_000), -1))
+
+# (mean, std) of the groups, |mean| / std = 1e4.
+SHIFTED_DISTRIBUTIONS = [(1e4, 1.0), (1.0, 1e-4), (-300.0, 0.03)]
+
+
+def _shifted_input(case, loc, std):
+    """float32 loc + std * N(0, 1), and an eps small enough not to hide the variance."""
+    return random_array(case.shape, np.float32, seed=3, loc=loc, scale=std), 1e-5 * std ** 2
+
+
+def _naive_float32_norm(case, x, eps):
+    """Normalization with the textbook one-pass variance E[x^2] - E[x]^2, all in float32 (no weight or bias)."""
+    if case.norm in ("group", "instance"):
+        num_groups = case.num_groups or case.shape[case.axis]
+        moved = np.moveaxis(x, case.axis, 1)
+        rows = moved.reshape(moved.shape[0], num_groups, -1)
+    else:
+        trailing = range(x.ndim - len(case.normalized_axes), x.ndim)
+        moved = np.moveaxis(x, case.normalized_axes, trailing)
+        rows = moved.reshape(moved.shape[:x.ndim - len(case.normalized_axes)] + (-1,))
+    mean = rows.mean(axis=-1, dtype=np.float32, keepdims=True)
+    variance = np.maximum((rows * rows).mean(axis=-1, dtype=np.float32, keepdims=True) - mean * mean, 0)
+    y = ((rows - mean) / np.sqrt(variance + np.float32(eps))).reshape(moved.shape)
+    if case.norm in ("group", "instance"):
+        return np.moveaxis(y, 1, case.axis)
+    return np.moveaxis(y, trailing, case.normalized_axes)
+
+
+@pytest.mark.parametrize("loc,std", SHIFTED_DISTRIBUTIONS)
+@pytest.mark.parametrize("case", CENTERED_ADVERSARIAL_CASES, ids=str)
+def test_naive_float32_variance_breaks_the_contract_on_shifted_data(case, loc, std):
+    """The data below is hard: the textbook float32 formula misses the contract on it by far."""
+    x, eps = _shifted_input(case, loc, std)
+    naive = _naive_float32_norm(case, x, eps)
+    assert naive.dtype == np.float32
+    expected = case.forward(slow, x, eps=eps)
+    assert np.max(np.abs(naive - expected)) > 10 * CONTRACT_ATOL
+
+
+@pytest.mark.parametrize("affine", ["plain", "affine"])
+@pytest.mark.parametrize("loc,std", SHIFTED_DISTRIBUTIONS)
+@pytest.mark.parametrize("case", ADVERSARIAL_CASES, ids=str)
+def test_shifted_float32_input_meets_the_accuracy_contract(case, loc, std, affine):
+    x, eps = _shifted_input(case, loc, std)
+    with_weight, with_bias = AFFINE[affine]
+    weight, bias = random_params(case, np.float32, seed=4, weight=with_weight, bias=with_bias)
+    y = case.forward(cynorm, x, weight, bias, eps=eps)
+    np.testing.assert_allclose(y, case.forward(slow, x, weight, bias, eps=eps), rtol=0, atol=CONTRACT_ATOL)
+
+
+@pytest.mark.parametrize("case", ADVERSARIAL_CASES, ids=str)
+def test_float32_input_whose_squares_sum_past_the_float32_range(case):
+    """Every square fits in float32 (|x| < 1.8e19) but a group's sum of them does not: still within contract."""
+    x = random_array(case.shape, np.float32, seed=3, scale=1e18)
+    weight, bias = random_params(case, np.float32, seed=4)
+    y = case.forward(cynorm, x, weight, bias)
+    np.testing.assert_allclose(y, case.forward(slow, x, weight, bias), rtol=0, atol=CONTRACT_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite input stays in its group.
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", LAYOUT_CASES + (NormCase("group", (1, 4, 300, 100), 1, 2),), ids=str)
+def test_non_finite_value_is_confined_to_its_group(case, dtype, bad_value):
+    x, weight, bias = _forward_inputs(case, dtype)
+    x.flat[x.size // 2 + 1] = np.nan
+    with np.errstate(invalid="ignore"):
+        # NaN propagates through every reference formula, so it marks the poisoned group.
+        poisoned_group = np.isnan(case.forward(slow, x, weight, bias))
+        assert poisoned_group.sum() == case.group_size
+        x.flat[x.size // 2 + 1] = bad_value
+        expected = case.forward(slow, x, weight, bias)
+
+    y = case.forward(cynorm, x, weight, bias)
+    assert np.isfinite(y[~poisoned_group]).all()
+    assert_close(y, expected)  # including where the NaNs are
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory layouts, out=, empty batches, inputs left alone.
+
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_any_memory_layout_of_x_and_parameters(case, dtype, layout):
+    """Strided, Fortran-ordered, read-only or byte-swapped inputs give the same results (after one copy)."""
+    x, weight, bias = _forward_inputs(case, dtype)
+    weight = with_layout(weight, layout)
+    bias = None if bias is None else with_layout(bias, layout)
+    y = case.forward(cynorm, with_layout(x, layout), weight, bias)
+    assert_close(y, case.forward(slow, x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_out_is_written_and_returned(case, dtype):
+    x, weight, bias = _forward_inputs(case, dtype)
+    out = np.full_like(x, np.nan)
+    assert case.forward(cynorm, x, weight, bias, out=out) is out
+    assert_bitwise_equal(out, case.forward(cynorm, x, weight, bias))
+
+    out[...] = np.nan
+    y, _ = case.forward_with_stats(cynorm, x, weight, bias, out=out)
+    assert y is out
+    assert_bitwise_equal(out, case.forward(cynorm, x, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", LAYOUT_CASES + SPLIT_CASES[:1], ids=str)
+def test_in_place_forward(case, dtype):
+    x, weight, bias = _forward_inputs(case, dtype)
+    expected = case.forward(cynorm, x, weight, bias)
+    assert case.forward(cynorm, x, weight, bias, out=x) is x
+    assert_bitwise_equal(x, expected)
+
+
+@pytest.mark.parametrize("case", [
+    NormCase("group", (4, 64, 32, 32), 1, 32),
+    NormCase("group", (4, 32, 32, 64), -1, 32),
+    NormCase("instance", (4, 64, 32, 32), 1),
+    NormCase("layer", (1024, 256), -1),
+    NormCase("rms", (1024, 256), -1),
+], ids=str)
+def test_out_avoids_allocating_an_output(case):
+    x, weight, bias = _forward_inputs(case, np.float32)
+    out = np.empty_like(x)
+    case.forward(cynorm, x, weight, bias, out=out)  # warm up any lazily created state
+    tracemalloc.start()  # NumPy reports its data allocations to tracemalloc
+    try:
+        case.forward(cynorm, x, weight, bias, out=out, return_stats=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes // 4
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)
+def test_empty_batch(case, dtype):
+    """Zero samples: empty outputs and statistics, zero parameter gradients."""
+    case = case.with_shape((0,) + case.shape[1:])
+    x, weight, bias = _forward_inputs(case, dtype)
+    y, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert all(s.shape == case.stats_shape for s in stats)
+    dx, dweight, dbias = case.backward(cynorm, np.ones_like(x), x, stats, weight)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    np.testing.assert_array_equal(dweight, np.zeros(case.param_shape))
+    if case.has_bias:
+        np.testing.assert_array_equal(dbias, np.zeros(case.param_shape))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", LAYOUT_CASES + SPLIT_CASES[:1], ids=str)
+def test_inputs_are_not_modified(case, dtype):
+    """No forward or backward call writes to x, weight, bias, dy, mean or rstd."""
+    x, weight, bias = _forward_inputs(case, dtype)
+    dy = random_array(case.shape, dtype, seed=9)
+    y, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    inputs = {"x": x, "weight": weight, "dy": dy, **dict(zip(("mean", "rstd") if case.has_bias else ("rstd",), stats))}
+    if bias is not None:
+        inputs["bias"] = bias
+    copies = {name: array.copy() for name, array in inputs.items()}
+
+    run_forward_and_backward(case, x, weight, bias, dy)
+    case.backward(cynorm, dy, x, stats, None)
+    for name, array in inputs.items():
+        assert_bitwise_equal(array, copies[name], err_msg=name)
+
+
+def test_import_does_not_import_frameworks():
+    code = "import sys, cynorm; print(sorted({'torch', 'tensorflow', 'keras', 'jax'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generated shapes, axes and groups.
+
+@given(case=norm_cases(), dtype=st.sampled_from(FLOAT_DTYPES), affine=st.sampled_from(sorted(AFFINE)),
+       seed=st.integers(0, 2 ** 32 - 1))
+def test_generated_forward_matches_reference(case, dtype, affine, seed):
+    if not case.has_bias:
+        affine = "weight" if AFFINE[affine][0] else "plain"
+    x, weight, bias = _forward_inputs(case, dtype, affine, seed=seed)
+    y, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    expected_y, expected_stats = case.forward_with_stats(slow, x, weight, bias)
+    assert_close(y, expected_y)
+    for value, expected in zip(stats, expected_stats):
+        assert value.shape == case.stats_shape
+        assert_close(value, expected, dtype=compute_dtype(dtype))

@@ -1,0 +1,443 @@
+"""Keras 3 normalization layers computed by the cynorm kernels (TensorFlow backend).
+
+Drop-in replacements for ``keras.layers.GroupNormalization``, ``keras.layers.LayerNormalization``,
+``keras.layers.RMSNormalization`` and TensorFlow Addons' ``InstanceNormalization``: same arguments, defaults,
+weight names and error messages, so changing an import is enough::
+
+    from cynorm.adapters.keras import GroupNormalization
+    model = keras.Sequential([..., GroupNormalization(groups=8), ...])
+
+Each layer runs the cynorm forward kernel through ``tf.numpy_function`` inside ``tf.custom_gradient``; the
+gradient runs the matching cynorm backward kernel the same way, so ``model.fit`` trains ``gamma`` and ``beta``.
+The statistics are computed in float32 (float64 for float64 inputs) and the output has the layer's compute
+dtype, as with Keras's mixed precision policies. A ``tf.numpy_function`` cannot be compiled by XLA, so the
+layers declare ``supports_jit = False`` and Keras runs models that contain them without ``jit_compile``.
+"""
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import cynorm
+
+__all__ = ["GroupNormalization", "InstanceNormalization", "LayerNormalization", "RMSNormalization"]
+
+# TensorFlow adopts an ndarray returned by tf.numpy_function without copying it only when its data is aligned
+# to EIGEN_MAX_ALIGN_BYTES (at most 64); NumPy's allocator guarantees 16.
+_TENSORFLOW_ALIGNMENT = 64
+_KERNEL_DTYPES = (tf.float16, tf.float32, tf.float64)
+
+
+def _empty_aligned(shape, dtype):
+    """An uninitialized C-contiguous array whose data TensorFlow can take over without a copy."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _TENSORFLOW_ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % _TENSORFLOW_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+class _ArrayKernel:
+    """One cynorm forward/backward pair with a layer's fixed settings, called on the arrays of tf.numpy_function.
+
+    ``forward(x, weight, bias, out)`` returns ``(y, *stats)`` and ``backward(dy, x, stats, weight, out)``
+    returns ``(dx, dweight, dbias)``. The tensors passed through TensorFlow hold only the parameters the layer
+    has (``[weight][bias]``), so absent parameters cost neither a transfer nor a gradient.
+    """
+
+    def __init__(self, forward, backward, *, has_weight, has_bias, num_stats, name):
+        self._forward = forward
+        self._backward = backward
+        self.has_weight = has_weight
+        self.has_bias = has_bias
+        self.num_stats = num_stats
+        self.name = name
+
+    def forward(self, x, *params):
+        weight = params[0] if self.has_weight else None
+        bias = params[-1] if self.has_bias else None
+        return self._forward(x, weight, bias, _empty_aligned(x.shape, x.dtype))
+
+    def backward(self, dy, x, *stats_and_weight):
+        stats = stats_and_weight[:self.num_stats]
+        weight = stats_and_weight[-1] if self.has_weight else None
+        dx, dweight, dbias = self._backward(dy, x, stats, weight, _empty_aligned(x.shape, x.dtype))
+        return (dx,) + ((dweight,) if self.has_weight else ()) + ((dbias,) if self.has_bias else ())
+
+
+def _normalize(x, weight, bias, kernel, stats_shape):
+    """Apply `kernel` to the tensor `x` with the parameter tensors `weight`/`bias` (or None), differentiably.
+
+    `stats_shape` is the static shape of every statistic the forward kernel returns; restoring static shapes
+    after each tf.numpy_function lets the layers after this one build with known sizes.
+    """
+    # Gradients of the parameters come back in the kernels' accumulation dtype.
+    param_grad_dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
+
+    @tf.custom_gradient
+    def normalize(x, *params):
+        y, *stats = tf.numpy_function(kernel.forward, [x, *params], [x.dtype] + [tf.float64] * kernel.num_stats,
+                                      stateful=False, name=kernel.name)
+        y.set_shape(x.shape)
+        for stat in stats:
+            stat.set_shape(stats_shape)
+
+        def grad(dy):
+            backward_inputs = [dy, x, *stats] + ([params[0]] if kernel.has_weight else [])
+            # A one-element Tout gives a bare tensor, hence the flatten.
+            dx, *param_grads = tf.nest.flatten(tf.numpy_function(
+                kernel.backward, backward_inputs, [x.dtype] + [param_grad_dtype] * len(params),
+                stateful=False, name=kernel.name + "_backward"))
+            dx.set_shape(x.shape)
+            for param_grad, param in zip(param_grads, params):
+                param_grad.set_shape(param.shape)
+            return [dx] + [tf.cast(g, p.dtype) for g, p in zip(param_grads, params)]
+
+        return y, grad
+
+    params = [tf.convert_to_tensor(p) for p in (weight, bias) if p is not None]
+    return normalize(x, *params)
+
+
+def _check_not_batch_axis(axis, layer_name):
+    if axis == 0:
+        raise ValueError(
+            f"Received an invalid value for argument `axis`: axis 0 is the batch axis, and {layer_name} "
+            f"normalizes each example separately. Use a feature axis (1 or more, or a negative axis). "
+            f"Received: axis={axis}")
+
+
+def _check_axes_in_bounds(axis, input_shape):
+    for a in [axis] if isinstance(axis, int) else axis:
+        if not -len(input_shape) <= a < len(input_shape):
+            raise ValueError(f"Axis {a} is out of bounds for input shape {tuple(input_shape)}. "
+                             f"Received: axis={axis}")
+
+
+def _resolve_axes(axis, input_shape, layer_name):
+    """The axes named by `axis` (an int or a list) as sorted non-negative ints, with each dimension defined."""
+    _check_axes_in_bounds(axis, input_shape)
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    resolved = sorted(a % len(input_shape) for a in axes)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"Duplicate axis: {tuple(resolved)}. Received: axis={axis}")
+    for a in resolved:
+        _check_not_batch_axis(a, layer_name)
+    for a in axes:
+        if input_shape[a] is None:
+            raise ValueError(f"Axis {a} of input tensor should have a defined dimension but the layer received "
+                             f"an input with shape {tuple(input_shape)}.")
+    return tuple(resolved)
+
+
+class _KernelNormalization(keras.layers.Layer):
+    """Common behaviour of the cynorm layers: dtype handling and the kernel call.
+
+    Subclasses create their weights and ``self._kernel`` (an `_ArrayKernel`) in `build`, and implement
+    ``_stats_shape(input_shape)``, the static shape of the statistics the kernel returns.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        # Parameters stay in the variable dtype (float32 under mixed precision), as in Keras's normalizations.
+        self.autocast = False
+        self.supports_jit = False
+        self._kernel = None
+
+    def _apply_kernel(self, inputs, weight, bias):
+        # bfloat16 has no kernel: compute it in float32 like the float16 kernels do internally.
+        x = inputs if inputs.dtype in _KERNEL_DTYPES else tf.cast(inputs, tf.float32)
+        y = _normalize(x, weight, bias, self._kernel, self._stats_shape(x.shape))
+        return tf.cast(y, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        _check_axes_in_bounds(self.axis, input_shape)
+        return input_shape
+
+
+def _check_groups(groups):
+    if isinstance(groups, bool) or not isinstance(groups, int) or (groups <= 0 and groups != -1):
+        raise ValueError("Received an invalid value for argument `groups`, expected a positive integer (or `-1` "
+                         f"for instance normalization). Received: groups={groups!r}")
+
+
+@keras.saving.register_keras_serializable(package="cynorm")
+class GroupNormalization(_KernelNormalization):
+    """Group normalization layer (Wu & He, 2018) on the cynorm kernels.
+
+    Same arguments and behaviour as ``keras.layers.GroupNormalization`` (and TensorFlow Addons'): the
+    channels along `axis` are split into `groups` contiguous groups, and each example's values in a group are
+    normalized to zero mean and unit variance, then scaled by ``gamma`` and shifted by ``beta`` (per channel).
+
+    Args:
+        groups: Integer, the number of groups; it must divide the number of channels. ``-1`` means one group per
+            channel (instance normalization). Defaults to 32.
+        axis: Integer, the channel axis: -1 (or the last axis) for channels-last inputs, 1 for channels-first.
+            The batch axis 0 is not allowed. Defaults to -1.
+        epsilon: Small float added to the variance to avoid dividing by zero. Defaults to 1e-3.
+        center: If True, add the offset ``beta``. Defaults to True.
+        scale: If True, multiply by ``gamma``. Defaults to True.
+        beta_initializer, gamma_initializer: Initializers of ``beta`` (zeros) and ``gamma`` (ones).
+        beta_regularizer, gamma_regularizer: Optional regularizers of ``beta`` and ``gamma``.
+        beta_constraint, gamma_constraint: Optional constraints of ``beta`` and ``gamma``.
+        **kwargs: Base layer keyword arguments (``name``, ``dtype``, ...).
+    """
+
+    def __init__(self, groups=32, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+                 gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, **kwargs):
+        _check_groups(groups)
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(f"Received an invalid value for argument `axis`, expected an integer. "
+                             f"Received: axis={axis!r}")
+        _check_not_batch_axis(axis, type(self).__name__)
+        super().__init__(**kwargs)
+        self.groups = groups
+        self.axis = axis
+        self.epsilon = epsilon
+        self.center = center
+        self.scale = scale
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+
+    def build(self, input_shape):
+        (channel_axis,) = _resolve_axes(self.axis, input_shape, type(self).__name__)
+        channels = input_shape[channel_axis]
+        # As in Keras, `groups` holds the actual number of groups once built.
+        if self.groups == -1:
+            self.groups = channels
+        if channels < self.groups:
+            raise ValueError(f"Number of groups ({self.groups}) cannot be more than the number of channels "
+                             f"({channels}).")
+        if channels % self.groups != 0:
+            raise ValueError(f"Number of groups ({self.groups}) must be a multiple of the number of channels "
+                             f"({channels}).")
+        self.input_spec = keras.InputSpec(ndim=len(input_shape), axes={self.axis: channels})
+        self.gamma = self.add_weight(
+            shape=(channels,), name="gamma", initializer=self.gamma_initializer,
+            regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
+        ) if self.scale else None
+        self.beta = self.add_weight(
+            shape=(channels,), name="beta", initializer=self.beta_initializer,
+            regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
+        ) if self.center else None
+
+        groups, epsilon = self.groups, self.epsilon
+        self._kernel = _ArrayKernel(
+            lambda x, weight, bias, out: cynorm.group_norm(x, groups, weight, bias, axis=channel_axis,
+                                                           eps=epsilon, out=out, return_stats=True),
+            lambda dy, x, stats, weight, out: cynorm.group_norm_backward(dy, x, *stats, weight, axis=channel_axis,
+                                                                         out=out),
+            has_weight=self.scale, has_bias=self.center, num_stats=2, name="cynorm_group_norm",
+        )
+        super().build(input_shape)
+
+    def _stats_shape(self, input_shape):
+        return (input_shape[0], self.groups)
+
+    def call(self, inputs):
+        return self._apply_kernel(inputs, self.gamma, self.beta)
+
+    def get_config(self):
+        config = {
+            "groups": self.groups,
+            "axis": self.axis,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
+            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
+            "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": keras.constraints.serialize(self.beta_constraint),
+            "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
+        }
+        return {**super().get_config(), **config}
+
+
+@keras.saving.register_keras_serializable(package="cynorm")
+class InstanceNormalization(GroupNormalization):
+    """Instance normalization layer (Ulyanov et al., 2016): a `GroupNormalization` with one group per channel.
+
+    Takes the arguments of `GroupNormalization`. As in TensorFlow Addons, a given `groups` is overridden
+    (with a warning).
+    """
+
+    def __init__(self, **kwargs):
+        groups = kwargs.pop("groups", -1)
+        if groups != -1:
+            warnings.warn(f"InstanceNormalization uses one group per channel; the given groups={groups!r} is "
+                          "ignored.", stacklevel=2)
+        super().__init__(groups=-1, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        del config["groups"]
+        return config
+
+
+def _check_axis_argument(axis, layer_name):
+    """Validate the `axis` of a layer normalizing over several axes; return it as an int or a list."""
+    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        raise TypeError(f"Expected an int or a list/tuple of ints for the argument 'axis', but received: {axis!r}")
+    for a in axes:
+        _check_not_batch_axis(a, layer_name)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"Duplicate axis: {tuple(axes)}. Received: axis={axis}")
+    return list(axis) if isinstance(axis, (list, tuple)) else axis
+
+
+class _AxesNormalization(_KernelNormalization):
+    """Normalization of each example over the axes in `axis` (layer and RMS normalization).
+
+    The kernels need the normalized axes next to each other; other layouts (e.g. ``axis=[1, 3]``) are
+    transposed to trailing axes around the kernel call.
+    """
+
+    def _resolve_layout(self, input_shape):
+        """Return the normalized axes; set the kernel's axes and the transposition (or None) they need."""
+        axes = _resolve_axes(self.axis, input_shape, type(self).__name__)
+        rank = len(input_shape)
+        if axes == tuple(range(axes[0], axes[0] + len(axes))):
+            self._permutation = None
+            self._kernel_axes = axes
+        else:
+            self._permutation = [a for a in range(rank) if a not in axes] + list(axes)
+            self._kernel_axes = tuple(range(rank - len(axes), rank))
+        return axes
+
+    def _stats_shape(self, input_shape):
+        return tuple(d for a, d in enumerate(input_shape) if a not in self._kernel_axes)
+
+    def _apply_kernel(self, inputs, weight, bias):
+        if self._permutation is None:
+            return super()._apply_kernel(inputs, weight, bias)
+        outputs = super()._apply_kernel(tf.transpose(inputs, self._permutation), weight, bias)
+        return tf.transpose(outputs, np.argsort(self._permutation))
+
+
+@keras.saving.register_keras_serializable(package="cynorm")
+class LayerNormalization(_AxesNormalization):
+    """Layer normalization layer (Ba et al., 2016) on the cynorm kernels.
+
+    Same arguments and behaviour as ``keras.layers.LayerNormalization``: each example is normalized over the
+    axes in `axis`, then scaled by ``gamma`` and shifted by ``beta``, both shaped like those axes.
+
+    Args:
+        axis: Integer or list of integers, the axes to normalize over (not the batch axis 0). Defaults to -1.
+        epsilon: Small float added to the variance to avoid dividing by zero. Defaults to 1e-3.
+        center: If True, add the offset ``beta``. Defaults to True.
+        scale: If True, multiply by ``gamma``. Defaults to True.
+        beta_initializer, gamma_initializer: Initializers of ``beta`` (zeros) and ``gamma`` (ones).
+        beta_regularizer, gamma_regularizer: Optional regularizers of ``beta`` and ``gamma``.
+        beta_constraint, gamma_constraint: Optional constraints of ``beta`` and ``gamma``.
+        **kwargs: Base layer keyword arguments (``name``, ``dtype``, ...).
+    """
+
+    def __init__(self, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+                 gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+                 gamma_constraint=None, **kwargs):
+        # Keras's configs carry the deprecated `rms_scaling` (always False in configs we can reproduce).
+        if kwargs.pop("rms_scaling", False):
+            raise ValueError("`rms_scaling=True` is not supported (it is deprecated in Keras): use "
+                             "`RMSNormalization` instead.")
+        axis = _check_axis_argument(axis, type(self).__name__)
+        super().__init__(**kwargs)
+        self.axis = axis
+        self.epsilon = epsilon
+        self.center = center
+        self.scale = scale
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+
+    def build(self, input_shape):
+        axes = self._resolve_layout(input_shape)
+        param_shape = tuple(input_shape[a] for a in axes)
+        self.gamma = self.add_weight(
+            shape=param_shape, name="gamma", initializer=self.gamma_initializer,
+            regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
+        ) if self.scale else None
+        self.beta = self.add_weight(
+            shape=param_shape, name="beta", initializer=self.beta_initializer,
+            regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
+        ) if self.center else None
+
+        kernel_axes, epsilon = self._kernel_axes, self.epsilon
+        self._kernel = _ArrayKernel(
+            lambda x, weight, bias, out: cynorm.layer_norm(x, weight, bias, axis=kernel_axes, eps=epsilon,
+                                                           out=out, return_stats=True),
+            lambda dy, x, stats, weight, out: cynorm.layer_norm_backward(dy, x, *stats, weight, axis=kernel_axes,
+                                                                         out=out),
+            has_weight=self.scale, has_bias=self.center, num_stats=2, name="cynorm_layer_norm",
+        )
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return self._apply_kernel(inputs, self.gamma, self.beta)
+
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
+            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
+            "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": keras.constraints.serialize(self.beta_constraint),
+            "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
+        }
+        return {**super().get_config(), **config}
+
+
+@keras.saving.register_keras_serializable(package="cynorm")
+class RMSNormalization(_AxesNormalization):
+    """Root mean square normalization layer (Zhang & Sennrich, 2019) on the cynorm kernels.
+
+    Same arguments and behaviour as ``keras.layers.RMSNormalization``:
+    ``x * rsqrt(mean(square(x)) + epsilon) * scale`` over the axes in `axis`, with a trainable ``scale``
+    initialized to ones.
+
+    Args:
+        axis: Integer or list of integers, the axes to normalize over (not the batch axis 0). Defaults to -1.
+        epsilon: Small float added to the mean square to avoid dividing by zero. Defaults to 1e-6.
+        **kwargs: Base layer keyword arguments (``name``, ``dtype``, ...).
+    """
+
+    def __init__(self, axis=-1, epsilon=1e-6, **kwargs):
+        axis = _check_axis_argument(axis, type(self).__name__)
+        super().__init__(**kwargs)
+        self.axis = axis
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        axes = self._resolve_layout(input_shape)
+        self.scale = self.add_weight(name="scale", shape=tuple(input_shape[a] for a in axes), initializer="ones",
+                                     autocast=False)
+        kernel_axes, epsilon = self._kernel_axes, self.epsilon
+        self._kernel = _ArrayKernel(
+            lambda x, weight, bias, out: cynorm.rms_norm(x, weight, axis=kernel_axes, eps=epsilon, out=out,
+                                                         return_stats=True),
+            lambda dy, x, stats, weight, out: cynorm.rms_norm_backward(dy, x, *stats, weight, axis=kernel_axes,
+                                                                       out=out),
+            has_weight=True, has_bias=False, num_stats=1, name="cynorm_rms_norm",
+        )
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return self._apply_kernel(inputs, self.scale, None)
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis, "epsilon": self.epsilon}

@@ -1,0 +1,417 @@
+"""Tests of the Keras layers on the cynorm kernels (cynorm.adapters.keras) and of the tutorial."""
+import warnings
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from cynorm import slow  # noqa: E402
+from cynorm.adapters import keras as ck  # noqa: E402
+from cynorm.adapters import keras_tutorial  # noqa: E402
+
+# Layers of ours with Keras's counterpart, for parity; InstanceNormalization is compared with GroupNormalization.
+PAIRS = {
+    "group": (ck.GroupNormalization, keras.layers.GroupNormalization),
+    "layer": (ck.LayerNormalization, keras.layers.LayerNormalization),
+    "rms": (ck.RMSNormalization, keras.layers.RMSNormalization),
+}
+
+
+def _random(shape, seed, dtype="float32"):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _set_same_random_weights(layers, seed):
+    """Give each layer the same random weights, so that gamma and beta matter in the comparison."""
+    rng = np.random.default_rng(seed)
+    for variables in zip(*(layer.weights for layer in layers)):
+        value = rng.uniform(0.5, 1.5, variables[0].shape).astype(variables[0].dtype)
+        for variable in variables:
+            variable.assign(value)
+
+
+def _output_and_gradients(layer, x, upstream):
+    """The layer's output and the gradients of sum(output * upstream) for the input and every weight."""
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+    return y.numpy(), [g.numpy() for g in tape.gradient(loss, [x] + layer.trainable_weights)]
+
+
+def _assert_parity(ours, theirs, shape, seed=0, rtol=1e-5, atol=1e-5):
+    ours.build(shape)
+    theirs.build(shape)
+    assert [w.shape for w in ours.weights] == [w.shape for w in theirs.weights]
+    _set_same_random_weights([ours, theirs], seed)
+    x, upstream = _random(shape, seed + 1), _random(shape, seed + 2)
+    y_ours, grads_ours = _output_and_gradients(ours, x, upstream)
+    y_theirs, grads_theirs = _output_and_gradients(theirs, x, upstream)
+    np.testing.assert_allclose(y_ours, y_theirs, rtol=rtol, atol=atol)
+    assert len(grads_ours) == len(grads_theirs)
+    for g_ours, g_theirs in zip(grads_ours, grads_theirs):
+        # Parameter gradients are float32 sums over batch and space: their rounding grows with their size.
+        np.testing.assert_allclose(g_ours, g_theirs, rtol=rtol, atol=atol * max(1.0, np.abs(g_theirs).max()))
+
+
+CHANNELS = 6
+LAYOUTS = {  # rank -> {layout: (shape, channel axis)}
+    rank: {"channels_last": ((3,) + (5, 4, 3)[:rank - 2] + (CHANNELS,), -1),
+           "channels_first": ((3, CHANNELS) + (5, 4, 3)[:rank - 2], 1)}
+    for rank in (2, 3, 4, 5)
+}
+LAYOUT_CASES = [(rank, layout) for rank in LAYOUTS for layout in LAYOUTS[rank]]
+
+
+@pytest.mark.parametrize("rank, layout", LAYOUT_CASES)
+@pytest.mark.parametrize("groups", [1, 3, -1])
+def test_group_normalization_matches_keras(rank, layout, groups):
+    shape, axis = LAYOUTS[rank][layout]
+    _assert_parity(ck.GroupNormalization(groups, axis=axis), keras.layers.GroupNormalization(groups, axis=axis),
+                   shape)
+
+
+@pytest.mark.parametrize("rank, layout", LAYOUT_CASES)
+def test_layer_normalization_matches_keras(rank, layout):
+    shape, axis = LAYOUTS[rank][layout]
+    _assert_parity(ck.LayerNormalization(axis=axis), keras.layers.LayerNormalization(axis=axis), shape)
+
+
+@pytest.mark.parametrize("axis", [[1, 2], [2, 3], [1, 2, 3], [1, 3], [-1, -3]])
+def test_layer_normalization_over_several_axes_matches_keras(axis):
+    _assert_parity(ck.LayerNormalization(axis=axis), keras.layers.LayerNormalization(axis=axis), (2, 5, 4, 3))
+
+
+@pytest.mark.parametrize("axis", [-1, [2, 3], [-2, -1]])
+def test_rms_normalization_matches_keras(axis):
+    _assert_parity(ck.RMSNormalization(axis=axis), keras.layers.RMSNormalization(axis=axis), (2, 5, 4, 3))
+
+
+@pytest.mark.parametrize("axis", [1, [1, 2], [1, 3]])
+def test_rms_normalization_over_leading_axes_matches_reference(axis):
+    """Keras's RMSNormalization cannot broadcast its scale over these axes; compare with cynorm.slow."""
+    shape = (2, 5, 4, 3)
+    layer = ck.RMSNormalization(axis=axis)
+    layer.build(shape)
+    scale = np.random.default_rng(0).uniform(0.5, 1.5, layer.scale.shape).astype("float32")
+    layer.scale.assign(scale)
+    x, upstream = _random(shape, 1), _random(shape, 2)
+    y, (dx, dscale) = _output_and_gradients(layer, x, upstream)
+    y_ref, rstd = slow.rms_norm(x, scale, axis=axis, eps=layer.epsilon, return_stats=True)
+    dx_ref, dscale_ref, _ = slow.rms_norm_backward(upstream, x, rstd, scale, axis=axis)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dscale, dscale_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("center, scale", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("kind", ["group", "layer"])
+def test_without_center_or_scale_matches_keras(kind, center, scale):
+    ours, theirs = PAIRS[kind]
+    kwargs = {"groups": 2} if kind == "group" else {}
+    _assert_parity(ours(center=center, scale=scale, **kwargs), theirs(center=center, scale=scale, **kwargs),
+                   (3, 4, 4, 6))
+
+
+def test_tutorial_shapes_match_keras():
+    """The tutorial normalizes (batch, 26, 26, 10) tensors over axis 3 and over axis 1."""
+    shape = (2, 26, 26, 10)
+    _assert_parity(ck.GroupNormalization(groups=5, axis=3), keras.layers.GroupNormalization(groups=5, axis=3),
+                   shape)
+    for axis in (3, 1):
+        ours, theirs = ck.LayerNormalization(axis=axis), keras.layers.LayerNormalization(axis=axis)
+        _assert_parity(ours, theirs, shape)
+        assert tuple(ours.gamma.shape) == (shape[axis],)
+
+
+def test_instance_normalization_equals_group_normalization_with_one_group_per_channel():
+    shape = (2, 5, 5, 6)
+    instance = ck.InstanceNormalization(axis=3, beta_initializer="random_uniform",
+                                        gamma_initializer="random_uniform")
+    group = ck.GroupNormalization(groups=-1, axis=3)
+    instance.build(shape)
+    group.build(shape)
+    assert instance.groups == group.groups == 6
+    group.set_weights(instance.get_weights())
+    x, upstream = _random(shape, 0), _random(shape, 1)
+    y_instance, grads_instance = _output_and_gradients(instance, x, upstream)
+    y_group, grads_group = _output_and_gradients(group, x, upstream)
+    np.testing.assert_array_equal(y_instance, y_group)
+    for g_instance, g_group in zip(grads_instance, grads_group, strict=True):
+        np.testing.assert_array_equal(g_instance, g_group)
+
+
+def test_instance_normalization_overrides_groups_with_a_warning():
+    with pytest.warns(UserWarning, match="groups=4"):
+        layer = ck.InstanceNormalization(groups=4)
+    layer.build((2, 3, 8))
+    assert layer.groups == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.InstanceNormalization(groups=-1)
+        ck.InstanceNormalization.from_config(layer.get_config())
+
+
+def test_float64_and_eager_equal_tf_function():
+    layer = ck.GroupNormalization(groups=2, dtype="float64")
+    x = tf.constant(_random((4, 3, 8), 0, "float64"))
+    eager = layer(x)
+    assert eager.dtype == tf.float64 and layer.gamma.dtype == "float64"
+    traced = tf.function(layer)(x)
+    np.testing.assert_array_equal(eager.numpy(), traced.numpy())
+    reference = keras.layers.GroupNormalization(groups=2, dtype="float64")(x)
+    np.testing.assert_allclose(eager.numpy(), reference.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_dynamic_batch_and_static_shapes(kind):
+    """Shapes known at trace time stay known after the kernel call; the batch size may vary between calls."""
+    layer = PAIRS[kind][0]()
+    layer.build((None, 4, 32))
+    calls = []
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 4, 32), tf.float32)])
+    def forward_and_backward(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        dx = tape.gradient(y, x)
+        calls.append((y.shape.as_list(), dx.shape.as_list()))
+        return y, dx
+
+    for batch in (1, 5):
+        y, dx = forward_and_backward(tf.constant(_random((batch, 4, 32), batch)))
+        assert y.shape == dx.shape == (batch, 4, 32)
+    assert calls == [([None, 4, 32], [None, 4, 32])]
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_mixed_precision(kind):
+    """Float16 compute, float32 weights and statistics; the result matches Keras under the same policy."""
+    ours, theirs = (cls(dtype="mixed_float16") for cls in PAIRS[kind])
+    shape = (2, 6, 32)
+    for layer in (ours, theirs):
+        layer.build(shape)
+    assert all(w.dtype == "float32" for w in ours.weights)
+    x = _random(shape, 0, "float16")
+    y_ours, grads_ours = _output_and_gradients(ours, x, _random(shape, 1))
+    y_theirs, grads_theirs = _output_and_gradients(theirs, x, _random(shape, 1))
+    assert y_ours.dtype == np.float16 and grads_ours[0].dtype == np.float16
+    assert all(g.dtype == np.float32 for g in grads_ours[1:])
+    np.testing.assert_allclose(y_ours, y_theirs, rtol=2e-3, atol=2e-3)
+    for g_ours, g_theirs in zip(grads_ours, grads_theirs):
+        np.testing.assert_allclose(g_ours.astype(np.float32), g_theirs.astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+def _model(normalization, input_shape=(6, 6, 8)):
+    """Conv2D -> normalization -> Flatten -> Dense: Flatten and Dense build only if the static shape is known."""
+    return keras.Sequential([
+        keras.Input(input_shape),
+        keras.layers.Conv2D(8, 3, padding="same"),
+        normalization,
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+
+
+def _classification_data(seed=0, size=64, shape=(6, 6, 8)):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size)
+    x = rng.standard_normal((size,) + shape).astype("float32") + labels[:, None, None, None]
+    return x, labels
+
+
+LAYER_FACTORIES = {
+    "group": lambda **kw: ck.GroupNormalization(groups=4, **kw),
+    "instance": lambda **kw: ck.InstanceNormalization(**kw),
+    "layer": lambda **kw: ck.LayerNormalization(axis=[1, 2, 3], **kw),
+    "layer_axis1": lambda **kw: ck.LayerNormalization(axis=1, **kw),
+    "rms": lambda **kw: ck.RMSNormalization(**kw),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYER_FACTORIES))
+def test_model_fit_trains_gamma_and_beta(kind):
+    keras.utils.set_random_seed(0)
+    normalization = LAYER_FACTORIES[kind]()
+    model = _model(normalization)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    initial = [w.numpy().copy() for w in normalization.weights]
+    x, labels = _classification_data()
+    history = model.fit(x, labels, epochs=4, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    for before, variable in zip(initial, normalization.weights):
+        assert not np.allclose(before, variable.numpy()), variable.name
+    # predict and evaluate (traced, batches of 20 with a smaller last one) agree with an eager call.
+    probabilities = model.predict(x, batch_size=20, verbose=0)
+    np.testing.assert_allclose(probabilities, model(x).numpy(), rtol=1e-5, atol=1e-6)
+    expected_loss = keras.losses.SparseCategoricalCrossentropy()(labels, probabilities)
+    assert model.evaluate(x, labels, batch_size=20, verbose=0) == pytest.approx(float(expected_loss), rel=1e-5)
+
+
+def test_regularizer_losses():
+    layer = ck.GroupNormalization(groups=2, gamma_regularizer="l2", beta_regularizer=keras.regularizers.L1(0.5))
+    model = _model(layer)
+    model(np.ones((2, 6, 6, 8), "float32"))
+    assert len(model.losses) == 2
+    no_regularizer = ck.LayerNormalization(gamma_regularizer="l2")
+    _model(no_regularizer)
+    assert len(no_regularizer.losses) == 1
+
+
+def test_non_neg_constraint_holds_after_fit():
+    keras.utils.set_random_seed(0)
+    layer = ck.GroupNormalization(groups=4, gamma_initializer=keras.initializers.RandomUniform(0.0, 0.05),
+                                  beta_initializer=keras.initializers.RandomUniform(0.0, 0.05),
+                                  gamma_constraint="non_neg", beta_constraint=keras.constraints.NonNeg())
+    model = _model(layer)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="sparse_categorical_crossentropy")
+    x, labels = _classification_data()
+    model.fit(x, labels, epochs=2, batch_size=16, verbose=0)
+    assert np.all(layer.gamma.numpy() >= 0) and np.all(layer.beta.numpy() >= 0)
+    # The constraint is active: plain SGD at this rate would push some values below zero.
+    assert np.any(layer.gamma.numpy() == 0) or np.any(layer.beta.numpy() == 0)
+
+
+@pytest.mark.parametrize("kind", sorted(LAYER_FACTORIES))
+def test_get_config_round_trip(kind):
+    layer = LAYER_FACTORIES[kind](name="norm", epsilon=1e-4) if kind == "rms" else LAYER_FACTORIES[kind](
+        name="norm", epsilon=1e-4, center=False, gamma_initializer="random_uniform",
+        gamma_regularizer=keras.regularizers.L2(0.1), gamma_constraint="non_neg")
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"] == f"cynorm>{type(layer).__name__}"
+    assert keras.saving.deserialize_keras_object(serialized).get_config() == config
+
+
+def test_keras_config_loads_into_our_layers():
+    """A config written by Keras's layers builds ours (the import swap works for saved configs too)."""
+    for ours, theirs in PAIRS.values():
+        config = theirs(axis=1).get_config()
+        assert ours.from_config(config).get_config()["axis"] == config["axis"]
+
+
+def test_keras_file_save_and_load(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6, 6, 8)),
+        ck.GroupNormalization(groups=4),
+        ck.InstanceNormalization(gamma_initializer="random_uniform"),
+        ck.LayerNormalization(axis=[1, 3], beta_initializer="random_uniform"),
+        ck.RMSNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+    x = _random((4, 6, 6, 8), 0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in model.layers]
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_jit_compile_is_disabled():
+    """XLA cannot compile tf.numpy_function, so Keras must not try to."""
+    model = _model(ck.GroupNormalization(groups=4))
+    with pytest.warns(UserWarning, match="jit_compile"):
+        model.compile(loss="mse", jit_compile=True)
+    assert model.jit_compile is False
+
+
+@pytest.mark.parametrize("groups", [0, -2, 1.5, "32", True])
+def test_invalid_groups(groups):
+    with pytest.raises(ValueError, match=f"argument `groups`.*Received: groups={groups!r}"):
+        ck.GroupNormalization(groups=groups)
+
+
+@pytest.mark.parametrize("factory", [ck.GroupNormalization, ck.InstanceNormalization, ck.LayerNormalization,
+                                     ck.RMSNormalization])
+def test_batch_axis_is_rejected(factory):
+    with pytest.raises(ValueError, match="axis 0 is the batch axis"):
+        factory(axis=0)
+    layer = factory(axis=-3)
+    with pytest.raises(ValueError, match="axis 0 is the batch axis"):
+        layer.build((2, 4, 8))
+
+
+@pytest.mark.parametrize("factory", [ck.GroupNormalization, ck.LayerNormalization, ck.RMSNormalization])
+@pytest.mark.parametrize("axis", [3, -4])
+def test_axis_out_of_range(factory, axis):
+    with pytest.raises(ValueError, match=f"Axis {axis} is out of bounds for input shape"):
+        factory(axis=axis).build((2, 4, 8))
+    with pytest.raises(ValueError, match=f"Axis {axis} is out of bounds for input shape"):
+        factory(axis=axis).compute_output_shape((2, 4, 8))
+
+
+@pytest.mark.parametrize("factory", [ck.GroupNormalization, ck.LayerNormalization])
+def test_undefined_channel_dimension(factory):
+    with pytest.raises(ValueError, match="Axis -1 of input tensor should have a defined dimension"):
+        factory(axis=-1).build((None, 4, None))
+    with pytest.raises(ValueError, match="should have a defined dimension"):
+        keras.Sequential([keras.Input((4, None)), factory()])
+
+
+def test_more_groups_than_channels():
+    with pytest.raises(ValueError, match=r"Number of groups \(16\) cannot be more than the number of channels "
+                                         r"\(8\)"):
+        ck.GroupNormalization(groups=16).build((2, 4, 8))
+
+
+def test_channels_not_a_multiple_of_groups():
+    with pytest.raises(ValueError, match=r"Number of groups \(3\) must be a multiple of the number of channels "
+                                         r"\(8\)"):
+        ck.GroupNormalization(groups=3).build((2, 4, 8))
+
+
+@pytest.mark.parametrize("axis", [[1, 1], [2, -1]])
+def test_duplicate_axes(axis):
+    layer_shape = (2, 4, 8)
+    with pytest.raises(ValueError, match="Duplicate axis"):
+        ck.LayerNormalization(axis=axis).build(layer_shape)
+
+
+@pytest.mark.parametrize("axis", [1.0, "1", [1, None], None])
+def test_axis_of_wrong_type(axis):
+    with pytest.raises(TypeError, match="argument 'axis'"):
+        ck.LayerNormalization(axis=axis)
+
+
+def test_group_normalization_axis_of_wrong_type():
+    with pytest.raises(ValueError, match="argument `axis`"):
+        ck.GroupNormalization(axis=[1, 2])
+
+
+@pytest.fixture
+def deterministic_ops():
+    # TensorFlow has no public switch back; on CPU, deterministic ops only forbid a few unused kernels.
+    tf.config.experimental.enable_op_determinism()
+
+
+@pytest.mark.slow
+def test_tutorial_models_reach_90_percent_on_digits(deterministic_ops):
+    data = keras_tutorial.load_digits()
+    assert data[0][0].shape[1:] == data[1][0].shape[1:] == (28, 28)
+    for model_name in keras_tutorial.MODEL_NAMES:
+        result = keras_tutorial.train_and_evaluate(model_name, "cynorm", data, epochs=2, seed=0)
+        assert result["accuracy"] >= 0.9, (model_name, result)
+
+
+@pytest.mark.slow
+def test_tutorial_command_line(capsys, monkeypatch, deterministic_ops):
+    """main() trains a model with both implementations and prints a row with both accuracies and times."""
+    small = keras_tutorial.load_digits(test_fraction=0.9)
+    monkeypatch.setitem(keras_tutorial.DATASETS, "digits", lambda: small)
+    monkeypatch.setattr(keras_tutorial, "MODEL_NAMES", ("InstanceNormalization",))
+    assert keras_tutorial.main(["--epochs", "1", "--batch-size", "64"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split()[0] for row in rows] == list(keras_tutorial.MODEL_NAMES)
+    for row in rows:
+        ours_accuracy, keras_accuracy, ours_seconds, keras_seconds = map(float, row.split()[1:])
+        # Same seed, same model and (up to rounding) the same arithmetic: the same predictions, nearly.
+        assert abs(ours_accuracy - keras_accuracy) <= 0.05
+        assert ours_seconds > 0 and keras_seconds > 0

@@ -1,0 +1,263 @@
+"""The benchmark code: the shape table, the timing loop, `cynorm bench` end to end and the asv suite."""
+import importlib
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cynorm
+from cynorm import benchmarks as bench
+from cynorm import slow
+
+ASV_DIR = pathlib.Path(__file__).resolve().parents[1] / "asv_bench"
+ASV_MODULES = ("bench_cynorm", "bench_torch", "bench_keras", "bench_reference")
+
+# Every operation and layout, small enough for a test.
+TINY_CASES = (
+    bench.Case("group_norm", (2, 8, 4, 4), bench.CHANNELS_LAST, num_groups=4, quick=True),
+    bench.Case("instance_norm", (2, 3, 4, 4), bench.CHANNELS_FIRST, quick=True),
+    bench.Case("layer_norm", (3, 5, 4), bench.MIDDLE_AXIS, quick=True),
+    bench.Case("rms_norm", (4, 16), bench.LAST_AXIS, quick=True),
+)
+
+
+def _usable_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_settings():
+    """Contenders set cynorm's and torch's process-wide thread counts: put them back for the other tests."""
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch else None
+    with cynorm.num_threads(None):
+        yield
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+
+
+@pytest.fixture
+def fast_timing(monkeypatch):
+    monkeypatch.setattr(bench, "MIN_SAMPLE_SECONDS", 0.0)
+    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
+
+
+def _reference_forward(case, workload):
+    groups = (case.num_groups,) if case.operation == "group_norm" else ()
+    params = (workload.weight,) if case.operation == "rms_norm" else (workload.weight, workload.bias)
+    return getattr(slow, case.operation)(workload.x, *groups, *params, axis=case.axis, eps=bench.EPS)
+
+
+# --- the shape table ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", bench.SHAPE_TABLE, ids=lambda case: case.label)
+def test_table_case_is_consistent(case):
+    assert case.operation in bench.OPERATIONS
+    assert case.layout in bench.LAYOUTS[case.operation]
+    assert all(isinstance(n, int) and n > 0 for n in case.shape)
+    assert sorted(case.array_shape) == sorted(case.shape)
+    assert case.param_shape == (case.array_shape[case.axis],)
+    if case.operation in ("group_norm", "instance_norm"):
+        assert len(case.shape) >= 3, "needs spatial axes"
+        assert case.param_shape == (case.shape[1],)
+    if case.operation == "group_norm":
+        assert case.num_groups > 0 and case.shape[1] % case.num_groups == 0
+    else:
+        assert case.num_groups is None
+    if case.layout == bench.MIDDLE_AXIS:
+        assert len(case.shape) >= 3, "the middle axis must not be the last"
+
+
+def test_table_has_unique_cases_covering_every_operation_and_layout():
+    labels = [case.label for case in bench.SHAPE_TABLE]
+    assert len(labels) == len(set(labels))
+    assert {(case.operation, case.layout) for case in bench.SHAPE_TABLE} == {
+        (operation, layout) for operation, layouts in bench.LAYOUTS.items() for layout in layouts}
+    assert {case.operation for case in bench.SHAPE_TABLE if case.quick} == set(bench.OPERATIONS)
+
+
+def test_find_case():
+    case = bench.SHAPE_TABLE[0]
+    assert bench.find_case(case.operation, list(case.shape), case.layout) is case
+    assert bench.find_case("layer_norm", (4, 64), bench.MIDDLE_AXIS) is None
+
+
+def test_workload_is_seeded_and_shaped_like_the_case():
+    case = TINY_CASES[0]
+    first, second = bench.make_workload(case, "float16"), bench.make_workload(case, "float16")
+    np.testing.assert_array_equal(first.x, second.x)
+    assert first.x.shape == first.dy.shape == case.array_shape and first.x.dtype == np.float16
+    assert first.x.flags.c_contiguous
+    assert first.weight.shape == first.bias.shape == case.param_shape
+
+
+# --- contenders ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cynorm", "torch", "keras", "reference"])
+def test_contender_computes_the_case_operation(name):
+    """Every contender normalizes the same axes of the same data: the table's layouts reach each peer right."""
+    contender = bench.CONTENDERS[name]
+    try:
+        contender.check()
+    except bench.PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    for case in TINY_CASES:
+        workload = bench.make_workload(case, "float32")
+        runner = contender.prepare(workload, _usable_cpus())
+        y = runner.to_array(runner.forward())
+        np.testing.assert_allclose(y, _reference_forward(case, workload), rtol=1e-4, atol=1e-4, err_msg=case.label)
+
+
+def test_roofline_copy_copies_x(monkeypatch):
+    workload = bench.make_workload(TINY_CASES[0])
+    contender = bench.CONTENDERS["copy"]
+    copies = [contender.prepare(workload, 2).forward()]  # torch's copy_ where torch is installed
+    monkeypatch.setitem(sys.modules, "torch", None)
+    copies.append(contender.prepare(workload, 2).forward())  # NumPy slices on a thread pool
+    for copied in copies:
+        np.testing.assert_array_equal(np.asarray(copied).reshape(workload.x.shape), workload.x)
+
+
+# --- timing and summary --------------------------------------------------------------------------------------
+
+def test_time_interleaved_rotates_the_order_and_collects_every_sample(fast_timing, monkeypatch):
+    monkeypatch.setattr(bench, "REWARM_BELOW_SECONDS", 0.0)
+    log = []
+    functions = {name: (lambda name=name: log.append(name)) for name in "abc"}
+    timings = bench.time_interleaved(functions, repeat=4)
+    assert log[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up, then one call per sample
+    assert log[6:] == list("abc" "bca" "cab" "abc")
+    for timing in timings.values():
+        assert len(timing["samples"]) == 4 and timing["calls_per_sample"] == 1
+        assert timing["min"] <= timing["median"]
+
+
+def test_summarize_derives_speedups_bandwidth_and_roofline_from_the_medians():
+    case = bench.SHAPE_TABLE[0]
+    medians = {"cynorm": 2e-3, "torch": 3e-3, "cynorm.torch": 2.5e-3, "copy": 1e-3}
+    timings = {name: {"median": s, "min": s, "samples": [s], "calls_per_sample": 1} for name, s in medians.items()}
+    row = bench.summarize(case, "float32", "training_step", timings, bench.CONTENDERS)
+    assert row["speedup"] == pytest.approx({"cynorm vs torch": 1.5, "cynorm.torch vs torch": 1.2})
+    passes = bench.ARRAY_PASSES["training_step"]
+    assert row["gb_per_s"] == pytest.approx(passes * math.prod(case.shape) * 4 / 2e-3 / 1e9)
+    assert row["roofline_fraction"] == pytest.approx(1e-3 * passes / bench.ARRAY_PASSES["forward"] / 2e-3)
+    assert row["median_ms"]["torch"] == pytest.approx(3.0)
+
+
+# --- `cynorm bench` -----------------------------------------------------------------------------------------
+
+def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys, fast_timing):
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    status = bench.main(["--quick", "--repeat", "1", "--threads", "1", "--peers", "torch,reference",
+                         "--json", str(json_path), "--plot", str(png_path), "--no-progress"], cases=TINY_CASES)
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "CPU:" in out and "cynorm ms" in out and "roofline" in out
+    result = json.loads(json_path.read_text())
+    assert result["machine"]["threads"] == 1 and result["repeat"] == 1
+    assert "numpy" in result["machine"]["versions"]
+    rows = result["results"]
+    assert [(row["operation"], row["direction"]) for row in rows] == [
+        (case.operation, direction) for case in TINY_CASES for direction in bench.DIRECTIONS]
+    expected = {"cynorm", "reference", "copy"} | ({"torch"} if "torch" in result["machine"]["contenders"] else set())
+    for row in rows:
+        assert set(row["median_ms"]) == expected
+        assert all(ms > 0 for ms in row["median_ms"].values())
+        assert row["roofline_fraction"] > 0 and row["gb_per_s"] > 0
+    assert png_path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_bench_skips_missing_peers_and_progress_bar_with_a_message(tmp_path, capsys, monkeypatch, fast_timing):
+    for module in ("torch", "tensorflow", "tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import torch` now raises ImportError
+    json_path = tmp_path / "bench.json"
+    status = bench.main(["--ops", "layer_norm", "--quick", "--repeat", "1", "--threads", "1", "--markdown",
+                         "--peers", "torch,keras", "--json", str(json_path)], cases=TINY_CASES)
+    assert status == 0
+    captured = capsys.readouterr()
+    assert "skipping torch: torch is not installed" in captured.err
+    assert "skipping keras: tensorflow is not installed" in captured.err
+    assert "install tqdm to see progress" in captured.err
+    assert "| operation |" in captured.out and "torch ms" not in captured.out
+    result = json.loads(json_path.read_text())
+    assert set(result["machine"]["contenders"]) == {"cynorm", "copy"}
+    assert "NumPy" in result["machine"]["contenders"]["copy"]
+    assert {row["operation"] for row in result["results"]} == {"layer_norm"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "batch_norm"], "unknown operation batch_norm"),
+    (["--peers", "onnx"], "unknown peer onnx"),
+    (["--repeat", "0"], "must be a positive integer"),
+])
+def test_bench_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(argv, cases=TINY_CASES)
+    assert message in capsys.readouterr().err
+
+
+def test_bench_rejects_a_selection_without_cases(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--ops", "rms_norm"], cases=TINY_CASES[:1])
+    assert "no case of the table matches" in capsys.readouterr().err
+
+
+def test_import_does_not_load_the_frameworks_or_the_plotting():
+    code = ("import sys, cynorm, cynorm.benchmarks; "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'matplotlib', 'tqdm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# --- the asv suite ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def asv_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(ASV_DIR))
+    for name in [name for name in sys.modules if name == "benchmarks" or name.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return {name: importlib.import_module(f"benchmarks.{name}") for name in ASV_MODULES}
+
+
+def _asv_classes(module):
+    return [value for name, value in vars(module).items() if isinstance(value, type) and not name.startswith("_")]
+
+
+def test_asv_classes_cover_the_table(asv_modules):
+    for module in asv_modules.values():
+        classes = _asv_classes(module)
+        assert sorted(cls.operation for cls in classes) == sorted(bench.OPERATIONS)
+        for cls in classes:
+            assert cls.__module__ == module.__name__ and cls.__doc__
+            assert cls.param_names == ["shape", "layout", "dtype", "threads"]
+            shapes, layouts = cls.params[0], cls.params[1]
+            for case in bench.SHAPE_TABLE:
+                if case.operation == cls.operation:
+                    assert case.shape in shapes and case.layout in layouts
+
+
+@pytest.mark.parametrize("module_name", ASV_MODULES)
+def test_asv_setup_runs_for_one_parameter_set(asv_modules, module_name):
+    module = asv_modules[module_name]
+    benchmark = next(cls for cls in _asv_classes(module) if cls.operation == "layer_norm")()
+    threads = _usable_cpus() if module_name == "bench_keras" else 1  # TensorFlow's pool is fixed once it runs
+    try:
+        benchmark.setup((4, 64), bench.LAST_AXIS, "float32", threads)
+    except NotImplementedError as exc:
+        pytest.skip(str(exc))
+    benchmark.time_forward()
+    benchmark.time_backward()
+    benchmark.peakmem_forward()
+
+
+def test_asv_setup_skips_missing_peers_and_cases_outside_the_table(asv_modules, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(NotImplementedError, match="torch is not installed"):
+        asv_modules["bench_torch"].TorchLayerNorm().setup((4, 64), bench.LAST_AXIS, "float32", 1)
+    with pytest.raises(NotImplementedError, match="not in cynorm's shape table"):
+        asv_modules["bench_cynorm"].LayerNorm().setup((4, 64), bench.MIDDLE_AXIS, "float32", 1)

@@ -34,6 +34,12 @@ cdef extern from *:
     static int omp_get_max_threads(void) { return 1; }
     #endif
 
+    #if defined(__GNUC__)
+    #define cynorm_prefetch(address) __builtin_prefetch((address), 0, 3)
+    #else
+    #define cynorm_prefetch(address) ((void)(address))
+    #endif
+
     /* 0: baseline, 3: x86-64-v3 (AVX2, FMA), 4: x86-64-v4 (AVX-512); libgcc also checks the OS saves the
        wider registers. */
     static int cynorm_cpu_level(void) {
@@ -48,9 +54,11 @@ cdef extern from *:
     bint CYNORM_HAVE_OPENMP
     int omp_get_max_threads() noexcept nogil
     int cynorm_cpu_level() noexcept nogil
+    void cynorm_prefetch(const void* address) noexcept nogil
 
 cdef enum:
     # Independent partial sums per reduction: the compiler vectorizes across them, the order stays fixed.
+    # lanes_total spells out the tree for exactly 32.
     LANES = 32
     # Elements of a row whose moments are computed while they sit in L1, before merging.
     CHUNK = 4096
@@ -61,6 +69,8 @@ cdef enum:
     # Columns view: samples are processed in batches of about this many elements, small enough that a batch
     # read for its statistics is still in the last-level cache when it is normalized.
     BATCH_ELEMS = 1048576
+    # Normalization loops prefetch the next row in blocks of this many elements.
+    PREFETCH_BLOCK = 256
     # Rows backward: samples are grouped into blocks of about this many elements for dweight/dbias.
     BLOCK_ELEMS = 65536
 
@@ -86,29 +96,36 @@ ctypedef fused accumulator:
     double
 
 
-cdef inline double lanes_total(accumulator* lanes) noexcept nogil:
-    """Sum of the lanes as a fixed pairwise tree (clobbers them): short, vectorizable, order-independent of
-    the vector width."""
-    cdef int j, width = LANES // 2
-    while width > 0:
-        for j in range(width):
-            lanes[j] += lanes[j + width]
-        width //= 2
-    return lanes[0]
+cdef inline double lanes_total(accumulator* lanes, accumulator tail) noexcept nogil:
+    """Sum of the LANES lanes as a fixed pairwise tree (clobbering them), plus the tail.
+
+    Constant bounds and indices everywhere, here and in the loops that fill the lanes (the tail goes to its
+    own scalar), let the compiler keep the lanes in vector registers."""
+    cdef int j
+    for j in range(16):
+        lanes[j] += lanes[j + 16]
+    for j in range(8):
+        lanes[j] += lanes[j + 8]
+    for j in range(4):
+        lanes[j] += lanes[j + 4]
+    for j in range(2):
+        lanes[j] += lanes[j + 2]
+    return (<double>lanes[0] + <double>lanes[1]) + <double>tail
 
 
 cdef inline void moments_in_lanes(const floating* x,      # IN (m,)
                                   Py_ssize_t m,
                                   bint centered,
-                                  accumulator* s1,         # scratch (LANES,)
-                                  accumulator* s2,         # scratch (LANES,)
+                                  accumulator precision,   # selects the type the lanes sum in
                                   double* mean,            # OUT
                                   double* m2) noexcept nogil:  # OUT sum of squared deviations
-    """Mean and M2 of m <= CHUNK cache-resident values, summed in `accumulator` lanes.
+    """Mean and M2 of m <= CHUNK cache-resident values, summed in lanes of the `accumulator` type.
 
     The first pass only finds a rough centre; the second sums deviations from it, which are small, and the
     S1²/m term corrects for the centre's own error."""
-    cdef accumulator centre = 0
+    cdef accumulator s1[LANES]
+    cdef accumulator s2[LANES]
+    cdef accumulator centre = 0, tail1 = 0, tail2 = 0
     cdef accumulator d
     cdef Py_ssize_t i, step, body = m - m % LANES
     cdef int j
@@ -121,8 +138,9 @@ cdef inline void moments_in_lanes(const floating* x,      # IN (m,)
             for j in range(LANES):
                 s1[j] += x[i + j]
         for i in range(body, m):
-            s1[i - body] += x[i]
-        centre = <accumulator>(lanes_total(s1) / m)
+            tail1 += x[i]
+        centre = <accumulator>(lanes_total(s1, tail1) / m)
+        tail1 = 0
     for j in range(LANES):
         s1[j] = 0
         s2[j] = 0
@@ -134,10 +152,10 @@ cdef inline void moments_in_lanes(const floating* x,      # IN (m,)
             s2[j] += d * d
     for i in range(body, m):
         d = x[i] - centre
-        s1[i - body] += d
-        s2[i - body] += d * d
-    t1 = lanes_total(s1)
-    t2 = lanes_total(s2)
+        tail1 += d
+        tail2 += d * d
+    t1 = lanes_total(s1, tail1)
+    t2 = lanes_total(s2, tail2)
     if centered:
         mean[0] = centre + t1 / m
         m2[0] = t2 - t1 * t1 / m
@@ -152,14 +170,12 @@ cdef inline void chunk_moments(const floating* x, Py_ssize_t m, bint centered,
                                double* mean, double* m2) noexcept nogil:  # OUT
     """Moments of a chunk in lanes of the input's precision; float lanes overflow once squares pass
     ~3e38, so such a chunk (or one holding a NaN or Inf) is summed again in double."""
-    cdef floating s1[LANES]
-    cdef floating s2[LANES]
-    cdef double wide1[LANES]
-    cdef double wide2[LANES]
-    moments_in_lanes(x, m, centered, s1, s2, mean, m2)
+    cdef floating same_precision = 0
+    cdef double wide = 0
+    moments_in_lanes(x, m, centered, same_precision, mean, m2)
     if floating is float:
         if not (isfinite(mean[0]) and isfinite(m2[0])):
-            moments_in_lanes(x, m, centered, wide1, wide2, mean, m2)
+            moments_in_lanes(x, m, centered, wide, mean, m2)
 
 
 cdef inline void merge_moments(double* count, double* mean, double* m2,   # INOUT running moments
@@ -267,37 +283,52 @@ cdef inline Py_ssize_t samples_per_batch(Py_ssize_t sample_size) noexcept nogil:
 # Normalization
 # ---------------------------------------------------------------------------------------------------------
 
+cdef inline void prefetch_lines(const void* start, Py_ssize_t nbytes) noexcept nogil:
+    cdef const char* p = <const char*>start
+    cdef Py_ssize_t line
+    for line in range((nbytes + 63) // 64):
+        cynorm_prefetch(p + 64 * line)
+
+
 cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT: one row
                                      Py_ssize_t start, Py_ssize_t stop, Py_ssize_t inner,
                                      const floating* weight, const floating* bias,  # the row's channels
-                                     double mean, double rstd) noexcept nogil:
+                                     double mean, double rstd,
+                                     Py_ssize_t ahead) noexcept nogil:
     """y = (x - mean) * rstd * weight[c] + bias[c] on elements [start, stop) of a row (channel c holds
-    `inner` consecutive elements)."""
+    `inner` consecutive elements).
+
+    Meanwhile it prefetches the elements `ahead` further on (the next row's), so that reading the next row
+    from memory overlaps with writing this one."""
     # float32 cannot hold a large mean exactly: subtract it as a high and a low part.
     cdef floating mean_hi = <floating>mean
     cdef floating mean_lo = <floating>(mean - <double>mean_hi)
     cdef floating rs = <floating>rstd
-    cdef floating scale, shift
-    cdef Py_ssize_t i, c, lo, hi
-    if inner == 1:
-        for i in range(start, stop):
-            y[i] = ((x[i] - mean_hi) - mean_lo) * rs * weight[i] + bias[i]
-        return
-    c = start // inner
-    while c * inner < stop:
-        lo = max(start, c * inner)
-        hi = min(stop, (c + 1) * inner)
-        scale = <floating>(rstd * weight[c])
-        shift = bias[c]
-        for i in range(lo, hi):
-            y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift
-        c += 1
+    cdef floating scale = rs, shift = 0
+    cdef Py_ssize_t i, c, segment_stop, block_stop
+    cdef Py_ssize_t block_start = start
+    while block_start < stop:
+        block_stop = min(block_start + PREFETCH_BLOCK, stop)
+        prefetch_lines(x + block_start + ahead, (block_stop - block_start) * sizeof(floating))
+        if inner == 1:
+            for i in range(block_start, block_stop):
+                y[i] = ((x[i] - mean_hi) - mean_lo) * rs * weight[i] + bias[i]
+        else:
+            c = block_start // inner
+            while c * inner < block_stop:
+                scale = <floating>(rstd * weight[c])
+                shift = <floating>(bias[c] - mean_lo * (rstd * weight[c]))
+                segment_stop = min(block_stop, (c + 1) * inner)
+                for i in range(max(block_start, c * inner), segment_stop):
+                    y[i] = (x[i] - mean_hi) * scale + shift
+                c += 1
+        block_start = block_stop
 
 
 cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (rows, n_cols)
                                 Py_ssize_t rows, Py_ssize_t n_cols,
-                                const floating* mean_hi, const floating* mean_lo,  # (n_cols,) per column
-                                const floating* scale, const floating* shift,      # (n_cols,) per column
+                                const floating* mean_hi,                     # (n_cols,) per column
+                                const floating* scale, const floating* shift,  # (n_cols,) per column
                                 bint affine_per_row,
                                 const floating* row_weight, const floating* row_bias) noexcept nogil:
     cdef Py_ssize_t a, col
@@ -311,10 +342,10 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (row
             w = row_weight[a]
             b = row_bias[a]
             for col in range(n_cols):
-                yr[col] = (((xr[col] - mean_hi[col]) - mean_lo[col]) * scale[col] + shift[col]) * w + b
+                yr[col] = ((xr[col] - mean_hi[col]) * scale[col] + shift[col]) * w + b
         else:
             for col in range(n_cols):
-                yr[col] = ((xr[col] - mean_hi[col]) - mean_lo[col]) * scale[col] + shift[col]
+                yr[col] = (xr[col] - mean_hi[col]) * scale[col] + shift[col]
 
 
 def _float_dtype(floating[::1] like):
@@ -347,7 +378,7 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
             rstd[r] = inverse_std(m2, length, eps)
             first_channel = (r % groups) * chans_per_group
             normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
-                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r])
+                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r], length)
         return
     # Fewer rows than threads: the same chunks, computed in parallel and merged in the same order.
     chunks = (length + CHUNK - 1) // CHUNK
@@ -373,7 +404,7 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
             start = (u % chunks) * CHUNK
             first_channel = (r % groups) * chans_per_group
             normalize_row_range(&x[r * length], &y[r * length], start, min(start + CHUNK, length), inner,
-                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r])
+                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r], 0)
 
 
 def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_cols,)
@@ -393,16 +424,16 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     cdef Py_ssize_t batch_index, first, batch_size, u, n, t, g, s, col, channel, a0, offset
     cdef double count, running_mean, m2
     cdef double[::1] tile_stats
-    cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_scale, column_shift
+    cdef floating[:, ::1] column_mean_hi, column_scale, column_shift
+    cdef double mean_lo, scale
     cdef double[:, ::1] scratch
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
     dtype = _float_dtype(y)
     tile_stats = np.empty(2 * n_samples * tiles * groups)
     column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
-    column_mean_lo = np.empty((n_samples, n_cols), dtype=dtype)
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
-    column_shift = np.zeros((n_samples, n_cols), dtype=dtype)
+    column_shift = np.empty((n_samples, n_cols), dtype=dtype)
     scratch = np.empty((num_threads, 3 * n_cols))   # room for double sums, which float input may need
     with nogil, parallel(num_threads=num_threads):
         # A batch of samples is normalized right after its statistics, while it is still in the last-level
@@ -430,20 +461,23 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                 rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps)
                 for col in range(g * cols_per_group, (g + 1) * cols_per_group):
                     column_mean_hi[n, col] = <floating>running_mean
-                    column_mean_lo[n, col] = <floating>(running_mean - <double>column_mean_hi[n, col])
+                    # the low part of the mean goes into the shift: y = (x - mean_hi) * scale + shift
+                    mean_lo = running_mean - <double>column_mean_hi[n, col]
                     if affine_per_row:
-                        column_scale[n, col] = <floating>rstd[s]
+                        scale = rstd[s]
+                        column_shift[n, col] = <floating>(-mean_lo * scale)
                     else:
                         channel = col // cols_per_channel
-                        column_scale[n, col] = <floating>(rstd[s] * weight[channel])
-                        column_shift[n, col] = bias[channel]
+                        scale = rstd[s] * weight[channel]
+                        column_shift[n, col] = <floating>(bias[channel] - mean_lo * scale)
+                    column_scale[n, col] = <floating>scale
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
                 n = u // tiles
                 a0 = (u % tiles) * tile_rows
                 offset = (n * n_rows + a0) * n_cols
                 normalize_tile(&x[offset], &y[offset], min(tile_rows, n_rows - a0), n_cols,
-                               &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_scale[n, 0],
-                               &column_shift[n, 0], affine_per_row,
+                               &column_mean_hi[n, 0], &column_scale[n, 0], &column_shift[n, 0],
+                               affine_per_row,
                                &weight[a0] if affine_per_row else &weight[0],
                                &bias[a0] if affine_per_row else &bias[0])
 
@@ -457,36 +491,50 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
 #   dx = (rstd * weight) * dy + coef_x * (x - mean) + coef_0.
 # ---------------------------------------------------------------------------------------------------------
 
-cdef inline void segment_gradient_sums(const floating* dy, const floating* x, Py_ssize_t m,
-                                       floating mean_hi, floating mean_lo, floating rs,
-                                       double* sum_dy, double* sum_dy_xhat) noexcept nogil:
-    """OUT sum(dy), sum(dy * xhat) over m consecutive elements, in CHUNK blocks of float lanes."""
+cdef inline void gradient_sums(const floating* dy, const floating* x,   # IN (m,)
+                               const floating* weight,                 # IN (m,) or NULL for all ones
+                               Py_ssize_t m, floating mean_hi, floating mean_lo, floating rs,
+                               double* sum_g, double* sum_g_xhat) noexcept nogil:
+    """OUT sum(g), sum(g * xhat) with g = weight * dy over m consecutive elements: float lanes within
+    CHUNK-sized blocks, blocks added in double."""
     cdef floating s1[LANES]
     cdef floating s2[LANES]
-    cdef floating xhat
+    cdef floating xhat, g, tail1, tail2
     cdef Py_ssize_t start, i, end, body, step, block
     cdef int j
-    sum_dy[0] = 0
-    sum_dy_xhat[0] = 0
+    sum_g[0] = 0
+    sum_g_xhat[0] = 0
     for step in range((m + CHUNK - 1) // CHUNK):
         start = step * CHUNK
         end = min(start + CHUNK, m)
         body = end - (end - start) % LANES
+        tail1 = 0
+        tail2 = 0
         for j in range(LANES):
             s1[j] = 0
             s2[j] = 0
-        for block in range((body - start) // LANES):
-            i = start + block * LANES
-            for j in range(LANES):
-                xhat = ((x[i + j] - mean_hi) - mean_lo) * rs
-                s1[j] += dy[i + j]
-                s2[j] += dy[i + j] * xhat
+        if weight == NULL:
+            for block in range((body - start) // LANES):
+                i = start + block * LANES
+                for j in range(LANES):
+                    xhat = ((x[i + j] - mean_hi) - mean_lo) * rs
+                    s1[j] += dy[i + j]
+                    s2[j] += dy[i + j] * xhat
+        else:
+            for block in range((body - start) // LANES):
+                i = start + block * LANES
+                for j in range(LANES):
+                    xhat = ((x[i + j] - mean_hi) - mean_lo) * rs
+                    g = weight[i + j] * dy[i + j]
+                    s1[j] += g
+                    s2[j] += g * xhat
         for i in range(body, end):
             xhat = ((x[i] - mean_hi) - mean_lo) * rs
-            s1[i - body] += dy[i]
-            s2[i - body] += dy[i] * xhat
-        sum_dy[0] += lanes_total(s1)
-        sum_dy_xhat[0] += lanes_total(s2)
+            g = dy[i] if weight == NULL else weight[i] * dy[i]
+            tail1 += g
+            tail2 += g * xhat
+        sum_g[0] += lanes_total(s1, tail1)
+        sum_g_xhat[0] += lanes_total(s2, tail2)
 
 
 cdef inline void backward_row(const floating* dy, const floating* x, floating* dx,  # one row
@@ -498,55 +546,36 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
     cdef floating mean_lo = <floating>(mean - <double>mean_hi)
     cdef floating rs = <floating>rstd
     cdef floating xhat, coef_x, coef_0, scale
-    cdef floating g1[LANES]
-    cdef floating g2[LANES]
     cdef double sum_g = 0, sum_g_xhat = 0, sum_dy, sum_dy_xhat, k1, k2
-    cdef Py_ssize_t c, i, start, end, body, step, block, channels = length // inner
-    cdef int j
+    cdef Py_ssize_t c, i, channels = length // inner
     if inner == 1:
+        # one element per channel: the parameter sums are per element, the row sums weighted
         for i in range(length):
             xhat = ((x[i] - mean_hi) - mean_lo) * rs
             dweight_acc[i] += dy[i] * xhat
             dbias_acc[i] += dy[i]
-        for step in range((length + CHUNK - 1) // CHUNK):
-            start = step * CHUNK
-            end = min(start + CHUNK, length)
-            body = end - (end - start) % LANES
-            for j in range(LANES):
-                g1[j] = 0
-                g2[j] = 0
-            for block in range((body - start) // LANES):
-                i = start + block * LANES
-                for j in range(LANES):
-                    xhat = ((x[i + j] - mean_hi) - mean_lo) * rs
-                    g1[j] += weight[i + j] * dy[i + j]
-                    g2[j] += weight[i + j] * dy[i + j] * xhat
-            for i in range(body, end):
-                xhat = ((x[i] - mean_hi) - mean_lo) * rs
-                g1[i - body] += weight[i] * dy[i]
-                g2[i - body] += weight[i] * dy[i] * xhat
-            sum_g += lanes_total(g1)
-            sum_g_xhat += lanes_total(g2)
+        gradient_sums(dy, x, weight, length, mean_hi, mean_lo, rs, &sum_g, &sum_g_xhat)
     else:
         for c in range(channels):
-            segment_gradient_sums(dy + c * inner, x + c * inner, inner, mean_hi, mean_lo, rs,
-                                  &sum_dy, &sum_dy_xhat)
+            gradient_sums(dy + c * inner, x + c * inner, NULL, inner, mean_hi, mean_lo, rs,
+                          &sum_dy, &sum_dy_xhat)
             dweight_acc[c] += sum_dy_xhat
             dbias_acc[c] += sum_dy
             sum_g += weight[c] * sum_dy
             sum_g_xhat += weight[c] * sum_dy_xhat
     k1 = sum_g / length if centered else 0.0
     k2 = sum_g_xhat / length
+    # the low part of the mean goes into the constant: dx = scale * dy + coef_x * (x - mean_hi) + coef_0
     coef_x = <floating>(-rstd * rstd * k2)
-    coef_0 = <floating>(-rstd * k1)
+    coef_0 = <floating>(-rstd * k1 + rstd * rstd * k2 * mean_lo)
     if inner == 1:
         for i in range(length):
-            dx[i] = rs * weight[i] * dy[i] + coef_x * ((x[i] - mean_hi) - mean_lo) + coef_0
+            dx[i] = rs * weight[i] * dy[i] + coef_x * (x[i] - mean_hi) + coef_0
         return
     for c in range(channels):
         scale = <floating>(rstd * weight[c])
         for i in range(c * inner, (c + 1) * inner):
-            dx[i] = scale * dy[i] + coef_x * ((x[i] - mean_hi) - mean_lo) + coef_0
+            dx[i] = scale * dy[i] + coef_x * (x[i] - mean_hi) + coef_0
 
 
 def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
@@ -737,7 +766,7 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
     cdef floating* s2 = scratch + n_cols
     cdef floating l1[LANES]
     cdef floating l2[LANES]
-    cdef floating xhat, v, d
+    cdef floating xhat, v, d, tail1, tail2
     cdef Py_ssize_t a, col, step, body = n_cols - n_cols % LANES
     cdef const floating* dyr
     cdef const floating* xr
@@ -753,6 +782,8 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
                 s2[col] += dyr[col] * xhat
             continue
         v = row_weight[a]
+        tail1 = 0
+        tail2 = 0
         for j in range(LANES):
             l1[j] = 0
             l2[j] = 0
@@ -770,10 +801,10 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
             d = dyr[col]
             s1[col] += v * d
             s2[col] += v * d * xhat
-            l1[col - body] += d * xhat
-            l2[col - body] += d
-        row_dy_xhat[a] = lanes_total(l1)
-        row_dy[a] = lanes_total(l2)
+            tail1 += d * xhat
+            tail2 += d
+        row_dy_xhat[a] = lanes_total(l1, tail1)
+        row_dy[a] = lanes_total(l2, tail2)
     for col in range(n_cols):
         out[col] = s1[col]
         out[n_cols + col] = s2[col]

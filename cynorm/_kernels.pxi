@@ -32,12 +32,7 @@ cdef extern from *:
     #else
     #define CYNORM_HAVE_OPENMP 0
     static int omp_get_max_threads(void) { return 1; }
-    #endif
-
-    #if defined(__GNUC__)
-    #define cynorm_prefetch(address) __builtin_prefetch((address), 0, 3)
-    #else
-    #define cynorm_prefetch(address) ((void)(address))
+    static int omp_get_num_threads(void) { return 1; }
     #endif
 
     /* 0: baseline, 3: x86-64-v3 (AVX2, FMA), 4: x86-64-v4 (AVX-512); libgcc also checks the OS saves the
@@ -53,8 +48,8 @@ cdef extern from *:
     """
     bint CYNORM_HAVE_OPENMP
     int omp_get_max_threads() noexcept nogil
+    int omp_get_num_threads() noexcept nogil
     int cynorm_cpu_level() noexcept nogil
-    void cynorm_prefetch(const void* address) noexcept nogil
 
 cdef enum:
     # Independent partial sums per reduction: the compiler vectorizes across them, the order stays fixed.
@@ -69,8 +64,6 @@ cdef enum:
     # Columns view: samples are processed in batches of about this many elements, small enough that a batch
     # read for its statistics is still in the last-level cache when it is normalized.
     BATCH_ELEMS = 1048576
-    # Normalization loops prefetch the next row in blocks of this many elements.
-    PREFETCH_BLOCK = 256
     # Rows backward: samples are grouped into blocks of about this many elements for dweight/dbias.
     BLOCK_ELEMS = 65536
 
@@ -113,34 +106,31 @@ cdef inline double lanes_total(accumulator* lanes, accumulator tail) noexcept no
     return (<double>lanes[0] + <double>lanes[1]) + <double>tail
 
 
-cdef inline void moments_in_lanes(const floating* x,      # IN (m,)
-                                  Py_ssize_t m,
-                                  bint centered,
-                                  accumulator precision,   # selects the type the lanes sum in
-                                  double* mean,            # OUT
-                                  double* m2) noexcept nogil:  # OUT sum of squared deviations
-    """Mean and M2 of m <= CHUNK cache-resident values, summed in lanes of the `accumulator` type.
-
-    The first pass only finds a rough centre; the second sums deviations from it, which are small, and the
-    S1²/m term corrects for the centre's own error."""
-    cdef accumulator s1[LANES]
-    cdef accumulator s2[LANES]
-    cdef accumulator centre = 0, tail1 = 0, tail2 = 0
-    cdef accumulator d
+cdef inline double lanes_mean(const floating* x, Py_ssize_t m, accumulator precision) noexcept nogil:
+    """Mean of m values, summed in `accumulator` lanes."""
+    cdef accumulator s[LANES]
+    cdef accumulator tail = 0
     cdef Py_ssize_t i, step, body = m - m % LANES
     cdef int j
-    cdef double t1, t2
-    if centered:
+    for j in range(LANES):
+        s[j] = 0
+    for step in range(body // LANES):
+        i = step * LANES
         for j in range(LANES):
-            s1[j] = 0
-        for step in range(body // LANES):
-            i = step * LANES
-            for j in range(LANES):
-                s1[j] += x[i + j]
-        for i in range(body, m):
-            tail1 += x[i]
-        centre = <accumulator>(lanes_total(s1, tail1) / m)
-        tail1 = 0
+            s[j] += x[i + j]
+    for i in range(body, m):
+        tail += x[i]
+    return lanes_total(s, tail) / m
+
+
+cdef inline void centred_sums(const floating* x, Py_ssize_t m, accumulator centre,
+                              double* sum_d, double* sum_d2) noexcept nogil:
+    """OUT sums of d = x - centre and of d², in `accumulator` lanes."""
+    cdef accumulator s1[LANES]
+    cdef accumulator s2[LANES]
+    cdef accumulator d, tail1 = 0, tail2 = 0
+    cdef Py_ssize_t i, step, body = m - m % LANES
+    cdef int j
     for j in range(LANES):
         s1[j] = 0
         s2[j] = 0
@@ -154,8 +144,33 @@ cdef inline void moments_in_lanes(const floating* x,      # IN (m,)
         d = x[i] - centre
         tail1 += d
         tail2 += d * d
-    t1 = lanes_total(s1, tail1)
-    t2 = lanes_total(s2, tail2)
+    sum_d[0] = lanes_total(s1, tail1)
+    sum_d2[0] = lanes_total(s2, tail2)
+
+
+cdef inline void moments_in_lanes(const floating* x,      # IN (m,)
+                                  Py_ssize_t m,
+                                  bint centered,
+                                  accumulator precision,   # selects the type the lanes sum in
+                                  double* mean,            # OUT
+                                  double* m2) noexcept nogil:  # OUT sum of squared deviations
+    """Mean and M2 of m <= CHUNK cache-resident values, summed in lanes of the `accumulator` type.
+
+    Deviations d from a centre near the mean are small, so their float sums stay accurate when
+    |mean| >> std, and M2 = sum(d²) - sum(d)²/m corrects for the centre's own error.  The centre is the mean
+    of the first LANES values; when it turns out far from the chunk's mean (relative to its spread) the
+    correction would cancel digits, so the chunk is summed again around its full mean."""
+    cdef accumulator centre = 0
+    cdef double t1, t2, head = 0
+    cdef Py_ssize_t i
+    if centered:
+        for i in range(min(m, <Py_ssize_t>LANES)):
+            head += x[i]
+        centre = <accumulator>(head / min(m, <Py_ssize_t>LANES))
+    centred_sums(x, m, centre, &t1, &t2)
+    if centered and t1 * t1 > 0.75 * m * t2:
+        centre = <accumulator>lanes_mean(x, m, precision)
+        centred_sums(x, m, centre, &t1, &t2)
     if centered:
         mean[0] = centre + t1 / m
         m2[0] = t2 - t1 * t1 / m
@@ -190,20 +205,6 @@ cdef inline void merge_moments(double* count, double* mean, double* m2,   # INOU
 
 cdef inline double inverse_std(double m2, double count, double eps) noexcept nogil:
     return 1.0 / sqrt(m2 / count + eps)
-
-
-cdef inline double row_moments(const floating* x, Py_ssize_t length, bint centered,
-                               double* mean) noexcept nogil:
-    """Mean (OUT) and returned M2 of a contiguous row: CHUNK-sized blocks merged in order."""
-    cdef double count = 0, running_mean = 0, running_m2 = 0, block_mean, block_m2
-    cdef Py_ssize_t start, m, step
-    for step in range((length + CHUNK - 1) // CHUNK):
-        start = step * CHUNK
-        m = min(<Py_ssize_t>CHUNK, length - start)
-        chunk_moments(x + start, m, centered, &block_mean, &block_m2)
-        merge_moments(&count, &running_mean, &running_m2, m, block_mean, block_m2)
-    mean[0] = running_mean
-    return running_m2
 
 
 cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
@@ -283,46 +284,59 @@ cdef inline Py_ssize_t samples_per_batch(Py_ssize_t sample_size) noexcept nogil:
 # Normalization
 # ---------------------------------------------------------------------------------------------------------
 
-cdef inline void prefetch_lines(const void* start, Py_ssize_t nbytes) noexcept nogil:
-    cdef const char* p = <const char*>start
-    cdef Py_ssize_t line
-    for line in range((nbytes + 63) // 64):
-        cynorm_prefetch(p + 64 * line)
-
-
 cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT: one row
                                      Py_ssize_t start, Py_ssize_t stop, Py_ssize_t inner,
                                      const floating* weight, const floating* bias,  # the row's channels
-                                     double mean, double rstd,
-                                     Py_ssize_t ahead) noexcept nogil:
+                                     double mean, double rstd) noexcept nogil:
     """y = (x - mean) * rstd * weight[c] + bias[c] on elements [start, stop) of a row (channel c holds
-    `inner` consecutive elements).
-
-    Meanwhile it prefetches the elements `ahead` further on (the next row's), so that reading the next row
-    from memory overlaps with writing this one."""
-    # float32 cannot hold a large mean exactly: subtract it as a high and a low part.
+    `inner` consecutive elements)."""
+    # float32 cannot hold a large mean exactly: it is subtracted as a high part, the low part goes into the
+    # shift.
     cdef floating mean_hi = <floating>mean
     cdef floating mean_lo = <floating>(mean - <double>mean_hi)
     cdef floating rs = <floating>rstd
-    cdef floating scale = rs, shift = 0
-    cdef Py_ssize_t i, c, segment_stop, block_stop
-    cdef Py_ssize_t block_start = start
-    while block_start < stop:
-        block_stop = min(block_start + PREFETCH_BLOCK, stop)
-        prefetch_lines(x + block_start + ahead, (block_stop - block_start) * sizeof(floating))
-        if inner == 1:
-            for i in range(block_start, block_stop):
-                y[i] = ((x[i] - mean_hi) - mean_lo) * rs * weight[i] + bias[i]
-        else:
-            c = block_start // inner
-            while c * inner < block_stop:
-                scale = <floating>(rstd * weight[c])
-                shift = <floating>(bias[c] - mean_lo * (rstd * weight[c]))
-                segment_stop = min(block_stop, (c + 1) * inner)
-                for i in range(max(block_start, c * inner), segment_stop):
-                    y[i] = (x[i] - mean_hi) * scale + shift
-                c += 1
-        block_start = block_stop
+    cdef floating scale, shift
+    cdef Py_ssize_t i, c
+    if inner == 1:
+        for i in range(start, stop):
+            y[i] = ((x[i] - mean_hi) - mean_lo) * rs * weight[i] + bias[i]
+        return
+    for c in range(start // inner, (stop + inner - 1) // inner):
+        scale = <floating>(rstd * weight[c])
+        shift = <floating>(bias[c] - mean_lo * (rstd * weight[c]))
+        for i in range(max(start, c * inner), min(stop, (c + 1) * inner)):
+            y[i] = (x[i] - mean_hi) * scale + shift
+
+
+cdef inline void normalize_rows_pipelined(const floating* x, floating* y,   # IN, OUT (n_rows, length)
+                                          const floating* weight, const floating* bias,
+                                          double* mean, double* rstd,     # OUT (n_rows,)
+                                          Py_ssize_t first_row, Py_ssize_t stop_row, Py_ssize_t length,
+                                          Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
+                                          double eps, bint centered) noexcept nogil:
+    """Rows [first_row, stop_row): each chunk of a row's statistics is followed by the same chunk of the
+    previous row's normalization, so that memory is read and written at the same time, as in a copy.
+    Chunks and merge order are those of the chunk-parallel path."""
+    cdef Py_ssize_t r, k, start, m, previous_channel
+    cdef Py_ssize_t chunks = (length + CHUNK - 1) // CHUNK
+    cdef double count, running_mean, running_m2, chunk_mean, chunk_m2
+    for r in range(first_row, stop_row + 1):
+        count = 0
+        running_mean = 0
+        running_m2 = 0
+        previous_channel = ((r - 1) % groups) * chans_per_group
+        for k in range(chunks):
+            start = k * CHUNK
+            m = min(<Py_ssize_t>CHUNK, length - start)
+            if r < stop_row:
+                chunk_moments(x + r * length + start, m, centered, &chunk_mean, &chunk_m2)
+                merge_moments(&count, &running_mean, &running_m2, m, chunk_mean, chunk_m2)
+            if r > first_row:
+                normalize_row_range(x + (r - 1) * length, y + (r - 1) * length, start, start + m, inner,
+                                    weight + previous_channel, bias + previous_channel, mean[r - 1], rstd[r - 1])
+        if r < stop_row:
+            mean[r] = running_mean
+            rstd[r] = inverse_std(running_m2, length, eps)
 
 
 cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (rows, n_cols)
@@ -366,19 +380,21 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
     """Rows view forward; row r uses channels (r % groups) * chans_per_group + [0, chans_per_group)."""
     cdef Py_ssize_t n_rows = mean.shape[0]
     cdef Py_ssize_t length = chans_per_group * inner
-    cdef Py_ssize_t r, u, k, start, chunks, first_channel
+    cdef Py_ssize_t r, u, k, start, chunks, first_channel, first_row, stop_row
+    cdef int team
     cdef double m2, count, running_mean
     cdef double[::1] chunk_stats
     if n_rows == 0 or length == 0:
         return
     if n_rows >= num_threads:
-        # One row per task: the row stays in cache between its statistics and its normalization.
-        for r in prange(n_rows, nogil=True, num_threads=num_threads, schedule="static"):
-            m2 = row_moments(&x[r * length], length, centered, &mean[r])
-            rstd[r] = inverse_std(m2, length, eps)
-            first_channel = (r % groups) * chans_per_group
-            normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
-                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r], length)
+        # Each thread takes a contiguous range of rows; a row stays in cache between its statistics and its
+        # normalization.
+        with nogil, parallel(num_threads=num_threads):
+            team = omp_get_num_threads()
+            first_row = threadid() * n_rows // team
+            stop_row = (threadid() + 1) * n_rows // team
+            normalize_rows_pipelined(&x[0], &y[0], &weight[0], &bias[0], &mean[0], &rstd[0], first_row,
+                                     stop_row, length, groups, chans_per_group, inner, eps, centered)
         return
     # Fewer rows than threads: the same chunks, computed in parallel and merged in the same order.
     chunks = (length + CHUNK - 1) // CHUNK
@@ -404,7 +420,7 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
             start = (u % chunks) * CHUNK
             first_channel = (r % groups) * chans_per_group
             normalize_row_range(&x[r * length], &y[r * length], start, min(start + CHUNK, length), inner,
-                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r], 0)
+                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r])
 
 
 def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_cols,)

@@ -61,6 +61,8 @@ cdef enum:
     # per-column float sums stay short.
     TILE_ELEMS = 16384
     MAX_TILE_ROWS = 256
+    # Columns view: the rows of a tile whose mean serves as the first centre.
+    HEAD_ROWS = 8
     # Columns view: samples are processed in batches of about this many elements, small enough that a batch
     # read for its statistics is still in the last-level cache when it is normalized.
     BATCH_ELEMS = 1048576
@@ -207,35 +209,41 @@ cdef inline double inverse_std(double m2, double count, double eps) noexcept nog
     return 1.0 / sqrt(m2 / count + eps)
 
 
-cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
-                                 Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups, bint centered,
-                                 accumulator* scratch,     # 3 * n_cols
-                                 double* out) noexcept nogil:  # OUT (groups, 2): mean, M2 of each column group
-    """Columns view: moments of each group of consecutive columns over a tile of rows (corrected two-pass,
-    vectorized across columns, per-column sums in `accumulator`)."""
-    cdef accumulator* centre = scratch
-    cdef accumulator* s1 = scratch + n_cols
-    cdef accumulator* s2 = scratch + 2 * n_cols
+cdef inline void set_group_centres(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
+                                   accumulator* column_sums,   # scratch (n_cols,)
+                                   accumulator* centre) noexcept nogil:  # OUT (n_cols,) its group's mean
+    """Each column's centre: the mean of its group over the first `rows` rows."""
+    cdef Py_ssize_t cols_per_group = n_cols // groups
+    cdef Py_ssize_t a, col, g
+    cdef const floating* row
+    cdef double total
+    memset(column_sums, 0, n_cols * sizeof(accumulator))
+    for a in range(rows):
+        row = x + a * n_cols
+        for col in range(n_cols):
+            column_sums[col] += row[col]
+    for g in range(groups):
+        total = 0
+        for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+            total += column_sums[col]
+        for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+            centre[col] = <accumulator>(total / (rows * cols_per_group))
+
+
+cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
+                                     bint centered, const accumulator* centre,   # IN (n_cols,)
+                                     accumulator* s1, accumulator* s2,          # scratch (n_cols,) each
+                                     double* out) noexcept nogil:   # OUT (groups, 2)
+    """Per-group mean and M2 from sums of deviations from `centre`, as moments_in_lanes does for a chunk.
+    Returns whether every centre was close enough to its group's mean for the result to be accurate."""
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t a, col, g
     cdef const floating* row
     cdef accumulator d
     cdef double t1, t2, count = rows * cols_per_group
+    cdef bint accurate = True
     memset(s1, 0, n_cols * sizeof(accumulator))
     memset(s2, 0, n_cols * sizeof(accumulator))
-    memset(centre, 0, n_cols * sizeof(accumulator))
-    if centered:
-        for a in range(rows):
-            row = x + a * n_cols
-            for col in range(n_cols):
-                s1[col] += row[col]
-        for g in range(groups):
-            t1 = 0
-            for col in range(g * cols_per_group, (g + 1) * cols_per_group):
-                t1 += s1[col]
-            for col in range(g * cols_per_group, (g + 1) * cols_per_group):
-                centre[col] = <accumulator>(t1 / count)
-        memset(s1, 0, n_cols * sizeof(accumulator))
     for a in range(rows):
         row = x + a * n_cols
         for col in range(n_cols):
@@ -249,6 +257,7 @@ cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
             t1 += s1[col]
             t2 += s2[col]
         if centered:
+            accurate = accurate and not (t1 * t1 > 0.75 * count * t2)
             out[2 * g] = centre[g * cols_per_group] + t1 / count
             out[2 * g + 1] = t2 - t1 * t1 / count
             if out[2 * g + 1] < 0:
@@ -256,6 +265,26 @@ cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
         else:
             out[2 * g] = 0
             out[2 * g + 1] = t2
+    return accurate
+
+
+cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
+                                 Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups, bint centered,
+                                 accumulator* scratch,     # 3 * n_cols
+                                 double* out) noexcept nogil:  # OUT (groups, 2): mean, M2 of each column group
+    """Columns view: moments of each group of consecutive columns over a tile of rows, vectorized across
+    columns.  Centres come from the tile's first rows, or from the whole tile if those were unrepresentative."""
+    cdef accumulator* centre = scratch
+    cdef accumulator* s1 = scratch + n_cols
+    cdef accumulator* s2 = scratch + 2 * n_cols
+    if not centered:
+        memset(centre, 0, n_cols * sizeof(accumulator))
+        tile_moments_around(x, rows, n_cols, groups, centered, centre, s1, s2, out)
+        return
+    set_group_centres(x, min(rows, <Py_ssize_t>HEAD_ROWS), n_cols, groups, s1, centre)
+    if not tile_moments_around(x, rows, n_cols, groups, centered, centre, s1, s2, out):
+        set_group_centres(x, rows, n_cols, groups, s1, centre)
+        tile_moments_around(x, rows, n_cols, groups, centered, centre, s1, s2, out)
 
 
 cdef inline void tile_moments(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,

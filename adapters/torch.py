@@ -1,0 +1,471 @@
+"""PyTorch adapter: the cynorm kernels behind torch autograd, as drop-in ``torch.nn`` modules.
+
+Three layers:
+
+* ``torch.library`` custom operators ``cynorm::<norm>`` and ``cynorm::<norm>_backward`` that hand the
+  tensors' memory to the kernels (``.numpy()`` views, outputs allocated by torch and filled through
+  ``out=``), with fake implementations so ``torch.compile`` keeps them in one graph, and autograd formulas
+  that call the backward kernels;
+* a functional API with the signatures of ``torch.nn.functional`` that runs those operators where the kernels
+  apply (CPU, float32/float64, valid arguments) and otherwise calls torch's own function, which gives torch's
+  results, and torch's exceptions for bad arguments;
+* modules that subclass the ``torch.nn`` ones, so arguments, parameters, buffers, ``state_dict`` keys,
+  ``reset_parameters`` and ``repr`` are torch's; plus :func:`convert` / :func:`revert` for existing models.
+
+Example::
+
+    from cynorm.adapters.torch import GroupNorm, convert
+    norm = GroupNorm(32, 256)              # instead of torch.nn.GroupNorm(32, 256)
+    model = convert(model)                 # or swap every torch.nn norm of a model
+"""
+import copy
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import has_torch_function_variadic
+
+import cynorm
+
+__all__ = [
+    "group_norm", "instance_norm", "layer_norm", "rms_norm",
+    "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
+    "convert", "revert",
+]
+
+_logger = logging.getLogger(__name__)
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory layout and output allocation
+# ---------------------------------------------------------------------------------------------------------
+
+def _memory_order(tensor):
+    """Axes of ``tensor`` from outermost to innermost in memory, batch axis first.
+
+    ``tensor.permute(order)`` is C-contiguous when the tensor is dense (channels_last is (0, 2, 3, 1));
+    otherwise the identity order is returned and the kernel makes its one copy.
+    """
+    identity = tuple(range(tensor.dim()))
+    if tensor.is_contiguous():
+        return identity
+    order = tuple(sorted(identity, key=lambda axis: (axis != 0, -tensor.stride(axis))))
+    return order if tensor.permute(order).is_contiguous() else identity
+
+
+def _array(tensor):
+    """A NumPy view of a CPU tensor's memory (None stays None)."""
+    return None if tensor is None else tensor.detach().numpy()
+
+
+def _stats_like(input, shape):
+    return input.new_empty(shape, dtype=torch.float64)
+
+
+def _channel_norm_output(input):
+    """An empty output laid out in memory like ``input``, and that memory order (see :func:`_memory_order`)."""
+    order = _memory_order(input)
+    return torch.empty_permuted(input.shape, order, dtype=input.dtype, device=input.device), order
+
+
+def _trailing_norm_output(input):
+    # C-contiguous whatever the input's layout, as torch's layer_norm and rms_norm return.
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device)
+
+
+def _trailing_axes(input, num_axes):
+    return tuple(range(input.dim() - num_axes, input.dim()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom operators: forward and backward of each norm on the kernels.  Each ``register_fake`` gives the same
+# shapes, dtypes and strides without computing, for torch.compile and the meta device.
+# ---------------------------------------------------------------------------------------------------------
+
+def _channel_norm(kernel, input, weight, bias, eps, *group_args):
+    """Group or instance norm of (N, C, *spatial) in the input's own memory layout; returns (y, mean, rstd).
+
+    The kernel sees the memory as it is: a channels-last tensor is a C-contiguous (N, *spatial, C) array, with
+    the channel axis last.
+    """
+    output, order = _channel_norm_output(input)
+    _, mean, rstd = kernel(_array(input.permute(order)), *group_args, _array(weight), _array(bias),
+                           axis=order.index(1), eps=eps, out=_array(output.permute(order)), return_stats=True)
+    return output, torch.from_numpy(mean), torch.from_numpy(rstd)
+
+
+def _channel_norm_backward(kernel, grad_output, input, mean, rstd, weight):
+    grad_input, order = _channel_norm_output(input)
+    _, grad_weight, grad_bias = kernel(
+        _array(grad_output.permute(order)), _array(input.permute(order)), _array(mean), _array(rstd),
+        _array(weight), axis=order.index(1), out=_array(grad_input.permute(order)))
+    return grad_input, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
+
+
+def _fake_channel_norm(input, num_groups):
+    stats_shape = (input.shape[0], num_groups)
+    return _channel_norm_output(input)[0], _stats_like(input, stats_shape), _stats_like(input, stats_shape)
+
+
+def _fake_channel_norm_backward(input):
+    return _channel_norm_output(input)[0], input.new_empty(input.shape[1]), input.new_empty(input.shape[1])
+
+
+@torch.library.custom_op("cynorm::group_norm", mutates_args=())
+def _group_norm_op(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _channel_norm(cynorm.group_norm, input, weight, bias, eps, num_groups)
+
+
+@_group_norm_op.register_fake
+def _(input, num_groups, weight, bias, eps):
+    return _fake_channel_norm(input, num_groups)
+
+
+@torch.library.custom_op("cynorm::group_norm_backward", mutates_args=())
+def _group_norm_backward_op(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
+                            weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return _channel_norm_backward(cynorm.group_norm_backward, grad_output, input, mean, rstd, weight)
+
+
+@_group_norm_backward_op.register_fake
+def _(grad_output, input, mean, rstd, weight):
+    return _fake_channel_norm_backward(input)
+
+
+@torch.library.custom_op("cynorm::instance_norm", mutates_args=())
+def _instance_norm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _channel_norm(cynorm.instance_norm, input, weight, bias, eps)
+
+
+@_instance_norm_op.register_fake
+def _(input, weight, bias, eps):
+    return _fake_channel_norm(input, input.shape[1])
+
+
+@torch.library.custom_op("cynorm::instance_norm_backward", mutates_args=())
+def _instance_norm_backward_op(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
+                               weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return _channel_norm_backward(cynorm.instance_norm_backward, grad_output, input, mean, rstd, weight)
+
+
+@_instance_norm_backward_op.register_fake
+def _(grad_output, input, mean, rstd, weight):
+    return _fake_channel_norm_backward(input)
+
+
+@torch.library.custom_op("cynorm::layer_norm", mutates_args=())
+def _layer_norm_op(input: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,
+                   eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    output = _trailing_norm_output(input)
+    _, mean, rstd = cynorm.layer_norm(_array(input), _array(weight), _array(bias),
+                                      axis=_trailing_axes(input, len(normalized_shape)), eps=eps,
+                                      out=_array(output), return_stats=True)
+    return output, torch.from_numpy(mean), torch.from_numpy(rstd)
+
+
+@_layer_norm_op.register_fake
+def _(input, normalized_shape, weight, bias, eps):
+    stats_shape = input.shape[:input.dim() - len(normalized_shape)]
+    return _trailing_norm_output(input), _stats_like(input, stats_shape), _stats_like(input, stats_shape)
+
+
+@torch.library.custom_op("cynorm::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
+                            weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    grad_input = _trailing_norm_output(input)
+    _, grad_weight, grad_bias = cynorm.layer_norm_backward(
+        _array(grad_output), _array(input), _array(mean), _array(rstd), _array(weight),
+        axis=_trailing_axes(input, input.dim() - mean.dim()), out=_array(grad_input))
+    return grad_input, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
+
+
+@_layer_norm_backward_op.register_fake
+def _(grad_output, input, mean, rstd, weight):
+    param_shape = input.shape[mean.dim():]
+    return _trailing_norm_output(input), input.new_empty(param_shape), input.new_empty(param_shape)
+
+
+@torch.library.custom_op("cynorm::rms_norm", mutates_args=())
+def _rms_norm_op(input: Tensor, normalized_shape: list[int], weight: Tensor | None,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    output = _trailing_norm_output(input)
+    _, rstd = cynorm.rms_norm(_array(input), _array(weight), axis=_trailing_axes(input, len(normalized_shape)),
+                              eps=eps, out=_array(output), return_stats=True)
+    return output, torch.from_numpy(rstd)
+
+
+@_rms_norm_op.register_fake
+def _(input, normalized_shape, weight, eps):
+    return _trailing_norm_output(input), _stats_like(input, input.shape[:input.dim() - len(normalized_shape)])
+
+
+@torch.library.custom_op("cynorm::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(grad_output: Tensor, input: Tensor, rstd: Tensor,
+                          weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    grad_input = _trailing_norm_output(input)
+    _, grad_weight, _ = cynorm.rms_norm_backward(
+        _array(grad_output), _array(input), _array(rstd), _array(weight),
+        axis=_trailing_axes(input, input.dim() - rstd.dim()), out=_array(grad_input))
+    return grad_input, torch.from_numpy(grad_weight)
+
+
+@_rms_norm_backward_op.register_fake
+def _(grad_output, input, rstd, weight):
+    return _trailing_norm_output(input), input.new_empty(input.shape[rstd.dim():])
+
+
+def _register_autograd(norm, forward_op, backward_op, param_positions):
+    """Make ``backward_op`` the gradient of ``forward_op``, the ops computing ``norm``.
+
+    Both ops follow one contract: the forward returns ``(y, *stats)``; the backward takes
+    ``(grad_y, input, *stats, weight)`` and returns ``(grad_input, *param_grads)``, one gradient for each
+    forward input at ``param_positions`` (weight, then bias if the norm has one).
+    """
+    weight_position = param_positions[0]
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(inputs[0], inputs[weight_position], *output[1:])
+
+    def backward(ctx, grad_output, *unused_stats_grads):
+        input, weight, *stats = ctx.saved_tensors
+        grad_input, *param_grads = backward_op(grad_output, input, *stats, weight)
+        grads = [grad_input] + [None] * (len(ctx.needs_input_grad) - 1)
+        for position, grad in zip(param_positions, param_grads):
+            if ctx.needs_input_grad[position]:
+                grads[position] = grad
+        return tuple(grads)
+
+    def refuse_double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"cynorm {norm}: double backward (the gradient of a gradient) is not supported by the cynorm "
+            f"kernels; use torch.nn.functional.{norm} (or the torch.nn module, see cynorm.adapters.torch.revert) "
+            f"for this model instead")
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    backward_op.register_autograd(refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+_register_autograd("group_norm", _group_norm_op, _group_norm_backward_op, param_positions=(2, 3))
+_register_autograd("instance_norm", _instance_norm_op, _instance_norm_backward_op, param_positions=(1, 2))
+_register_autograd("layer_norm", _layer_norm_op, _layer_norm_backward_op, param_positions=(2, 3))
+_register_autograd("rms_norm", _rms_norm_op, _rms_norm_backward_op, param_positions=(2,))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Functional API (torch.nn.functional's signatures)
+# ---------------------------------------------------------------------------------------------------------
+
+def _kernels_apply(input, *tensors):
+    """Whether the kernels can compute this call; if not, torch's own function does (same results or errors).
+
+    They need a strided CPU float32/float64 input, companion tensors (parameters, running stats) of the
+    same device and dtype, and no tracing: ``torch.jit.trace`` records torch's ops instead of ours, and tensor
+    subclasses with ``__torch_function__`` get torch's dispatch.
+    """
+    if torch.jit.is_tracing() or has_torch_function_variadic(input, *tensors):
+        return False
+    if input.device.type != "cpu" or input.dtype not in _KERNEL_DTYPES or input.layout != torch.strided:
+        return False
+    return all(t is None or (t.device == input.device and t.dtype == input.dtype and t.layout == torch.strided)
+               for t in tensors)
+
+
+def _is_shape(tensor, shape):
+    return tensor is None or tuple(tensor.shape) == tuple(shape)
+
+
+def _normalized_shape_tuple(normalized_shape):
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+def _ends_with(input, shape):
+    """Whether ``input`` is non-empty and its trailing dimensions are ``shape`` (a non-empty tuple)."""
+    trailing = tuple(input.shape[input.dim() - len(shape):])
+    return 0 < len(shape) <= input.dim() and trailing == shape and input.numel() > 0
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.group_norm`` on the cynorm kernels; torch's own function where they do not apply."""
+    if (_kernels_apply(input, weight, bias) and input.dim() >= 2 and isinstance(num_groups, int)
+            and num_groups > 0 and input.shape[1] % num_groups == 0
+            # torch refuses groups of a single value in the batch ("more than 1 value per channel")
+            and input.numel() > num_groups
+            and _is_shape(weight, input.shape[1:2]) and _is_shape(bias, input.shape[1:2]) and eps >= 0):
+        return _group_norm_op(input, num_groups, weight, bias, eps)[0]
+    return F.group_norm(input, num_groups, weight, bias, eps)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                  momentum=0.1, eps=1e-5):
+    """``torch.nn.functional.instance_norm`` on the cynorm kernels; torch's own function where they do not apply.
+
+    With ``use_input_stats`` the kernels normalize each instance and, like torch, the running statistics given
+    are moved by ``momentum`` towards the batch average of the instances' mean and unbiased variance.  Without
+    it (evaluation with tracked statistics) there is nothing to normalize over: torch's function applies the
+    running statistics.
+    """
+    spatial_size = math.prod(input.shape[2:])
+    if (use_input_stats and _kernels_apply(input, running_mean, running_var, weight, bias) and input.dim() >= 3
+            and spatial_size > 1 and (running_mean is None) == (running_var is None)
+            and all(_is_shape(t, input.shape[1:2]) for t in (running_mean, running_var, weight, bias))
+            and eps >= 0):
+        output, mean, rstd = _instance_norm_op(input, weight, bias, eps)
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, spatial_size)
+        return output
+    return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+@torch.no_grad()
+def _update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, spatial_size):
+    # torch's instance norm is batch norm over the N*C instances: running buffers follow the batch average of
+    # the per-instance statistics, with the unbiased variance; the kernels' rstd is 1/sqrt(var + eps).
+    biased_var = rstd.pow(-2).sub_(eps)
+    running_mean.lerp_(mean.mean(0).to(running_mean.dtype), momentum)
+    running_var.lerp_(biased_var.mean(0).mul_(spatial_size / (spatial_size - 1)).to(running_var.dtype), momentum)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``torch.nn.functional.layer_norm`` on the cynorm kernels; torch's own function where they do not apply."""
+    shape = _normalized_shape_tuple(normalized_shape)
+    if (_kernels_apply(input, weight, bias) and _ends_with(input, shape) and _is_shape(weight, shape)
+            and _is_shape(bias, shape) and eps >= 0):
+        return _layer_norm_op(input, list(shape), weight, bias, eps)[0]
+    return F.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """``torch.nn.functional.rms_norm`` on the cynorm kernels; torch's own function where they do not apply.
+
+    ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
+    """
+    shape = _normalized_shape_tuple(normalized_shape)
+    if (_kernels_apply(input, weight) and _ends_with(input, shape) and _is_shape(weight, shape)
+            and (eps is None or eps >= 0)):
+        eps = torch.finfo(input.dtype).eps if eps is None else eps
+        return _rms_norm_op(input, list(shape), weight, eps)[0]
+    return F.rms_norm(input, normalized_shape, weight, eps)
+
+
+# torch.fx.symbolic_trace records calls to these as single nodes instead of tracing into their branches.
+torch.fx.wrap("group_norm")
+torch.fx.wrap("instance_norm")
+torch.fx.wrap("layer_norm")
+torch.fx.wrap("rms_norm")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules: torch.nn's, with forward on the kernels
+# ---------------------------------------------------------------------------------------------------------
+
+def _drop_in_doc(torch_class):
+    return (f"Drop-in :class:`torch.nn.{torch_class.__name__}` computed by the cynorm kernels on CPU: same "
+            f"arguments, parameters, buffers and state_dict.\n\n{torch_class.__doc__ or ''}")
+
+
+class GroupNorm(nn.GroupNorm):
+    __doc__ = _drop_in_doc(nn.GroupNorm)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    __doc__ = _drop_in_doc(nn.LayerNorm)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    __doc__ = _drop_in_doc(nn.RMSNorm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class _InstanceNormOnKernels:
+    """Replaces the one step of torch's ``_InstanceNorm.forward`` that computes; torch's forward keeps its
+    input checks, unbatched-input handling and running-statistics choice."""
+
+    def _apply_instance_norm(self, input):
+        return instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                             self.training or not self.track_running_stats,
+                             self.momentum if self.momentum is not None else 0.0, self.eps)
+
+
+class InstanceNorm1d(_InstanceNormOnKernels, nn.InstanceNorm1d):
+    __doc__ = _drop_in_doc(nn.InstanceNorm1d)
+
+
+class InstanceNorm2d(_InstanceNormOnKernels, nn.InstanceNorm2d):
+    __doc__ = _drop_in_doc(nn.InstanceNorm2d)
+
+
+class InstanceNorm3d(_InstanceNormOnKernels, nn.InstanceNorm3d):
+    __doc__ = _drop_in_doc(nn.InstanceNorm3d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model conversion
+# ---------------------------------------------------------------------------------------------------------
+
+_CYNORM_CLASSES = {
+    nn.GroupNorm: GroupNorm, nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
+    nn.InstanceNorm1d: InstanceNorm1d, nn.InstanceNorm2d: InstanceNorm2d, nn.InstanceNorm3d: InstanceNorm3d,
+}
+_TORCH_CLASSES = {ours: theirs for theirs, ours in _CYNORM_CLASSES.items()}
+
+
+def convert(model, inplace=False):
+    """Replace every torch.nn GroupNorm, LayerNorm, RMSNorm and InstanceNorm1d/2d/3d in ``model`` by ours.
+
+    The replacements keep the same parameters, buffers, hooks and training mode, so outputs do not change, and
+    an optimizer built on the model's parameters stays valid.  ``model`` may itself be a norm module.  Only
+    modules of exactly these classes are replaced: subclasses may override ``forward`` or depend on their own
+    methods, so they are left alone.  The counts of replaced and skipped modules are logged (INFO) under
+    ``cynorm.adapters.torch``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    inplace : bool, default False
+        Modify ``model`` itself instead of a deep copy.
+
+    Returns
+    -------
+    torch.nn.Module
+        The converted model (``model`` itself when ``inplace``).
+    """
+    return _swap_classes(model, _CYNORM_CLASSES, inplace, "convert")
+
+
+def revert(model, inplace=False):
+    """Undo :func:`convert`: replace the cynorm modules in ``model`` by the torch.nn classes they came from."""
+    return _swap_classes(model, _TORCH_CLASSES, inplace, "revert")
+
+
+def _swap_classes(model, new_classes, inplace, action):
+    """Give each module whose exact class is a key of ``new_classes`` the class it maps to; log the counts."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    replaced, skipped = {}, []
+    for name, module in model.named_modules(remove_duplicate=True):
+        new_class = new_classes.get(type(module))
+        if new_class is not None:
+            # Ours subclass torch's without adding state, so swapping the class keeps the module object
+            # (parameters, buffers, hooks, references from parents, shared uses) exactly as it is.
+            module.__class__ = new_class
+            replaced[new_class.__name__] = replaced.get(new_class.__name__, 0) + 1
+        elif isinstance(module, tuple(new_classes)) and not isinstance(module, tuple(new_classes.values())):
+            skipped.append(f"{name or '<model>'} ({type(module).__qualname__})")
+    _logger.info("%s: replaced %d modules %s%s", action, sum(replaced.values()), replaced,
+                 f"; left {len(skipped)} subclasses alone: {', '.join(skipped)}" if skipped else "")
+    return model

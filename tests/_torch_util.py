@@ -1,0 +1,54 @@
+"""Helpers for test_torch_adapter.py that spawned worker processes import by name (DDP training)."""
+import datetime
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import cynorm
+from cynorm.adapters.torch import GroupNorm
+
+
+def small_conv_net():
+    """A conv net normalized by our GroupNorm; build it after seeding torch's RNG to get known weights."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), GroupNorm(4, 8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), GroupNorm(2, 8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+
+
+def training_batch(batch_size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch_size, 3, 8, 8, generator=generator),
+            torch.randn(batch_size, 4, generator=generator))
+
+
+def train(model, inputs, targets, steps, lr=0.1):
+    """Plain SGD on the mean squared error; the mean makes DDP's gradient average equal the full batch's."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+    return model
+
+
+def ddp_train_worker(rank, world_size, init_method, batch_size, steps, result_path):
+    """One DDP rank: train on its shard of the batch; rank 0 saves the final state_dict to ``result_path``."""
+    # Two processes share two cores: one thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    cynorm.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(small_conv_net())
+        inputs, targets = training_batch(batch_size)
+        shard = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        train(model, inputs[shard], targets[shard], steps)
+        if rank == 0:
+            torch.save(model.module.state_dict(), result_path)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,522 @@
+"""Tests of cynorm.adapters.torch: parity with torch.nn, gradients, layouts, fallbacks, conversion, compile, DDP."""
+import logging
+import re
+import socket
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import cynorm  # noqa: E402
+import cynorm.adapters.torch as ct  # noqa: E402
+
+from _torch_util import ddp_train_worker, small_conv_net, train, training_batch  # noqa: E402
+
+KERNEL_NAMES = ["group_norm", "instance_norm", "layer_norm", "rms_norm"]
+MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def random_tensor(shape, dtype=torch.float64, seed=0):
+    """Seeded values with a non-zero mean and a non-unit scale, so that centering and scaling both matter."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * 3 + 1).to(dtype)
+
+
+def in_layout(x, layout):
+    """The same values as ``x`` in the given memory layout."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=MEMORY_FORMATS[x.dim()])
+    if layout == "strided":
+        return torch.stack([x, x], dim=-1)[..., 0]
+    raise ValueError(layout)
+
+
+def assert_close_scaled(actual, expected, tolerance):
+    """Relative and absolute error within ``tolerance``, the absolute one relative to the largest |expected|."""
+    expected = expected.double()
+    scale = max(expected.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual.double(), expected, rtol=tolerance, atol=tolerance * scale)
+
+
+TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls of each cynorm kernel (forward and backward) and keeps their array arguments."""
+    calls = {}
+
+    def spy(name, kernel):
+        def counted(*args, **kwargs):
+            calls.setdefault(name, []).append((args, kwargs))
+            return kernel(*args, **kwargs)
+        return counted
+
+    for name in KERNEL_NAMES + [n + "_backward" for n in KERNEL_NAMES]:
+        monkeypatch.setattr(cynorm, name, spy(name, getattr(cynorm, name)))
+    return calls
+
+
+# --------------------------------------------------------------------------------------------------------
+# Module parity with torch.nn
+# --------------------------------------------------------------------------------------------------------
+
+# name: (torch.nn class, our class, constructor arguments, affine keyword, input shape)
+MODULE_CASES = {
+    "group_norm_1d": (nn.GroupNorm, ct.GroupNorm, dict(num_groups=3, num_channels=6), "affine", (3, 6, 7)),
+    "group_norm_2d": (nn.GroupNorm, ct.GroupNorm, dict(num_groups=4, num_channels=8), "affine", (3, 8, 5, 6)),
+    "group_norm_3d": (nn.GroupNorm, ct.GroupNorm, dict(num_groups=2, num_channels=4), "affine", (2, 4, 3, 4, 5)),
+    "group_norm_no_spatial": (nn.GroupNorm, ct.GroupNorm, dict(num_groups=2, num_channels=8), "affine", (5, 8)),
+    "instance_norm_1d": (nn.InstanceNorm1d, ct.InstanceNorm1d, dict(num_features=6), "affine", (3, 6, 9)),
+    "instance_norm_1d_unbatched": (nn.InstanceNorm1d, ct.InstanceNorm1d, dict(num_features=6), "affine", (6, 9)),
+    "instance_norm_2d": (nn.InstanceNorm2d, ct.InstanceNorm2d, dict(num_features=6), "affine", (2, 6, 5, 7)),
+    "instance_norm_3d": (nn.InstanceNorm3d, ct.InstanceNorm3d, dict(num_features=4), "affine", (2, 4, 3, 4, 5)),
+    "layer_norm": (nn.LayerNorm, ct.LayerNorm, dict(normalized_shape=16), "elementwise_affine", (4, 5, 16)),
+    "layer_norm_two_axes": (nn.LayerNorm, ct.LayerNorm, dict(normalized_shape=(5, 6)), "elementwise_affine",
+                            (3, 5, 6)),
+    "layer_norm_no_bias": (nn.LayerNorm, ct.LayerNorm, dict(normalized_shape=(6, 7), bias=False),
+                           "elementwise_affine", (2, 3, 6, 7)),
+    "rms_norm": (nn.RMSNorm, ct.RMSNorm, dict(normalized_shape=16), "elementwise_affine", (4, 5, 16)),
+    "rms_norm_two_axes_eps": (nn.RMSNorm, ct.RMSNorm, dict(normalized_shape=(5, 6), eps=1e-3), "elementwise_affine",
+                              (3, 5, 6)),
+}
+
+
+KERNEL_OF_MODULE = {ct.GroupNorm: "group_norm", ct.InstanceNorm1d: "instance_norm", ct.InstanceNorm2d: "instance_norm",
+                    ct.InstanceNorm3d: "instance_norm", ct.LayerNorm: "layer_norm", ct.RMSNorm: "rms_norm"}
+
+
+def module_pair(case, affine, dtype=torch.float32, seed=1):
+    """The torch.nn module and ours, with the same random (not default) parameters."""
+    torch_class, our_class, arguments, affine_keyword, _ = MODULE_CASES[case]
+    theirs = torch_class(**arguments, **{affine_keyword: affine}, dtype=dtype)
+    with torch.no_grad():
+        for index, parameter in enumerate(theirs.parameters()):
+            parameter.copy_(random_tensor(parameter.shape, seed=seed + index))
+    ours = our_class(**arguments, **{affine_keyword: affine}, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+def parity_params():
+    return [pytest.param(case, layout, id=f"{case}-{layout}")
+            for case, (*_, shape) in MODULE_CASES.items()
+            for layout in ["contiguous", "strided"] + (["channels_last"] if len(shape) in MEMORY_FORMATS else [])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("case, layout", parity_params())
+def test_module_forward_and_backward_match_torch(case, layout, affine, dtype, kernel_calls):
+    theirs, ours = module_pair(case, affine, dtype)
+    reference, _ = module_pair(case, affine, torch.float64)
+    shape = MODULE_CASES[case][-1]
+    x = in_layout(random_tensor(shape, dtype, seed=2), layout).requires_grad_()
+    x_before = x.detach().clone()
+    x_reference = x.detach().double().requires_grad_()
+    grad_output = random_tensor(shape, dtype, seed=3)
+
+    y = ours(x)
+    y_reference = reference(x_reference)
+    # Like torch's, except that channels-last instance norm stays channels-last (torch's output is contiguous).
+    keeps_layout = layout == "channels_last" and KERNEL_OF_MODULE[type(ours)] == "instance_norm"
+    assert y.dtype == dtype and y.stride() == (x.stride() if keeps_layout else theirs(x).stride())
+    assert_close_scaled(y, y_reference, TOLERANCES[dtype])
+
+    grads = torch.autograd.grad(y, [x, *ours.parameters()], grad_output)
+    grads_reference = torch.autograd.grad(y_reference, [x_reference, *reference.parameters()], grad_output.double())
+    for grad, grad_reference in zip(grads, grads_reference, strict=True):
+        assert_close_scaled(grad, grad_reference, TOLERANCES[dtype])
+    torch.testing.assert_close(x.detach(), x_before, rtol=0, atol=0)
+    kernel = KERNEL_OF_MODULE[type(ours)]
+    assert len(kernel_calls[kernel]) == 1 and len(kernel_calls[kernel + "_backward"]) == 1
+
+
+@pytest.mark.parametrize("case", ["group_norm_2d", "group_norm_3d", "instance_norm_2d", "instance_norm_3d"])
+def test_channels_last_runs_in_place_without_transposing_copy(case, kernel_calls):
+    _, ours = module_pair(case, affine=True)
+    x = in_layout(random_tensor(MODULE_CASES[case][-1], torch.float32), "channels_last")
+    y = ours(x)
+    assert y.is_contiguous(memory_format=MEMORY_FORMATS[x.dim()])
+    (x_array, *_), kwargs = kernel_calls[KERNEL_OF_MODULE[type(ours)]][0]
+    # The kernel reads the input's own memory as (N, *spatial, C) and writes the output's.
+    assert x_array.flags.c_contiguous and x_array.ctypes.data == x.data_ptr()
+    assert kwargs["axis"] == x.dim() - 1 and kwargs["out"].ctypes.data == y.data_ptr()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The autograd operators
+# --------------------------------------------------------------------------------------------------------
+
+def _double(*shapes, seed=4):
+    return [random_tensor(shape, seed=seed + i).requires_grad_() for i, shape in enumerate(shapes)]
+
+
+# name: (kernel name, function of the differentiable tensors, those tensors in float64)
+FUNCTION_CASES = {
+    "group_norm": ("group_norm", lambda x, w, b: ct.group_norm(x, 2, w, b), lambda: _double((2, 4, 3, 3), 4, 4)),
+    "group_norm_channels_last": ("group_norm", lambda x, w, b: ct.group_norm(
+        x.contiguous(memory_format=torch.channels_last), 2, w, b), lambda: _double((2, 4, 3, 3), 4, 4)),
+    "group_norm_no_affine": ("group_norm", lambda x: ct.group_norm(x, 3, eps=1e-3), lambda: _double((2, 6, 5))),
+    "instance_norm": ("instance_norm", lambda x, w, b: ct.instance_norm(x, weight=w, bias=b),
+                      lambda: _double((2, 3, 4, 2), 3, 3)),
+    "layer_norm": ("layer_norm", lambda x, w, b: ct.layer_norm(x, (3, 4), w, b), lambda: _double((2, 3, 4), (3, 4),
+                                                                                                (3, 4))),
+    "layer_norm_no_affine": ("layer_norm", lambda x: ct.layer_norm(x, 5), lambda: _double((3, 5))),
+    "rms_norm": ("rms_norm", lambda x, w: ct.rms_norm(x, (4,), w, eps=1e-5), lambda: _double((3, 2, 4), 4)),
+    "rms_norm_no_affine": ("rms_norm", lambda x: ct.rms_norm(x, [3, 4]), lambda: _double((2, 3, 4))),
+}
+
+
+@pytest.mark.parametrize("case", FUNCTION_CASES)
+def test_gradcheck(case, kernel_calls):
+    kernel, function, make_inputs = FUNCTION_CASES[case]
+    assert torch.autograd.gradcheck(function, make_inputs())
+    assert kernel_calls[kernel] and kernel_calls[kernel + "_backward"]
+
+
+# name: (operator, its float64 arguments)
+OPERATOR_CASES = {
+    "group_norm": (torch.ops.cynorm.group_norm, lambda: (*_double((2, 4, 3, 3))[:1], 2, *_double(4, 4), 1e-5)),
+    "group_norm_channels_last": (torch.ops.cynorm.group_norm, lambda: (
+        in_layout(random_tensor((2, 4, 3, 3)), "channels_last").requires_grad_(), 2, None, None, 1e-5)),
+    "instance_norm": (torch.ops.cynorm.instance_norm, lambda: (*_double((2, 3, 4, 2), 3, 3), 1e-5)),
+    "layer_norm": (torch.ops.cynorm.layer_norm, lambda: (*_double((2, 3, 4))[:1], [3, 4], *_double((3, 4), (3, 4)),
+                                                         1e-5)),
+    "rms_norm": (torch.ops.cynorm.rms_norm, lambda: (*_double((3, 4))[:1], [4], *_double(4), 1e-5)),
+}
+
+
+@pytest.mark.parametrize("case", OPERATOR_CASES)
+def test_operator_registration(case):
+    """torch's own checks of the schema, the fake (meta) implementation and the autograd registration."""
+    operator, make_arguments = OPERATOR_CASES[case]
+    torch.library.opcheck(operator.default, make_arguments())
+
+
+@pytest.mark.parametrize("case", ["group_norm", "instance_norm", "layer_norm", "rms_norm"])
+def test_double_backward_raises_clear_error(case):
+    _, function, make_inputs = FUNCTION_CASES[case]
+    inputs = make_inputs()
+    first_order = torch.autograd.grad(function(*inputs).pow(2).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        torch.autograd.grad(sum(g.sum() for g in first_order), inputs)
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_forward_without_autograd(grad_mode):
+    theirs, ours = module_pair("group_norm_2d", affine=True)
+    x = random_tensor((2, 8, 3, 3), torch.float32)
+    with grad_mode():
+        y = ours(x)
+    assert y.grad_fn is None and not y.requires_grad
+    assert_close_scaled(y, theirs(x).detach(), 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Instance norm running statistics
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_instance_norm_running_stats(momentum):
+    theirs, ours = (cls(6, momentum=momentum, affine=True, track_running_stats=True)
+                    for cls in (nn.InstanceNorm2d, ct.InstanceNorm2d))
+    for step in range(3):  # training: batch statistics, buffers updated
+        x = random_tensor((4, 6, 5, 3), torch.float32, seed=step)
+        assert_close_scaled(ours(x), theirs(x), 1e-5)
+    for name in ["running_mean", "running_var", "num_batches_tracked"]:
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-6)
+    ours.eval(), theirs.eval()
+    x = random_tensor((2, 6, 5, 3), torch.float32, seed=9)
+    assert_close_scaled(ours(x), theirs(x), 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fallbacks: torch's exact semantics where the kernels do not apply
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["group_norm_2d", "instance_norm_2d", "layer_norm", "rms_norm"])
+def test_half_precision_falls_back_to_torch(case, dtype, kernel_calls):
+    theirs, ours = module_pair(case, affine=True, dtype=dtype)
+    x = random_tensor(MODULE_CASES[case][-1], dtype)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    assert torch.equal(y_ours, y_theirs)
+    y_ours.sum().backward()
+    y_theirs.sum().backward()
+    assert torch.equal(x_ours.grad, x_theirs.grad)
+    assert not kernel_calls
+
+
+@pytest.mark.parametrize("case", ["group_norm_2d", "instance_norm_2d", "layer_norm", "rms_norm"])
+def test_other_devices_fall_back_to_torch(case):
+    theirs, ours = module_pair(case, affine=True)
+    theirs.to("meta"), ours.to("meta")
+    x = torch.empty(MODULE_CASES[case][-1], device="meta")
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert y_ours.device.type == "meta" and y_ours.shape == y_theirs.shape and y_ours.stride() == y_theirs.stride()
+
+
+def test_mixed_dtypes_behave_as_torch(kernel_calls):
+    x = random_tensor((2, 4, 3), torch.float32)
+    weight = random_tensor(4, torch.float64)
+    with pytest.raises(RuntimeError) as theirs:
+        F.group_norm(x, 2, weight)
+    with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+        ct.group_norm(x, 2, weight)
+    assert not kernel_calls
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_torch_ops(kernel_calls):
+    theirs, ours = module_pair("group_norm_2d", affine=True)
+    x = random_tensor((2, 8, 3, 3), torch.float32)
+    traced = torch.jit.trace(ours, x, check_trace=False)
+    assert "aten::group_norm" in str(traced.graph) and not kernel_calls
+    assert_close_scaled(traced(x), theirs(x), 1e-5)
+
+
+def test_empty_batch_behaves_as_torch(kernel_calls):
+    for function, arguments in [("group_norm", (2,)), ("layer_norm", ([4],)), ("rms_norm", ([4],))]:
+        x = torch.empty(0, 4, 4)
+        torch.testing.assert_close(getattr(ct, function)(x, *arguments), getattr(F, function)(x, *arguments))
+    assert not kernel_calls
+
+
+# --------------------------------------------------------------------------------------------------------
+# Errors for bad arguments: torch's types and messages
+# --------------------------------------------------------------------------------------------------------
+
+# Each takes (functional namespace, module namespace): (torch.nn.functional, torch.nn) or (ours, ours).
+BAD_CALLS = {
+    "group_norm_channels_not_divisible": lambda f, m: f.group_norm(torch.ones(2, 6, 4), 4),
+    "group_norm_one_dimensional": lambda f, m: f.group_norm(torch.ones(6), 3),
+    "group_norm_weight_shape": lambda f, m: f.group_norm(torch.ones(2, 6, 4), 3, torch.ones(4)),
+    "group_norm_bias_shape": lambda f, m: f.group_norm(torch.ones(2, 6, 4), 3, None, torch.ones(5)),
+    "group_norm_single_value_groups": lambda f, m: f.group_norm(torch.ones(1, 3), 3),
+    "group_norm_module_channels": lambda f, m: m.GroupNorm(4, 6),
+    "group_norm_module_input_channels": lambda f, m: m.GroupNorm(2, 6)(torch.ones(2, 4, 3)),
+    "instance_norm_no_spatial": lambda f, m: f.instance_norm(torch.ones(2, 3)),
+    "instance_norm_single_spatial": lambda f, m: f.instance_norm(torch.ones(2, 3, 1, 1)),
+    "instance_norm_weight_shape": lambda f, m: f.instance_norm(torch.ones(2, 3, 4), weight=torch.ones(4)),
+    "instance_norm_module_rank": lambda f, m: m.InstanceNorm2d(3)(torch.ones(3, 4)),
+    "instance_norm_module_features": lambda f, m: m.InstanceNorm1d(3, affine=True)(torch.ones(2, 4, 5)),
+    "layer_norm_shape_mismatch": lambda f, m: f.layer_norm(torch.ones(2, 3, 4), [5]),
+    "layer_norm_too_many_axes": lambda f, m: f.layer_norm(torch.ones(3, 4), [2, 3, 4]),
+    "layer_norm_weight_shape": lambda f, m: f.layer_norm(torch.ones(2, 3, 4), [4], torch.ones(3)),
+    "layer_norm_module_input": lambda f, m: m.LayerNorm((3, 5))(torch.ones(2, 3, 4)),
+    "rms_norm_shape_mismatch": lambda f, m: f.rms_norm(torch.ones(2, 3, 4), [3]),
+    "rms_norm_weight_shape": lambda f, m: f.rms_norm(torch.ones(2, 3, 4), [4], torch.ones(2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_bad_arguments_raise_like_torch(case):
+    with pytest.raises(Exception) as theirs:
+        BAD_CALLS[case](F, nn)
+    with pytest.raises(type(theirs.value), match=re.escape(str(theirs.value))):
+        BAD_CALLS[case](ct, ct)
+
+
+# --------------------------------------------------------------------------------------------------------
+# state_dict compatibility and conversion
+# --------------------------------------------------------------------------------------------------------
+
+STATE_CASES = {
+    "group_norm": (nn.GroupNorm, ct.GroupNorm, dict(num_groups=2, num_channels=4)),
+    "instance_norm_tracking": (nn.InstanceNorm3d, ct.InstanceNorm3d, dict(num_features=4, affine=True,
+                                                                           track_running_stats=True)),
+    "instance_norm_plain": (nn.InstanceNorm1d, ct.InstanceNorm1d, dict(num_features=4)),
+    "layer_norm_no_bias": (nn.LayerNorm, ct.LayerNorm, dict(normalized_shape=(2, 3), bias=False)),
+    "rms_norm": (nn.RMSNorm, ct.RMSNorm, dict(normalized_shape=5)),
+}
+
+
+@pytest.mark.parametrize("case", STATE_CASES)
+def test_state_dict_round_trip_and_repr(case):
+    torch_class, our_class, arguments = STATE_CASES[case]
+    torch.manual_seed(0)
+    source, ours, theirs = torch_class(**arguments), our_class(**arguments), torch_class(**arguments)
+    with torch.no_grad():
+        for index, tensor in enumerate(source.state_dict().values()):
+            tensor.copy_(random_tensor(tensor.shape, seed=index).to(tensor.dtype))
+    ours.load_state_dict(source.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor) and torch.equal(theirs.state_dict()[name], tensor)
+    assert repr(ours) == repr(source)
+    ours.reset_parameters()
+    source.reset_parameters()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor)
+
+
+class ResidualBlock(nn.Module):
+    """A ResNet-style basic block with GroupNorm, plus norms kept in a ModuleList and a ModuleDict."""
+
+    def __init__(self, channels=8, pixels=16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(4, channels), nn.ReLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(2, channels))
+        self.extra = nn.ModuleList([nn.InstanceNorm2d(channels, affine=True)])
+        self.heads = nn.ModuleDict({"out": nn.Sequential(nn.Flatten(1), nn.LayerNorm(channels * pixels))})
+
+    def forward(self, x):
+        y = self.extra[0](torch.relu(self.body(x) + x))
+        return self.heads["out"](y)
+
+
+class ForwardOverridingLayerNorm(nn.LayerNorm):
+    def forward(self, input):
+        return super().forward(input) * 2
+
+
+def transformer_block():
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    return nn.Sequential(layer, ForwardOverridingLayerNorm(16), nn.RMSNorm(16))
+
+
+CONVERSION_CASES = {
+    # name: (model factory, input shape, replaced modules, modules left alone)
+    "residual_block": (ResidualBlock, (2, 8, 4, 4), 4, 0),
+    "transformer_block": (transformer_block, (2, 5, 16), 3, 1),
+}
+
+
+@pytest.mark.parametrize("case", CONVERSION_CASES)
+def test_convert_gives_same_outputs_and_gradients(case, caplog):
+    make_model, shape, num_replaced, num_left_alone = CONVERSION_CASES[case]
+    torch.manual_seed(0)
+    # float64: some gradients here are sums that nearly cancel, which float32 cannot compare.
+    model = make_model().double()
+    x = random_tensor(shape)
+    with caplog.at_level(logging.INFO, logger="cynorm.adapters.torch"):
+        converted = ct.convert(model)
+    assert f"replaced {num_replaced} modules" in caplog.text
+    assert (f"left {num_left_alone} subclasses alone" in caplog.text) == (num_left_alone > 0)
+    assert not any(type(m) in KERNEL_OF_MODULE for m in model.modules())  # the original is untouched
+    ours = [m for m in converted.modules() if type(m) in KERNEL_OF_MODULE]
+    assert len(ours) == num_replaced
+
+    outputs = [m(x) for m in (model, converted)]
+    assert_close_scaled(outputs[1], outputs[0], 1e-12)
+    grad_output = random_tensor(outputs[0].shape, seed=1)
+    for output in outputs:
+        output.backward(grad_output)
+    for original, parameter in zip(model.parameters(), converted.parameters(), strict=True):
+        assert_close_scaled(parameter.grad, original.grad, 1e-10)
+
+    reverted = ct.revert(converted)
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in model.modules()]
+
+
+def test_convert_inplace_keeps_module_objects_and_parameters():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Sequential(nn.GroupNorm(2, 4)))
+    model.append(model[1])  # a shared module
+    parameters = list(model.parameters())
+    norms = [model[1], model[2][0]]
+    assert ct.convert(model, inplace=True) is model
+    assert [type(m) for m in model.modules()][1:] == [nn.Linear, ct.LayerNorm, nn.Sequential, ct.GroupNorm]
+    assert model[3] is model[1] is norms[0] and model[2][0] is norms[1]
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
+    assert type(ct.convert(nn.InstanceNorm1d(3))) is ct.InstanceNorm1d
+
+
+# --------------------------------------------------------------------------------------------------------
+# torch.compile and torch.fx
+# --------------------------------------------------------------------------------------------------------
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.group_norm = ct.GroupNorm(4, 8)
+        self.instance_norm = ct.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.linear = nn.Linear(8 * 6 * 6, 8)
+        self.layer_norm = ct.LayerNorm(8)
+        self.rms_norm = ct.RMSNorm(8)
+
+    def forward(self, x):
+        y = self.instance_norm(torch.relu(self.group_norm(self.conv(x))))
+        return self.rms_norm(self.layer_norm(self.linear(y.flatten(1))))
+
+
+@pytest.mark.parametrize("backend", ["graph_capture", "inductor"])
+def test_torch_compile_matches_eager(backend):
+    graphs = []
+
+    def graph_capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    eager = SmallNet()
+    compiled_net = SmallNet()
+    compiled_net.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_net, backend=graph_capture if backend == "graph_capture" else backend,
+                             fullgraph=True)
+    for step in range(2):
+        x = random_tensor((2, 3, 6, 6), torch.float32, seed=step).contiguous(memory_format=torch.channels_last)
+        outputs = [eager(x), compiled(x)]
+        assert_close_scaled(outputs[1], outputs[0], 1e-5)
+        for output in outputs:
+            output.sum().backward()
+    for (name, tensor), (_, compiled_tensor) in zip(eager.state_dict().items(), compiled_net.state_dict().items()):
+        assert_close_scaled(compiled_tensor, tensor, 1e-5)
+    for parameter, compiled_parameter in zip(eager.parameters(), compiled_net.parameters()):
+        assert_close_scaled(compiled_parameter.grad, parameter.grad, 1e-5)
+    if backend == "graph_capture":
+        assert len(graphs) == 1
+        code = graphs[0].code
+        assert all(f"torch.ops.cynorm.{name}" in code for name in KERNEL_NAMES)
+
+
+def test_fx_symbolic_trace_keeps_our_functions():
+    torch.manual_seed(0)
+    model = nn.Sequential(ct.GroupNorm(2, 4), ct.LayerNorm(3))
+    traced = torch.fx.symbolic_trace(model)
+    targets = {node.target for node in traced.graph.nodes if node.op == "call_function"}
+    assert targets == {ct.group_norm, ct.layer_norm}
+    x = random_tensor((2, 4, 3), torch.float32)
+    torch.testing.assert_close(traced(x), model(x))
+
+
+# --------------------------------------------------------------------------------------------------------
+# DistributedDataParallel
+# --------------------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_training_matches_single_process(tmp_path):
+    batch_size, steps, world_size, timeout = 8, 3, 2, 120
+    result_path = tmp_path / "rank0.pt"
+    context = torch.multiprocessing.spawn(
+        ddp_train_worker, nprocs=world_size, join=False,
+        args=(world_size, f"tcp://127.0.0.1:{free_port()}", batch_size, steps, str(result_path)))
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"DDP workers did not finish within {timeout} s")
+
+    torch.manual_seed(0)
+    model = train(small_conv_net(), *training_batch(batch_size), steps)
+    distributed = torch.load(result_path)
+    assert distributed.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(distributed[name], tensor, rtol=1e-4, atol=1e-5)
+    # The run changed the parameters: the comparison is not between two untrained models.
+    torch.manual_seed(0)
+    untrained = small_conv_net().state_dict()
+    assert not torch.allclose(untrained["0.weight"], model.state_dict()["0.weight"])

@@ -32,7 +32,6 @@ cdef extern from *:
     #else
     #define CYNORM_HAVE_OPENMP 0
     static int omp_get_max_threads(void) { return 1; }
-    static int omp_get_num_threads(void) { return 1; }
     #endif
 
     /* 0: baseline, 3: x86-64-v3 (AVX2, FMA), 4: x86-64-v4 (AVX-512); libgcc also checks the OS saves the
@@ -48,7 +47,6 @@ cdef extern from *:
     """
     bint CYNORM_HAVE_OPENMP
     int omp_get_max_threads() noexcept nogil
-    int omp_get_num_threads() noexcept nogil
     int cynorm_cpu_level() noexcept nogil
 
 cdef enum:
@@ -337,35 +335,18 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
             y[i] = (x[i] - mean_hi) * scale + shift
 
 
-cdef inline void normalize_rows_pipelined(const floating* x, floating* y,   # IN, OUT (n_rows, length)
-                                          const floating* weight, const floating* bias,
-                                          double* mean, double* rstd,     # OUT (n_rows,)
-                                          Py_ssize_t first_row, Py_ssize_t stop_row, Py_ssize_t length,
-                                          Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
-                                          double eps, bint centered) noexcept nogil:
-    """Rows [first_row, stop_row): each chunk of a row's statistics is followed by the same chunk of the
-    previous row's normalization, so that memory is read and written at the same time, as in a copy.
-    Chunks and merge order are those of the chunk-parallel path."""
-    cdef Py_ssize_t r, k, start, m, previous_channel
-    cdef Py_ssize_t chunks = (length + CHUNK - 1) // CHUNK
-    cdef double count, running_mean, running_m2, chunk_mean, chunk_m2
-    for r in range(first_row, stop_row + 1):
-        count = 0
-        running_mean = 0
-        running_m2 = 0
-        previous_channel = ((r - 1) % groups) * chans_per_group
-        for k in range(chunks):
-            start = k * CHUNK
-            m = min(<Py_ssize_t>CHUNK, length - start)
-            if r < stop_row:
-                chunk_moments(x + r * length + start, m, centered, &chunk_mean, &chunk_m2)
-                merge_moments(&count, &running_mean, &running_m2, m, chunk_mean, chunk_m2)
-            if r > first_row:
-                normalize_row_range(x + (r - 1) * length, y + (r - 1) * length, start, start + m, inner,
-                                    weight + previous_channel, bias + previous_channel, mean[r - 1], rstd[r - 1])
-        if r < stop_row:
-            mean[r] = running_mean
-            rstd[r] = inverse_std(running_m2, length, eps)
+cdef inline double row_moments(const floating* x, Py_ssize_t length, bint centered,
+                               double* mean) noexcept nogil:
+    """Mean (OUT) and returned M2 of a contiguous row: CHUNK-sized blocks merged in order, exactly as the
+    chunk-parallel path merges them."""
+    cdef double count = 0, running_mean = 0, running_m2 = 0, chunk_mean, chunk_m2
+    cdef Py_ssize_t k, m
+    for k in range((length + CHUNK - 1) // CHUNK):
+        m = min(<Py_ssize_t>CHUNK, length - k * CHUNK)
+        chunk_moments(x + k * CHUNK, m, centered, &chunk_mean, &chunk_m2)
+        merge_moments(&count, &running_mean, &running_m2, m, chunk_mean, chunk_m2)
+    mean[0] = running_mean
+    return running_m2
 
 
 cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (rows, n_cols)
@@ -409,21 +390,19 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
     """Rows view forward; row r uses channels (r % groups) * chans_per_group + [0, chans_per_group)."""
     cdef Py_ssize_t n_rows = mean.shape[0]
     cdef Py_ssize_t length = chans_per_group * inner
-    cdef Py_ssize_t r, u, k, start, chunks, first_channel, first_row, stop_row
-    cdef int team
+    cdef Py_ssize_t r, u, k, start, chunks, first_channel
     cdef double m2, count, running_mean
     cdef double[::1] chunk_stats
     if n_rows == 0 or length == 0:
         return
     if n_rows >= num_threads:
-        # Each thread takes a contiguous range of rows; a row stays in cache between its statistics and its
-        # normalization.
-        with nogil, parallel(num_threads=num_threads):
-            team = omp_get_num_threads()
-            first_row = threadid() * n_rows // team
-            stop_row = (threadid() + 1) * n_rows // team
-            normalize_rows_pipelined(&x[0], &y[0], &weight[0], &bias[0], &mean[0], &rstd[0], first_row,
-                                     stop_row, length, groups, chans_per_group, inner, eps, centered)
+        # One row per task: the row stays in cache between its statistics and its normalization.
+        for r in prange(n_rows, nogil=True, num_threads=num_threads, schedule="static"):
+            m2 = row_moments(&x[r * length], length, centered, &mean[r])
+            rstd[r] = inverse_std(m2, length, eps)
+            first_channel = (r % groups) * chans_per_group
+            normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
+                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r])
         return
     # Fewer rows than threads: the same chunks, computed in parallel and merged in the same order.
     chunks = (length + CHUNK - 1) // CHUNK

@@ -705,7 +705,8 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
             for n in prange(first, first + batch_size, schedule="static"):
                 sample_input_gradient_coefficients(
                     &tile_sums[2 * n * tiles * n_cols], tiles, n_cols, groups, cols_per_channel, group_size,
-                    &rstd[n * groups], &weight[0], affine_per_row, centered, &column_sums[2 * n * n_cols],
+                    &rstd[n * groups], &weight[0], &column_mean_lo[n, 0], affine_per_row, centered,
+                    &column_sums[2 * n * n_cols],
                     &channel_sums[2 * n * channels], &column_scale[n, 0], &column_coef_x[n, 0],
                     &column_coef_0[n, 0])
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
@@ -713,9 +714,9 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
                 a0 = (u % tiles) * tile_rows
                 offset = (n * n_rows + a0) * n_cols
                 columns_input_gradient(&dy[offset], &x[offset], &dx[offset], min(tile_rows, n_rows - a0), n_cols,
-                                       &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_scale[n, 0],
-                                       &column_coef_x[n, 0], &column_coef_0[n, 0],
-                                       affine_per_row, &weight[a0] if affine_per_row else &weight[0])
+                                       &column_mean_hi[n, 0], &column_scale[n, 0], &column_coef_x[n, 0],
+                                       &column_coef_0[n, 0], affine_per_row,
+                                       &weight[a0] if affine_per_row else &weight[0])
     with nogil:
         # parameter gradients: samples summed in order
         for n in range(n_samples):
@@ -735,6 +736,7 @@ cdef inline void sample_input_gradient_coefficients(
         Py_ssize_t group_size,
         const double* rstd,           # IN  (groups,) of the sample
         const floating* weight,       # IN  (channels,) unless affine_per_row
+        const floating* mean_lo,      # IN  (n_cols,) low part of each column's mean
         bint affine_per_row, bint centered,
         double* column_sums,          # OUT (2, n_cols), zero on entry
         double* channel_sums,         # OUT (2, channels), zero on entry
@@ -756,7 +758,7 @@ cdef inline void sample_input_gradient_coefficients(
             k2 = column_sums[n_cols + col] / group_size
             scale[col] = <floating>r
             coef_x[col] = <floating>(-r * r * k2)
-            coef_0[col] = <floating>((-r * k1) if centered else 0.0)
+            coef_0[col] = <floating>(((-r * k1) if centered else 0.0) + r * r * k2 * mean_lo[col])
         return
     for col in range(n_cols):
         channel = col // cols_per_channel
@@ -774,7 +776,7 @@ cdef inline void sample_input_gradient_coefficients(
         for col in range(g * cols_per_group, (g + 1) * cols_per_group):
             scale[col] = <floating>(r * weight[col // cols_per_channel])
             coef_x[col] = <floating>(-r * r * k2)
-            coef_0[col] = <floating>((-r * k1) if centered else 0.0)
+            coef_0[col] = <floating>(((-r * k1) if centered else 0.0) + r * r * k2 * mean_lo[col])
 
 
 cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   # IN (rows, n_cols)
@@ -796,15 +798,22 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
     cdef const floating* xr
     cdef int j
     memset(scratch, 0, 2 * n_cols * sizeof(floating))
+    if not affine_per_row:
+        # sum(dy * (x - mean_hi)); rstd and the low part of the mean are applied once, below.  (Few pointers
+        # in the loop: the compiler checks each pair for overlap before it vectorizes.)
+        for a in range(rows):
+            dyr = dy + a * n_cols
+            xr = x + a * n_cols
+            for col in range(n_cols):
+                s1[col] += dyr[col]
+                s2[col] += dyr[col] * (xr[col] - mean_hi[col])
+        for col in range(n_cols):
+            out[col] = s1[col]
+            out[n_cols + col] = rs[col] * (<double>s2[col] - <double>mean_lo[col] * s1[col])
+        return
     for a in range(rows):
         dyr = dy + a * n_cols
         xr = x + a * n_cols
-        if not affine_per_row:
-            for col in range(n_cols):
-                xhat = ((xr[col] - mean_hi[col]) - mean_lo[col]) * rs[col]
-                s1[col] += dyr[col]
-                s2[col] += dyr[col] * xhat
-            continue
         v = row_weight[a]
         tail1 = 0
         tail2 = 0
@@ -835,8 +844,7 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
 
 
 cdef inline void columns_input_gradient(const floating* dy, const floating* x, floating* dx,  # (rows, n_cols)
-                                        Py_ssize_t rows, Py_ssize_t n_cols,
-                                        const floating* mean_hi, const floating* mean_lo,
+                                        Py_ssize_t rows, Py_ssize_t n_cols, const floating* mean_hi,
                                         const floating* scale, const floating* coef_x, const floating* coef_0,
                                         bint affine_per_row, const floating* row_weight) noexcept nogil:
     cdef Py_ssize_t a, col
@@ -848,7 +856,10 @@ cdef inline void columns_input_gradient(const floating* dy, const floating* x, f
         dyr = dy + a * n_cols
         xr = x + a * n_cols
         dxr = dx + a * n_cols
-        v = row_weight[a] if affine_per_row else 1
-        for col in range(n_cols):
-            dxr[col] = (scale[col] * v) * dyr[col] + coef_x[col] * ((xr[col] - mean_hi[col]) - mean_lo[col]) \
-                + coef_0[col]
+        if affine_per_row:
+            v = row_weight[a]
+            for col in range(n_cols):
+                dxr[col] = (scale[col] * v) * dyr[col] + coef_x[col] * (xr[col] - mean_hi[col]) + coef_0[col]
+        else:
+            for col in range(n_cols):
+                dxr[col] = scale[col] * dyr[col] + coef_x[col] * (xr[col] - mean_hi[col]) + coef_0[col]

@@ -674,7 +674,8 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
     tile_sums = np.empty(2 * n_samples * tiles * n_cols)      # [tile][sum(v*dy) | sum(v*dy*xhat)][col]
     column_sums = np.zeros(2 * n_samples * n_cols)            # [sample][sum(v*dy) | sum(v*dy*xhat)][col]
     channel_sums = np.zeros(2 * n_samples * channels)         # [sample][sum(dy) | sum(dy*xhat)][channel]
-    row_sums = np.zeros(2 * n_samples * n_rows)               # [sample][sum(dy*xhat) | sum(dy)][row]
+    # [sample][sum(dy*xhat) | sum(dy)][row], needed only when the weight varies along the rows
+    row_sums = np.empty(2 * n_samples * n_rows if affine_per_row else 2)
     column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
     column_mean_lo = np.empty((n_samples, n_cols), dtype=dtype)
     column_rstd = np.empty((n_samples, n_cols), dtype=dtype)
@@ -701,7 +702,8 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
                                       &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_rstd[n, 0],
                                       affine_per_row, &weight[a0] if affine_per_row else &weight[0],
                                       &scratch[threadid(), 0], &tile_sums[2 * u * n_cols],
-                                      &row_sums[2 * n * n_rows + a0], &row_sums[(2 * n + 1) * n_rows + a0])
+                                      &row_sums[2 * n * n_rows + a0] if affine_per_row else &row_sums[0],
+                                      &row_sums[(2 * n + 1) * n_rows + a0] if affine_per_row else &row_sums[1])
             for n in prange(first, first + batch_size, schedule="static"):
                 sample_input_gradient_coefficients(
                     &tile_sums[2 * n * tiles * n_cols], tiles, n_cols, groups, cols_per_channel, group_size,

@@ -36,7 +36,7 @@ class _Geometry(NamedTuple):
 # ---------------------------------------------------------------------------------------------------------
 
 def _float_array(a, name):
-    arr = np.asarray(a)
+    arr = a if type(a) is np.ndarray else np.asarray(a)
     if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
         raise TypeError(f"`{name}` must be a float16, float32 or float64 array, got dtype {arr.dtype}")
     return arr
@@ -48,7 +48,7 @@ def _compute_dtype(dtype):
 
 
 def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
         raise TypeError(f"`eps` must be a real number, got {eps!r}")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"`eps` must be a finite number >= 0, got {eps!r}")
@@ -80,6 +80,8 @@ def _channel_axis(axis, ndim):
 
 def _normalized_axes(axis, ndim):
     """A sorted tuple of contiguous axes from an int or a sequence of ints."""
+    if type(axis) is int and -ndim <= axis < ndim:
+        return (axis % ndim,)
     if isinstance(axis, (list, tuple)):
         if len(axis) == 0:
             raise ValueError("`axis` must name at least one axis, got an empty sequence")
@@ -154,23 +156,23 @@ def _output(out, like, name):
     return out
 
 
-def _flat_input(arr, dtype, result):
+def _flat_input(arr, dtype, result, result_is_new):
     """arr as a flat C-contiguous array of the compute dtype that the kernel may read while writing
     `result`: the very same memory (in place) is fine, a partial overlap gets a private copy."""
     flat = np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
-    if (np.may_share_memory(flat, result)
+    if (not result_is_new and np.may_share_memory(flat, result)
             and flat.__array_interface__["data"][0] != result.__array_interface__["data"][0]):
         flat = flat.copy()
     return flat
 
 
 def _flat_result(result, dtype):
-    """Where the kernel writes: `result` itself, or a compute-dtype buffer copied back by _store."""
+    """Where the kernel writes: `result` itself, or a compute-dtype buffer that _store copies back."""
     return result.reshape(-1) if result.dtype == dtype else np.empty(result.size, dtype)
 
 
 def _store(result, flat):
-    if not np.shares_memory(result, flat):
+    if flat.dtype != result.dtype:
         result[...] = flat.reshape(result.shape)
     return result
 
@@ -209,10 +211,13 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
     bias = _param(bias, "bias", param_shape, dtype, 0.0)
     y = _output(out, x, "out")
     y_flat = _flat_result(y, dtype)
-    x_flat = _flat_input(x, dtype, y_flat)
+    x_flat = _flat_input(x, dtype, y_flat, out is None)
     size = math.prod(stats_shape)
-    mean = np.full(size, np.nan)
-    rstd = np.full(size, np.nan)
+    mean = np.empty(size)
+    rstd = np.empty(size)
+    if x.size == 0:
+        mean.fill(np.nan)   # the statistics of no values (the kernels skip empty input)
+        rstd.fill(np.nan)
     threads = _thread_count(x.size)
     if geometry.rows:
         _kernels.forward_rows(x_flat, y_flat, weight, bias, mean, rstd, geometry.groups,
@@ -234,8 +239,8 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
     weight = _param(weight, "weight", param_shape, dtype, 1.0)
     dx = _output(out, x, "out")
     dx_flat = _flat_result(dx, dtype)
-    x_flat = _flat_input(x, dtype, dx_flat)
-    dy_flat = _flat_input(dy, dtype, dx_flat)
+    x_flat = _flat_input(x, dtype, dx_flat, out is None)
+    dy_flat = _flat_input(dy, dtype, dx_flat, out is None)
     dweight = np.empty(weight.size)
     dbias = np.empty(weight.size)
     threads = _thread_count(x.size)

@@ -157,6 +157,47 @@ class _KernelNormalization(keras.layers.Layer):
         return input_shape
 
 
+class _GammaBeta:
+    """The ``gamma`` (scale) and ``beta`` (offset) parameters shared by Group- and LayerNormalization: their
+    arguments, weights and config entries, as Keras names them."""
+
+    def _set_affine_arguments(self, center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+                              gamma_regularizer, beta_constraint, gamma_constraint):
+        self.center = center
+        self.scale = scale
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+
+    def _add_affine_weights(self, shape):
+        self.gamma = self.add_weight(
+            shape=shape, name="gamma", initializer=self.gamma_initializer,
+            regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
+        ) if self.scale else None
+        self.beta = self.add_weight(
+            shape=shape, name="beta", initializer=self.beta_initializer,
+            regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
+        ) if self.center else None
+
+    def _affine_config(self):
+        return {
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
+            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
+            "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": keras.constraints.serialize(self.beta_constraint),
+            "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
+        }
+
+    def call(self, inputs):
+        return self._apply_kernel(inputs, self.gamma, self.beta)
+
+
 def _check_groups(groups):
     if isinstance(groups, bool) or not isinstance(groups, int) or (groups <= 0 and groups != -1):
         raise ValueError("Received an invalid value for argument `groups`, expected a positive integer (or `-1` "
@@ -164,7 +205,7 @@ def _check_groups(groups):
 
 
 @keras.saving.register_keras_serializable(package="cynorm")
-class GroupNormalization(_KernelNormalization):
+class GroupNormalization(_GammaBeta, _KernelNormalization):
     """Group normalization layer (Wu & He, 2018) on the cynorm kernels.
 
     Same arguments and behaviour as ``keras.layers.GroupNormalization`` (and TensorFlow Addons'): the
@@ -197,14 +238,8 @@ class GroupNormalization(_KernelNormalization):
         self.groups = groups
         self.axis = axis
         self.epsilon = epsilon
-        self.center = center
-        self.scale = scale
-        self.beta_initializer = keras.initializers.get(beta_initializer)
-        self.gamma_initializer = keras.initializers.get(gamma_initializer)
-        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
-        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
-        self.beta_constraint = keras.constraints.get(beta_constraint)
-        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self._set_affine_arguments(center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+                                   gamma_regularizer, beta_constraint, gamma_constraint)
 
     def build(self, input_shape):
         (channel_axis,) = _resolve_axes(self.axis, input_shape, type(self).__name__)
@@ -219,14 +254,7 @@ class GroupNormalization(_KernelNormalization):
             raise ValueError(f"Number of groups ({self.groups}) must be a multiple of the number of channels "
                              f"({channels}).")
         self.input_spec = keras.InputSpec(ndim=len(input_shape), axes={self.axis: channels})
-        self.gamma = self.add_weight(
-            shape=(channels,), name="gamma", initializer=self.gamma_initializer,
-            regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
-        ) if self.scale else None
-        self.beta = self.add_weight(
-            shape=(channels,), name="beta", initializer=self.beta_initializer,
-            regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
-        ) if self.center else None
+        self._add_affine_weights((channels,))
 
         groups, epsilon = self.groups, self.epsilon
         self._kernel = _ArrayKernel(
@@ -241,23 +269,8 @@ class GroupNormalization(_KernelNormalization):
     def _stats_shape(self, input_shape):
         return (input_shape[0], self.groups)
 
-    def call(self, inputs):
-        return self._apply_kernel(inputs, self.gamma, self.beta)
-
     def get_config(self):
-        config = {
-            "groups": self.groups,
-            "axis": self.axis,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
-            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
-            "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": keras.constraints.serialize(self.beta_constraint),
-            "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
-        }
+        config = {"groups": self.groups, "axis": self.axis, "epsilon": self.epsilon, **self._affine_config()}
         return {**super().get_config(), **config}
 
 
@@ -324,7 +337,7 @@ class _AxesNormalization(_KernelNormalization):
 
 
 @keras.saving.register_keras_serializable(package="cynorm")
-class LayerNormalization(_AxesNormalization):
+class LayerNormalization(_GammaBeta, _AxesNormalization):
     """Layer normalization layer (Ba et al., 2016) on the cynorm kernels.
 
     Same arguments and behaviour as ``keras.layers.LayerNormalization``: each example is normalized over the
@@ -352,26 +365,13 @@ class LayerNormalization(_AxesNormalization):
         super().__init__(**kwargs)
         self.axis = axis
         self.epsilon = epsilon
-        self.center = center
-        self.scale = scale
-        self.beta_initializer = keras.initializers.get(beta_initializer)
-        self.gamma_initializer = keras.initializers.get(gamma_initializer)
-        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
-        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
-        self.beta_constraint = keras.constraints.get(beta_constraint)
-        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self._set_affine_arguments(center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+                                   gamma_regularizer, beta_constraint, gamma_constraint)
 
     def build(self, input_shape):
         axes = self._resolve_layout(input_shape)
         param_shape = tuple(input_shape[a] for a in axes)
-        self.gamma = self.add_weight(
-            shape=param_shape, name="gamma", initializer=self.gamma_initializer,
-            regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
-        ) if self.scale else None
-        self.beta = self.add_weight(
-            shape=param_shape, name="beta", initializer=self.beta_initializer,
-            regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
-        ) if self.center else None
+        self._add_affine_weights(param_shape)
 
         kernel_axes, epsilon = self._kernel_axes, self.epsilon
         self._kernel = _ArrayKernel(
@@ -383,22 +383,8 @@ class LayerNormalization(_AxesNormalization):
         )
         super().build(input_shape)
 
-    def call(self, inputs):
-        return self._apply_kernel(inputs, self.gamma, self.beta)
-
     def get_config(self):
-        config = {
-            "axis": self.axis,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": keras.initializers.serialize(self.beta_initializer),
-            "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
-            "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": keras.constraints.serialize(self.beta_constraint),
-            "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
-        }
+        config = {"axis": self.axis, "epsilon": self.epsilon, **self._affine_config()}
         return {**super().get_config(), **config}
 
 

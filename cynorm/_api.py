@@ -159,6 +159,12 @@ def _output(out, like, name):
 def _flat_input(arr, dtype, result, result_is_new):
     """arr as a flat C-contiguous array of the compute dtype that the kernel may read while writing
     `result`: the very same memory (in place) is fine, a partial overlap gets a private copy."""
+    if arr.dtype.itemsize == 2 and _kernels.HAVE_FLOAT16:
+        # NumPy widens float16 element by element; the kernel module does it with vector instructions
+        flat = np.empty(arr.size, dtype)
+        bits = np.ascontiguousarray(arr, dtype=np.float16).view(np.uint16).reshape(-1)
+        _kernels.half_to_float(bits, flat, _thread_count(arr.size))
+        return flat
     flat = np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
     if (not result_is_new and np.may_share_memory(flat, result)
             and flat.__array_interface__["data"][0] != result.__array_interface__["data"][0]):
@@ -172,7 +178,12 @@ def _flat_result(result, dtype):
 
 
 def _store(result, flat):
-    if flat.dtype != result.dtype:
+    """Copies the kernel's compute-dtype output into `result` if the kernel did not write there."""
+    if flat.dtype == result.dtype:
+        return result
+    if result.dtype == np.float16 and _kernels.HAVE_FLOAT16:
+        _kernels.float_to_half(flat, result.view(np.uint16).reshape(-1), _thread_count(flat.size))
+    else:
         result[...] = flat.reshape(result.shape)
     return result
 

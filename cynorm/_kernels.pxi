@@ -34,6 +34,23 @@ cdef extern from *:
     static int omp_get_max_threads(void) { return 1; }
     #endif
 
+    /* float16 <-> float32 through the compiler's _Float16 (F16C instructions where the build has them). */
+    #include <string.h>
+    #if (defined(__clang__) && __clang_major__ >= 15) || \
+        (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12 && (defined(__x86_64__) || defined(__aarch64__)))
+    #define CYNORM_HAVE_FLOAT16 1
+    static inline float cynorm_half_to_float(unsigned short bits) {
+        _Float16 value; memcpy(&value, &bits, sizeof value); return (float)value;
+    }
+    static inline unsigned short cynorm_float_to_half(float value) {
+        _Float16 half = (_Float16)value; unsigned short bits; memcpy(&bits, &half, sizeof bits); return bits;
+    }
+    #else
+    #define CYNORM_HAVE_FLOAT16 0
+    static inline float cynorm_half_to_float(unsigned short bits) { (void)bits; return 0.0f; }
+    static inline unsigned short cynorm_float_to_half(float value) { (void)value; return 0; }
+    #endif
+
     /* 0: baseline, 3: x86-64-v3 (AVX2, FMA), 4: x86-64-v4 (AVX-512); libgcc also checks the OS saves the
        wider registers. */
     static int cynorm_cpu_level(void) {
@@ -48,6 +65,9 @@ cdef extern from *:
     bint CYNORM_HAVE_OPENMP
     int omp_get_max_threads() noexcept nogil
     int cynorm_cpu_level() noexcept nogil
+    bint CYNORM_HAVE_FLOAT16
+    float cynorm_half_to_float(unsigned short bits) noexcept nogil
+    unsigned short cynorm_float_to_half(float value) noexcept nogil
 
 cdef enum:
     # Independent partial sums per reduction: the compiler vectorizes across them, the order stays fixed.
@@ -68,6 +88,26 @@ cdef enum:
     BLOCK_ELEMS = 65536
 
 HAVE_OPENMP = bool(CYNORM_HAVE_OPENMP)
+# Whether half_to_float and float_to_half are available (the compiler knows _Float16).
+HAVE_FLOAT16 = bool(CYNORM_HAVE_FLOAT16)
+
+
+def half_to_float(const unsigned short[::1] half_bits,   # IN  float16 values, as their bits
+                  float[::1] out,                        # OUT
+                  int num_threads):
+    """Widens float16 to float32 (exactly), in parallel."""
+    cdef Py_ssize_t i
+    for i in prange(out.shape[0], nogil=True, num_threads=num_threads, schedule="static"):
+        out[i] = cynorm_half_to_float(half_bits[i])
+
+
+def float_to_half(const float[::1] values,             # IN
+                  unsigned short[::1] out_bits,        # OUT float16 values, as their bits
+                  int num_threads):
+    """Rounds float32 to the nearest float16 (ties to even, as NumPy's cast), in parallel."""
+    cdef Py_ssize_t i
+    for i in prange(values.shape[0], nogil=True, num_threads=num_threads, schedule="static"):
+        out_bits[i] = cynorm_float_to_half(values[i])
 
 
 def cpu_level():

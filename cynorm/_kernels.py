@@ -47,3 +47,6 @@ backward_rows = _module.backward_rows
 backward_columns = _module.backward_columns
 max_threads = _module.max_threads
 HAVE_OPENMP = _module.HAVE_OPENMP
+HAVE_FLOAT16 = _module.HAVE_FLOAT16
+half_to_float = _module.half_to_float
+float_to_half = _module.float_to_half

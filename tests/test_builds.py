@@ -1,0 +1,70 @@
+"""Every compiled build of the kernels (baseline, x86-64-v3, x86-64-v4) gives the same bits, and the float16
+conversions agree with NumPy's casts."""
+import importlib
+
+import numpy as np
+import pytest
+
+from cynorm import _kernels
+
+BUILDS = _kernels.available_builds()
+
+
+def _module(name):
+    return importlib.import_module(f"cynorm._kernels_{name}")
+
+
+def _run_all_kernels(module, dtype):
+    """Forward and backward of a rows case and a columns case, with adversarial data, as raw kernel calls."""
+    rng = np.random.default_rng(7)
+    results = []
+    rows, length = 5, 4099   # a partial chunk and a lane tail
+    x = (1e4 + rng.standard_normal(rows * length)).astype(dtype)
+    dy = rng.standard_normal(x.size).astype(dtype)
+    weight = rng.standard_normal(length).astype(dtype)
+    bias = rng.standard_normal(length).astype(dtype)
+    y, mean, rstd = np.empty_like(x), np.empty(rows), np.empty(rows)
+    module.forward_rows(x, y, weight, bias, mean, rstd, 1, length, 1, 1e-5, True, 2)
+    dx, dweight, dbias = np.empty_like(x), np.empty(length), np.empty(length)
+    module.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, 1, length, 1, True, 2)
+    results += [y, mean, rstd, dx, dweight, dbias]
+
+    samples, n_rows, n_cols, groups = 3, 301, 24, 6
+    x = (rng.standard_normal(samples * n_rows * n_cols) * 3 - 50).astype(dtype)
+    dy = rng.standard_normal(x.size).astype(dtype)
+    weight = rng.standard_normal(n_cols).astype(dtype)
+    bias = rng.standard_normal(n_cols).astype(dtype)
+    y, mean, rstd = np.empty_like(x), np.empty(samples * groups), np.empty(samples * groups)
+    module.forward_columns(x, y, weight, bias, mean, rstd, n_rows, n_cols, groups, 1, False, 1e-5, True, 2)
+    dx, dweight, dbias = np.empty_like(x), np.empty(n_cols), np.empty(n_cols)
+    module.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, n_rows, n_cols, groups, 1, False, True, 2)
+    results += [y, mean, rstd, dx, dweight, dbias]
+    return results
+
+
+@pytest.mark.skipif(len(BUILDS) < 2, reason="only one build of the kernels runs on this CPU")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("build", BUILDS[1:])
+def test_builds_give_identical_bits(build, dtype):
+    reference = _run_all_kernels(_module(BUILDS[0]), dtype)
+    for got, expected in zip(_run_all_kernels(_module(build), dtype), reference):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.skipif(not _kernels.HAVE_FLOAT16, reason="built without _Float16")
+@pytest.mark.parametrize("build", BUILDS)
+def test_float16_conversions_match_numpy(build):
+    module = _module(build)
+    every_half = np.arange(2 ** 16, dtype=np.uint16)
+    widened = np.empty(every_half.size, np.float32)
+    module.half_to_float(every_half, widened, 2)
+    np.testing.assert_array_equal(widened, every_half.view(np.float16).astype(np.float32))
+
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.standard_normal(100_000) * 3e4, rng.standard_normal(100_000) * 1e-6,
+                             [np.nan, np.inf, -np.inf, 65504, 65520, -0.0, 6e-8, 3e-8]]).astype(np.float32)
+    rounded = np.empty(values.size, np.uint16)
+    module.float_to_half(values, rounded, 2)
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    np.testing.assert_array_equal(rounded.view(np.float16), expected)

@@ -77,7 +77,7 @@ cdef enum:
     CHUNK = 4096
     # Columns view: a tile holds about this many elements, and at most MAX_TILE_ROWS rows so that the
     # per-column float sums stay short.
-    TILE_ELEMS = 16384
+    TILE_ELEMS = 65536
     MAX_TILE_ROWS = 256
     # Columns view: the rows of a tile whose mean serves as the first centre.
     HEAD_ROWS = 8

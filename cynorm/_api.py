@@ -6,6 +6,7 @@ import functools
 import math
 import numbers
 import operator
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -139,6 +140,29 @@ def _thread_count(size):
     return max(1, min(get_num_threads(), size // _MIN_ELEMENTS_PER_THREAD))
 
 
+# Outputs from this size on are "large": they leave the cache before they are read again.
+_LARGE_OUTPUT_BYTES = 16 * 2 ** 20
+# CYNORM_HUGE_PAGES=0 turns off the transparent-huge-page hint for fresh large outputs.
+_HUGE_PAGES = os.environ.get("CYNORM_HUGE_PAGES", "1") != "0"
+
+
+def _prepare_large_output(flat):
+    """Readies the kernel's output buffer; returns whether to write it with streaming stores.
+
+    A large output already in memory is streamed: each destination line is written without being read first.
+    A fresh one (its pages not yet touched: a new mapping from the allocator) would fault in 4 KiB at a time on
+    the first writes, which costs several times the kernel itself; it is offered to the OS as transparent huge
+    pages instead, and written with ordinary stores, which land in the lines the kernel has just zeroed.
+    """
+    if flat.nbytes < _LARGE_OUTPUT_BYTES:
+        return False
+    if _kernels.has_untouched_pages(flat):
+        if _HUGE_PAGES:
+            _kernels.advise_huge_pages(flat)
+        return False
+    return _kernels.HAVE_STREAM
+
+
 def _output(out, like, name):
     """`out` checked against `like`, or a new array like it."""
     if out is None:
@@ -230,13 +254,15 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
         mean.fill(np.nan)   # the statistics of no values (the kernels skip empty input)
         rstd.fill(np.nan)
     threads = _thread_count(x.size)
+    # (a float16 result is computed into a temporary that is read back at once: never streamed)
+    stream = _prepare_large_output(y_flat) and y_flat.dtype == y.dtype
     if geometry.rows:
         _kernels.forward_rows(x_flat, y_flat, weight, bias, mean, rstd, geometry.groups,
-                              geometry.chans_per_group, geometry.inner, eps, centered, threads)
+                              geometry.chans_per_group, geometry.inner, eps, centered, stream, threads)
     else:
         _kernels.forward_columns(x_flat, y_flat, weight, bias, mean, rstd, geometry.n_rows, geometry.n_cols,
                                  geometry.groups, geometry.cols_per_channel, geometry.affine_per_row, eps,
-                                 centered, threads)
+                                 centered, stream, threads)
     return _store(y, y_flat), mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 
@@ -254,6 +280,7 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
     dy_flat = _flat_input(dy, dtype, dx_flat, out is None)
     dweight = np.empty(weight.size)
     dbias = np.empty(weight.size)
+    _prepare_large_output(dx_flat)   # the backward kernels do not stream
     threads = _thread_count(x.size)
     if geometry.rows:
         _kernels.backward_rows(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.groups,

@@ -51,6 +51,94 @@ cdef extern from *:
     static inline unsigned short cynorm_float_to_half(float value) { (void)value; return 0; }
     #endif
 
+    /* Streaming (non-temporal) stores: a large output is written to memory without first reading each
+       destination line into the cache, and without evicting the input.  The values pass through a small
+       buffer in L1, so the arithmetic stays in the Cython loops. */
+    #include <stdint.h>
+    #if defined(__SSE2__)
+    #include <immintrin.h>
+    #define CYNORM_HAVE_STREAM 1
+    #else
+    #define CYNORM_HAVE_STREAM 0
+    #endif
+    #if defined(__AVX512F__)
+    #define CYNORM_STREAM_BYTES 64
+    #define CYNORM_STREAM_FLOATS(dst, src) _mm512_stream_ps(dst, _mm512_loadu_ps(src))
+    #define CYNORM_STREAM_DOUBLES(dst, src) _mm512_stream_pd(dst, _mm512_loadu_pd(src))
+    #elif defined(__AVX__)
+    #define CYNORM_STREAM_BYTES 32
+    #define CYNORM_STREAM_FLOATS(dst, src) _mm256_stream_ps(dst, _mm256_loadu_ps(src))
+    #define CYNORM_STREAM_DOUBLES(dst, src) _mm256_stream_pd(dst, _mm256_loadu_pd(src))
+    #elif defined(__SSE2__)
+    #define CYNORM_STREAM_BYTES 16
+    #define CYNORM_STREAM_FLOATS(dst, src) _mm_stream_ps(dst, _mm_loadu_ps(src))
+    #define CYNORM_STREAM_DOUBLES(dst, src) _mm_stream_pd(dst, _mm_loadu_pd(src))
+    #endif
+    /* Copies n values; the stores are streamed once dst reaches a vector boundary (a misaligned array never
+       does, and is copied with ordinary stores). */
+    #if CYNORM_HAVE_STREAM
+    #define CYNORM_DEFINE_STREAM_COPY(name, type, stream)                                           \
+        static inline void name(type* dst, const type* src, Py_ssize_t n) {                        \
+            const Py_ssize_t width = CYNORM_STREAM_BYTES / sizeof(type);                           \
+            Py_ssize_t i = 0;                                                                       \
+            for (; i < n && ((uintptr_t)(dst + i) % CYNORM_STREAM_BYTES) != 0; i++) dst[i] = src[i];  \
+            for (; i + width <= n; i += width) stream(dst + i, src + i);                           \
+            for (; i < n; i++) dst[i] = src[i];                                                     \
+        }
+    static inline void cynorm_store_fence(void) { _mm_sfence(); }
+    #else
+    #define CYNORM_DEFINE_STREAM_COPY(name, type, stream)                                           \
+        static inline void name(type* dst, const type* src, Py_ssize_t n) {                        \
+            memcpy(dst, src, (size_t)n * sizeof(type));                                             \
+        }
+    static inline void cynorm_store_fence(void) {}
+    #endif
+    CYNORM_DEFINE_STREAM_COPY(cynorm_stream_floats, float, CYNORM_STREAM_FLOATS)
+    CYNORM_DEFINE_STREAM_COPY(cynorm_stream_doubles, double, CYNORM_STREAM_DOUBLES)
+
+    /* Fresh output pages: a large new array is often a fresh mapping whose pages are faulted in one 4 KiB
+       page at a time by the first writes; asking for transparent huge pages faults it in 2 MiB at a time. */
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #include <unistd.h>
+    #endif
+    static int cynorm_page_is_resident(uintptr_t page) {
+    #if defined(__linux__)
+        unsigned char resident = 1;
+        if (mincore((void*)page, 1, &resident) != 0) return 1;
+        return resident & 1;
+    #else
+        (void)page; return 1;
+    #endif
+    }
+    /* Whether the first or the last whole page of [address, address + nbytes) has never been touched. */
+    static int cynorm_has_untouched_pages(uintptr_t address, size_t nbytes) {
+    #if defined(__linux__)
+        long page_size = sysconf(_SC_PAGESIZE);
+        uintptr_t first, last;
+        if (page_size <= 0) return 0;
+        first = (address + page_size - 1) / page_size * page_size;
+        last = (address + nbytes) / page_size * page_size;
+        if (last < first + page_size) return 0;
+        return !cynorm_page_is_resident(first) || !cynorm_page_is_resident(last - page_size);
+    #else
+        (void)address; (void)nbytes; return 0;
+    #endif
+    }
+    /* A hint: errors (no THP in this kernel, or not an anonymous mapping) leave the memory as it was. */
+    static void cynorm_advise_huge_pages(uintptr_t address, size_t nbytes) {
+    #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        long page_size = sysconf(_SC_PAGESIZE);
+        uintptr_t first, last;
+        if (page_size <= 0) return;
+        first = (address + page_size - 1) / page_size * page_size;
+        last = (address + nbytes) / page_size * page_size;
+        if (last > first) madvise((void*)first, last - first, MADV_HUGEPAGE);
+    #else
+        (void)address; (void)nbytes;
+    #endif
+    }
+
     /* 0: baseline, 3: x86-64-v3 (AVX2, FMA), 4: x86-64-v4 (AVX-512); libgcc also checks the OS saves the
        wider registers. */
     static int cynorm_cpu_level(void) {
@@ -66,6 +154,12 @@ cdef extern from *:
     int omp_get_max_threads() noexcept nogil
     int cynorm_cpu_level() noexcept nogil
     bint CYNORM_HAVE_FLOAT16
+    bint CYNORM_HAVE_STREAM
+    void cynorm_stream_floats(float* dst, const float* src, Py_ssize_t n) noexcept nogil
+    void cynorm_stream_doubles(double* dst, const double* src, Py_ssize_t n) noexcept nogil
+    void cynorm_store_fence() noexcept nogil
+    bint cynorm_has_untouched_pages(size_t address, size_t nbytes) noexcept nogil
+    void cynorm_advise_huge_pages(size_t address, size_t nbytes) noexcept nogil
     float cynorm_half_to_float(unsigned short bits) noexcept nogil
     unsigned short cynorm_float_to_half(float value) noexcept nogil
 
@@ -79,6 +173,9 @@ cdef enum:
     # per-column float sums stay short.
     TILE_ELEMS = 65536
     MAX_TILE_ROWS = 256
+    # Columns view: a sample of several tiles is cut into a multiple of this many tiles of nearly equal size,
+    # so that 1, 2 or 4 threads get the same work (the cut depends on the shape only).
+    TILE_MULTIPLE = 4
     # Columns view: the rows of a tile whose mean serves as the first centre.
     HEAD_ROWS = 8
     # Columns view: samples are processed in batches of about this many elements, small enough that a batch
@@ -86,10 +183,14 @@ cdef enum:
     BATCH_ELEMS = 1048576
     # Rows backward: samples are grouped into blocks of about this many elements for dweight/dbias.
     BLOCK_ELEMS = 65536
+    # Streamed outputs are computed this many values at a time into an L1 buffer, then stored.
+    STREAM_BLOCK = 256
 
 HAVE_OPENMP = bool(CYNORM_HAVE_OPENMP)
 # Whether half_to_float and float_to_half are available (the compiler knows _Float16).
 HAVE_FLOAT16 = bool(CYNORM_HAVE_FLOAT16)
+# Whether the `stream` argument of the forward kernels uses non-temporal stores (else it only costs a copy).
+HAVE_STREAM = bool(CYNORM_HAVE_STREAM)
 
 
 def half_to_float(const unsigned short[::1] half_bits,   # IN  float16 values, as their bits
@@ -108,6 +209,19 @@ def float_to_half(const float[::1] values,             # IN
     cdef Py_ssize_t i
     for i in prange(values.shape[0], nogil=True, num_threads=num_threads, schedule="static"):
         out_bits[i] = cynorm_float_to_half(values[i])
+
+
+def has_untouched_pages(floating[::1] output):
+    """Whether `output` starts or ends on a page never written since it was mapped (a fresh allocation)."""
+    if output.shape[0] == 0:
+        return False
+    return cynorm_has_untouched_pages(<size_t>&output[0], output.shape[0] * sizeof(floating))
+
+
+def advise_huge_pages(floating[::1] output):
+    """Asks the OS to back the untouched pages of `output` with transparent huge pages (Linux; a hint)."""
+    if output.shape[0] > 0:
+        cynorm_advise_huge_pages(<size_t>&output[0], output.shape[0] * sizeof(floating))
 
 
 def cpu_level():
@@ -339,8 +453,12 @@ cdef inline void tile_moments(const floating* x, Py_ssize_t rows, Py_ssize_t n_c
                 return
 
 
-cdef inline Py_ssize_t rows_per_tile(Py_ssize_t n_cols) noexcept nogil:
-    return max(1, min(<Py_ssize_t>MAX_TILE_ROWS, TILE_ELEMS // max(n_cols, 1)))
+cdef inline Py_ssize_t rows_per_tile(Py_ssize_t n_rows, Py_ssize_t n_cols) noexcept nogil:
+    cdef Py_ssize_t most = max(1, min(<Py_ssize_t>MAX_TILE_ROWS, TILE_ELEMS // max(n_cols, 1)))
+    cdef Py_ssize_t tiles = (n_rows + most - 1) // most
+    if tiles > 1:
+        tiles = min(n_rows, (tiles + TILE_MULTIPLE - 1) // TILE_MULTIPLE * TILE_MULTIPLE)
+    return max(1, (n_rows + tiles - 1) // max(tiles, 1))
 
 
 cdef inline Py_ssize_t samples_per_batch(Py_ssize_t sample_size) noexcept nogil:
@@ -351,12 +469,19 @@ cdef inline Py_ssize_t samples_per_batch(Py_ssize_t sample_size) noexcept nogil:
 # Normalization
 # ---------------------------------------------------------------------------------------------------------
 
-cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT: one row
-                                     Py_ssize_t start, Py_ssize_t stop, Py_ssize_t inner,
-                                     const floating* weight, const floating* bias,  # the row's channels
-                                     double mean, double rstd) noexcept nogil:
-    """y = (x - mean) * rstd * weight[c] + bias[c] on elements [start, stop) of a row (channel c holds
-    `inner` consecutive elements)."""
+cdef inline void stream_copy(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        cynorm_stream_floats(dst, src, n)
+    else:
+        cynorm_stream_doubles(dst, src, n)
+
+
+cdef inline void normalize_values(const floating* x, floating* y,   # IN, OUT: n consecutive values of a row
+                                  Py_ssize_t n, Py_ssize_t first,  # x[0] is element `first` of the row
+                                  Py_ssize_t inner,
+                                  const floating* weight, const floating* bias,  # the row's channels
+                                  double mean, double rstd) noexcept nogil:
+    """y = (x - mean) * rstd * weight[c] + bias[c], where channel c holds `inner` consecutive elements."""
     # float32 cannot hold a large mean exactly: it is subtracted as a high part, the low part goes into the
     # shift.
     cdef floating mean_hi = <floating>mean
@@ -365,14 +490,32 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
     cdef floating scale, shift
     cdef Py_ssize_t i, c
     if inner == 1:
-        for i in range(start, stop):
-            y[i] = ((x[i] - mean_hi) - mean_lo) * rs * weight[i] + bias[i]
+        for i in range(n):
+            y[i] = ((x[i] - mean_hi) - mean_lo) * rs * weight[first + i] + bias[first + i]
         return
-    for c in range(start // inner, (stop + inner - 1) // inner):
+    for c in range(first // inner, (first + n + inner - 1) // inner):
         scale = <floating>(rstd * weight[c])
         shift = <floating>(bias[c] - mean_lo * (rstd * weight[c]))
-        for i in range(max(start, c * inner), min(stop, (c + 1) * inner)):
+        for i in range(max(first, c * inner) - first, min(first + n, (c + 1) * inner) - first):
             y[i] = (x[i] - mean_hi) * scale + shift
+
+
+cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT: one row
+                                     Py_ssize_t start, Py_ssize_t stop, Py_ssize_t inner,
+                                     const floating* weight, const floating* bias,  # the row's channels
+                                     double mean, double rstd, bint stream) noexcept nogil:
+    """Normalizes elements [start, stop) of a row, with streaming stores if `stream`."""
+    cdef floating buffer[STREAM_BLOCK]
+    cdef Py_ssize_t k, block, n
+    if not stream:
+        normalize_values(x + start, y + start, stop - start, start, inner, weight, bias, mean, rstd)
+        return
+    for k in range((stop - start + STREAM_BLOCK - 1) // STREAM_BLOCK):
+        block = start + k * STREAM_BLOCK
+        n = min(<Py_ssize_t>STREAM_BLOCK, stop - block)
+        normalize_values(x + block, buffer, n, block, inner, weight, bias, mean, rstd)
+        stream_copy(y + block, buffer, n)
+    cynorm_store_fence()
 
 
 cdef inline double row_moments(const floating* x, Py_ssize_t length, bint centered,
@@ -389,27 +532,54 @@ cdef inline double row_moments(const floating* x, Py_ssize_t length, bint center
     return running_m2
 
 
+cdef inline void normalize_tile_row(const floating* x, floating* y, Py_ssize_t n,   # IN, OUT (n,)
+                                    const floating* mean_hi,                       # (n,) per column
+                                    const floating* scale, const floating* shift,  # (n,) per column
+                                    bint affine_per_row, floating w, floating b) noexcept nogil:
+    cdef Py_ssize_t col
+    if affine_per_row:
+        for col in range(n):
+            y[col] = ((x[col] - mean_hi[col]) * scale[col] + shift[col]) * w + b
+    else:
+        for col in range(n):
+            y[col] = (x[col] - mean_hi[col]) * scale[col] + shift[col]
+
+
 cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (rows, n_cols)
                                 Py_ssize_t rows, Py_ssize_t n_cols,
                                 const floating* mean_hi,                     # (n_cols,) per column
                                 const floating* scale, const floating* shift,  # (n_cols,) per column
                                 bint affine_per_row,
-                                const floating* row_weight, const floating* row_bias) noexcept nogil:
-    cdef Py_ssize_t a, col
-    cdef const floating* xr
-    cdef floating* yr
-    cdef floating w, b
+                                const floating* row_weight, const floating* row_bias,  # (rows,) if affine_per_row
+                                bint stream) noexcept nogil:
+    """Normalizes a tile, with streaming stores if `stream`: narrow rows are buffered several at a time, wide
+    rows a block of columns at a time."""
+    cdef floating buffer[STREAM_BLOCK]
+    cdef Py_ssize_t a, k, col, n, buffered = 0
+    cdef Py_ssize_t rows_per_block = max(1, STREAM_BLOCK // n_cols)
+    cdef floating w = 1, b = 0
     for a in range(rows):
-        xr = x + a * n_cols
-        yr = y + a * n_cols
         if affine_per_row:
             w = row_weight[a]
             b = row_bias[a]
-            for col in range(n_cols):
-                yr[col] = ((xr[col] - mean_hi[col]) * scale[col] + shift[col]) * w + b
+        if not stream:
+            normalize_tile_row(x + a * n_cols, y + a * n_cols, n_cols, mean_hi, scale, shift, affine_per_row, w, b)
+        elif rows_per_block > 1:
+            normalize_tile_row(x + a * n_cols, buffer + buffered * n_cols, n_cols, mean_hi, scale, shift,
+                               affine_per_row, w, b)
+            buffered += 1
+            if buffered == rows_per_block or a == rows - 1:
+                stream_copy(y + (a + 1 - buffered) * n_cols, buffer, buffered * n_cols)
+                buffered = 0
         else:
-            for col in range(n_cols):
-                yr[col] = (xr[col] - mean_hi[col]) * scale[col] + shift[col]
+            for k in range((n_cols + STREAM_BLOCK - 1) // STREAM_BLOCK):
+                col = k * STREAM_BLOCK
+                n = min(<Py_ssize_t>STREAM_BLOCK, n_cols - col)
+                normalize_tile_row(x + a * n_cols + col, buffer, n, mean_hi + col, scale + col, shift + col,
+                                   affine_per_row, w, b)
+                stream_copy(y + a * n_cols + col, buffer, n)
+    if stream:
+        cynorm_store_fence()
 
 
 def _float_dtype(floating[::1] like):
@@ -426,8 +596,9 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
                  double[::1] mean,              # OUT (n_rows,)
                  double[::1] rstd,              # OUT (n_rows,)
                  Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
-                 double eps, bint centered, int num_threads):
-    """Rows view forward; row r uses channels (r % groups) * chans_per_group + [0, chans_per_group)."""
+                 double eps, bint centered, bint stream, int num_threads):
+    """Rows view forward; row r uses channels (r % groups) * chans_per_group + [0, chans_per_group).
+    `stream`: write y with streaming stores (for outputs too large to stay in cache)."""
     cdef Py_ssize_t n_rows = mean.shape[0]
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t r, u, k, start, chunks, first_channel
@@ -442,7 +613,7 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
             rstd[r] = inverse_std(m2, length, eps)
             first_channel = (r % groups) * chans_per_group
             normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
-                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r])
+                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream)
         return
     # Fewer rows than threads: the same chunks, computed in parallel and merged in the same order.
     chunks = (length + CHUNK - 1) // CHUNK
@@ -468,7 +639,36 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
             start = (u % chunks) * CHUNK
             first_channel = (r % groups) * chans_per_group
             normalize_row_range(&x[r * length], &y[r * length], start, min(start + CHUNK, length), inner,
-                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r])
+                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream)
+
+
+cdef inline void group_scale_shift(const double* tile_stats,     # IN  (tiles, groups, 2) of one sample
+                                   Py_ssize_t tiles, Py_ssize_t tile_rows, Py_ssize_t n_rows,
+                                   Py_ssize_t groups, Py_ssize_t g, Py_ssize_t cols_per_group,
+                                   Py_ssize_t cols_per_channel, bint affine_per_row,
+                                   const floating* weight, const floating* bias, double eps,
+                                   double* mean, double* rstd,   # OUT group g's statistics
+                                   floating* mean_hi, floating* scale, floating* shift) noexcept nogil:  # OUT (n_cols,)
+    """Merges group g's tile moments in tile order and sets its columns' normalization constants."""
+    cdef double count = 0, running_mean = 0, m2 = 0, mean_lo, column_scale
+    cdef Py_ssize_t t, col, channel
+    for t in range(tiles):
+        merge_moments(&count, &running_mean, &m2, min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
+                      tile_stats[2 * (t * groups + g)], tile_stats[2 * (t * groups + g) + 1])
+    mean[0] = running_mean
+    rstd[0] = inverse_std(m2, n_rows * cols_per_group, eps)
+    for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+        mean_hi[col] = <floating>running_mean
+        # the low part of the mean goes into the shift: y = (x - mean_hi) * scale + shift
+        mean_lo = running_mean - <double>mean_hi[col]
+        if affine_per_row:
+            column_scale = rstd[0]
+            shift[col] = <floating>(-mean_lo * column_scale)
+        else:
+            channel = col // cols_per_channel
+            column_scale = rstd[0] * weight[channel]
+            shift[col] = <floating>(bias[channel] - mean_lo * column_scale)
+        scale[col] = <floating>column_scale
 
 
 def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_cols,)
@@ -478,18 +678,17 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                     double[::1] mean,             # OUT (n_samples * groups,)
                     double[::1] rstd,             # OUT (n_samples * groups,)
                     Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
-                    bint affine_per_row, double eps, bint centered, int num_threads):
-    """Columns view forward: group g of sample n is columns [g, g+1) * n_cols/groups, reduced over rows."""
+                    bint affine_per_row, double eps, bint centered, bint stream, int num_threads):
+    """Columns view forward: group g of sample n is columns [g, g+1) * n_cols/groups, reduced over rows.
+    `stream`: write y with streaming stores."""
     cdef Py_ssize_t n_samples = mean.shape[0] // groups
     cdef Py_ssize_t cols_per_group = n_cols // groups
-    cdef Py_ssize_t tile_rows = rows_per_tile(n_cols)
+    cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
-    cdef Py_ssize_t batch_index, first, batch_size, u, n, t, g, s, col, channel, a0, offset
-    cdef double count, running_mean, m2
+    cdef Py_ssize_t batch_index, first, batch_size, u, n, t, g, s, a0, offset
     cdef double[::1] tile_stats
     cdef floating[:, ::1] column_mean_hi, column_scale, column_shift
-    cdef double mean_lo, scale
     cdef double[:, ::1] scratch
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
@@ -499,6 +698,29 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
     column_shift = np.empty((n_samples, n_cols), dtype=dtype)
     scratch = np.empty((num_threads, 3 * n_cols))   # room for double sums, which float input may need
+    if n_samples % num_threads == 0 or n_samples >= 8 * num_threads:
+        # Whole samples per thread, evenly shared, and no waiting on each other: each thread's sample is read
+        # for its statistics, then normalized while it is still in the last-level cache.
+        with nogil:
+            for n in prange(n_samples, num_threads=num_threads, schedule="static"):
+                for t in range(tiles):
+                    a0 = t * tile_rows
+                    tile_moments(&x[(n * n_rows + a0) * n_cols], min(tile_rows, n_rows - a0), n_cols, groups,
+                                 centered, &scratch[threadid(), 0], &tile_stats[2 * (n * tiles + t) * groups])
+                for g in range(groups):
+                    group_scale_shift(&tile_stats[2 * n * tiles * groups], tiles, tile_rows, n_rows, groups, g,
+                                      cols_per_group, cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
+                                      &mean[n * groups + g], &rstd[n * groups + g],
+                                      &column_mean_hi[n, 0], &column_scale[n, 0], &column_shift[n, 0])
+                for t in range(tiles):
+                    a0 = t * tile_rows
+                    offset = (n * n_rows + a0) * n_cols
+                    normalize_tile(&x[offset], &y[offset], min(tile_rows, n_rows - a0), n_cols,
+                                   &column_mean_hi[n, 0], &column_scale[n, 0], &column_shift[n, 0],
+                                   affine_per_row,
+                                   &weight[a0] if affine_per_row else &weight[0],
+                                   &bias[a0] if affine_per_row else &bias[0], stream)
+        return
     with nogil, parallel(num_threads=num_threads):
         # A batch of samples is normalized right after its statistics, while it is still in the last-level
         # cache; every thread walks the same batches.
@@ -512,29 +734,10 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                              centered, &scratch[threadid(), 0], &tile_stats[2 * u * groups])
             for s in prange(first * groups, (first + batch_size) * groups, schedule="static"):
                 n = s // groups
-                g = s % groups
-                count = 0
-                running_mean = 0
-                m2 = 0
-                for t in range(tiles):
-                    u = (n * tiles + t) * groups + g
-                    merge_moments(&count, &running_mean, &m2,
-                                  min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
-                                  tile_stats[2 * u], tile_stats[2 * u + 1])
-                mean[s] = running_mean
-                rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps)
-                for col in range(g * cols_per_group, (g + 1) * cols_per_group):
-                    column_mean_hi[n, col] = <floating>running_mean
-                    # the low part of the mean goes into the shift: y = (x - mean_hi) * scale + shift
-                    mean_lo = running_mean - <double>column_mean_hi[n, col]
-                    if affine_per_row:
-                        scale = rstd[s]
-                        column_shift[n, col] = <floating>(-mean_lo * scale)
-                    else:
-                        channel = col // cols_per_channel
-                        scale = rstd[s] * weight[channel]
-                        column_shift[n, col] = <floating>(bias[channel] - mean_lo * scale)
-                    column_scale[n, col] = <floating>scale
+                group_scale_shift(&tile_stats[2 * n * tiles * groups], tiles, tile_rows, n_rows, groups, s % groups,
+                                  cols_per_group, cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
+                                  &mean[s], &rstd[s], &column_mean_hi[n, 0], &column_scale[n, 0],
+                                  &column_shift[n, 0])
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
                 n = u // tiles
                 a0 = (u % tiles) * tile_rows
@@ -543,7 +746,7 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                                &column_mean_hi[n, 0], &column_scale[n, 0], &column_shift[n, 0],
                                affine_per_row,
                                &weight[a0] if affine_per_row else &weight[0],
-                               &bias[a0] if affine_per_row else &bias[0])
+                               &bias[a0] if affine_per_row else &bias[0], stream)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -698,7 +901,7 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
     cdef Py_ssize_t n_samples = mean.shape[0] // groups
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t channels = n_cols // cols_per_channel
-    cdef Py_ssize_t tile_rows = rows_per_tile(n_cols)
+    cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t group_size = n_rows * cols_per_group
     cdef Py_ssize_t batch = samples_per_batch(2 * n_rows * n_cols)

@@ -14,8 +14,9 @@ def _module(name):
     return importlib.import_module(f"cynorm._kernels_{name}")
 
 
-def _run_all_kernels(module, dtype):
-    """Forward and backward of a rows case and a columns case, with adversarial data, as raw kernel calls."""
+def _run_all_kernels(module, dtype, stream):
+    """Forward and backward of a rows case and a columns case, with adversarial data, as raw kernel calls;
+    `stream`: the forward writes with streaming stores."""
     rng = np.random.default_rng(7)
     results = []
     rows, length = 5, 4099   # a partial chunk and a lane tail
@@ -24,7 +25,7 @@ def _run_all_kernels(module, dtype):
     weight = rng.standard_normal(length).astype(dtype)
     bias = rng.standard_normal(length).astype(dtype)
     y, mean, rstd = np.empty_like(x), np.empty(rows), np.empty(rows)
-    module.forward_rows(x, y, weight, bias, mean, rstd, 1, length, 1, 1e-5, True, 2)
+    module.forward_rows(x, y, weight, bias, mean, rstd, 1, length, 1, 1e-5, True, stream, 2)
     dx, dweight, dbias = np.empty_like(x), np.empty(length), np.empty(length)
     module.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, 1, length, 1, True, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
@@ -35,7 +36,8 @@ def _run_all_kernels(module, dtype):
     weight = rng.standard_normal(n_cols).astype(dtype)
     bias = rng.standard_normal(n_cols).astype(dtype)
     y, mean, rstd = np.empty_like(x), np.empty(samples * groups), np.empty(samples * groups)
-    module.forward_columns(x, y, weight, bias, mean, rstd, n_rows, n_cols, groups, 1, False, 1e-5, True, 2)
+    module.forward_columns(x, y, weight, bias, mean, rstd, n_rows, n_cols, groups, 1, False, 1e-5, True, stream,
+                           2)
     dx, dweight, dbias = np.empty_like(x), np.empty(n_cols), np.empty(n_cols)
     module.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, n_rows, n_cols, groups, 1, False, True, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
@@ -46,8 +48,17 @@ def _run_all_kernels(module, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("build", BUILDS[1:])
 def test_builds_give_identical_bits(build, dtype):
-    reference = _run_all_kernels(_module(BUILDS[0]), dtype)
-    for got, expected in zip(_run_all_kernels(_module(build), dtype), reference):
+    reference = _run_all_kernels(_module(BUILDS[0]), dtype, stream=False)
+    for got, expected in zip(_run_all_kernels(_module(build), dtype, stream=False), reference):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("build", BUILDS)
+def test_streamed_stores_give_identical_bits(build, dtype):
+    # each build has its own vector width of streaming stores
+    reference = _run_all_kernels(_module(build), dtype, stream=False)
+    for got, expected in zip(_run_all_kernels(_module(build), dtype, stream=True), reference):
         np.testing.assert_array_equal(got, expected)
 
 

@@ -252,6 +252,58 @@ def test_in_place_forward(case, dtype):
     assert_bitwise_equal(x, expected)
 
 
+# Streaming stores only change how the output reaches memory: every path of both views, with outputs aligned
+# and misaligned to the vector width, and in place.
+STREAM_CASES = (
+    NormCase("group", (3, 6, 5, 37), 1, 3),      # rows, one row per task
+    NormCase("layer", (1, 70001), -1),           # rows, one row split into chunks across threads
+    NormCase("layer", (5, 3), -1),               # rows shorter than a vector
+    NormCase("group", (2, 9, 9, 12), -1, 4),     # columns, several narrow rows per streamed block
+    NormCase("instance", (2, 7, 601), -1),       # columns, wide rows streamed a block at a time
+    NormCase("layer", (2, 26, 26, 10), 1),       # columns, weight along the rows
+)
+
+
+@pytest.mark.skipif(not cynorm._kernels.HAVE_STREAM, reason="no streaming stores in this build")
+@pytest.mark.parametrize("placement", ["new", "shifted", "byte-offset", "in-place"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
+@pytest.mark.parametrize("case", STREAM_CASES, ids=str)
+def test_streamed_output_has_the_same_bits(case, dtype, placement, monkeypatch):
+    x, weight, bias = _forward_inputs(case, dtype)
+    expected = case.forward_with_stats(cynorm, x, weight, bias)
+    out = {
+        "new": None,
+        "shifted": np.empty(x.size + 1, dtype)[1:].reshape(x.shape),   # off the vector boundary
+        # never on a vector boundary: written with ordinary stores
+        "byte-offset": np.empty(x.nbytes + 1, np.uint8)[1:].view(dtype).reshape(x.shape),
+        "in-place": x.copy(),
+    }[placement]
+    source = out if placement == "in-place" else x
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda flat: True)
+    got = case.forward_with_stats(cynorm, source, weight, bias, out=out)
+    for got_array, expected_array in zip(got, expected):
+        assert_bitwise_equal(got_array, expected_array)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
+def test_large_outputs_fresh_or_reused_give_the_same_bits(dtype):
+    case = NormCase("group", (2, 1 << 21), 1, 1)   # a 16 MiB output in float32
+    x, weight, bias = _forward_inputs(case, dtype)
+    expected = case.forward_with_stats(cynorm, x, weight, bias, out=np.zeros_like(x))
+    fresh = np.empty(x.size + 1024, dtype)[3:3 + x.size].reshape(x.shape)   # a new mapping, not page-aligned
+    assert cynorm._kernels.has_untouched_pages(fresh.reshape(-1))
+    got = case.forward_with_stats(cynorm, x, weight, bias, out=fresh)
+    assert not cynorm._kernels.has_untouched_pages(fresh.reshape(-1))
+    for got_array, expected_array in zip(got + case.forward_with_stats(cynorm, x, weight, bias), expected * 2):
+        assert_bitwise_equal(got_array, expected_array)
+
+
+def test_huge_page_advice_keeps_the_contents():
+    values = np.arange(3 << 20, dtype=np.float32)[5:]
+    cynorm._kernels.advise_huge_pages(values)
+    np.testing.assert_array_equal(values, np.arange(5, 3 << 20, dtype=np.float32))
+
+
 @pytest.mark.parametrize("case", [
     NormCase("group", (4, 64, 32, 32), 1, 32),
     NormCase("group", (4, 32, 32, 64), -1, 32),

@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import cynorm  # noqa: E402
 import cynorm.adapters.torch as ct  # noqa: E402
@@ -216,6 +217,38 @@ def test_forward_without_autograd(grad_mode):
         y = ours(x)
     assert y.grad_fn is None and not y.requires_grad
     assert_close_scaled(y, theirs(x).detach(), 1e-5)
+
+
+class _OperatorRecorder(TorchDispatchMode):
+    """Records the name of every operator dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["group_norm", "instance_norm", "layer_norm", "rms_norm"])
+def test_inference_skips_the_operator_only_when_nothing_watches(case, monkeypatch):
+    """Without autograd, compiler or dispatch mode the kernels are called directly, with the operator's result;
+    under a dispatch mode (as in torch.export and make_fx) the operator itself runs."""
+    _, function, make_inputs = FUNCTION_CASES[case]
+    inputs = make_inputs()
+    operator = getattr(ct, f"_{case}_op")
+    direct_calls = []
+    kernels = ct._KERNELS_OF[operator]
+    monkeypatch.setitem(ct._KERNELS_OF, operator, lambda *args: direct_calls.append(args) or kernels(*args))
+    with torch.no_grad():
+        direct = function(*inputs)
+        assert len(direct_calls) == 1
+        with _OperatorRecorder() as recorder:
+            through_operator = function(*inputs)
+    assert f"cynorm.{case}" in recorder.names and len(direct_calls) == 1
+    torch.testing.assert_close(direct, through_operator, rtol=0, atol=0)
+    assert function(*inputs).grad_fn is not None and len(direct_calls) == 1   # autograd needs the operator
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ _HUGE_PAGES = os.environ.get("CYNORM_HUGE_PAGES", "1") != "0"
 
 
 def _prepare_large_output(flat):
-    """Readies the kernel's output buffer; returns whether to write it with streaming stores.
+    """Readies the kernel's output buffer; returns whether the rows-view forward should stream its stores.
 
     A large output already in memory is streamed: each destination line is written without being read first.
     A fresh one (its pages not yet touched: a new mapping from the allocator) would fault in 4 KiB at a time on
@@ -262,7 +262,7 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
     else:
         _kernels.forward_columns(x_flat, y_flat, weight, bias, mean, rstd, geometry.n_rows, geometry.n_cols,
                                  geometry.groups, geometry.cols_per_channel, geometry.affine_per_row, eps,
-                                 centered, stream, threads)
+                                 centered, threads)
     return _store(y, y_flat), mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 

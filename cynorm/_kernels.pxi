@@ -183,6 +183,9 @@ cdef enum:
     BATCH_ELEMS = 1048576
     # Rows backward: samples are grouped into blocks of about this many elements for dweight/dbias.
     BLOCK_ELEMS = 65536
+    # Rows backward with one element per channel (layer/RMS norm): each element's dweight/dbias terms are
+    # summed in float over this many rows, then added into the block's double partials.
+    ROWS_PER_FLUSH = 8
     # Streamed outputs are computed this many values at a time into an L1 buffer, then stored.
     STREAM_BLOCK = 256
 
@@ -782,7 +785,8 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
                               Py_ssize_t length, Py_ssize_t inner,
                               const floating* weight,          # IN  the row's channels
                               double mean, double rstd, bint centered,
-                              double* dweight_acc, double* dbias_acc) noexcept nogil:  # INOUT the row's channels
+                              double* dweight_acc, double* dbias_acc,         # INOUT the row's channels (inner > 1)
+                              floating* dweight_run, floating* dbias_run) noexcept nogil:  # INOUT (inner == 1)
     cdef floating mean_hi = <floating>mean
     cdef floating mean_lo = <floating>(mean - <double>mean_hi)
     cdef floating rs = <floating>rstd
@@ -793,8 +797,8 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
         # one element per channel: the parameter sums are per element, the row sums weighted
         for i in range(length):
             xhat = ((x[i] - mean_hi) - mean_lo) * rs
-            dweight_acc[i] += dy[i] * xhat
-            dbias_acc[i] += dy[i]
+            dweight_run[i] += dy[i] * xhat
+            dbias_run[i] += dy[i]
         gradient_sums(dy, x, weight, length, mean_hi, mean_lo, rs, &sum_g, &sum_g_xhat)
     else:
         for c in range(channels):
@@ -835,8 +839,13 @@ def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t channels = groups * chans_per_group
     cdef Py_ssize_t n_samples = n_rows // groups
-    cdef Py_ssize_t samples_per_block, blocks, u, block, g, n, r, c
+    cdef Py_ssize_t samples_per_block, blocks, u, block, g, n, r, c, first, last
     cdef double[::1] partials
+    cdef floating[:, ::1] running
+    cdef floating* weight_run
+    cdef floating* bias_run
+    cdef double* weight_partial
+    cdef double* bias_partial
     dweight[:] = 0
     dbias[:] = 0
     if n_rows == 0 or length == 0:
@@ -844,16 +853,29 @@ def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
     samples_per_block = max(1, BLOCK_ELEMS // (groups * length))
     blocks = (n_samples + samples_per_block - 1) // samples_per_block
     partials = np.zeros(2 * blocks * channels)
+    # per thread: float running sums of dweight and dbias terms (one element per channel only)
+    running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=_float_dtype(dx))
     with nogil:
         for u in prange(blocks * groups, num_threads=num_threads, schedule="static"):
             block = u // groups
             g = u % groups
-            for n in range(block * samples_per_block, min(n_samples, (block + 1) * samples_per_block)):
+            weight_partial = &partials[2 * block * channels + g * chans_per_group]
+            bias_partial = &partials[(2 * block + 1) * channels + g * chans_per_group]
+            weight_run = &running[threadid(), 0]
+            bias_run = weight_run + (length if inner == 1 else 1)
+            first = block * samples_per_block
+            last = min(n_samples, (block + 1) * samples_per_block)
+            for n in range(first, last):
                 r = n * groups + g
                 backward_row(&dy[r * length], &x[r * length], &dx[r * length], length, inner,
                              &weight[g * chans_per_group], mean[r], rstd[r], centered,
-                             &partials[2 * block * channels + g * chans_per_group],
-                             &partials[(2 * block + 1) * channels + g * chans_per_group])
+                             weight_partial, bias_partial, weight_run, bias_run)
+                if inner == 1 and ((n - first + 1) % ROWS_PER_FLUSH == 0 or n == last - 1):
+                    for c in range(length):
+                        weight_partial[c] += weight_run[c]
+                        bias_partial[c] += bias_run[c]
+                        weight_run[c] = 0
+                        bias_run[c] = 0
         for block in range(blocks):
             for c in range(channels):
                 dweight[c] += partials[2 * block * channels + c]

@@ -142,17 +142,18 @@ def _thread_count(size):
 
 # Outputs from this size on are "large": they leave the cache before they are read again.
 _LARGE_OUTPUT_BYTES = 16 * 2 ** 20
-# CYNORM_HUGE_PAGES=0 turns off the transparent-huge-page hint for fresh large outputs.
-_HUGE_PAGES = os.environ.get("CYNORM_HUGE_PAGES", "1") != "0"
+# CYNORM_HUGE_PAGES=1 asks for transparent huge pages on fresh large outputs.  Off by default: it helps where
+# huge pages are at hand, and costs more than it saves where the OS must first assemble or back them.
+_HUGE_PAGES = os.environ.get("CYNORM_HUGE_PAGES", "0") == "1"
 
 
 def _prepare_large_output(flat):
     """Readies the kernel's output buffer; returns whether the rows-view forward should stream its stores.
 
-    A large output already in memory is streamed: each destination line is written without being read first.
-    A fresh one (its pages not yet touched: a new mapping from the allocator) would fault in 4 KiB at a time on
-    the first writes, which costs several times the kernel itself; it is offered to the OS as transparent huge
-    pages instead, and written with ordinary stores, which land in the lines the kernel has just zeroed.
+    An output already in memory is streamed: each destination line is written without being read first.  A
+    fresh one (its pages not yet touched: a new mapping from the allocator) is not, since its first writes
+    fault the pages in and streaming past the freshly zeroed lines measured slower; with CYNORM_HUGE_PAGES=1
+    it is offered to the OS as transparent huge pages, which fault in 2 MiB at a time.
     """
     if flat.nbytes < _LARGE_OUTPUT_BYTES:
         return False
@@ -280,8 +281,8 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
     dy_flat = _flat_input(dy, dtype, dx_flat, out is None)
     dweight = np.empty(weight.size)
     dbias = np.empty(weight.size)
-    _prepare_large_output(dx_flat)   # the backward kernels do not stream
     threads = _thread_count(x.size)
+    _prepare_large_output(dx_flat)   # the backward kernels do not stream
     if geometry.rows:
         _kernels.backward_rows(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.groups,
                                geometry.chans_per_group, geometry.inner, centered, threads)

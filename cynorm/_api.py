@@ -148,7 +148,7 @@ _HUGE_PAGES = os.environ.get("CYNORM_HUGE_PAGES", "0") == "1"
 
 
 def _prepare_large_output(flat):
-    """Readies the kernel's output buffer; returns whether the rows-view forward should stream its stores.
+    """Readies the kernel's output buffer; returns whether the forward kernels should stream their stores.
 
     An output already in memory is streamed: each destination line is written without being read first.  A
     fresh one (its pages not yet touched: a new mapping from the allocator) is not, since its first writes
@@ -263,7 +263,7 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
     else:
         _kernels.forward_columns(x_flat, y_flat, weight, bias, mean, rstd, geometry.n_rows, geometry.n_cols,
                                  geometry.groups, geometry.cols_per_channel, geometry.affine_per_row, eps,
-                                 centered, threads)
+                                 centered, stream, threads)
     return _store(y, y_flat), mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 

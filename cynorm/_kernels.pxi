@@ -535,27 +535,54 @@ cdef inline double row_moments(const floating* x, Py_ssize_t length, bint center
     return running_m2
 
 
+cdef inline void normalize_tile_row(const floating* x, floating* y, Py_ssize_t n,   # IN, OUT (n,)
+                                    const floating* mean_hi,                       # (n,) per column
+                                    const floating* scale, const floating* shift,  # (n,) per column
+                                    bint affine_per_row, floating w, floating b) noexcept nogil:
+    cdef Py_ssize_t col
+    if affine_per_row:
+        for col in range(n):
+            y[col] = ((x[col] - mean_hi[col]) * scale[col] + shift[col]) * w + b
+    else:
+        for col in range(n):
+            y[col] = (x[col] - mean_hi[col]) * scale[col] + shift[col]
+
+
 cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (rows, n_cols)
                                 Py_ssize_t rows, Py_ssize_t n_cols,
                                 const floating* mean_hi,                     # (n_cols,) per column
                                 const floating* scale, const floating* shift,  # (n_cols,) per column
                                 bint affine_per_row,
-                                const floating* row_weight, const floating* row_bias) noexcept nogil:
-    cdef Py_ssize_t a, col
-    cdef const floating* xr
-    cdef floating* yr
-    cdef floating w, b
+                                const floating* row_weight, const floating* row_bias,  # (rows,) if affine_per_row
+                                bint stream) noexcept nogil:
+    """Normalizes a tile, with streaming stores if `stream`: narrow rows are buffered several at a time, wide
+    rows a block of columns at a time."""
+    cdef floating buffer[STREAM_BLOCK]
+    cdef Py_ssize_t a, k, col, n, buffered = 0
+    cdef Py_ssize_t rows_per_block = max(1, STREAM_BLOCK // n_cols)
+    cdef floating w = 1, b = 0
     for a in range(rows):
-        xr = x + a * n_cols
-        yr = y + a * n_cols
         if affine_per_row:
             w = row_weight[a]
             b = row_bias[a]
-            for col in range(n_cols):
-                yr[col] = ((xr[col] - mean_hi[col]) * scale[col] + shift[col]) * w + b
+        if not stream:
+            normalize_tile_row(x + a * n_cols, y + a * n_cols, n_cols, mean_hi, scale, shift, affine_per_row, w, b)
+        elif rows_per_block > 1:
+            normalize_tile_row(x + a * n_cols, buffer + buffered * n_cols, n_cols, mean_hi, scale, shift,
+                               affine_per_row, w, b)
+            buffered += 1
+            if buffered == rows_per_block or a == rows - 1:
+                stream_copy(y + (a + 1 - buffered) * n_cols, buffer, buffered * n_cols)
+                buffered = 0
         else:
-            for col in range(n_cols):
-                yr[col] = (xr[col] - mean_hi[col]) * scale[col] + shift[col]
+            for k in range((n_cols + STREAM_BLOCK - 1) // STREAM_BLOCK):
+                col = k * STREAM_BLOCK
+                n = min(<Py_ssize_t>STREAM_BLOCK, n_cols - col)
+                normalize_tile_row(x + a * n_cols + col, buffer, n, mean_hi + col, scale + col, shift + col,
+                                   affine_per_row, w, b)
+                stream_copy(y + a * n_cols + col, buffer, n)
+    if stream:
+        cynorm_store_fence()
 
 
 def _float_dtype(floating[::1] like):
@@ -654,10 +681,10 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                     double[::1] mean,             # OUT (n_samples * groups,)
                     double[::1] rstd,             # OUT (n_samples * groups,)
                     Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
-                    bint affine_per_row, double eps, bint centered, int num_threads):
+                    bint affine_per_row, double eps, bint centered, bint stream, int num_threads):
     """Columns view forward: group g of sample n is columns [g, g+1) * n_cols/groups, reduced over rows.
-    (Its output is not streamed: the normalize pass re-reads the sample from the last-level cache, and
-    streaming stores measured no faster there.)"""
+    `stream`: write y with streaming stores, for samples small enough to be normalized from the last-level
+    cache (with larger ones, whose second read comes from memory too, streaming measured slower)."""
     cdef Py_ssize_t n_samples = mean.shape[0] // groups
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
@@ -669,6 +696,7 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     cdef double[:, ::1] scratch
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
+    stream = stream and n_rows * n_cols <= BATCH_ELEMS
     dtype = _float_dtype(y)
     tile_stats = np.empty(2 * n_samples * tiles * groups)
     column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
@@ -696,7 +724,7 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                                    &column_mean_hi[n, 0], &column_scale[n, 0], &column_shift[n, 0],
                                    affine_per_row,
                                    &weight[a0] if affine_per_row else &weight[0],
-                                   &bias[a0] if affine_per_row else &bias[0])
+                                   &bias[a0] if affine_per_row else &bias[0], stream)
         return
     with nogil, parallel(num_threads=num_threads):
         # A batch of samples is normalized right after its statistics, while it is still in the last-level
@@ -723,7 +751,7 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                                &column_mean_hi[n, 0], &column_scale[n, 0], &column_shift[n, 0],
                                affine_per_row,
                                &weight[a0] if affine_per_row else &weight[0],
-                               &bias[a0] if affine_per_row else &bias[0])
+                               &bias[a0] if affine_per_row else &bias[0], stream)
 
 
 # ---------------------------------------------------------------------------------------------------------

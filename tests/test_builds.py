@@ -36,7 +36,8 @@ def _run_all_kernels(module, dtype, stream):
     weight = rng.standard_normal(n_cols).astype(dtype)
     bias = rng.standard_normal(n_cols).astype(dtype)
     y, mean, rstd = np.empty_like(x), np.empty(samples * groups), np.empty(samples * groups)
-    module.forward_columns(x, y, weight, bias, mean, rstd, n_rows, n_cols, groups, 1, False, 1e-5, True, 2)
+    module.forward_columns(x, y, weight, bias, mean, rstd, n_rows, n_cols, groups, 1, False, 1e-5, True, stream,
+                           2)
     dx, dweight, dbias = np.empty_like(x), np.empty(n_cols), np.empty(n_cols)
     module.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, n_rows, n_cols, groups, 1, False, True, 2)
     results += [y, mean, rstd, dx, dweight, dbias]

@@ -253,13 +253,17 @@ def test_in_place_forward(case, dtype):
     assert_bitwise_equal(x, expected)
 
 
-# Streaming stores (rows view) only change how the output reaches memory: every path, with outputs aligned and
-# misaligned to the vector width, and in place.
+# Streaming stores only change how the output reaches memory: every path of both views, with outputs aligned
+# and misaligned to the vector width, and in place.
 STREAM_CASES = (
-    NormCase("group", (3, 6, 5, 37), 1, 3),      # one row per task, several channels per row
-    NormCase("layer", (3, 700), -1),             # one element per channel, rows of several blocks
-    NormCase("layer", (1, 70001), -1),           # one row split into chunks across threads
+    NormCase("group", (3, 6, 5, 37), 1, 3),      # rows, one row per task, several channels per row
+    NormCase("layer", (3, 700), -1),             # rows, one element per channel, rows of several blocks
+    NormCase("layer", (1, 70001), -1),           # rows, one row split into chunks across threads
     NormCase("layer", (5, 3), -1),               # rows shorter than a vector
+    NormCase("group", (2, 9, 9, 12), -1, 4),     # columns, several narrow rows per streamed block
+    NormCase("instance", (2, 7, 601), -1),       # columns, wide rows streamed a block at a time
+    NormCase("instance", (3, 7, 601), -1),       # columns, samples shared by the threads
+    NormCase("layer", (2, 26, 26, 10), 1),       # columns, weight along the rows
 )
 
 

@@ -645,33 +645,63 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
                                 &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream)
 
 
-cdef inline void group_scale_shift(const double* tile_stats,     # IN  (tiles, groups, 2) of one sample
-                                   Py_ssize_t tiles, Py_ssize_t tile_rows, Py_ssize_t n_rows,
-                                   Py_ssize_t groups, Py_ssize_t g, Py_ssize_t cols_per_group,
-                                   Py_ssize_t cols_per_channel, bint affine_per_row,
-                                   const floating* weight, const floating* bias, double eps,
-                                   double* mean, double* rstd,   # OUT group g's statistics
-                                   floating* mean_hi, floating* scale, floating* shift) noexcept nogil:  # OUT (n_cols,)
-    """Merges group g's tile moments in tile order and sets its columns' normalization constants."""
+# The three steps of the columns-view forward, each on one unit: tile u is tile u % tiles of sample u // tiles,
+# group s is group s % groups of sample s // groups.
+
+cdef inline void columns_tile_moments(const floating* x,        # IN  (n_samples, n_rows, n_cols)
+                                      Py_ssize_t u, Py_ssize_t tiles, Py_ssize_t tile_rows,
+                                      Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, bint centered,
+                                      double* scratch,           # 3 * n_cols
+                                      double* tile_stats) noexcept nogil:   # OUT tile_stats[u]: (groups, 2)
+    cdef Py_ssize_t a0 = (u % tiles) * tile_rows
+    tile_moments(x + ((u // tiles) * n_rows + a0) * n_cols, min(tile_rows, n_rows - a0), n_cols, groups,
+                 centered, scratch, tile_stats + 2 * u * groups)
+
+
+cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_samples, tiles, groups, 2)
+                                         Py_ssize_t s, Py_ssize_t tiles, Py_ssize_t tile_rows,
+                                         Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
+                                         Py_ssize_t cols_per_channel, bint affine_per_row,
+                                         const floating* weight, const floating* bias, double eps,
+                                         double* mean, double* rstd,   # OUT [s]
+                                         floating* mean_hi, floating* scale,
+                                         floating* shift) noexcept nogil:  # OUT the group's columns of (n_samples, n_cols)
+    """Merges group s's tile moments in tile order and sets its columns' normalization constants."""
+    cdef Py_ssize_t n = s // groups, g = s % groups
+    cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef double count = 0, running_mean = 0, m2 = 0, mean_lo, column_scale
     cdef Py_ssize_t t, col, channel
     for t in range(tiles):
         merge_moments(&count, &running_mean, &m2, min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
-                      tile_stats[2 * (t * groups + g)], tile_stats[2 * (t * groups + g) + 1])
-    mean[0] = running_mean
-    rstd[0] = inverse_std(m2, n_rows * cols_per_group, eps)
-    for col in range(g * cols_per_group, (g + 1) * cols_per_group):
+                      tile_stats[2 * ((n * tiles + t) * groups + g)], tile_stats[2 * ((n * tiles + t) * groups + g) + 1])
+    mean[s] = running_mean
+    rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps)
+    for col in range(n * n_cols + g * cols_per_group, n * n_cols + (g + 1) * cols_per_group):
         mean_hi[col] = <floating>running_mean
         # the low part of the mean goes into the shift: y = (x - mean_hi) * scale + shift
         mean_lo = running_mean - <double>mean_hi[col]
         if affine_per_row:
-            column_scale = rstd[0]
+            column_scale = rstd[s]
             shift[col] = <floating>(-mean_lo * column_scale)
         else:
-            channel = col // cols_per_channel
-            column_scale = rstd[0] * weight[channel]
+            channel = (col % n_cols) // cols_per_channel
+            column_scale = rstd[s] * weight[channel]
             shift[col] = <floating>(bias[channel] - mean_lo * column_scale)
         scale[col] = <floating>column_scale
+
+
+cdef inline void columns_normalize_tile(const floating* x, floating* y,   # IN, OUT (n_samples, n_rows, n_cols)
+                                        Py_ssize_t u, Py_ssize_t tiles, Py_ssize_t tile_rows,
+                                        Py_ssize_t n_rows, Py_ssize_t n_cols,
+                                        const floating* mean_hi, const floating* scale,
+                                        const floating* shift,          # IN  (n_samples, n_cols)
+                                        bint affine_per_row, const floating* weight, const floating* bias,
+                                        bint stream) noexcept nogil:
+    cdef Py_ssize_t n = u // tiles, a0 = (u % tiles) * tile_rows
+    cdef Py_ssize_t offset = (n * n_rows + a0) * n_cols
+    normalize_tile(x + offset, y + offset, min(tile_rows, n_rows - a0), n_cols, mean_hi + n * n_cols,
+                   scale + n * n_cols, shift + n * n_cols, affine_per_row,
+                   weight + a0 if affine_per_row else weight, bias + a0 if affine_per_row else bias, stream)
 
 
 def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_cols,)
@@ -686,11 +716,10 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     `stream`: write y with streaming stores, for samples small enough to be normalized from the last-level
     cache (with larger ones, whose second read comes from memory too, streaming measured slower)."""
     cdef Py_ssize_t n_samples = mean.shape[0] // groups
-    cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
-    cdef Py_ssize_t batch_index, first, batch_size, u, n, t, g, s, a0, offset
+    cdef Py_ssize_t batch_index, first, batch_size, u, n, s
     cdef double[::1] tile_stats
     cdef floating[:, ::1] column_mean_hi, column_scale, column_shift
     cdef double[:, ::1] scratch
@@ -708,23 +737,18 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
         # for its statistics, then normalized while it is still in the last-level cache.
         with nogil:
             for n in prange(n_samples, num_threads=num_threads, schedule="static"):
-                for t in range(tiles):
-                    a0 = t * tile_rows
-                    tile_moments(&x[(n * n_rows + a0) * n_cols], min(tile_rows, n_rows - a0), n_cols, groups,
-                                 centered, &scratch[threadid(), 0], &tile_stats[2 * (n * tiles + t) * groups])
-                for g in range(groups):
-                    group_scale_shift(&tile_stats[2 * n * tiles * groups], tiles, tile_rows, n_rows, groups, g,
-                                      cols_per_group, cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
-                                      &mean[n * groups + g], &rstd[n * groups + g],
-                                      &column_mean_hi[n, 0], &column_scale[n, 0], &column_shift[n, 0])
-                for t in range(tiles):
-                    a0 = t * tile_rows
-                    offset = (n * n_rows + a0) * n_cols
-                    normalize_tile(&x[offset], &y[offset], min(tile_rows, n_rows - a0), n_cols,
-                                   &column_mean_hi[n, 0], &column_scale[n, 0], &column_shift[n, 0],
-                                   affine_per_row,
-                                   &weight[a0] if affine_per_row else &weight[0],
-                                   &bias[a0] if affine_per_row else &bias[0], stream)
+                for u in range(n * tiles, (n + 1) * tiles):
+                    columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, centered,
+                                         &scratch[threadid(), 0], &tile_stats[0])
+                for s in range(n * groups, (n + 1) * groups):
+                    columns_group_constants(&tile_stats[0], s, tiles, tile_rows, n_rows, n_cols, groups,
+                                            cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
+                                            &mean[0], &rstd[0], &column_mean_hi[0, 0], &column_scale[0, 0],
+                                            &column_shift[0, 0])
+                for u in range(n * tiles, (n + 1) * tiles):
+                    columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, &column_mean_hi[0, 0],
+                                           &column_scale[0, 0], &column_shift[0, 0], affine_per_row, &weight[0],
+                                           &bias[0], stream)
         return
     with nogil, parallel(num_threads=num_threads):
         # A batch of samples is normalized right after its statistics, while it is still in the last-level
@@ -733,25 +757,17 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
             first = batch_index * batch
             batch_size = min(batch, n_samples - first)
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
-                n = u // tiles
-                a0 = (u % tiles) * tile_rows
-                tile_moments(&x[(n * n_rows + a0) * n_cols], min(tile_rows, n_rows - a0), n_cols, groups,
-                             centered, &scratch[threadid(), 0], &tile_stats[2 * u * groups])
+                columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, centered,
+                                     &scratch[threadid(), 0], &tile_stats[0])
             for s in prange(first * groups, (first + batch_size) * groups, schedule="static"):
-                n = s // groups
-                group_scale_shift(&tile_stats[2 * n * tiles * groups], tiles, tile_rows, n_rows, groups, s % groups,
-                                  cols_per_group, cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
-                                  &mean[s], &rstd[s], &column_mean_hi[n, 0], &column_scale[n, 0],
-                                  &column_shift[n, 0])
+                columns_group_constants(&tile_stats[0], s, tiles, tile_rows, n_rows, n_cols, groups,
+                                        cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
+                                        &mean[0], &rstd[0], &column_mean_hi[0, 0], &column_scale[0, 0],
+                                        &column_shift[0, 0])
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
-                n = u // tiles
-                a0 = (u % tiles) * tile_rows
-                offset = (n * n_rows + a0) * n_cols
-                normalize_tile(&x[offset], &y[offset], min(tile_rows, n_rows - a0), n_cols,
-                               &column_mean_hi[n, 0], &column_scale[n, 0], &column_shift[n, 0],
-                               affine_per_row,
-                               &weight[a0] if affine_per_row else &weight[0],
-                               &bias[a0] if affine_per_row else &bias[0], stream)
+                columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, &column_mean_hi[0, 0],
+                                       &column_scale[0, 0], &column_shift[0, 0], affine_per_row, &weight[0],
+                                       &bias[0], stream)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -507,7 +507,9 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
                                      Py_ssize_t start, Py_ssize_t stop, Py_ssize_t inner,
                                      const floating* weight, const floating* bias,  # the row's channels
                                      double mean, double rstd, bint stream) noexcept nogil:
-    """Normalizes elements [start, stop) of a row, with streaming stores if `stream`."""
+    """Normalizes elements [start, stop) of a row, with streaming stores if `stream`.  The caller fences the
+    streamed stores once, after its last row: a fence per row costs a memory round trip, which on short
+    rows (layer norm over 768 values) measured slower than not streaming at all."""
     cdef floating buffer[STREAM_BLOCK]
     cdef Py_ssize_t k, block, n
     if not stream:
@@ -518,7 +520,6 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
         n = min(<Py_ssize_t>STREAM_BLOCK, stop - block)
         normalize_values(x + block, buffer, n, block, inner, weight, bias, mean, rstd)
         stream_copy(y + block, buffer, n)
-    cynorm_store_fence()
 
 
 cdef inline double row_moments(const floating* x, Py_ssize_t length, bint centered,
@@ -556,7 +557,7 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (row
                                 const floating* row_weight, const floating* row_bias,  # (rows,) if affine_per_row
                                 bint stream) noexcept nogil:
     """Normalizes a tile, with streaming stores if `stream`: narrow rows are buffered several at a time, wide
-    rows a block of columns at a time."""
+    rows a block of columns at a time.  The caller fences the streamed stores (see normalize_row_range)."""
     cdef floating buffer[STREAM_BLOCK]
     cdef Py_ssize_t a, k, col, n, buffered = 0
     cdef Py_ssize_t rows_per_block = max(1, STREAM_BLOCK // n_cols)
@@ -581,8 +582,6 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (row
                 normalize_tile_row(x + a * n_cols + col, buffer, n, mean_hi + col, scale + col, shift + col,
                                    affine_per_row, w, b)
                 stream_copy(y + a * n_cols + col, buffer, n)
-    if stream:
-        cynorm_store_fence()
 
 
 def _float_dtype(floating[::1] like):
@@ -611,12 +610,15 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
         return
     if n_rows >= num_threads:
         # One row per task: the row stays in cache between its statistics and its normalization.
-        for r in prange(n_rows, nogil=True, num_threads=num_threads, schedule="static"):
-            m2 = row_moments(&x[r * length], length, centered, &mean[r])
-            rstd[r] = inverse_std(m2, length, eps)
-            first_channel = (r % groups) * chans_per_group
-            normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
-                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream)
+        with nogil, parallel(num_threads=num_threads):
+            for r in prange(n_rows, schedule="static"):
+                m2 = row_moments(&x[r * length], length, centered, &mean[r])
+                rstd[r] = inverse_std(m2, length, eps)
+                first_channel = (r % groups) * chans_per_group
+                normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
+                                    &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream)
+            if stream:
+                cynorm_store_fence()
         return
     # Fewer rows than threads: the same chunks, computed in parallel and merged in the same order.
     chunks = (length + CHUNK - 1) // CHUNK
@@ -637,12 +639,15 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
                               chunk_stats[2 * u], chunk_stats[2 * u + 1])
             mean[r] = running_mean
             rstd[r] = inverse_std(m2, length, eps)
-        for u in prange(n_rows * chunks, num_threads=num_threads, schedule="static"):
+    with nogil, parallel(num_threads=num_threads):
+        for u in prange(n_rows * chunks, schedule="static"):
             r = u // chunks
             start = (u % chunks) * CHUNK
             first_channel = (r % groups) * chans_per_group
             normalize_row_range(&x[r * length], &y[r * length], start, min(start + CHUNK, length), inner,
                                 &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream)
+        if stream:
+            cynorm_store_fence()
 
 
 # The three steps of the columns-view forward, each on one unit: tile u is tile u % tiles of sample u // tiles,
@@ -735,8 +740,8 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     if n_samples % num_threads == 0 or n_samples >= 8 * num_threads:
         # Whole samples per thread, evenly shared, and no waiting on each other: each thread's sample is read
         # for its statistics, then normalized while it is still in the last-level cache.
-        with nogil:
-            for n in prange(n_samples, num_threads=num_threads, schedule="static"):
+        with nogil, parallel(num_threads=num_threads):
+            for n in prange(n_samples, schedule="static"):
                 for u in range(n * tiles, (n + 1) * tiles):
                     columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, centered,
                                          &scratch[threadid(), 0], &tile_stats[0])
@@ -749,6 +754,8 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                     columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, &column_mean_hi[0, 0],
                                            &column_scale[0, 0], &column_shift[0, 0], affine_per_row, &weight[0],
                                            &bias[0], stream)
+            if stream:
+                cynorm_store_fence()
         return
     with nogil, parallel(num_threads=num_threads):
         # A batch of samples is normalized right after its statistics, while it is still in the last-level
@@ -768,6 +775,8 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                 columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, &column_mean_hi[0, 0],
                                        &column_scale[0, 0], &column_shift[0, 0], affine_per_row, &weight[0],
                                        &bias[0], stream)
+        if stream:
+            cynorm_store_fence()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -718,8 +718,7 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                     Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
                     bint affine_per_row, double eps, bint centered, bint stream, int num_threads):
     """Columns view forward: group g of sample n is columns [g, g+1) * n_cols/groups, reduced over rows.
-    `stream`: write y with streaming stores, for samples small enough to be normalized from the last-level
-    cache (with larger ones, whose second read comes from memory too, streaming measured slower)."""
+    `stream`: write y with streaming stores (for outputs too large to stay in cache)."""
     cdef Py_ssize_t n_samples = mean.shape[0] // groups
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
@@ -730,7 +729,6 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     cdef double[:, ::1] scratch
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
-    stream = stream and n_rows * n_cols <= BATCH_ELEMS
     dtype = _float_dtype(y)
     tile_stats = np.empty(2 * n_samples * tiles * groups)
     column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)

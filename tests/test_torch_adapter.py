@@ -251,6 +251,75 @@ def test_inference_skips_the_operator_only_when_nothing_watches(case, monkeypatc
     assert function(*inputs).grad_fn is not None and len(direct_calls) == 1   # autograd needs the operator
 
 
+@pytest.fixture
+def every_output_cached(monkeypatch):
+    """An output cache of its own, used for outputs of any size."""
+    cache = ct._OutputCache(limit=2 ** 30)
+    monkeypatch.setattr(ct, "_output_cache", cache)
+    monkeypatch.setattr(ct, "_CACHED_OUTPUT_BYTES", 0)
+    return cache
+
+
+@pytest.mark.parametrize("module_case, layout", [("group_norm_2d", "contiguous"), ("group_norm_2d", "channels_last"),
+                                                 ("instance_norm_3d", "channels_last"), ("layer_norm", "strided"),
+                                                 ("rms_norm", "contiguous")])
+def test_inference_output_memory_is_reused_only_once_freed(module_case, layout, every_output_cached):
+    theirs, ours = module_pair(module_case, affine=True)
+    shape = MODULE_CASES[module_case][-1]
+    x1, x2 = (in_layout(random_tensor(shape, torch.float32, seed=seed), layout) for seed in (3, 4))
+    with torch.no_grad():
+        expected1, expected2 = theirs(x1), theirs(x2)
+        first = ours(x1)
+        # the layout the adapter gives without the cache: the input's for group and instance norm
+        assert first.stride() == (x1.stride() if "_norm_" in module_case else expected1.stride())
+        address = first.data_ptr()
+        kept_view, kept_array = first[0], first.numpy()
+        del first
+        # memory still in use by a view or an array is not handed out again
+        second = ours(x2)
+        assert second.data_ptr() != address
+        assert_close_scaled(kept_view, expected1[0], 1e-5)
+        del kept_view
+        assert ours(x2).data_ptr() != address
+        assert_close_scaled(torch.from_numpy(kept_array), expected1, 1e-5)
+        del kept_array
+        third = ours(x2)
+    assert third.data_ptr() == address
+    assert_close_scaled(third, expected2, 1e-5)
+    assert_close_scaled(second, expected2, 1e-5)
+
+
+def test_outputs_recorded_by_autograd_do_not_come_from_the_cache(every_output_cached):
+    _, ours = module_pair("group_norm_2d", affine=True)
+    x = random_tensor(MODULE_CASES["group_norm_2d"][-1], torch.float32)
+    output = ours(x)
+    assert output.grad_fn is not None
+    del output
+    assert every_output_cached.free_bytes == 0   # a cached output would have given its block back
+    with torch.inference_mode():
+        ours(x)
+    assert every_output_cached.free_bytes > 0
+
+
+def test_output_cache_limit(every_output_cached):
+    _, ours = module_pair("group_norm_2d", affine=True)
+    x = random_tensor(MODULE_CASES["group_norm_2d"][-1], torch.float32)
+    block_bytes = x.numel() * x.element_size()
+    every_output_cached.set_limit(block_bytes)
+    with torch.no_grad():
+        outputs = [ours(x) for _ in range(3)]
+        del outputs
+    assert every_output_cached.free_bytes == block_bytes   # one block kept, two released
+    previous = ct.set_output_cache_limit(0)
+    try:
+        assert ct._output_cache is every_output_cached and every_output_cached.free_bytes == 0
+    finally:
+        ct.set_output_cache_limit(previous)
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="number of bytes"):
+            ct.set_output_cache_limit(bad)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Instance norm running statistics
 # --------------------------------------------------------------------------------------------------------

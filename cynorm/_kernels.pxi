@@ -74,15 +74,24 @@ cdef extern from *:
     #define CYNORM_STREAM_FLOATS(dst, src) _mm_stream_ps(dst, _mm_loadu_ps(src))
     #define CYNORM_STREAM_DOUBLES(dst, src) _mm_stream_pd(dst, _mm_loadu_pd(src))
     #endif
-    /* Copies n values; the stores are streamed once dst reaches a vector boundary (a misaligned array never
-       does, and is copied with ordinary stores). */
+    /* Copies n values.  Only whole cache lines are streamed; the partial lines at either end get ordinary
+       stores (an array whose values are not aligned to their size never reaches a line boundary, and is
+       copied with ordinary stores).  A line must not be written partly by streaming stores and partly by
+       ordinary ones: with AVX2's 32-byte stores, blocks starting 48 bytes into a line left such lines
+       behind, and the whole call ran 3.5x slower than with ordinary stores. */
+    #define CYNORM_LINE_BYTES 64
+    static inline Py_ssize_t cynorm_values_past_line(const void* p, Py_ssize_t itemsize) {
+        return (Py_ssize_t)(((uintptr_t)p % CYNORM_LINE_BYTES) / (uintptr_t)itemsize);
+    }
     #if CYNORM_HAVE_STREAM
     #define CYNORM_DEFINE_STREAM_COPY(name, type, stream)                                           \
         static inline void name(type* dst, const type* src, Py_ssize_t n) {                        \
             const Py_ssize_t width = CYNORM_STREAM_BYTES / sizeof(type);                           \
-            Py_ssize_t i = 0;                                                                       \
-            for (; i < n && ((uintptr_t)(dst + i) % CYNORM_STREAM_BYTES) != 0; i++) dst[i] = src[i];  \
-            for (; i + width <= n; i += width) stream(dst + i, src + i);                           \
+            const Py_ssize_t line = CYNORM_LINE_BYTES / sizeof(type);                              \
+            Py_ssize_t i = 0, lines_end;                                                            \
+            for (; i < n && ((uintptr_t)(dst + i) % CYNORM_LINE_BYTES) != 0; i++) dst[i] = src[i];    \
+            lines_end = i + (n - i) / line * line;                                                  \
+            for (; i < lines_end; i += width) stream(dst + i, src + i);                            \
             for (; i < n; i++) dst[i] = src[i];                                                     \
         }
     static inline void cynorm_store_fence(void) { _mm_sfence(); }
@@ -158,6 +167,7 @@ cdef extern from *:
     void cynorm_stream_floats(float* dst, const float* src, Py_ssize_t n) noexcept nogil
     void cynorm_stream_doubles(double* dst, const double* src, Py_ssize_t n) noexcept nogil
     void cynorm_store_fence() noexcept nogil
+    Py_ssize_t cynorm_values_past_line(const void* p, Py_ssize_t itemsize) noexcept nogil
     bint cynorm_has_untouched_pages(size_t address, size_t nbytes) noexcept nogil
     void cynorm_advise_huge_pages(size_t address, size_t nbytes) noexcept nogil
     float cynorm_half_to_float(unsigned short bits) noexcept nogil
@@ -511,15 +521,18 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
     streamed stores once, after its last row: a fence per row costs a memory round trip, which on short
     rows (layer norm over 768 values) measured slower than not streaming at all."""
     cdef floating buffer[STREAM_BLOCK]
-    cdef Py_ssize_t k, block, n
+    cdef Py_ssize_t block = start, end
+    # the first block ends on a cache line of y, so that the blocks after it are whole lines
+    cdef Py_ssize_t past_line = cynorm_values_past_line(y + start, sizeof(floating))
     if not stream:
         normalize_values(x + start, y + start, stop - start, start, inner, weight, bias, mean, rstd)
         return
-    for k in range((stop - start + STREAM_BLOCK - 1) // STREAM_BLOCK):
-        block = start + k * STREAM_BLOCK
-        n = min(<Py_ssize_t>STREAM_BLOCK, stop - block)
-        normalize_values(x + block, buffer, n, block, inner, weight, bias, mean, rstd)
-        stream_copy(y + block, buffer, n)
+    while block < stop:
+        end = min(block + STREAM_BLOCK - past_line, stop)
+        past_line = 0
+        normalize_values(x + block, buffer, end - block, block, inner, weight, bias, mean, rstd)
+        stream_copy(y + block, buffer, end - block)
+        block = end
 
 
 cdef inline double row_moments(const floating* x, Py_ssize_t length, bint centered,

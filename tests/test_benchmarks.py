@@ -255,6 +255,17 @@ def test_asv_setup_runs_for_one_parameter_set(asv_modules, module_name):
     benchmark.peakmem_forward()
 
 
+def test_asv_output_placement_runs(asv_modules):
+    module = importlib.import_module("benchmarks.bench_output_placement")
+    benchmark = module.OutputPlacement()
+    benchmark.setup(48, bench.CHANNELS_LAST)
+    assert benchmark.out.ctypes.data % 64 == 48
+    benchmark.time_forward(48, bench.CHANNELS_LAST)
+    expected = cynorm.group_norm(benchmark.workload.x, 32, benchmark.workload.weight, benchmark.workload.bias,
+                                 axis=-1)
+    np.testing.assert_array_equal(benchmark.out, expected)
+
+
 def test_asv_setup_skips_missing_peers_and_cases_outside_the_table(asv_modules, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(NotImplementedError, match="torch is not installed"):

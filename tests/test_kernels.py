@@ -253,8 +253,8 @@ def test_in_place_forward(case, dtype):
     assert_bitwise_equal(x, expected)
 
 
-# Streaming stores only change how the output reaches memory: every path of both views, with outputs aligned
-# and misaligned to the vector width, and in place.
+# Streaming stores only change how the output reaches memory: every path of both views, with outputs starting
+# at several places in a cache line (only whole lines are streamed), misaligned, and in place.
 STREAM_CASES = (
     NormCase("group", (3, 6, 5, 37), 1, 3),      # rows, one row per task, several channels per row
     NormCase("layer", (3, 700), -1),             # rows, one element per channel, rows of several blocks
@@ -268,19 +268,23 @@ STREAM_CASES = (
 
 
 @pytest.mark.skipif(not cynorm._kernels.HAVE_STREAM, reason="no streaming stores in this build")
-@pytest.mark.parametrize("placement", ["new", "shifted", "byte-offset", "in-place"])
+@pytest.mark.parametrize("placement", ["new", "line+0", "line+16", "line+48", "byte-offset", "in-place"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
 @pytest.mark.parametrize("case", STREAM_CASES, ids=str)
 def test_streamed_output_has_the_same_bits(case, dtype, placement, monkeypatch):
     x, weight, bias = _forward_inputs(case, dtype)
     expected = case.forward_with_stats(cynorm, x, weight, bias)
-    out = {
-        "new": None,
-        "shifted": np.empty(x.size + 1, dtype)[1:].reshape(x.shape),   # off the vector boundary
-        # never on a vector boundary: written with ordinary stores
-        "byte-offset": np.empty(x.nbytes + 1, np.uint8)[1:].view(dtype).reshape(x.shape),
-        "in-place": x.copy(),
-    }[placement]
+    if placement.startswith("line+"):   # that many bytes past the start of a 64-byte cache line
+        memory = np.empty(x.nbytes + 128, np.uint8)
+        start = -memory.ctypes.data % 64 + int(placement[5:])
+        out = memory[start:start + x.nbytes].view(dtype).reshape(x.shape)
+    else:
+        out = {
+            "new": None,
+            # never on a line boundary: written with ordinary stores
+            "byte-offset": np.empty(x.nbytes + 1, np.uint8)[1:].view(dtype).reshape(x.shape),
+            "in-place": x.copy(),
+        }[placement]
     source = out if placement == "in-place" else x
     monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda flat: True)
     got = case.forward_with_stats(cynorm, source, weight, bias, out=out)

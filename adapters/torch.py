@@ -63,8 +63,16 @@ def _memory_order(tensor):
 
 
 def _in_memory_order(tensor, order):
-    """A NumPy view of ``tensor`` with its axes permuted into ``order`` (None: as they are)."""
-    return _array(tensor if order is None else tensor.permute(order))
+    """A C-contiguous NumPy array of ``tensor`` with its axes permuted into ``order`` (None: as they are): a view
+    when the memory is already in that order, else a copy made by torch."""
+    return _contiguous_array(tensor if order is None else tensor.permute(order))
+
+
+def _contiguous_array(tensor):
+    # torch copies with every thread, the NumPy API's own copy with one: a (16,64,32,32) tensor with its axes
+    # moved (a gradient in another layout than the input, a layer norm over a middle axis) took 2.0 ms against
+    # 4.4 ms.  Either is slow for a transposition: keep gradients in the layout of the input.
+    return _array(tensor if tensor.is_contiguous() else tensor.contiguous())
 
 
 def _channel_axis(order):
@@ -82,21 +90,22 @@ def _stats_like(input, shape):
     return input.new_empty(shape, dtype=torch.float64)
 
 
-def _channel_norm_output(input):
+def _channel_norm_output(input, cached=False):
     """An empty output laid out in memory like ``input``, and that memory order (see :func:`_memory_order`)."""
     order = _memory_order(input)
-    return _empty(input, order), order
+    return _empty(input, order, cached), order
 
 
-def _trailing_norm_output(input):
+def _trailing_norm_output(input, cached=False):
     # C-contiguous whatever the input's layout, as torch's layer_norm and rms_norm return.
-    return _empty(input, None)
+    return _empty(input, None, cached)
 
 
-def _empty(input, order):
+def _empty(input, order, cached):
     """An empty tensor of ``input``'s shape, dtype and device whose memory holds the axes in ``order`` (None:
-    C-contiguous); large ones come from the output cache during eager inference calls (see :func:`_run`)."""
-    if _eager_call.active and input.numel() * input.element_size() >= _CACHED_OUTPUT_BYTES:
+    C-contiguous).  ``cached``: a large one comes from the output cache (for the kernels' real outputs; fake
+    tensors, for torch.compile and the meta device, are never cached)."""
+    if cached and input.numel() * input.element_size() >= _CACHED_OUTPUT_BYTES:
         return _output_cache.empty(input.shape, order, input.dtype)
     # (empty_like measured 3 µs against 7 µs for torch.empty with shape, dtype and device)
     if order is None:
@@ -105,11 +114,12 @@ def _empty(input, order):
 
 
 class _OutputCache:
-    """The memory of large outputs of eager inference calls, kept for later calls once torch has freed them.
+    """The memory of large outputs of the kernels, kept for later calls once torch has freed them.
 
     A fresh output of tens of MB is paid for on its first writes, a page fault per page, and its pages
-    cannot take streaming stores; inference loops ask for the same sizes call after call.  Channels-last
-    InstanceNorm2d (8,64,128,128) measured 6.5 ms a call with reused memory against 11-12 ms with fresh memory.
+    cannot take streaming stores; inference and training loops ask for the same sizes call after call.
+    Channels-last InstanceNorm2d (8,64,128,128) measured 6.5 ms a call with reused memory against 11-12 ms with
+    fresh memory.
 
     Each output is a tensor over a NumPy array that owns a block of memory.  The tensor's storage holds that
     array, so the array dies when the last tensor or view of the output is freed, and only then is the block
@@ -171,19 +181,13 @@ _CACHED_OUTPUT_BYTES = 8 * 2 ** 20
 _output_cache = _OutputCache(limit=256 * 2 ** 20)
 
 
-class _EagerCall(threading.local):
-    active = False   # True while _run calls the kernels directly, on this thread
-
-
-_eager_call = _EagerCall()
-
-
 def set_output_cache_limit(nbytes):
     """Sets how many bytes of freed output memory the adapter keeps for reuse (default 256 MiB); returns the
     previous limit.  ``0`` turns the cache off and releases what it holds.
 
-    Only outputs of 8 MiB or more of eager calls that record no gradient come from the cache: their memory is
-    reused once every tensor and view of the output has been freed, instead of being faulted in afresh.
+    Outputs of 8 MiB or more (forward outputs and input gradients) come from the cache: their memory is reused
+    once every tensor and view of the output has been freed, instead of being faulted in afresh.  It is NumPy
+    memory, so such a tensor's storage cannot be resized.
     """
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"set_output_cache_limit() expects a number of bytes >= 0, got {nbytes!r}")
@@ -205,7 +209,7 @@ def _channel_norm(kernel, input, weight, bias, eps, *group_args):
     The kernel sees the memory as it is: a channels-last tensor is a C-contiguous (N, *spatial, C) array, with
     the channel axis last.
     """
-    output, order = _channel_norm_output(input)
+    output, order = _channel_norm_output(input, cached=True)
     _, mean, rstd = kernel(_in_memory_order(input, order), *group_args, _array(weight), _array(bias),
                            axis=_channel_axis(order), eps=eps, out=_in_memory_order(output, order),
                            return_stats=True)
@@ -213,7 +217,7 @@ def _channel_norm(kernel, input, weight, bias, eps, *group_args):
 
 
 def _channel_norm_backward(kernel, grad_output, input, mean, rstd, weight):
-    grad_input, order = _channel_norm_output(input)
+    grad_input, order = _channel_norm_output(input, cached=True)
     _, grad_weight, grad_bias = kernel(
         _in_memory_order(grad_output, order), _in_memory_order(input, order), _array(mean), _array(rstd),
         _array(weight), axis=_channel_axis(order), out=_in_memory_order(grad_input, order))
@@ -279,8 +283,8 @@ def _(grad_output, input, mean, rstd, weight):
 
 def _layer_norm_kernels(input: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,
                         eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    output = _trailing_norm_output(input)
-    _, mean, rstd = cynorm.layer_norm(_array(input), _array(weight), _array(bias),
+    output = _trailing_norm_output(input, cached=True)
+    _, mean, rstd = cynorm.layer_norm(_contiguous_array(input), _array(weight), _array(bias),
                                       axis=_trailing_axes(input, len(normalized_shape)), eps=eps,
                                       out=_array(output), return_stats=True)
     return output, torch.from_numpy(mean), torch.from_numpy(rstd)
@@ -298,9 +302,9 @@ def _(input, normalized_shape, weight, bias, eps):
 @torch.library.custom_op("cynorm::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
                             weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    grad_input = _trailing_norm_output(input)
+    grad_input = _trailing_norm_output(input, cached=True)
     _, grad_weight, grad_bias = cynorm.layer_norm_backward(
-        _array(grad_output), _array(input), _array(mean), _array(rstd), _array(weight),
+        _contiguous_array(grad_output), _contiguous_array(input), _array(mean), _array(rstd), _array(weight),
         axis=_trailing_axes(input, input.dim() - mean.dim()), out=_array(grad_input))
     return grad_input, torch.from_numpy(grad_weight), torch.from_numpy(grad_bias)
 
@@ -313,8 +317,8 @@ def _(grad_output, input, mean, rstd, weight):
 
 def _rms_norm_kernels(input: Tensor, normalized_shape: list[int], weight: Tensor | None,
                       eps: float) -> tuple[Tensor, Tensor]:
-    output = _trailing_norm_output(input)
-    _, rstd = cynorm.rms_norm(_array(input), _array(weight), axis=_trailing_axes(input, len(normalized_shape)),
+    output = _trailing_norm_output(input, cached=True)
+    _, rstd = cynorm.rms_norm(_contiguous_array(input), _array(weight), axis=_trailing_axes(input, len(normalized_shape)),
                               eps=eps, out=_array(output), return_stats=True)
     return output, torch.from_numpy(rstd)
 
@@ -330,9 +334,9 @@ def _(input, normalized_shape, weight, eps):
 @torch.library.custom_op("cynorm::rms_norm_backward", mutates_args=())
 def _rms_norm_backward_op(grad_output: Tensor, input: Tensor, rstd: Tensor,
                           weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    grad_input = _trailing_norm_output(input)
+    grad_input = _trailing_norm_output(input, cached=True)
     _, grad_weight, _ = cynorm.rms_norm_backward(
-        _array(grad_output), _array(input), _array(rstd), _array(weight),
+        _contiguous_array(grad_output), _contiguous_array(input), _array(rstd), _array(weight),
         axis=_trailing_axes(input, input.dim() - rstd.dim()), out=_array(grad_input))
     return grad_input, torch.from_numpy(grad_weight)
 
@@ -407,8 +411,7 @@ def _run(op, *args):
 
     The operator is what torch.compile, torch.export, dispatch modes, functorch transforms and autograd
     understand; going through it cost 20-25 µs a call in eager mode, and about 100 µs on inputs of tens of
-    MB.  Inference calls in eager mode, with no gradient to record, skip it, and take large outputs from the
-    output cache (see :class:`_OutputCache`).
+    MB.  Inference calls in eager mode, with no gradient to record, skip it.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return op(*args)
@@ -417,11 +420,7 @@ def _run(op, *args):
         if isinstance(arg, Tensor) and ((recording and arg.requires_grad)
                                         or torch._C._functorch.is_functorch_wrapped_tensor(arg)):
             return op(*args)
-    _eager_call.active = True
-    try:
-        return _KERNELS_OF[op](*args)
-    finally:
-        _eager_call.active = False
+    return _KERNELS_OF[op](*args)
 
 
 def _is_shape(tensor, shape):

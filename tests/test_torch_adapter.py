@@ -289,16 +289,28 @@ def test_inference_output_memory_is_reused_only_once_freed(module_case, layout, 
     assert_close_scaled(second, expected2, 1e-5)
 
 
-def test_outputs_recorded_by_autograd_do_not_come_from_the_cache(every_output_cached):
-    _, ours = module_pair("group_norm_2d", affine=True)
-    x = random_tensor(MODULE_CASES["group_norm_2d"][-1], torch.float32)
-    output = ours(x)
-    assert output.grad_fn is not None
-    del output
-    assert every_output_cached.free_bytes == 0   # a cached output would have given its block back
-    with torch.inference_mode():
-        ours(x)
-    assert every_output_cached.free_bytes > 0
+@pytest.mark.parametrize("module_case", ["group_norm_2d", "layer_norm"])
+def test_training_outputs_and_gradients_use_the_cache(module_case, every_output_cached):
+    theirs, ours = module_pair(module_case, affine=True)
+    shape = MODULE_CASES[module_case][-1]
+    x = random_tensor(shape, torch.float32).requires_grad_()
+    x_theirs = x.detach().clone().requires_grad_()
+    grad_output = random_tensor(shape, torch.float32, seed=5)
+    for step in range(2):   # the second step runs in the memory the first one gave back
+        output = ours(x)
+        output.backward(grad_output)
+        expected = theirs(x_theirs)
+        expected.backward(grad_output)
+        assert_close_scaled(output, expected, 1e-5)
+        assert_close_scaled(x.grad, x_theirs.grad, 1e-5)
+        for mine, reference in zip(ours.parameters(), theirs.parameters()):
+            assert_close_scaled(mine.grad, reference.grad, 1e-5)
+        assert every_output_cached.free_bytes == 0   # the output and x.grad still hold their blocks
+        del output
+        x.grad = None
+        ours.zero_grad(), theirs.zero_grad()
+        x_theirs.grad = None
+        assert every_output_cached.free_bytes == 2 * x.numel() * x.element_size()
 
 
 def test_output_cache_limit(every_output_cached):

@@ -234,7 +234,8 @@ class _OperatorRecorder(TorchDispatchMode):
 @pytest.mark.parametrize("case", ["group_norm", "instance_norm", "layer_norm", "rms_norm"])
 def test_inference_skips_the_operator_only_when_nothing_watches(case, monkeypatch):
     """Without autograd, compiler or dispatch mode the kernels are called directly, with the operator's result;
-    under a dispatch mode (as in torch.export and make_fx) the operator itself runs."""
+    under a dispatch mode (as in torch.export and make_fx) the operator itself runs; eager autograd runs the
+    eager autograd Function."""
     _, function, make_inputs = FUNCTION_CASES[case]
     inputs = make_inputs()
     operator = getattr(ct, f"_{case}_op")
@@ -248,7 +249,9 @@ def test_inference_skips_the_operator_only_when_nothing_watches(case, monkeypatc
             through_operator = function(*inputs)
     assert f"cynorm.{case}" in recorder.names and len(direct_calls) == 1
     torch.testing.assert_close(direct, through_operator, rtol=0, atol=0)
-    assert function(*inputs).grad_fn is not None and len(direct_calls) == 1   # autograd needs the operator
+    recorded = function(*inputs)
+    assert type(recorded.grad_fn).__name__ == f"cynorm_{case}Backward"
+    torch.testing.assert_close(recorded.detach(), direct, rtol=0, atol=0)
 
 
 @pytest.fixture

@@ -489,6 +489,12 @@ cdef inline void stream_copy(floating* dst, const floating* src, Py_ssize_t n) n
         cynorm_stream_doubles(dst, src, n)
 
 
+cdef inline Py_ssize_t streamed_block_end(const floating* y, Py_ssize_t block, Py_ssize_t stop) noexcept nogil:
+    """End of the streamed block of y starting at `block`: STREAM_BLOCK values, less those before the block in
+    its cache line, so that every block after the first starts on a line."""
+    return min(block + STREAM_BLOCK - cynorm_values_past_line(y + block, sizeof(floating)), stop)
+
+
 cdef inline void normalize_values(const floating* x, floating* y,   # IN, OUT: n consecutive values of a row
                                   Py_ssize_t n, Py_ssize_t first,  # x[0] is element `first` of the row
                                   Py_ssize_t inner,
@@ -522,14 +528,11 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
     rows (layer norm over 768 values) measured slower than not streaming at all."""
     cdef floating buffer[STREAM_BLOCK]
     cdef Py_ssize_t block = start, end
-    # the first block ends on a cache line of y, so that the blocks after it are whole lines
-    cdef Py_ssize_t past_line = cynorm_values_past_line(y + start, sizeof(floating))
     if not stream:
         normalize_values(x + start, y + start, stop - start, start, inner, weight, bias, mean, rstd)
         return
     while block < stop:
-        end = min(block + STREAM_BLOCK - past_line, stop)
-        past_line = 0
+        end = streamed_block_end(y, block, stop)
         normalize_values(x + block, buffer, end - block, block, inner, weight, bias, mean, rstd)
         stream_copy(y + block, buffer, end - block)
         block = end
@@ -576,7 +579,6 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (row
     cdef floating buffer[STREAM_BLOCK]
     cdef Py_ssize_t a, col, n, start, stop, position
     cdef Py_ssize_t total = rows * n_cols
-    cdef Py_ssize_t past_line = cynorm_values_past_line(y, sizeof(floating))
     cdef floating w = 1, b = 0
     if not stream:
         for a in range(rows):
@@ -587,8 +589,7 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (row
         return
     start = 0
     while start < total:
-        stop = min(start + STREAM_BLOCK - past_line, total)
-        past_line = 0
+        stop = streamed_block_end(y, start, total)
         position = start
         while position < stop:   # the pieces of rows in [start, stop)
             a = position // n_cols

@@ -167,6 +167,15 @@ def make_workload(case, dtype="float32", seed=0):
                     weight=draw(case.param_shape, loc=1.0, scale=0.1), bias=draw(case.param_shape, scale=0.1))
 
 
+def empty_past_cache_line(shape, dtype, bytes_past_line):
+    """A zero-filled C-contiguous array whose data starts ``bytes_past_line`` bytes into a 64-byte cache line."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    memory = np.zeros(nbytes + 128, np.uint8)
+    start = -memory.ctypes.data % 64 + bytes_past_line
+    return memory[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _written_empty_like(array):
     out = np.empty_like(array)
     out.fill(0)

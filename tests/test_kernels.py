@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import cynorm
 from cynorm import slow
+from cynorm.benchmarks import empty_past_cache_line
 
 from _core_util import (FLOAT_DTYPES, LAYOUT_CASES, LAYOUTS, SPLIT_CASES, NormCase, assert_bitwise_equal,
                         assert_close, compute_dtype, dtype_name, norm_cases, random_array, random_params,
@@ -275,9 +276,7 @@ def test_streamed_output_has_the_same_bits(case, dtype, placement, monkeypatch):
     x, weight, bias = _forward_inputs(case, dtype)
     expected = case.forward_with_stats(cynorm, x, weight, bias)
     if placement.startswith("line+"):   # that many bytes past the start of a 64-byte cache line
-        memory = np.empty(x.nbytes + 128, np.uint8)
-        start = -memory.ctypes.data % 64 + int(placement[5:])
-        out = memory[start:start + x.nbytes].view(dtype).reshape(x.shape)
+        out = empty_past_cache_line(x.shape, dtype, int(placement[5:]))
     else:
         out = {
             "new": None,

@@ -424,11 +424,18 @@ def _register_autograd(norm, forward_op, backward_op, param_positions):
             return _RefuseDoubleBackward.apply(norm, grad_output, ctx.saved_tensors[0], *grads)
         return grads
 
+    def eager_forward(ctx, *inputs):
+        output = forward_kernels(*inputs)
+        save_for_backward(ctx, inputs, output)
+        return output
+
     # The operators' autograd costs about 0.6 ms a training step more than this Function (measured on GroupNorm
-    # (1,512,64,64): 4.0-4.2 ms against 4.7-5.0 ms).  Its grad_fn is cynorm_<norm>Backward.
+    # (1,512,64,64): 4.0-4.2 ms against 4.7-5.0 ms).  Its forward takes ctx, with no separate setup_context:
+    # Function.apply binds the arguments to forward's signature with inspect on every call when setup_context
+    # is defined; functorch transforms, which would need it, get torch's own functions (see _kernels_apply).
+    # Its grad_fn is cynorm_<norm>Backward.
     return type(f"cynorm_{norm}", (torch.autograd.Function,), {
-        "forward": staticmethod(forward_kernels), "setup_context": staticmethod(save_for_backward),
-        "backward": staticmethod(eager_backward)})
+        "forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)})
 
 
 # The kernels behind each operator, for calls that need no operator (see _run).
@@ -455,10 +462,12 @@ def _kernels_apply(input, *tensors):
     """Whether the kernels can compute this call; if not, torch's own function does (same results or errors).
 
     They need a strided CPU float32/float64 input, companion tensors (parameters, running stats) of the
-    same device and dtype, and no tracing: ``torch.jit.trace`` records torch's ops instead of ours, and tensor
-    subclasses with ``__torch_function__`` get torch's dispatch.
+    same device and dtype, and no tracing: ``torch.jit.trace`` records torch's ops instead of ours, tensor
+    subclasses with ``__torch_function__`` get torch's dispatch, and torch.func transforms (grad, vmap, jvp,
+    ...) get torch's functions, which they know how to batch and differentiate.
     """
-    if torch.jit.is_tracing() or has_torch_function_variadic(input, *tensors):
+    if (torch.jit.is_tracing() or has_torch_function_variadic(input, *tensors)
+            or torch._C._are_functorch_transforms_active()):
         return False
     if input.device.type != "cpu" or input.dtype not in _KERNEL_DTYPES or input.layout != torch.strided:
         return False
@@ -469,20 +478,14 @@ def _kernels_apply(input, *tensors):
 def _run(op, *args):
     """``op(*args)``, or the kernels it wraps called directly when nothing needs to see the operator.
 
-    The operator is what torch.compile, torch.export, dispatch modes and functorch transforms understand;
+    The operator is what torch.compile, torch.export and dispatch modes understand;
     going through it cost 20-25 µs a call in eager mode, and about 100 µs on inputs of tens of MB, and its
     autograd about 0.6 ms more a training step.  Other eager calls skip it: those that record a gradient run
     the eager autograd Function, the others the kernels alone.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return op(*args)
-    recording = False
-    for arg in args:
-        if isinstance(arg, Tensor):
-            if torch._C._functorch.is_functorch_wrapped_tensor(arg):
-                return op(*args)
-            recording = recording or arg.requires_grad
-    if recording and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and any(isinstance(arg, Tensor) and arg.requires_grad for arg in args):
         return _EAGER_FUNCTION_OF[op].apply(*args)
     return _KERNELS_OF[op](*args)
 

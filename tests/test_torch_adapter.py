@@ -209,6 +209,41 @@ def test_double_backward_raises_clear_error(case):
         torch.autograd.grad(sum(g.sum() for g in first_order), inputs)
 
 
+# name: (cynorm's function, torch's), both of (x, weight, bias) with x of shape (2, 4, 3, 3)
+TRANSFORM_CASES = {
+    "group_norm": (lambda x, w, b: ct.group_norm(x, 2, w, b), lambda x, w, b: F.group_norm(x, 2, w, b)),
+    "instance_norm": (lambda x, w, b: ct.instance_norm(x, weight=w, bias=b),
+                      lambda x, w, b: F.instance_norm(x, weight=w, bias=b)),
+    "layer_norm": (lambda x, w, b: ct.layer_norm(x, (3,), w[:3], b[:3]),
+                   lambda x, w, b: F.layer_norm(x, (3,), w[:3], b[:3])),
+    "rms_norm": (lambda x, w, b: ct.rms_norm(x, (3,), w[:3]), lambda x, w, b: F.rms_norm(x, (3,), w[:3])),
+}
+
+
+@pytest.mark.parametrize("case", TRANSFORM_CASES)
+def test_torch_func_transforms_give_torchs_results(case, kernel_calls):
+    """grad, vmap and jacrev (per-sample gradients, Jacobians) run torch's functions, which they can transform."""
+    ours, theirs = TRANSFORM_CASES[case]
+    x, weight, bias = (random_tensor(shape, seed=seed) for seed, shape in enumerate([(2, 4, 3, 3), (4,), (4,)]))
+
+    def loss(function):
+        return lambda x, w, b: function(x, w, b).pow(3).sum()
+
+    results = {
+        "grad": (torch.func.grad(loss(ours), argnums=(0, 1, 2)), torch.func.grad(loss(theirs), argnums=(0, 1, 2))),
+        "vmap": (torch.func.vmap(lambda xi, w, b: ours(xi.unsqueeze(0), w, b), in_dims=(0, None, None)),
+                 torch.func.vmap(lambda xi, w, b: theirs(xi.unsqueeze(0), w, b), in_dims=(0, None, None))),
+        "jacrev": (torch.func.jacrev(ours, argnums=1), torch.func.jacrev(theirs, argnums=1)),
+    }
+    for name, (transformed_ours, transformed_theirs) in results.items():
+        torch.testing.assert_close(transformed_ours(x, weight, bias), transformed_theirs(x, weight, bias),
+                                   rtol=0, atol=0, msg=lambda message: f"{name}: {message}")
+    assert not kernel_calls
+    # outside the transforms the kernels run again
+    ours(x, weight, bias)
+    assert kernel_calls
+
+
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
 def test_forward_without_autograd(grad_mode):
     theirs, ours = module_pair("group_norm_2d", affine=True)

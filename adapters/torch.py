@@ -466,13 +466,14 @@ def _kernels_apply(input, *tensors):
     subclasses with ``__torch_function__`` get torch's dispatch, and torch.func transforms (grad, vmap, jvp,
     ...) get torch's functions, which they know how to batch and differentiate.
     """
-    if (torch.jit.is_tracing() or has_torch_function_variadic(input, *tensors)
+    # (written with the cheapest torch queries: this runs on every call, half as long as with device objects)
+    if (torch._C._get_tracing_state() is not None or has_torch_function_variadic(input, *tensors)
             or torch._C._are_functorch_transforms_active()):
         return False
-    if input.device.type != "cpu" or input.dtype not in _KERNEL_DTYPES or input.layout != torch.strided:
+    dtype = input.dtype
+    if not input.is_cpu or dtype not in _KERNEL_DTYPES or input.layout != torch.strided:
         return False
-    return all(t is None or (t.device == input.device and t.dtype == input.dtype and t.layout == torch.strided)
-               for t in tensors)
+    return all(t is None or (t.is_cpu and t.dtype == dtype and t.layout == torch.strided) for t in tensors)
 
 
 def _run(op, *args):

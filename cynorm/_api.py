@@ -150,7 +150,7 @@ _HUGE_PAGES = os.environ.get("CYNORM_HUGE_PAGES", "0") == "1"
 
 
 def _prepare_large_output(flat):
-    """Readies the kernel's output buffer; returns whether the forward kernels should stream their stores.
+    """Readies the kernel's output buffer; returns whether the kernels should stream their stores.
 
     An output already in memory is streamed: each destination line is written without being read first.  A
     fresh one (its pages not yet touched: a new mapping from the allocator) is not, since its first writes
@@ -284,14 +284,14 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
     dweight = np.empty(weight.size)
     dbias = np.empty(weight.size)
     threads = _thread_count(x.size)
-    _prepare_large_output(dx_flat)   # the backward kernels do not stream
+    stream = _prepare_large_output(dx_flat) and dx_flat.dtype == dx.dtype
     if geometry.rows:
         _kernels.backward_rows(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.groups,
-                               geometry.chans_per_group, geometry.inner, centered, threads)
+                               geometry.chans_per_group, geometry.inner, centered, stream, threads)
     else:
         _kernels.backward_columns(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.n_rows,
                                   geometry.n_cols, geometry.groups, geometry.cols_per_channel,
-                                  geometry.affine_per_row, centered, threads)
+                                  geometry.affine_per_row, centered, stream, threads)
     param_dtype = np.float64 if dtype == np.float64 else np.float32
     return (_store(dx, dx_flat), dweight.astype(param_dtype, copy=False).reshape(param_shape),
             dbias.astype(param_dtype, copy=False).reshape(param_shape))

@@ -853,16 +853,43 @@ cdef inline void gradient_sums(const floating* dy, const floating* x,   # IN (m,
         sum_g_xhat[0] += lanes_total(s2, tail2)
 
 
+cdef inline void input_gradient_values(const floating* dy, const floating* x,   # IN: n consecutive values of a row
+                                       floating* dx,                             # OUT (n,)
+                                       Py_ssize_t n, Py_ssize_t first,  # dy[0] is element `first` of the row
+                                       Py_ssize_t inner,
+                                       const floating* weight,           # the row's channels
+                                       double rstd, floating mean_hi, floating coef_x,
+                                       floating coef_0) noexcept nogil:
+    """dx = rstd * weight[c] * dy + coef_x * (x - mean_hi) + coef_0, where channel c holds `inner` consecutive
+    elements."""
+    cdef floating rs = <floating>rstd
+    cdef floating scale
+    cdef Py_ssize_t i, c
+    if inner == 1:
+        for i in range(n):
+            dx[i] = rs * weight[first + i] * dy[i] + coef_x * (x[i] - mean_hi) + coef_0
+        return
+    for c in range(first // inner, (first + n + inner - 1) // inner):
+        scale = <floating>(rstd * weight[c])
+        for i in range(max(first, c * inner) - first, min(first + n, (c + 1) * inner) - first):
+            dx[i] = scale * dy[i] + coef_x * (x[i] - mean_hi) + coef_0
+
+
 cdef inline void backward_row(const floating* dy, const floating* x, floating* dx,  # one row
                               Py_ssize_t length, Py_ssize_t inner,
                               const floating* weight,          # IN  the row's channels
                               double mean, double rstd, bint centered,
                               double* dweight_acc, double* dbias_acc,         # INOUT the row's channels (inner > 1)
-                              floating* dweight_run, floating* dbias_run) noexcept nogil:  # INOUT (inner == 1)
+                              floating* dweight_run, floating* dbias_run,     # INOUT (inner == 1)
+                              bint stream) noexcept nogil:
+    """One row's gradients; dx is written with streaming stores if `stream` (the caller fences them, see
+    normalize_row_range)."""
+    cdef floating buffer[STREAM_BLOCK]
+    cdef Py_ssize_t block, end
     cdef floating mean_hi = <floating>mean
     cdef floating mean_lo = <floating>(mean - <double>mean_hi)
     cdef floating rs = <floating>rstd
-    cdef floating xhat, coef_x, coef_0, scale
+    cdef floating xhat, coef_x, coef_0
     cdef double sum_g = 0, sum_g_xhat = 0, sum_dy, sum_dy_xhat, k1, k2
     cdef Py_ssize_t c, i, channels = length // inner
     if inner == 1:
@@ -885,14 +912,16 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
     # the low part of the mean goes into the constant: dx = scale * dy + coef_x * (x - mean_hi) + coef_0
     coef_x = <floating>(-rstd * rstd * k2)
     coef_0 = <floating>(-rstd * k1 + rstd * rstd * k2 * mean_lo)
-    if inner == 1:
-        for i in range(length):
-            dx[i] = rs * weight[i] * dy[i] + coef_x * (x[i] - mean_hi) + coef_0
+    if not stream:
+        input_gradient_values(dy, x, dx, length, 0, inner, weight, rstd, mean_hi, coef_x, coef_0)
         return
-    for c in range(channels):
-        scale = <floating>(rstd * weight[c])
-        for i in range(c * inner, (c + 1) * inner):
-            dx[i] = scale * dy[i] + coef_x * (x[i] - mean_hi) + coef_0
+    block = 0
+    while block < length:
+        end = streamed_block_end(dx, block, length)
+        input_gradient_values(dy + block, x + block, buffer, end - block, block, inner, weight, rstd, mean_hi,
+                              coef_x, coef_0)
+        stream_copy(dx + block, buffer, end - block)
+        block = end
 
 
 def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
@@ -904,9 +933,10 @@ def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
                   double[::1] dweight,          # OUT (groups * chans_per_group,)
                   double[::1] dbias,            # OUT (groups * chans_per_group,)
                   Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
-                  bint centered, int num_threads):
+                  bint centered, bint stream, int num_threads):
     """Rows view backward.  Rows of a block of samples add into that block's own dweight/dbias partials
-    (one task per (block, group): no shared writes); the blocks are then summed in order."""
+    (one task per (block, group): no shared writes); the blocks are then summed in order.
+    `stream`: write dx with streaming stores (for outputs too large to stay in cache)."""
     cdef Py_ssize_t n_rows = mean.shape[0]
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t channels = groups * chans_per_group
@@ -927,8 +957,8 @@ def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
     partials = np.zeros(2 * blocks * channels)
     # per thread: float running sums of dweight and dbias terms (one element per channel only)
     running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=_float_dtype(dx))
-    with nogil:
-        for u in prange(blocks * groups, num_threads=num_threads, schedule="static"):
+    with nogil, parallel(num_threads=num_threads):
+        for u in prange(blocks * groups, schedule="static"):
             block = u // groups
             g = u % groups
             weight_partial = &partials[2 * block * channels + g * chans_per_group]
@@ -941,13 +971,16 @@ def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
                 r = n * groups + g
                 backward_row(&dy[r * length], &x[r * length], &dx[r * length], length, inner,
                              &weight[g * chans_per_group], mean[r], rstd[r], centered,
-                             weight_partial, bias_partial, weight_run, bias_run)
+                             weight_partial, bias_partial, weight_run, bias_run, stream)
                 if inner == 1 and ((n - first + 1) % ROWS_PER_FLUSH == 0 or n == last - 1):
                     for c in range(length):
                         weight_partial[c] += weight_run[c]
                         bias_partial[c] += bias_run[c]
                         weight_run[c] = 0
                         bias_run[c] = 0
+        if stream:
+            cynorm_store_fence()
+    with nogil:
         for block in range(blocks):
             for c in range(channels):
                 dweight[c] += partials[2 * block * channels + c]
@@ -963,9 +996,9 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
                      double[::1] dweight,          # OUT same shape as weight
                      double[::1] dbias,            # OUT same shape as weight
                      Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
-                     bint affine_per_row, bint centered, int num_threads):
+                     bint affine_per_row, bint centered, bint stream, int num_threads):
     """Columns view backward: per-column sums over tiles of rows, merged in tile order, then dx; samples
-    in batches as in the forward."""
+    in batches as in the forward.  `stream`: write dx with streaming stores."""
     cdef Py_ssize_t n_samples = mean.shape[0] // groups
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t channels = n_cols // cols_per_channel
@@ -1029,7 +1062,9 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
                 columns_input_gradient(&dy[offset], &x[offset], &dx[offset], min(tile_rows, n_rows - a0), n_cols,
                                        &column_mean_hi[n, 0], &column_scale[n, 0], &column_coef_x[n, 0],
                                        &column_coef_0[n, 0], affine_per_row,
-                                       &weight[a0] if affine_per_row else &weight[0])
+                                       &weight[a0] if affine_per_row else &weight[0], stream)
+        if stream:
+            cynorm_store_fence()
     with nogil:
         # parameter gradients: samples summed in order
         for n in range(n_samples):
@@ -1156,23 +1191,50 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
         out[n_cols + col] = s2[col]
 
 
+cdef inline void input_gradient_tile_row(const floating* dy, const floating* x, floating* dx,  # (n,) of a row
+                                         Py_ssize_t n, const floating* mean_hi,   # (n,) per column
+                                         const floating* scale, const floating* coef_x,
+                                         const floating* coef_0,                  # (n,) per column
+                                         bint affine_per_row, floating v) noexcept nogil:
+    cdef Py_ssize_t col
+    if affine_per_row:
+        for col in range(n):
+            dx[col] = (scale[col] * v) * dy[col] + coef_x[col] * (x[col] - mean_hi[col]) + coef_0[col]
+    else:
+        for col in range(n):
+            dx[col] = scale[col] * dy[col] + coef_x[col] * (x[col] - mean_hi[col]) + coef_0[col]
+
+
 cdef inline void columns_input_gradient(const floating* dy, const floating* x, floating* dx,  # (rows, n_cols)
                                         Py_ssize_t rows, Py_ssize_t n_cols, const floating* mean_hi,
                                         const floating* scale, const floating* coef_x, const floating* coef_0,
-                                        bint affine_per_row, const floating* row_weight) noexcept nogil:
-    cdef Py_ssize_t a, col
-    cdef const floating* dyr
-    cdef const floating* xr
-    cdef floating* dxr
-    cdef floating v
-    for a in range(rows):
-        dyr = dy + a * n_cols
-        xr = x + a * n_cols
-        dxr = dx + a * n_cols
-        if affine_per_row:
-            v = row_weight[a]
-            for col in range(n_cols):
-                dxr[col] = (scale[col] * v) * dyr[col] + coef_x[col] * (xr[col] - mean_hi[col]) + coef_0[col]
-        else:
-            for col in range(n_cols):
-                dxr[col] = scale[col] * dyr[col] + coef_x[col] * (xr[col] - mean_hi[col]) + coef_0[col]
+                                        bint affine_per_row, const floating* row_weight,
+                                        bint stream) noexcept nogil:
+    """dx of a tile, with streaming stores if `stream`: in line-aligned blocks of the contiguous tile, as
+    normalize_tile writes y.  The caller fences the streamed stores."""
+    cdef floating buffer[STREAM_BLOCK]
+    cdef Py_ssize_t a, col, n, start, stop, position
+    cdef Py_ssize_t total = rows * n_cols
+    cdef floating v = 1
+    if not stream:
+        for a in range(rows):
+            if affine_per_row:
+                v = row_weight[a]
+            input_gradient_tile_row(dy + a * n_cols, x + a * n_cols, dx + a * n_cols, n_cols, mean_hi, scale,
+                                    coef_x, coef_0, affine_per_row, v)
+        return
+    start = 0
+    while start < total:
+        stop = streamed_block_end(dx, start, total)
+        position = start
+        while position < stop:   # the pieces of rows in [start, stop)
+            a = position // n_cols
+            col = position - a * n_cols
+            n = min(n_cols - col, stop - position)
+            if affine_per_row:
+                v = row_weight[a]
+            input_gradient_tile_row(dy + position, x + position, buffer + (position - start), n, mean_hi + col,
+                                    scale + col, coef_x + col, coef_0 + col, affine_per_row, v)
+            position += n
+        stream_copy(dx + start, buffer, stop - start)
+        start = stop

@@ -16,7 +16,7 @@ def _module(name):
 
 def _run_all_kernels(module, dtype, stream):
     """Forward and backward of a rows case and a columns case, with adversarial data, as raw kernel calls;
-    `stream`: the forward writes with streaming stores."""
+    `stream`: the forward and the backward write their outputs with streaming stores."""
     rng = np.random.default_rng(7)
     results = []
     rows, length = 5, 4099   # a partial chunk and a lane tail
@@ -27,7 +27,7 @@ def _run_all_kernels(module, dtype, stream):
     y, mean, rstd = np.empty_like(x), np.empty(rows), np.empty(rows)
     module.forward_rows(x, y, weight, bias, mean, rstd, 1, length, 1, 1e-5, True, stream, 2)
     dx, dweight, dbias = np.empty_like(x), np.empty(length), np.empty(length)
-    module.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, 1, length, 1, True, 2)
+    module.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, 1, length, 1, True, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
 
     samples, n_rows, n_cols, groups = 3, 301, 24, 6
@@ -39,7 +39,8 @@ def _run_all_kernels(module, dtype, stream):
     module.forward_columns(x, y, weight, bias, mean, rstd, n_rows, n_cols, groups, 1, False, 1e-5, True, stream,
                            2)
     dx, dweight, dbias = np.empty_like(x), np.empty(n_cols), np.empty(n_cols)
-    module.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, n_rows, n_cols, groups, 1, False, True, 2)
+    module.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, n_rows, n_cols, groups, 1, False, True,
+                            stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
     return results
 

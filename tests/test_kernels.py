@@ -291,6 +291,26 @@ def test_streamed_output_has_the_same_bits(case, dtype, placement, monkeypatch):
         assert_bitwise_equal(got_array, expected_array)
 
 
+@pytest.mark.skipif(not cynorm._kernels.HAVE_STREAM, reason="no streaming stores in this build")
+@pytest.mark.parametrize("placement", ["new", "line+0", "line+16", "line+48", "byte-offset"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
+@pytest.mark.parametrize("case", STREAM_CASES, ids=str)
+def test_streamed_gradient_has_the_same_bits(case, dtype, placement, monkeypatch):
+    x, weight, bias = _forward_inputs(case, dtype)
+    _, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    dy = np.random.default_rng(11).standard_normal(x.shape).astype(dtype)
+    expected = case.backward(cynorm, dy, x, stats, weight)
+    if placement.startswith("line+"):
+        out = empty_past_cache_line(x.shape, dtype, int(placement[5:]))
+    else:
+        out = {"new": None, "byte-offset": np.empty(x.nbytes + 1, np.uint8)[1:].view(dtype).reshape(x.shape)}[placement]
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda flat: True)
+    got = case.backward(cynorm, dy, x, stats, weight, out=out)
+    for got_array, expected_array in zip(got, expected):
+        if expected_array is not None:
+            assert_bitwise_equal(got_array, expected_array)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fresh pages are detected on Linux only")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
 def test_large_outputs_fresh_or_reused_give_the_same_bits(dtype):

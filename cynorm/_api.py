@@ -250,15 +250,25 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
     y = _output(out, x, "out")
     y_flat = _flat_result(y, dtype)
     x_flat = _flat_input(x, dtype, y_flat, out is None)
-    size = math.prod(stats_shape)
-    mean = np.empty(size)
-    rstd = np.empty(size)
-    if x.size == 0:
-        mean.fill(np.nan)   # the statistics of no values (the kernels skip empty input)
-        rstd.fill(np.nan)
-    threads = _thread_count(x.size)
     # (a float16 result is computed into a temporary that is read back at once: never streamed)
     stream = _prepare_large_output(y_flat) and y_flat.dtype == y.dtype
+    mean, rstd = _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, math.prod(stats_shape), stream)
+    return _store(y, y_flat), mean.reshape(stats_shape), rstd.reshape(stats_shape)
+
+
+def _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, n_stats, stream):
+    """The forward kernel of `geometry` on arguments that have been checked: flat C-contiguous arrays of one
+    compute dtype (y_flat is x_flat or does not overlap it; weight and bias of the geometry's parameter size),
+    eps a float >= 0; `stream` from _prepare_large_output.  Returns the flat float64 mean and rstd.
+
+    The NumPy API checks everything before calling it; so do the adapters, whose tensors come with their shapes
+    and dtypes known."""
+    mean = np.empty(n_stats)
+    rstd = np.empty(n_stats)
+    if x_flat.size == 0:
+        mean.fill(np.nan)   # the statistics of no values (the kernels skip empty input)
+        rstd.fill(np.nan)
+    threads = _thread_count(x_flat.size)
     if geometry.rows:
         _kernels.forward_rows(x_flat, y_flat, weight, bias, mean, rstd, geometry.groups,
                               geometry.chans_per_group, geometry.inner, eps, centered, stream, threads)
@@ -266,7 +276,7 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
         _kernels.forward_columns(x_flat, y_flat, weight, bias, mean, rstd, geometry.n_rows, geometry.n_cols,
                                  geometry.groups, geometry.cols_per_channel, geometry.affine_per_row, eps,
                                  centered, stream, threads)
-    return _store(y, y_flat), mean.reshape(stats_shape), rstd.reshape(stats_shape)
+    return mean, rstd
 
 
 def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape, centered):
@@ -281,10 +291,19 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
     dx_flat = _flat_result(dx, dtype)
     x_flat = _flat_input(x, dtype, dx_flat, out is None)
     dy_flat = _flat_input(dy, dtype, dx_flat, out is None)
+    stream = _prepare_large_output(dx_flat) and dx_flat.dtype == dx.dtype
+    dweight, dbias = _run_backward(dy_flat, x_flat, mean, rstd, weight, dx_flat, geometry, centered, stream)
+    param_dtype = np.float64 if dtype == np.float64 else np.float32
+    return (_store(dx, dx_flat), dweight.astype(param_dtype, copy=False).reshape(param_shape),
+            dbias.astype(param_dtype, copy=False).reshape(param_shape))
+
+
+def _run_backward(dy_flat, x_flat, mean, rstd, weight, dx_flat, geometry, centered, stream):
+    """The backward kernel of `geometry` on checked arguments (as for _run_forward; mean and rstd flat float64
+    as the forward returned them, mean zeros when not centered).  Returns the flat float64 dweight and dbias."""
     dweight = np.empty(weight.size)
     dbias = np.empty(weight.size)
-    threads = _thread_count(x.size)
-    stream = _prepare_large_output(dx_flat) and dx_flat.dtype == dx.dtype
+    threads = _thread_count(x_flat.size)
     if geometry.rows:
         _kernels.backward_rows(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.groups,
                                geometry.chans_per_group, geometry.inner, centered, stream, threads)
@@ -292,9 +311,7 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
         _kernels.backward_columns(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.n_rows,
                                   geometry.n_cols, geometry.groups, geometry.cols_per_channel,
                                   geometry.affine_per_row, centered, stream, threads)
-    param_dtype = np.float64 if dtype == np.float64 else np.float32
-    return (_store(dx, dx_flat), dweight.astype(param_dtype, copy=False).reshape(param_shape),
-            dbias.astype(param_dtype, copy=False).reshape(param_shape))
+    return dweight, dbias
 
 
 def _grouped_input(x, axis, name):

@@ -49,17 +49,21 @@ TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the calls of each cynorm kernel (forward and backward) and keeps their array arguments."""
+    """The calls of the cynorm kernels, "forward" and "backward", with their arguments.
+
+    Every path to the kernels (the NumPy API, and the adapter's calls on arguments it has checked) ends in
+    cynorm._api._run_forward or _run_backward: ``_run_forward(x_flat, y_flat, weight, bias, geometry, ...)``.
+    """
     calls = {}
 
     def spy(name, kernel):
         def counted(*args, **kwargs):
-            calls.setdefault(name, []).append((args, kwargs))
+            calls.setdefault(name, []).append(args)
             return kernel(*args, **kwargs)
         return counted
 
-    for name in KERNEL_NAMES + [n + "_backward" for n in KERNEL_NAMES]:
-        monkeypatch.setattr(cynorm, name, spy(name, getattr(cynorm, name)))
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(cynorm._api, f"_run_{name}", spy(name, getattr(cynorm._api, f"_run_{name}")))
     return calls
 
 
@@ -134,8 +138,7 @@ def test_module_forward_and_backward_match_torch(case, layout, affine, dtype, ke
     for grad, grad_reference in zip(grads, grads_reference, strict=True):
         assert_close_scaled(grad, grad_reference, TOLERANCES[dtype])
     torch.testing.assert_close(x.detach(), x_before, rtol=0, atol=0)
-    kernel = KERNEL_OF_MODULE[type(ours)]
-    assert len(kernel_calls[kernel]) == 1 and len(kernel_calls[kernel + "_backward"]) == 1
+    assert len(kernel_calls["forward"]) == 1 and len(kernel_calls["backward"]) == 1
 
 
 @pytest.mark.parametrize("case", ["group_norm_2d", "group_norm_3d", "instance_norm_2d", "instance_norm_3d"])
@@ -144,10 +147,10 @@ def test_channels_last_runs_in_place_without_transposing_copy(case, kernel_calls
     x = in_layout(random_tensor(MODULE_CASES[case][-1], torch.float32), "channels_last")
     y = ours(x)
     assert y.is_contiguous(memory_format=MEMORY_FORMATS[x.dim()])
-    (x_array, *_), kwargs = kernel_calls[KERNEL_OF_MODULE[type(ours)]][0]
-    # The kernel reads the input's own memory as (N, *spatial, C) and writes the output's.
-    assert x_array.flags.c_contiguous and x_array.ctypes.data == x.data_ptr()
-    assert kwargs["axis"] == x.dim() - 1 and kwargs["out"].ctypes.data == y.data_ptr()
+    (x_flat, y_flat, _, _, geometry, *_), = kernel_calls["forward"]
+    # The kernel reads the input's own memory as (N, *spatial, C), channels innermost, and writes the output's.
+    assert x_flat.ctypes.data == x.data_ptr() and y_flat.ctypes.data == y.data_ptr()
+    assert not geometry.rows and geometry.n_cols == x.shape[1] and geometry.n_rows == x[0, 0].numel()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -178,7 +181,7 @@ FUNCTION_CASES = {
 def test_gradcheck(case, kernel_calls):
     kernel, function, make_inputs = FUNCTION_CASES[case]
     assert torch.autograd.gradcheck(function, make_inputs())
-    assert kernel_calls[kernel] and kernel_calls[kernel + "_backward"]
+    assert kernel_calls["forward"] and kernel_calls["backward"]
 
 
 # name: (operator, its float64 arguments)
@@ -198,6 +201,24 @@ def test_operator_registration(case):
     """torch's own checks of the schema, the fake (meta) implementation and the autograd registration."""
     operator, make_arguments = OPERATOR_CASES[case]
     torch.library.opcheck(operator.default, make_arguments())
+
+
+def test_operators_check_what_callers_of_torch_ops_pass():
+    """The eager paths skip the NumPy API's checks on arguments they checked themselves; the operators, which
+    anyone can call, do not: bad arguments raise instead of reaching the kernels."""
+    x, weight = random_tensor((2, 4, 3)), random_tensor(4)
+    _, mean, rstd = torch.ops.cynorm.group_norm(x, 2, weight, None, 1e-5)
+    with pytest.raises(ValueError, match="num_groups"):
+        torch.ops.cynorm.group_norm(x, 3, weight, None, 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        torch.ops.cynorm.group_norm(x, 2, random_tensor(5), None, 1e-5)
+    with pytest.raises(ValueError, match="mean"):
+        torch.ops.cynorm.group_norm_backward(x, x, mean[:1], rstd, weight)
+    with pytest.raises(ValueError, match="rstd"):
+        torch.ops.cynorm.layer_norm_backward(x, x, *torch.ops.cynorm.layer_norm(x, [3], None, None, 1e-5)[1:2],
+                                             random_tensor((2, 3)), None)
+    with pytest.raises(ValueError, match="dy"):
+        torch.ops.cynorm.rms_norm_backward(x[:1], x, torch.ops.cynorm.rms_norm(x, [3], None, 1e-5)[1], None)
 
 
 @pytest.mark.parametrize("case", ["group_norm", "instance_norm", "layer_norm", "rms_norm"])

@@ -60,8 +60,14 @@ def _memory_order(tensor):
     """
     if tensor.is_contiguous():
         return None
+    memory_format, order = _CHANNELS_LAST.get(tensor.dim(), (None, None))
+    if memory_format is not None and tensor.is_contiguous(memory_format=memory_format):
+        return order   # the common case, answered without sorting strides
     order = tuple(sorted(range(tensor.dim()), key=lambda axis: (axis != 0, -tensor.stride(axis))))
     return order if tensor.permute(order).is_contiguous() else None
+
+
+_CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
 
 
 def _in_memory_order(tensor, order):

@@ -264,6 +264,10 @@ def test_asv_output_placement_runs(asv_modules):
     expected = cynorm.group_norm(benchmark.workload.x, 32, benchmark.workload.weight, benchmark.workload.bias,
                                  axis=-1)
     np.testing.assert_array_equal(benchmark.out, expected)
+    benchmark.time_backward(48, bench.CHANNELS_LAST)
+    expected, _, _ = cynorm.group_norm_backward(benchmark.workload.dy, benchmark.workload.x, benchmark.mean,
+                                                benchmark.rstd, benchmark.workload.weight, axis=-1)
+    np.testing.assert_array_equal(benchmark.out, expected)
 
 
 def test_asv_setup_skips_missing_peers_and_cases_outside_the_table(asv_modules, monkeypatch):

@@ -261,8 +261,8 @@ def _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, n_stats,
     compute dtype (y_flat is x_flat or does not overlap it; weight and bias of the geometry's parameter size),
     eps a float >= 0; `stream` from _prepare_large_output.  Returns the flat float64 mean and rstd.
 
-    The NumPy API checks everything before calling it; so do the adapters, whose tensors come with their shapes
-    and dtypes known."""
+    The NumPy API checks everything before calling it; so does the PyTorch adapter's eager path, whose tensors
+    come with their shapes and dtypes known."""
     mean = np.empty(n_stats)
     rstd = np.empty(n_stats)
     if x_flat.size == 0:

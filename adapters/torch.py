@@ -128,9 +128,9 @@ class _OutputCache:
     Channels-last InstanceNorm2d (8,64,128,128) measured 6.5 ms a call with reused memory against 11-12 ms with
     fresh memory.
 
-    Each output is a tensor over a NumPy array that owns a block of memory.  The tensor's storage holds that
-    array, so the array dies when the last tensor or view of the output is freed, and only then is the block
-    offered back here.  Freed blocks are kept up to ``limit`` bytes in all; beyond, they are released.
+    Each output is a tensor over a NumPy array that holds a block of memory (see _BlockReturningArray).  The
+    tensor's storage holds that array, so the array dies when the last tensor or view of the output is freed,
+    and only then is the block offered back here.  Freed blocks are kept up to ``limit`` bytes in all; beyond, they are released.
     """
 
     _ALIGNMENT = 64   # as torch's own allocator

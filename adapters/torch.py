@@ -130,7 +130,8 @@ class _OutputCache:
 
     Each output is a tensor over a NumPy array that holds a block of memory (see _BlockReturningArray).  The
     tensor's storage holds that array, so the array dies when the last tensor or view of the output is freed,
-    and only then is the block offered back here.  Freed blocks are kept up to ``limit`` bytes in all; beyond, they are released.
+    and only then is the block offered back here.  Freed blocks are kept up to ``limit`` bytes in all; beyond,
+    they are released.
     """
 
     _ALIGNMENT = 64   # as torch's own allocator
@@ -241,21 +242,19 @@ def _kernel_param(tensor, size, dtype, default):
 
 def _trusted_forward(x, y, weight, bias, eps, geometry, num_stats, num_params, centered):
     """The forward kernel of ``geometry`` on checked C-contiguous arrays (y fresh); flat float64 (mean, rstd)."""
-    y_flat = y.reshape(-1)
-    return _api._run_forward(x.reshape(-1), y_flat, _kernel_param(weight, num_params, x.dtype, 1.0),
+    return _api._run_forward(x.reshape(-1), y.reshape(-1), _kernel_param(weight, num_params, x.dtype, 1.0),
                              _kernel_param(bias, num_params, x.dtype, 0.0), geometry, float(eps), centered,
-                             num_stats, _api._prepare_large_output(y_flat))
+                             num_stats)
 
 
 def _trusted_backward(dy, x, mean, rstd, weight, dx, geometry, param_shape, centered):
     """The backward kernel on checked C-contiguous arrays (dx fresh) and the forward's statistics; returns the
     parameter gradients as tensors of x's dtype and of shape ``param_shape``."""
-    dx_flat = dx.reshape(-1)
     rstd = _array(rstd).reshape(-1)
     mean = _array(mean).reshape(-1) if centered else np.zeros(rstd.size)
     dweight, dbias = _api._run_backward(dy.reshape(-1), x.reshape(-1), mean, rstd,
-                                        _kernel_param(weight, math.prod(param_shape), x.dtype, 1.0), dx_flat,
-                                        geometry, centered, _api._prepare_large_output(dx_flat))
+                                        _kernel_param(weight, math.prod(param_shape), x.dtype, 1.0),
+                                        dx.reshape(-1), geometry, centered)
     return tuple(torch.from_numpy(grad.astype(x.dtype, copy=False).reshape(param_shape)) for grad in (dweight, dbias))
 
 

@@ -250,16 +250,16 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
     y = _output(out, x, "out")
     y_flat = _flat_result(y, dtype)
     x_flat = _flat_input(x, dtype, y_flat, out is None)
-    # (a float16 result is computed into a temporary that is read back at once: never streamed)
-    stream = _prepare_large_output(y_flat) and y_flat.dtype == y.dtype
-    mean, rstd = _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, math.prod(stats_shape), stream)
+    mean, rstd = _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, math.prod(stats_shape),
+                              temporary_output=y_flat.dtype != y.dtype)
     return _store(y, y_flat), mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 
-def _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, n_stats, stream):
+def _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, n_stats, temporary_output=False):
     """The forward kernel of `geometry` on arguments that have been checked: flat C-contiguous arrays of one
     compute dtype (y_flat is x_flat or does not overlap it; weight and bias of the geometry's parameter size),
-    eps a float >= 0; `stream` from _prepare_large_output.  Returns the flat float64 mean and rstd.
+    eps a float >= 0.  Returns the flat float64 mean and rstd.  `temporary_output`: y_flat is read back at once
+    (a float16 result computed in float32), so it is never streamed.
 
     The NumPy API checks everything before calling it; so does the PyTorch adapter's eager path, whose tensors
     come with their shapes and dtypes known."""
@@ -269,6 +269,7 @@ def _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, n_stats,
         mean.fill(np.nan)   # the statistics of no values (the kernels skip empty input)
         rstd.fill(np.nan)
     threads = _thread_count(x_flat.size)
+    stream = _prepare_large_output(y_flat) and not temporary_output
     if geometry.rows:
         _kernels.forward_rows(x_flat, y_flat, weight, bias, mean, rstd, geometry.groups,
                               geometry.chans_per_group, geometry.inner, eps, centered, stream, threads)
@@ -291,19 +292,20 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
     dx_flat = _flat_result(dx, dtype)
     x_flat = _flat_input(x, dtype, dx_flat, out is None)
     dy_flat = _flat_input(dy, dtype, dx_flat, out is None)
-    stream = _prepare_large_output(dx_flat) and dx_flat.dtype == dx.dtype
-    dweight, dbias = _run_backward(dy_flat, x_flat, mean, rstd, weight, dx_flat, geometry, centered, stream)
+    dweight, dbias = _run_backward(dy_flat, x_flat, mean, rstd, weight, dx_flat, geometry, centered,
+                                   temporary_output=dx_flat.dtype != dx.dtype)
     param_dtype = np.float64 if dtype == np.float64 else np.float32
     return (_store(dx, dx_flat), dweight.astype(param_dtype, copy=False).reshape(param_shape),
             dbias.astype(param_dtype, copy=False).reshape(param_shape))
 
 
-def _run_backward(dy_flat, x_flat, mean, rstd, weight, dx_flat, geometry, centered, stream):
+def _run_backward(dy_flat, x_flat, mean, rstd, weight, dx_flat, geometry, centered, temporary_output=False):
     """The backward kernel of `geometry` on checked arguments (as for _run_forward; mean and rstd flat float64
     as the forward returned them, mean zeros when not centered).  Returns the flat float64 dweight and dbias."""
     dweight = np.empty(weight.size)
     dbias = np.empty(weight.size)
     threads = _thread_count(x_flat.size)
+    stream = _prepare_large_output(dx_flat) and not temporary_output
     if geometry.rows:
         _kernels.backward_rows(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.groups,
                                geometry.chans_per_group, geometry.inner, centered, stream, threads)

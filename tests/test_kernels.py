@@ -327,6 +327,26 @@ def test_large_outputs_fresh_or_reused_give_the_same_bits(dtype):
         assert_bitwise_equal(got_array, expected_array)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["cached-stores", "streamed"])
+@pytest.mark.parametrize("placement", ["new", "in-place"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
+def test_prefetching_forward_gives_each_samples_own_bits(dtype, placement, stream, monkeypatch):
+    # From 4 MiB of input on, the rows forward prefetches each thread's next row; a sample alone is below that
+    # size, and its rows depend on nothing else.  15 rows: the threads' shares are uneven.
+    case = NormCase("group", (5, 12, 140, 131), 1, 3)
+    x, weight, bias = _forward_inputs(case, dtype)
+    assert x.nbytes >= 4 * 2 ** 20 > x[:1].nbytes
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda flat: stream)
+    per_sample = [case.forward_with_stats(cynorm, x[n:n + 1], weight, bias) for n in range(x.shape[0])]
+    source = x.copy()
+    y, (mean, rstd) = case.forward_with_stats(cynorm, source, weight, bias,
+                                              out=source if placement == "in-place" else None)
+    for n, (expected_y, (expected_mean, expected_rstd)) in enumerate(per_sample):
+        assert_bitwise_equal(y[n:n + 1], expected_y)
+        assert_bitwise_equal(mean[n:n + 1], expected_mean)
+        assert_bitwise_equal(rstd[n:n + 1], expected_rstd)
+
+
 def test_huge_page_advice_keeps_the_contents():
     values = np.arange(3 << 20, dtype=np.float32)[5:]
     cynorm._kernels.advise_huge_pages(values)

@@ -75,6 +75,19 @@ def _in_memory_order(tensor, order):
     return _contiguous_array(tensor if order is None else tensor.permute(order))
 
 
+def _dense_in_order(tensor, order):
+    """A tensor whose memory holds ``tensor``'s values C-contiguously with the axes in ``order`` (None: as they
+    are), for the kernels to take by address: ``tensor`` itself when its memory already does, else a copy made
+    by torch."""
+    if order is None:
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
+    return tensor if _memory_order(tensor) == order else tensor.permute(order).contiguous()
+
+
+def _memory_shape(tensor, order):
+    return tuple(tensor.shape) if order is None else tuple(tensor.shape[axis] for axis in order)
+
+
 def _contiguous_array(tensor):
     # torch copies with every thread, the NumPy API's own copy with one: a (16,64,32,32) tensor with its axes
     # moved (a gradient in another layout than the input, a layer norm over a middle axis) took 2.0 ms against
@@ -241,21 +254,23 @@ def _kernel_param(tensor, size, dtype, default):
 
 
 def _trusted_forward(x, y, weight, bias, eps, geometry, num_stats, num_params, centered):
-    """The forward kernel of ``geometry`` on checked C-contiguous arrays (y fresh); flat float64 (mean, rstd)."""
-    return _api._run_forward(x.reshape(-1), y.reshape(-1), _kernel_param(weight, num_params, x.dtype, 1.0),
-                             _kernel_param(bias, num_params, x.dtype, 0.0), geometry, float(eps), centered,
-                             num_stats)
+    """The forward kernel of ``geometry`` on checked tensors whose memory is C-contiguous in the geometry's order
+    (y fresh); flat float64 (mean, rstd)."""
+    dtype = _NUMPY_DTYPES[x.dtype]
+    return _api._run_forward(x.data_ptr(), y.data_ptr(), x.numel(), _kernel_param(weight, num_params, dtype, 1.0),
+                             _kernel_param(bias, num_params, dtype, 0.0), geometry, float(eps), centered, num_stats)
 
 
 def _trusted_backward(dy, x, mean, rstd, weight, dx, geometry, param_shape, centered):
-    """The backward kernel on checked C-contiguous arrays (dx fresh) and the forward's statistics; returns the
-    parameter gradients as tensors of x's dtype and of shape ``param_shape``."""
+    """The backward kernel on checked tensors laid out as for _trusted_forward (dx fresh) and the forward's
+    statistics; returns the parameter gradients as tensors of x's dtype and of shape ``param_shape``."""
+    dtype = _NUMPY_DTYPES[x.dtype]
     rstd = _array(rstd).reshape(-1)
     mean = _array(mean).reshape(-1) if centered else np.zeros(rstd.size)
-    dweight, dbias = _api._run_backward(dy.reshape(-1), x.reshape(-1), mean, rstd,
-                                        _kernel_param(weight, math.prod(param_shape), x.dtype, 1.0),
-                                        dx.reshape(-1), geometry, centered)
-    return tuple(torch.from_numpy(grad.astype(x.dtype, copy=False).reshape(param_shape)) for grad in (dweight, dbias))
+    dweight, dbias = _api._run_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), mean, rstd,
+                                        _kernel_param(weight, math.prod(param_shape), dtype, 1.0), geometry,
+                                        centered)
+    return tuple(torch.from_numpy(grad.astype(dtype, copy=False).reshape(param_shape)) for grad in (dweight, dbias))
 
 
 def _stats_tensors(shape, *stats):
@@ -270,25 +285,28 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
     the channel axis last.
     """
     output, order = _channel_norm_output(input, cached=True)
-    x, y, axis = _in_memory_order(input, order), _in_memory_order(output, order), _channel_axis(order)
+    axis = _channel_axis(order)
     if trusted:
-        stats = _trusted_forward(x, y, weight, bias, eps, _api._group_geometry(x.shape, axis, num_groups),
-                                 x.shape[0] * num_groups, x.shape[axis], centered=True)
+        shape = _memory_shape(input, order)
+        stats = _trusted_forward(_dense_in_order(input, order), output, weight, bias, eps,
+                                 _api._group_geometry(shape, axis, num_groups), shape[0] * num_groups,
+                                 shape[axis], centered=True)
     else:
-        _, *stats = cynorm.group_norm(x, num_groups, _array(weight), _array(bias), axis=axis, eps=eps, out=y,
-                                      return_stats=True)
-    return (output,) + _stats_tensors((x.shape[0], num_groups), *stats)
+        _, *stats = cynorm.group_norm(_in_memory_order(input, order), num_groups, _array(weight), _array(bias),
+                                      axis=axis, eps=eps, out=_in_memory_order(output, order), return_stats=True)
+    return (output,) + _stats_tensors((input.shape[0], num_groups), *stats)
 
 
 def _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     grad_input, order = _channel_norm_output(input, cached=True)
-    dy, x, dx = (_in_memory_order(t, order) for t in (grad_output, input, grad_input))
     axis = _channel_axis(order)
     if trusted:
-        param_grads = _trusted_backward(dy, x, mean, rstd, weight, dx,
-                                        _api._group_geometry(x.shape, axis, mean.shape[1]), x.shape[axis:axis + 1],
-                                        centered=True)
+        shape = _memory_shape(input, order)
+        param_grads = _trusted_backward(_dense_in_order(grad_output, order), _dense_in_order(input, order), mean,
+                                        rstd, weight, grad_input, _api._group_geometry(shape, axis, mean.shape[1]),
+                                        shape[axis:axis + 1], centered=True)
     else:
+        dy, x, dx = (_in_memory_order(t, order) for t in (grad_output, input, grad_input))
         _, *param_grads = cynorm.group_norm_backward(dy, x, _array(mean), _array(rstd), _array(weight), axis=axis,
                                                      out=dx)
         param_grads = [torch.from_numpy(grad) for grad in param_grads]
@@ -308,17 +326,18 @@ def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted
     """Layer norm (RMS norm unless ``centered``) over the trailing ``normalized_shape``; returns (y, mean,
     rstd), mean None for RMS norm."""
     output = _trailing_norm_output(input, cached=True)
-    x, y = _contiguous_array(input), _array(output)
     axes = _trailing_axes(input, len(normalized_shape))
-    stats_shape = x.shape[:axes[0]]
+    stats_shape = input.shape[:axes[0]]
     if trusted:
-        mean, rstd = _trusted_forward(x, y, weight, bias, eps, _api._layer_geometry(x.shape, axes),
-                                      math.prod(stats_shape), math.prod(normalized_shape), centered)
+        mean, rstd = _trusted_forward(_dense_in_order(input, None), output, weight, bias, eps,
+                                      _api._layer_geometry(input.shape, axes), math.prod(stats_shape),
+                                      math.prod(normalized_shape), centered)
     elif centered:
-        _, mean, rstd = cynorm.layer_norm(x, _array(weight), _array(bias), axis=axes, eps=eps, out=y,
-                                          return_stats=True)
+        _, mean, rstd = cynorm.layer_norm(_contiguous_array(input), _array(weight), _array(bias), axis=axes,
+                                          eps=eps, out=_array(output), return_stats=True)
     else:
-        _, rstd = cynorm.rms_norm(x, _array(weight), axis=axes, eps=eps, out=y, return_stats=True)
+        _, rstd = cynorm.rms_norm(_contiguous_array(input), _array(weight), axis=axes, eps=eps, out=_array(output),
+                                  return_stats=True)
         mean = None
     return (output, None if mean is None else torch.from_numpy(mean.reshape(stats_shape)),
             torch.from_numpy(rstd.reshape(stats_shape)))
@@ -327,13 +346,15 @@ def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted
 def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     """Gradients of _trailing_norm (of RMS norm when ``mean`` is None)."""
     grad_input = _trailing_norm_output(input, cached=True)
-    dy, x, dx = _contiguous_array(grad_output), _contiguous_array(input), _array(grad_input)
     axes = _trailing_axes(input, input.dim() - rstd.dim())
     centered = mean is not None
     if trusted:
-        param_grads = _trusted_backward(dy, x, mean, rstd, weight, dx, _api._layer_geometry(x.shape, axes),
-                                        x.shape[axes[0]:], centered)
-    elif centered:
+        param_grads = _trusted_backward(_dense_in_order(grad_output, None), _dense_in_order(input, None), mean,
+                                        rstd, weight, grad_input, _api._layer_geometry(input.shape, axes),
+                                        input.shape[axes[0]:], centered)
+        return (grad_input, *param_grads)
+    dy, x, dx = _contiguous_array(grad_output), _contiguous_array(input), _array(grad_input)
+    if centered:
         _, *param_grads = cynorm.layer_norm_backward(dy, x, _array(mean), _array(rstd), _array(weight), axis=axes,
                                                      out=dx)
         param_grads = [torch.from_numpy(grad) for grad in param_grads]

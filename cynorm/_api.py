@@ -149,19 +149,20 @@ _LARGE_OUTPUT_BYTES = 8 * 2 ** 20
 _HUGE_PAGES = os.environ.get("CYNORM_HUGE_PAGES", "0") == "1"
 
 
-def _prepare_large_output(flat):
-    """Readies the kernel's output buffer; returns whether the kernels should stream their stores.
+def _prepare_large_output(address, nbytes):
+    """Readies the kernel's output buffer, `nbytes` at `address`; returns whether the kernels should stream
+    their stores.
 
     An output already in memory is streamed: each destination line is written without being read first.  A
     fresh one (its pages not yet touched: a new mapping from the allocator) is not, since its first writes
     fault the pages in and streaming past the freshly zeroed lines measured slower; with CYNORM_HUGE_PAGES=1
     it is offered to the OS as transparent huge pages, which fault in 2 MiB at a time.
     """
-    if flat.nbytes < _LARGE_OUTPUT_BYTES:
+    if nbytes < _LARGE_OUTPUT_BYTES:
         return False
-    if _kernels.has_untouched_pages(flat):
+    if _kernels.has_untouched_pages(address, nbytes):
         if _HUGE_PAGES:
-            _kernels.advise_huge_pages(flat)
+            _kernels.advise_huge_pages(address, nbytes)
         return False
     return _kernels.HAVE_STREAM
 
@@ -250,31 +251,31 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
     y = _output(out, x, "out")
     y_flat = _flat_result(y, dtype)
     x_flat = _flat_input(x, dtype, y_flat, out is None)
-    mean, rstd = _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, math.prod(stats_shape),
-                              temporary_output=y_flat.dtype != y.dtype)
+    mean, rstd = _run_forward(_kernels.address_of(x_flat), _kernels.address_of(y_flat), x_flat.size, weight, bias,
+                              geometry, eps, centered, math.prod(stats_shape), temporary_output=y_flat.dtype != y.dtype)
     return _store(y, y_flat), mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 
-def _run_forward(x_flat, y_flat, weight, bias, geometry, eps, centered, n_stats, temporary_output=False):
-    """The forward kernel of `geometry` on arguments that have been checked: flat C-contiguous arrays of one
-    compute dtype (y_flat is x_flat or does not overlap it; weight and bias of the geometry's parameter size),
-    eps a float >= 0.  Returns the flat float64 mean and rstd.  `temporary_output`: y_flat is read back at once
-    (a float16 result computed in float32), so it is never streamed.
+def _run_forward(x, y, size, weight, bias, geometry, eps, centered, n_stats, temporary_output=False):
+    """The forward kernel of `geometry` on arguments that have been checked: x and y the addresses of `size`
+    C-contiguous values of the compute dtype (y is x or does not overlap it), weight and bias flat arrays of
+    that dtype and of the geometry's parameter size, eps a float >= 0.  Returns the flat float64 mean and rstd.
+    `temporary_output`: y is read back at once (a float16 result computed in float32), so it is never streamed.
 
     The NumPy API checks everything before calling it; so does the PyTorch adapter's eager path, whose tensors
-    come with their shapes and dtypes known."""
+    come with their shapes and dtypes known, and whose memory it passes without making NumPy arrays of it."""
     mean = np.empty(n_stats)
     rstd = np.empty(n_stats)
-    if x_flat.size == 0:
+    if size == 0:
         mean.fill(np.nan)   # the statistics of no values (the kernels skip empty input)
         rstd.fill(np.nan)
-    threads = _thread_count(x_flat.size)
-    stream = _prepare_large_output(y_flat) and not temporary_output
+    threads = _thread_count(size)
+    stream = not temporary_output and _prepare_large_output(y, size * weight.itemsize)
     if geometry.rows:
-        _kernels.forward_rows(x_flat, y_flat, weight, bias, mean, rstd, geometry.groups,
+        _kernels.forward_rows(x, y, weight, bias, mean, rstd, geometry.groups,
                               geometry.chans_per_group, geometry.inner, eps, centered, stream, threads)
     else:
-        _kernels.forward_columns(x_flat, y_flat, weight, bias, mean, rstd, geometry.n_rows, geometry.n_cols,
+        _kernels.forward_columns(x, y, weight, bias, mean, rstd, geometry.n_rows, geometry.n_cols,
                                  geometry.groups, geometry.cols_per_channel, geometry.affine_per_row, eps,
                                  centered, stream, threads)
     return mean, rstd
@@ -292,25 +293,26 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
     dx_flat = _flat_result(dx, dtype)
     x_flat = _flat_input(x, dtype, dx_flat, out is None)
     dy_flat = _flat_input(dy, dtype, dx_flat, out is None)
-    dweight, dbias = _run_backward(dy_flat, x_flat, mean, rstd, weight, dx_flat, geometry, centered,
-                                   temporary_output=dx_flat.dtype != dx.dtype)
+    dweight, dbias = _run_backward(*map(_kernels.address_of, (dy_flat, x_flat, dx_flat)), x_flat.size, mean, rstd,
+                                   weight, geometry, centered, temporary_output=dx_flat.dtype != dx.dtype)
     param_dtype = np.float64 if dtype == np.float64 else np.float32
     return (_store(dx, dx_flat), dweight.astype(param_dtype, copy=False).reshape(param_shape),
             dbias.astype(param_dtype, copy=False).reshape(param_shape))
 
 
-def _run_backward(dy_flat, x_flat, mean, rstd, weight, dx_flat, geometry, centered, temporary_output=False):
-    """The backward kernel of `geometry` on checked arguments (as for _run_forward; mean and rstd flat float64
-    as the forward returned them, mean zeros when not centered).  Returns the flat float64 dweight and dbias."""
+def _run_backward(dy, x, dx, size, mean, rstd, weight, geometry, centered, temporary_output=False):
+    """The backward kernel of `geometry` on checked arguments (as for _run_forward: dy, x and dx addresses of
+    `size` values; mean and rstd flat float64 as the forward returned them, mean zeros when not centered).
+    Returns the flat float64 dweight and dbias."""
     dweight = np.empty(weight.size)
     dbias = np.empty(weight.size)
-    threads = _thread_count(x_flat.size)
-    stream = _prepare_large_output(dx_flat) and not temporary_output
+    threads = _thread_count(size)
+    stream = not temporary_output and _prepare_large_output(dx, size * weight.itemsize)
     if geometry.rows:
-        _kernels.backward_rows(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.groups,
+        _kernels.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, geometry.groups,
                                geometry.chans_per_group, geometry.inner, centered, stream, threads)
     else:
-        _kernels.backward_columns(dy_flat, x_flat, mean, rstd, weight, dx_flat, dweight, dbias, geometry.n_rows,
+        _kernels.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, geometry.n_rows,
                                   geometry.n_cols, geometry.groups, geometry.cols_per_channel,
                                   geometry.affine_per_row, centered, stream, threads)
     return dweight, dbias

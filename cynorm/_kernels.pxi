@@ -15,7 +15,10 @@ merged in a fixed order: results do not depend on the thread count, on the sched
 Within a block, a corrected two-pass (rough centre, then centred sums) keeps float32 sums accurate when
 |mean| >> std; blocks are merged in float64 with Chan's pairwise formula.
 
-The Python layer validates every argument: these functions run without bounds checks.
+The Python layer validates every argument: these functions run without bounds checks.  The large arrays
+(x, y, dy, dx) are passed by address (see `address_of`), C-contiguous and of the parameters' dtype, so that a
+caller holding them in another library's tensors reaches them without making NumPy arrays first; the small
+ones are typed memoryviews.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
@@ -236,17 +239,23 @@ def float_to_half(const float[::1] values,             # IN
         out_bits[i] = cynorm_float_to_half(values[i])
 
 
-def has_untouched_pages(floating[::1] output):
-    """Whether `output` starts or ends on a page never written since it was mapped (a fresh allocation)."""
-    if output.shape[0] == 0:
-        return False
-    return cynorm_has_untouched_pages(<size_t>&output[0], output.shape[0] * sizeof(floating))
+def address_of(const floating[::1] values):
+    """The address of the first of `values` (C-contiguous), as the kernels take their large arrays; 0 when
+    there are none (the kernels read nothing then)."""
+    return <size_t>&values[0] if values.shape[0] > 0 else 0
 
 
-def advise_huge_pages(floating[::1] output):
-    """Asks the OS to back the untouched pages of `output` with transparent huge pages (Linux; a hint)."""
-    if output.shape[0] > 0:
-        cynorm_advise_huge_pages(<size_t>&output[0], output.shape[0] * sizeof(floating))
+def has_untouched_pages(size_t address, size_t nbytes):
+    """Whether [address, address + nbytes) starts or ends on a page never written since it was mapped (a fresh
+    allocation)."""
+    return nbytes > 0 and cynorm_has_untouched_pages(address, nbytes)
+
+
+def advise_huge_pages(size_t address, size_t nbytes):
+    """Asks the OS to back the untouched pages of [address, address + nbytes) with transparent huge pages
+    (Linux; a hint)."""
+    if nbytes > 0:
+        cynorm_advise_huge_pages(address, nbytes)
 
 
 def cpu_level():
@@ -627,15 +636,8 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (row
         start = stop
 
 
-def _float_dtype(floating[::1] like):
-    if floating is float:
-        return np.float32
-    else:
-        return np.float64
-
-
-def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
-                 floating[::1] y,               # OUT (n_rows * length,), may be x itself
+def forward_rows(size_t x_address,              # IN  (n_rows * length,)
+                 size_t y_address,              # OUT (n_rows * length,), may be x itself
                  const floating[::1] weight,    # IN  (groups * chans_per_group,)
                  const floating[::1] bias,      # IN  (groups * chans_per_group,)
                  double[::1] mean,              # OUT (n_rows,)
@@ -644,12 +646,14 @@ def forward_rows(const floating[::1] x,         # IN  (n_rows * length,)
                  double eps, bint centered, bint stream, int num_threads):
     """Rows view forward; row r uses channels (r % groups) * chans_per_group + [0, chans_per_group).
     `stream`: write y with streaming stores (for outputs too large to stay in cache)."""
+    cdef const floating* x = <const floating*>x_address
+    cdef floating* y = <floating*>y_address
     cdef Py_ssize_t n_rows = mean.shape[0]
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t r, u, k, start, chunks, first_channel
     cdef double m2, count, running_mean
     cdef double[::1] chunk_stats
-    cdef bint prefetch = x.shape[0] * sizeof(floating) >= PREFETCH_INPUT_BYTES
+    cdef bint prefetch = n_rows * length * sizeof(floating) >= PREFETCH_INPUT_BYTES
     if n_rows == 0 or length == 0:
         return
     if n_rows >= num_threads:
@@ -755,8 +759,8 @@ cdef inline void columns_normalize_tile(const floating* x, floating* y,   # IN, 
                    weight + a0 if affine_per_row else weight, bias + a0 if affine_per_row else bias, stream)
 
 
-def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_cols,)
-                    floating[::1] y,              # OUT same, may be x itself
+def forward_columns(size_t x_address,             # IN  (n_samples * n_rows * n_cols,)
+                    size_t y_address,             # OUT same, may be x itself
                     const floating[::1] weight,   # IN  (n_rows,) if affine_per_row else (n_cols // cols_per_channel,)
                     const floating[::1] bias,     # IN  same shape as weight
                     double[::1] mean,             # OUT (n_samples * groups,)
@@ -765,6 +769,8 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
                     bint affine_per_row, double eps, bint centered, bint stream, int num_threads):
     """Columns view forward: group g of sample n is columns [g, g+1) * n_cols/groups, reduced over rows.
     `stream`: write y with streaming stores (for outputs too large to stay in cache)."""
+    cdef const floating* x = <const floating*>x_address
+    cdef floating* y = <floating*>y_address
     cdef Py_ssize_t n_samples = mean.shape[0] // groups
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
@@ -775,7 +781,7 @@ def forward_columns(const floating[::1] x,        # IN  (n_samples * n_rows * n_
     cdef double[:, ::1] scratch
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
-    dtype = _float_dtype(y)
+    dtype = np.float32 if floating is float else np.float64
     tile_stats = np.empty(2 * n_samples * tiles * groups)
     column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
@@ -949,12 +955,12 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
         block = end
 
 
-def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
-                  const floating[::1] x,        # IN  (n_rows * length,)
+def backward_rows(size_t dy_address,            # IN  (n_rows * length,)
+                  size_t x_address,             # IN  (n_rows * length,)
                   const double[::1] mean,       # IN  (n_rows,)
                   const double[::1] rstd,       # IN  (n_rows,)
                   const floating[::1] weight,   # IN  (groups * chans_per_group,)
-                  floating[::1] dx,             # OUT (n_rows * length,)
+                  size_t dx_address,            # OUT (n_rows * length,)
                   double[::1] dweight,          # OUT (groups * chans_per_group,)
                   double[::1] dbias,            # OUT (groups * chans_per_group,)
                   Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
@@ -962,6 +968,9 @@ def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
     """Rows view backward.  Rows of a block of samples add into that block's own dweight/dbias partials
     (one task per (block, group): no shared writes); the blocks are then summed in order.
     `stream`: write dx with streaming stores (for outputs too large to stay in cache)."""
+    cdef const floating* dy = <const floating*>dy_address
+    cdef const floating* x = <const floating*>x_address
+    cdef floating* dx = <floating*>dx_address
     cdef Py_ssize_t n_rows = mean.shape[0]
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t channels = groups * chans_per_group
@@ -981,7 +990,8 @@ def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
     blocks = (n_samples + samples_per_block - 1) // samples_per_block
     partials = np.zeros(2 * blocks * channels)
     # per thread: float running sums of dweight and dbias terms (one element per channel only)
-    running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=_float_dtype(dx))
+    dtype = np.float32 if floating is float else np.float64
+    running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=dtype)
     with nogil, parallel(num_threads=num_threads):
         for u in prange(blocks * groups, schedule="static"):
             block = u // groups
@@ -1012,18 +1022,21 @@ def backward_rows(const floating[::1] dy,       # IN  (n_rows * length,)
                 dbias[c] += partials[(2 * block + 1) * channels + c]
 
 
-def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n_cols,)
-                     const floating[::1] x,        # IN  same
+def backward_columns(size_t dy_address,            # IN  (n_samples * n_rows * n_cols,)
+                     size_t x_address,             # IN  same
                      const double[::1] mean,       # IN  (n_samples * groups,)
                      const double[::1] rstd,       # IN  (n_samples * groups,)
                      const floating[::1] weight,   # IN  (n_rows,) if affine_per_row else (channels,)
-                     floating[::1] dx,             # OUT same as x
+                     size_t dx_address,            # OUT same as x
                      double[::1] dweight,          # OUT same shape as weight
                      double[::1] dbias,            # OUT same shape as weight
                      Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
                      bint affine_per_row, bint centered, bint stream, int num_threads):
     """Columns view backward: per-column sums over tiles of rows, merged in tile order, then dx; samples
     in batches as in the forward.  `stream`: write dx with streaming stores."""
+    cdef const floating* dy = <const floating*>dy_address
+    cdef const floating* x = <const floating*>x_address
+    cdef floating* dx = <floating*>dx_address
     cdef Py_ssize_t n_samples = mean.shape[0] // groups
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t channels = n_cols // cols_per_channel
@@ -1039,7 +1052,7 @@ def backward_columns(const floating[::1] dy,       # IN  (n_samples * n_rows * n
     dbias[:] = 0
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
-    dtype = _float_dtype(dx)
+    dtype = np.float32 if floating is float else np.float64
     tile_sums = np.empty(2 * n_samples * tiles * n_cols)      # [tile][sum(v*dy) | sum(v*dy*xhat)][col]
     column_sums = np.zeros(2 * n_samples * n_cols)            # [sample][sum(v*dy) | sum(v*dy*xhat)][col]
     channel_sums = np.zeros(2 * n_samples * channels)         # [sample][sum(dy) | sum(dy*xhat)][channel]

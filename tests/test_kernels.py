@@ -285,7 +285,7 @@ def test_streamed_output_has_the_same_bits(case, dtype, placement, monkeypatch):
             "in-place": x.copy(),
         }[placement]
     source = out if placement == "in-place" else x
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda flat: True)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes: True)
     got = case.forward_with_stats(cynorm, source, weight, bias, out=out)
     for got_array, expected_array in zip(got, expected):
         assert_bitwise_equal(got_array, expected_array)
@@ -304,7 +304,7 @@ def test_streamed_gradient_has_the_same_bits(case, dtype, placement, monkeypatch
         out = empty_past_cache_line(x.shape, dtype, int(placement[5:]))
     else:
         out = {"new": None, "byte-offset": np.empty(x.nbytes + 1, np.uint8)[1:].view(dtype).reshape(x.shape)}[placement]
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda flat: True)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes: True)
     got = case.backward(cynorm, dy, x, stats, weight, out=out)
     for got_array, expected_array in zip(got, expected):
         if expected_array is not None:
@@ -320,9 +320,9 @@ def test_large_outputs_fresh_or_reused_give_the_same_bits(dtype):
     # a new anonymous mapping (as the allocator gives for large arrays), the array not page-aligned in it
     mapping = mmap.mmap(-1, (x.size + 1024) * x.itemsize)
     fresh = np.frombuffer(mapping, dtype)[3:3 + x.size].reshape(x.shape)
-    assert cynorm._kernels.has_untouched_pages(fresh.reshape(-1))
+    assert cynorm._kernels.has_untouched_pages(cynorm._kernels.address_of(fresh.reshape(-1)), fresh.nbytes)
     got = case.forward_with_stats(cynorm, x, weight, bias, out=fresh)
-    assert not cynorm._kernels.has_untouched_pages(fresh.reshape(-1))
+    assert not cynorm._kernels.has_untouched_pages(cynorm._kernels.address_of(fresh.reshape(-1)), fresh.nbytes)
     for got_array, expected_array in zip(got + case.forward_with_stats(cynorm, x, weight, bias), expected * 2):
         assert_bitwise_equal(got_array, expected_array)
 
@@ -336,7 +336,7 @@ def test_prefetching_forward_gives_each_samples_own_bits(dtype, placement, strea
     case = NormCase("group", (5, 12, 140, 131), 1, 3)
     x, weight, bias = _forward_inputs(case, dtype)
     assert x.nbytes >= 4 * 2 ** 20 > x[:1].nbytes
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda flat: stream)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes: stream)
     per_sample = [case.forward_with_stats(cynorm, x[n:n + 1], weight, bias) for n in range(x.shape[0])]
     source = x.copy()
     y, (mean, rstd) = case.forward_with_stats(cynorm, source, weight, bias,
@@ -349,7 +349,7 @@ def test_prefetching_forward_gives_each_samples_own_bits(dtype, placement, strea
 
 def test_huge_page_advice_keeps_the_contents():
     values = np.arange(3 << 20, dtype=np.float32)[5:]
-    cynorm._kernels.advise_huge_pages(values)
+    cynorm._kernels.advise_huge_pages(cynorm._kernels.address_of(values), values.nbytes)
     np.testing.assert_array_equal(values, np.arange(5, 3 << 20, dtype=np.float32))
 
 

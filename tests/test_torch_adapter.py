@@ -52,7 +52,8 @@ def kernel_calls(monkeypatch):
     """The calls of the cynorm kernels, "forward" and "backward", with their arguments.
 
     Every path to the kernels (the NumPy API, and the adapter's calls on arguments it has checked) ends in
-    cynorm._api._run_forward or _run_backward: ``_run_forward(x_flat, y_flat, weight, bias, geometry, ...)``.
+    cynorm._api._run_forward or _run_backward: ``_run_forward(x_address, y_address, size, weight, bias, geometry,
+    ...)``.
     """
     calls = {}
 
@@ -147,9 +148,9 @@ def test_channels_last_runs_in_place_without_transposing_copy(case, kernel_calls
     x = in_layout(random_tensor(MODULE_CASES[case][-1], torch.float32), "channels_last")
     y = ours(x)
     assert y.is_contiguous(memory_format=MEMORY_FORMATS[x.dim()])
-    (x_flat, y_flat, _, _, geometry, *_), = kernel_calls["forward"]
+    (x_address, y_address, size, _, _, geometry, *_), = kernel_calls["forward"]
     # The kernel reads the input's own memory as (N, *spatial, C), channels innermost, and writes the output's.
-    assert x_flat.ctypes.data == x.data_ptr() and y_flat.ctypes.data == y.data_ptr()
+    assert (x_address, y_address, size) == (x.data_ptr(), y.data_ptr(), x.numel())
     assert not geometry.rows and geometry.n_cols == x.shape[1] and geometry.n_rows == x[0, 0].numel()
 
 

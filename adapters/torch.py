@@ -537,11 +537,12 @@ def _register_autograd(norm, forward_op, backward_op, param_positions):
     backward_op.register_autograd(refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
 
     def eager_backward(ctx, grad_output, *unused_stats_grads):
+        if not torch.is_grad_enabled():   # the usual backward, without create_graph
+            return input_grads(ctx, grad_output, backward_kernels)
         with torch.no_grad():
             grads = input_grads(ctx, grad_output, backward_kernels)
-        if torch.is_grad_enabled():   # create_graph=True: differentiating these again must fail loudly
-            return _RefuseDoubleBackward.apply(norm, grad_output, ctx.saved_tensors[0], *grads)
-        return grads
+        # create_graph=True: differentiating these again must fail loudly
+        return _RefuseDoubleBackward.apply(norm, grad_output, ctx.saved_tensors[0], *grads)
 
     def eager_forward(ctx, *inputs):
         output = forward_kernels(*inputs)

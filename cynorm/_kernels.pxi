@@ -15,10 +15,10 @@ merged in a fixed order: results do not depend on the thread count, on the sched
 Within a block, a corrected two-pass (rough centre, then centred sums) keeps float32 sums accurate when
 |mean| >> std; blocks are merged in float64 with Chan's pairwise formula.
 
-The Python layer validates every argument: these functions run without bounds checks.  The large arrays
-(x, y, dy, dx) are passed by address (see `address_of`), C-contiguous and of the parameters' dtype, so that a
-caller holding them in another library's tensors reaches them without making NumPy arrays first; the small
-ones are typed memoryviews.
+The Python layer validates every argument: these functions run without bounds checks.  Every array is
+passed by address (see `address_of`), C-contiguous, so that a caller holding them in another library's tensors
+reaches them without making NumPy arrays first: the data, the parameters and their gradients in the compute
+dtype (`float64` says which), the statistics in float64.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
@@ -636,26 +636,35 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (row
         start = stop
 
 
-def _float_dtype(const floating[::1] like):
+cdef inline object float_dtype(const floating* like):
     if floating is float:
         return np.float32
     else:
         return np.float64
 
 
-def forward_rows(size_t x_address,              # IN  (n_rows * length,)
-                 size_t y_address,              # OUT (n_rows * length,), may be x itself
-                 const floating[::1] weight,    # IN  (groups * chans_per_group,)
-                 const floating[::1] bias,      # IN  (groups * chans_per_group,)
-                 double[::1] mean,              # OUT (n_rows,)
-                 double[::1] rstd,              # OUT (n_rows,)
-                 Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
-                 double eps, bint centered, bint stream, int num_threads):
+def forward_rows(size_t x,          # IN  (n_rows * length,)
+                 size_t y,          # OUT (n_rows * length,), may be x itself
+                 size_t weight,     # IN  (groups * chans_per_group,)
+                 size_t bias,       # IN  (groups * chans_per_group,)
+                 size_t mean,       # OUT (n_rows,) float64
+                 size_t rstd,       # OUT (n_rows,) float64
+                 bint float64, Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group,
+                 Py_ssize_t inner, double eps, bint centered, bint stream, int num_threads):
     """Rows view forward; row r uses channels (r % groups) * chans_per_group + [0, chans_per_group).
     `stream`: write y with streaming stores (for outputs too large to stay in cache)."""
-    cdef const floating* x = <const floating*>x_address
-    cdef floating* y = <floating*>y_address
-    cdef Py_ssize_t n_rows = mean.shape[0]
+    if float64:
+        rows_forward(<const double*>x, <double*>y, <const double*>weight, <const double*>bias, <double*>mean,
+                     <double*>rstd, n_rows, groups, chans_per_group, inner, eps, centered, stream, num_threads)
+    else:
+        rows_forward(<const float*>x, <float*>y, <const float*>weight, <const float*>bias, <double*>mean,
+                     <double*>rstd, n_rows, groups, chans_per_group, inner, eps, centered, stream, num_threads)
+
+
+cdef void rows_forward(const floating* x, floating* y, const floating* weight, const floating* bias,
+                       double* mean, double* rstd, Py_ssize_t n_rows, Py_ssize_t groups,
+                       Py_ssize_t chans_per_group, Py_ssize_t inner, double eps, bint centered, bint stream,
+                       int num_threads):
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t r, u, k, start, chunks, first_channel
     cdef double m2, count, running_mean
@@ -766,19 +775,31 @@ cdef inline void columns_normalize_tile(const floating* x, floating* y,   # IN, 
                    weight + a0 if affine_per_row else weight, bias + a0 if affine_per_row else bias, stream)
 
 
-def forward_columns(size_t x_address,             # IN  (n_samples * n_rows * n_cols,)
-                    size_t y_address,             # OUT same, may be x itself
-                    const floating[::1] weight,   # IN  (n_rows,) if affine_per_row else (n_cols // cols_per_channel,)
-                    const floating[::1] bias,     # IN  same shape as weight
-                    double[::1] mean,             # OUT (n_samples * groups,)
-                    double[::1] rstd,             # OUT (n_samples * groups,)
-                    Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
-                    bint affine_per_row, double eps, bint centered, bint stream, int num_threads):
+def forward_columns(size_t x,        # IN  (n_samples * n_rows * n_cols,)
+                    size_t y,        # OUT same, may be x itself
+                    size_t weight,   # IN  (n_rows,) if affine_per_row else (n_cols // cols_per_channel,)
+                    size_t bias,     # IN  same shape as weight
+                    size_t mean,     # OUT (n_samples * groups,) float64
+                    size_t rstd,     # OUT (n_samples * groups,) float64
+                    bint float64, Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
+                    Py_ssize_t cols_per_channel, bint affine_per_row, double eps, bint centered, bint stream,
+                    int num_threads):
     """Columns view forward: group g of sample n is columns [g, g+1) * n_cols/groups, reduced over rows.
     `stream`: write y with streaming stores (for outputs too large to stay in cache)."""
-    cdef const floating* x = <const floating*>x_address
-    cdef floating* y = <floating*>y_address
-    cdef Py_ssize_t n_samples = mean.shape[0] // groups
+    if float64:
+        columns_forward(<const double*>x, <double*>y, <const double*>weight, <const double*>bias, <double*>mean,
+                        <double*>rstd, n_samples, n_rows, n_cols, groups, cols_per_channel, affine_per_row, eps,
+                        centered, stream, num_threads)
+    else:
+        columns_forward(<const float*>x, <float*>y, <const float*>weight, <const float*>bias, <double*>mean,
+                        <double*>rstd, n_samples, n_rows, n_cols, groups, cols_per_channel, affine_per_row, eps,
+                        centered, stream, num_threads)
+
+
+cdef void columns_forward(const floating* x, floating* y, const floating* weight, const floating* bias,
+                          double* mean, double* rstd, Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols,
+                          Py_ssize_t groups, Py_ssize_t cols_per_channel, bint affine_per_row, double eps,
+                          bint centered, bint stream, int num_threads):
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
@@ -788,7 +809,7 @@ def forward_columns(size_t x_address,             # IN  (n_samples * n_rows * n_
     cdef double[:, ::1] scratch
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
-    dtype = _float_dtype(weight)
+    dtype = float_dtype(x)
     tile_stats = np.empty(2 * n_samples * tiles * groups)
     column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
@@ -962,23 +983,33 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
         block = end
 
 
-def backward_rows(size_t dy_address,            # IN  (n_rows * length,)
-                  size_t x_address,             # IN  (n_rows * length,)
-                  const double[::1] mean,       # IN  (n_rows,)
-                  const double[::1] rstd,       # IN  (n_rows,)
-                  const floating[::1] weight,   # IN  (groups * chans_per_group,)
-                  size_t dx_address,            # OUT (n_rows * length,)
-                  double[::1] dweight,          # OUT (groups * chans_per_group,)
-                  double[::1] dbias,            # OUT (groups * chans_per_group,)
-                  Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
-                  bint centered, bint stream, int num_threads):
+def backward_rows(size_t dy,        # IN  (n_rows * length,)
+                  size_t x,         # IN  (n_rows * length,)
+                  size_t mean,      # IN  (n_rows,) float64, or 0 for zeros (not centered)
+                  size_t rstd,      # IN  (n_rows,) float64
+                  size_t weight,    # IN  (groups * chans_per_group,)
+                  size_t dx,        # OUT (n_rows * length,)
+                  size_t dweight,   # OUT (groups * chans_per_group,)
+                  size_t dbias,     # OUT (groups * chans_per_group,)
+                  bint float64, Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group,
+                  Py_ssize_t inner, bint centered, bint stream, int num_threads):
     """Rows view backward.  Rows of a block of samples add into that block's own dweight/dbias partials
-    (one task per (block, group): no shared writes); the blocks are then summed in order.
+    (one task per (block, group): no shared writes); the blocks are then summed in order, in float64.
     `stream`: write dx with streaming stores (for outputs too large to stay in cache)."""
-    cdef const floating* dy = <const floating*>dy_address
-    cdef const floating* x = <const floating*>x_address
-    cdef floating* dx = <floating*>dx_address
-    cdef Py_ssize_t n_rows = mean.shape[0]
+    if float64:
+        rows_backward(<const double*>dy, <const double*>x, <const double*>mean, <const double*>rstd,
+                      <const double*>weight, <double*>dx, <double*>dweight, <double*>dbias, n_rows, groups,
+                      chans_per_group, inner, centered, stream, num_threads)
+    else:
+        rows_backward(<const float*>dy, <const float*>x, <const double*>mean, <const double*>rstd,
+                      <const float*>weight, <float*>dx, <float*>dweight, <float*>dbias, n_rows, groups,
+                      chans_per_group, inner, centered, stream, num_threads)
+
+
+cdef void rows_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
+                        const floating* weight, floating* dx, floating* dweight, floating* dbias,
+                        Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
+                        bint centered, bint stream, int num_threads):
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t channels = groups * chans_per_group
     cdef Py_ssize_t n_samples = n_rows // groups
@@ -989,15 +1020,16 @@ def backward_rows(size_t dy_address,            # IN  (n_rows * length,)
     cdef floating* bias_run
     cdef double* weight_partial
     cdef double* bias_partial
-    dweight[:] = 0
-    dbias[:] = 0
+    cdef double weight_total, bias_total
     if n_rows == 0 or length == 0:
+        memset(dweight, 0, channels * sizeof(floating))
+        memset(dbias, 0, channels * sizeof(floating))
         return
     samples_per_block = max(1, BLOCK_ELEMS // (groups * length))
     blocks = (n_samples + samples_per_block - 1) // samples_per_block
     partials = np.zeros(2 * blocks * channels)
     # per thread: float running sums of dweight and dbias terms (one element per channel only)
-    running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=_float_dtype(weight))
+    running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=float_dtype(x))
     with nogil, parallel(num_threads=num_threads):
         for u in prange(blocks * groups, schedule="static"):
             block = u // groups
@@ -1011,7 +1043,7 @@ def backward_rows(size_t dy_address,            # IN  (n_rows * length,)
             for n in range(first, last):
                 r = n * groups + g
                 backward_row(&dy[r * length], &x[r * length], &dx[r * length], length, inner,
-                             &weight[g * chans_per_group], mean[r], rstd[r], centered,
+                             &weight[g * chans_per_group], mean[r] if mean != NULL else 0, rstd[r], centered,
                              weight_partial, bias_partial, weight_run, bias_run, stream)
                 if inner == 1 and ((n - first + 1) % ROWS_PER_FLUSH == 0 or n == last - 1):
                     for c in range(length):
@@ -1022,28 +1054,45 @@ def backward_rows(size_t dy_address,            # IN  (n_rows * length,)
         if stream:
             cynorm_store_fence()
     with nogil:
-        for block in range(blocks):
-            for c in range(channels):
-                dweight[c] += partials[2 * block * channels + c]
-                dbias[c] += partials[(2 * block + 1) * channels + c]
+        for c in range(channels):
+            weight_total = 0
+            bias_total = 0
+            for block in range(blocks):
+                weight_total += partials[2 * block * channels + c]
+                bias_total += partials[(2 * block + 1) * channels + c]
+            dweight[c] = <floating>weight_total
+            dbias[c] = <floating>bias_total
 
 
-def backward_columns(size_t dy_address,            # IN  (n_samples * n_rows * n_cols,)
-                     size_t x_address,             # IN  same
-                     const double[::1] mean,       # IN  (n_samples * groups,)
-                     const double[::1] rstd,       # IN  (n_samples * groups,)
-                     const floating[::1] weight,   # IN  (n_rows,) if affine_per_row else (channels,)
-                     size_t dx_address,            # OUT same as x
-                     double[::1] dweight,          # OUT same shape as weight
-                     double[::1] dbias,            # OUT same shape as weight
-                     Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t cols_per_channel,
-                     bint affine_per_row, bint centered, bint stream, int num_threads):
+def backward_columns(size_t dy,        # IN  (n_samples * n_rows * n_cols,)
+                     size_t x,         # IN  same
+                     size_t mean,      # IN  (n_samples * groups,) float64, or 0 for zeros (not centered)
+                     size_t rstd,      # IN  (n_samples * groups,) float64
+                     size_t weight,    # IN  (n_rows,) if affine_per_row else (channels,)
+                     size_t dx,        # OUT same as x
+                     size_t dweight,   # OUT same shape as weight
+                     size_t dbias,     # OUT same shape as weight
+                     bint float64, Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
+                     Py_ssize_t cols_per_channel, bint affine_per_row, bint centered, bint stream,
+                     int num_threads):
     """Columns view backward: per-column sums over tiles of rows, merged in tile order, then dx; samples
-    in batches as in the forward.  `stream`: write dx with streaming stores."""
-    cdef const floating* dy = <const floating*>dy_address
-    cdef const floating* x = <const floating*>x_address
-    cdef floating* dx = <floating*>dx_address
-    cdef Py_ssize_t n_samples = mean.shape[0] // groups
+    in batches as in the forward.  The parameter gradients are summed over samples in float64, in order.
+    `stream`: write dx with streaming stores."""
+    if float64:
+        columns_backward(<const double*>dy, <const double*>x, <const double*>mean, <const double*>rstd,
+                         <const double*>weight, <double*>dx, <double*>dweight, <double*>dbias, n_samples, n_rows,
+                         n_cols, groups, cols_per_channel, affine_per_row, centered, stream, num_threads)
+    else:
+        columns_backward(<const float*>dy, <const float*>x, <const double*>mean, <const double*>rstd,
+                         <const float*>weight, <float*>dx, <float*>dweight, <float*>dbias, n_samples, n_rows,
+                         n_cols, groups, cols_per_channel, affine_per_row, centered, stream, num_threads)
+
+
+cdef void columns_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
+                           const floating* weight, floating* dx, floating* dweight, floating* dbias,
+                           Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
+                           Py_ssize_t cols_per_channel, bint affine_per_row, bint centered, bint stream,
+                           int num_threads):
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t channels = n_cols // cols_per_channel
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
@@ -1054,11 +1103,13 @@ def backward_columns(size_t dy_address,            # IN  (n_samples * n_rows * n
     cdef double[::1] tile_sums, column_sums, channel_sums, row_sums
     cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_rstd, column_scale, column_coef_x, column_coef_0
     cdef floating[:, ::1] scratch
-    dweight[:] = 0
-    dbias[:] = 0
+    cdef Py_ssize_t n_params = n_rows if affine_per_row else channels
+    cdef double weight_total, bias_total
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
+        memset(dweight, 0, n_params * sizeof(floating))
+        memset(dbias, 0, n_params * sizeof(floating))
         return
-    dtype = _float_dtype(weight)
+    dtype = float_dtype(x)
     tile_sums = np.empty(2 * n_samples * tiles * n_cols)      # [tile][sum(v*dy) | sum(v*dy*xhat)][col]
     column_sums = np.zeros(2 * n_samples * n_cols)            # [sample][sum(v*dy) | sum(v*dy*xhat)][col]
     channel_sums = np.zeros(2 * n_samples * channels)         # [sample][sum(dy) | sum(dy*xhat)][channel]
@@ -1079,8 +1130,8 @@ def backward_columns(size_t dy_address,            # IN  (n_samples * n_rows * n
                 n = u // n_cols
                 col = u % n_cols
                 s = n * groups + col // cols_per_group
-                column_mean_hi[n, col] = <floating>mean[s]
-                column_mean_lo[n, col] = <floating>(mean[s] - <double>column_mean_hi[n, col])
+                column_mean_hi[n, col] = <floating>(mean[s] if mean != NULL else 0)
+                column_mean_lo[n, col] = <floating>((mean[s] if mean != NULL else 0) - <double>column_mean_hi[n, col])
                 column_rstd[n, col] = <floating>rstd[s]
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
                 n = u // tiles
@@ -1111,15 +1162,18 @@ def backward_columns(size_t dy_address,            # IN  (n_samples * n_rows * n
             cynorm_store_fence()
     with nogil:
         # parameter gradients: samples summed in order
-        for n in range(n_samples):
-            if affine_per_row:
-                for a in range(n_rows):
-                    dweight[a] += row_sums[2 * n * n_rows + a]
-                    dbias[a] += row_sums[(2 * n + 1) * n_rows + a]
-            else:
-                for channel in range(channels):
-                    dbias[channel] += channel_sums[2 * n * channels + channel]
-                    dweight[channel] += channel_sums[(2 * n + 1) * channels + channel]
+        for a in range(n_params):
+            weight_total = 0
+            bias_total = 0
+            for n in range(n_samples):
+                if affine_per_row:
+                    weight_total += row_sums[2 * n * n_rows + a]
+                    bias_total += row_sums[(2 * n + 1) * n_rows + a]
+                else:
+                    weight_total += channel_sums[(2 * n + 1) * channels + a]
+                    bias_total += channel_sums[2 * n * channels + a]
+            dweight[a] = <floating>weight_total
+            dbias[a] = <floating>bias_total
 
 
 cdef inline void sample_input_gradient_coefficients(

@@ -25,10 +25,13 @@ def _run_all_kernels(module, dtype, stream):
     weight = rng.standard_normal(length).astype(dtype)
     bias = rng.standard_normal(length).astype(dtype)
     y, mean, rstd = np.empty_like(x), np.empty(rows), np.empty(rows)
-    at = module.address_of   # the kernels take their large arrays by address
-    module.forward_rows(at(x), at(y), weight, bias, mean, rstd, 1, length, 1, 1e-5, True, stream, 2)
-    dx, dweight, dbias = np.empty_like(x), np.empty(length), np.empty(length)
-    module.backward_rows(at(dy), at(x), mean, rstd, weight, at(dx), dweight, dbias, 1, length, 1, True, stream, 2)
+    at = module.address_of   # the kernels take their arrays by address
+    float64 = dtype == np.float64
+    module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, rows, 1, length, 1, 1e-5,
+                        True, stream, 2)
+    dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
+    module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
+                         rows, 1, length, 1, True, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
 
     samples, n_rows, n_cols, groups = 3, 301, 24, 6
@@ -37,11 +40,11 @@ def _run_all_kernels(module, dtype, stream):
     weight = rng.standard_normal(n_cols).astype(dtype)
     bias = rng.standard_normal(n_cols).astype(dtype)
     y, mean, rstd = np.empty_like(x), np.empty(samples * groups), np.empty(samples * groups)
-    module.forward_columns(at(x), at(y), weight, bias, mean, rstd, n_rows, n_cols, groups, 1, False, 1e-5, True,
-                           stream, 2)
-    dx, dweight, dbias = np.empty_like(x), np.empty(n_cols), np.empty(n_cols)
-    module.backward_columns(at(dy), at(x), mean, rstd, weight, at(dx), dweight, dbias, n_rows, n_cols, groups, 1,
-                            False, True, stream, 2)
+    module.forward_columns(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, samples, n_rows, n_cols,
+                           groups, 1, False, 1e-5, True, stream, 2)
+    dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
+    module.backward_columns(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
+                            samples, n_rows, n_cols, groups, 1, False, True, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
     return results
 

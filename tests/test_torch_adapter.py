@@ -52,8 +52,8 @@ def kernel_calls(monkeypatch):
     """The calls of the cynorm kernels, "forward" and "backward", with their arguments.
 
     Every path to the kernels (the NumPy API, and the adapter's calls on arguments it has checked) ends in
-    cynorm._api._run_forward or _run_backward: ``_run_forward(x_address, y_address, size, weight, bias, geometry,
-    ...)``.
+    cynorm._api._run_forward or _run_backward: ``_run_forward(x_address, y_address, size, weight_address,
+    bias_address, mean_address, rstd_address, float64, geometry, ...)``.
     """
     calls = {}
 
@@ -148,7 +148,7 @@ def test_channels_last_runs_in_place_without_transposing_copy(case, kernel_calls
     x = in_layout(random_tensor(MODULE_CASES[case][-1], torch.float32), "channels_last")
     y = ours(x)
     assert y.is_contiguous(memory_format=MEMORY_FORMATS[x.dim()])
-    (x_address, y_address, size, _, _, geometry, *_), = kernel_calls["forward"]
+    (x_address, y_address, size, *_, geometry, _, _), = kernel_calls["forward"]
     # The kernel reads the input's own memory as (N, *spatial, C), channels innermost, and writes the output's.
     assert (x_address, y_address, size) == (x.data_ptr(), y.data_ptr(), x.numel())
     assert not geometry.rows and geometry.n_cols == x.shape[1] and geometry.n_rows == x[0, 0].numel()
@@ -371,6 +371,27 @@ def test_training_outputs_and_gradients_use_the_cache(module_case, every_output_
         ours.zero_grad(), theirs.zero_grad()
         x_theirs.grad = None
         assert every_output_cached.free_bytes == 2 * x.numel() * x.element_size()
+
+
+def test_cached_outputs_take_in_place_operations(every_output_cached):
+    """A cached output is a tensor of its own, not a view of the cache's memory: a residual added in place (as
+    in a ResNet block) records its gradient like on torch's output."""
+    theirs, ours = module_pair("group_norm_2d", affine=True)
+    shape = MODULE_CASES["group_norm_2d"][-1]
+    inputs = [random_tensor(shape, torch.float32, seed=seed).requires_grad_() for seed in (3, 4)]
+    grad_output = random_tensor(shape, torch.float32, seed=5)
+    for step in range(2):   # the second step runs in the memory the first one gave back
+        results = []
+        for module in (ours, theirs):
+            x, residual = (t.detach().clone().requires_grad_() for t in inputs)
+            output = module(x)
+            output += residual
+            output.backward(grad_output)
+            results.append((output.detach(), x.grad, residual.grad))
+        assert not ours(inputs[0].detach())._is_view()
+        for mine, reference in zip(*results):
+            assert_close_scaled(mine, reference, 1e-5)
+    assert every_output_cached.free_bytes > 0
 
 
 def test_output_cache_limit(every_output_cached):

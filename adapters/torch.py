@@ -174,7 +174,7 @@ class _OutputCache:
             self._forget(self._bytes + nbytes - self.limit, only_free=True)
             if self._bytes + nbytes > self.limit:
                 return None
-        block = torch.UntypedStorage(nbytes)
+        block = torch.UntypedStorage(nbytes, device="cpu")
         blocks.append(block)
         self._bytes += nbytes
         return block
@@ -244,7 +244,7 @@ def _trailing_axes(input, num_axes):
 @functools.lru_cache(maxsize=64)
 def _constant(size, dtype, value):
     """A tensor standing in for a missing weight or bias, shared between calls (never written)."""
-    return torch.full((size,), value, dtype=dtype)
+    return torch.full((size,), value, dtype=dtype, device="cpu")
 
 
 def _kernel_param(tensor, size, dtype, default):

@@ -240,7 +240,7 @@ def float_to_half(const float[::1] values,             # IN
 
 
 def address_of(const floating[::1] values):
-    """The address of the first of `values` (C-contiguous), as the kernels take their large arrays; 0 when
+    """The address of the first of `values` (C-contiguous), as the kernels take their arrays; 0 when
     there are none (the kernels read nothing then)."""
     return <size_t>&values[0] if values.shape[0] > 0 else 0
 

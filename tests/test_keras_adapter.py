@@ -166,6 +166,33 @@ def test_float64_and_eager_equal_tf_function():
     np.testing.assert_allclose(eager.numpy(), reference.numpy(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.fixture
+def every_output_pooled(monkeypatch):
+    """An output pool of its own, used for outputs of any size."""
+    pool = ck._OutputPool(limit=2 ** 30)
+    monkeypatch.setattr(ck, "_output_pool", pool)
+    monkeypatch.setattr(ck, "_POOLED_OUTPUT_BYTES", 0)
+    return pool
+
+
+def test_pooled_outputs_are_reused_only_once_released(every_output_pooled):
+    """An output TensorFlow still holds keeps its values while later calls run; once released, its memory
+    serves the next call."""
+    layer, reference = ck.GroupNormalization(groups=4), keras.layers.GroupNormalization(groups=4)
+    inputs = [tf.constant(_random((3, 5, 6, 8), seed)) for seed in (1, 2, 3)]
+    layer.build(inputs[0].shape), reference.build(inputs[0].shape)
+    _set_same_random_weights([layer, reference], seed=4)
+    forward = tf.function(lambda x: layer(x))
+    outputs = [forward(x) for x in inputs]   # all held at once: three blocks
+    assert len(every_output_pooled._blocks[inputs[0].numpy().nbytes]) == 3
+    for output, x in zip(outputs, inputs):
+        np.testing.assert_allclose(output, reference(x), rtol=1e-5, atol=1e-5)
+    del outputs
+    for x in inputs:   # one at a time: the first block, released each time
+        np.testing.assert_allclose(forward(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert len(every_output_pooled._blocks[inputs[0].numpy().nbytes]) == 3
+
+
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 def test_dynamic_batch_and_static_shapes(kind):
     """Shapes known at trace time stay known after the kernel call; the batch size may vary between calls."""

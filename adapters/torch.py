@@ -630,7 +630,10 @@ def _kernels_apply(input, *tensors):
     dtype = input.dtype
     if not input.is_cpu or dtype not in _KERNEL_DTYPES or input.layout != torch.strided:
         return False
-    return all(t is None or (t.is_cpu and t.dtype == dtype and t.layout == torch.strided) for t in tensors)
+    for t in tensors:   # (a loop: a generator cost a few µs a call)
+        if t is not None and not (t.is_cpu and t.dtype == dtype and t.layout == torch.strided):
+            return False
+    return True
 
 
 def _run(op, *args):
@@ -649,7 +652,8 @@ def _run(op, *args):
 
 
 def _is_shape(tensor, shape):
-    return tensor is None or tuple(tensor.shape) == tuple(shape)
+    """Whether ``tensor`` is None or of ``shape`` (a tuple or torch.Size)."""
+    return tensor is None or tensor.shape == shape
 
 
 def _normalized_shape_tuple(normalized_shape):

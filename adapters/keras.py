@@ -77,12 +77,25 @@ class _OutputPool:
             for block in blocks:
                 if _owner_references(block) == _FREE_BLOCK_OWNER_REFERENCES:
                     return block[:]
+            self._drop_free_blocks(self._bytes + nbytes - self.limit)
             if self._bytes + nbytes > self.limit:
                 return None
             block = _aligned_bytes(nbytes)
             blocks.append(block)
             self._bytes += nbytes
             return block[:]
+
+    def _drop_free_blocks(self, nbytes):
+        """Releases free blocks (of sizes asked for earlier) until ``nbytes`` are released, if there are enough."""
+        for size, blocks in self._blocks.items():
+            kept = []
+            for block in blocks:
+                if nbytes > 0 and _owner_references(block) == _FREE_BLOCK_OWNER_REFERENCES:
+                    self._bytes -= size
+                    nbytes -= size
+                else:
+                    kept.append(block)
+            blocks[:] = kept
 
 
 def _owner_references(block):

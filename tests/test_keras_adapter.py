@@ -187,10 +187,15 @@ def test_pooled_outputs_are_reused_only_once_released(every_output_pooled):
     assert len(every_output_pooled._blocks[inputs[0].numpy().nbytes]) == 3
     for output, x in zip(outputs, inputs):
         np.testing.assert_allclose(output, reference(x), rtol=1e-5, atol=1e-5)
-    del outputs
-    for x in inputs:   # one at a time: the first block, released each time
+    del outputs, output
+    for x in inputs:   # one at a time: a block released each time
         np.testing.assert_allclose(forward(x), reference(x), rtol=1e-5, atol=1e-5)
     assert len(every_output_pooled._blocks[inputs[0].numpy().nbytes]) == 3
+    # at the limit, a free block of a size no longer asked for makes room for another size
+    size = inputs[0].numpy().nbytes
+    every_output_pooled.limit = 3 * size + 64
+    assert every_output_pooled.take(size + 64) is not None
+    assert len(every_output_pooled._blocks[size]) == 2 and every_output_pooled._bytes == 3 * size + 64
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))

@@ -274,14 +274,18 @@ def _run_forward(x, y, size, weight, bias, mean, rstd, float64, geometry, eps, c
     threads = _thread_count(size)
     stream = not temporary_output and _prepare_large_output(y, size * (8 if float64 else 4))
     if geometry.rows:
-        n_rows = size // (geometry.chans_per_group * geometry.inner) if size else 0
-        _kernels.forward_rows(x, y, weight, bias, mean, rstd, float64, n_rows, geometry.groups,
+        _kernels.forward_rows(x, y, weight, bias, mean, rstd, float64, _units(geometry, size), geometry.groups,
                               geometry.chans_per_group, geometry.inner, eps, centered, stream, threads)
     else:
-        n_samples = size // (geometry.n_rows * geometry.n_cols) if size else 0
-        _kernels.forward_columns(x, y, weight, bias, mean, rstd, float64, n_samples, geometry.n_rows,
+        _kernels.forward_columns(x, y, weight, bias, mean, rstd, float64, _units(geometry, size), geometry.n_rows,
                                  geometry.n_cols, geometry.groups, geometry.cols_per_channel,
                                  geometry.affine_per_row, eps, centered, stream, threads)
+
+
+def _units(geometry, size):
+    """How many rows (rows view) or samples (columns view) `size` values make."""
+    per_unit = geometry.chans_per_group * geometry.inner if geometry.rows else geometry.n_rows * geometry.n_cols
+    return size // per_unit if size else 0
 
 
 def _backward(dy, x, mean, rstd, weight, geometry, out, stats_shape, param_shape, centered):
@@ -313,12 +317,10 @@ def _run_backward(dy, x, dx, size, mean, rstd, weight, dweight, dbias, float64, 
     threads = _thread_count(size)
     stream = not temporary_output and _prepare_large_output(dx, size * (8 if float64 else 4))
     if geometry.rows:
-        n_rows = size // (geometry.chans_per_group * geometry.inner) if size else 0
-        _kernels.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, n_rows, geometry.groups,
-                               geometry.chans_per_group, geometry.inner, centered, stream, threads)
+        _kernels.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, _units(geometry, size),
+                               geometry.groups, geometry.chans_per_group, geometry.inner, centered, stream, threads)
     else:
-        n_samples = size // (geometry.n_rows * geometry.n_cols) if size else 0
-        _kernels.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, n_samples,
+        _kernels.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, _units(geometry, size),
                                   geometry.n_rows, geometry.n_cols, geometry.groups, geometry.cols_per_channel,
                                   geometry.affine_per_row, centered, stream, threads)
 

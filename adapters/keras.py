@@ -15,7 +15,6 @@ layers declare ``supports_jit = False`` and Keras runs models that contain them 
 """
 import math
 import sys
-import threading
 import warnings
 
 import keras
@@ -23,13 +22,14 @@ import numpy as np
 import tensorflow as tf
 
 import cynorm
+from cynorm._blocks import BlockPool
 
 __all__ = ["GroupNormalization", "InstanceNormalization", "LayerNormalization", "RMSNormalization"]
 
 # TensorFlow adopts an ndarray returned by tf.numpy_function without copying it only when its data is aligned
 # to EIGEN_MAX_ALIGN_BYTES (at most 64); NumPy's allocator guarantees 16.
 _TENSORFLOW_ALIGNMENT = 64
-# Outputs from 1 MiB on come from the output pool (see _OutputPool).
+# Outputs from 1 MiB on come from the output pool (see _new_output_pool).
 _POOLED_OUTPUT_BYTES = 2 ** 20
 _KERNEL_DTYPES = (tf.float16, tf.float32, tf.float64)
 
@@ -46,56 +46,21 @@ def _empty_aligned(shape, dtype):
     pool when it is large."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize   # (np.prod of a tuple cost 5 µs more a call)
-    block = _output_pool.take(nbytes) if nbytes >= _POOLED_OUTPUT_BYTES else None
+    block = _output_pool.take(nbytes, lambda block: block[:]) if nbytes >= _POOLED_OUTPUT_BYTES else None
     return (_aligned_bytes(nbytes) if block is None else block).view(dtype).reshape(shape)
 
 
-class _OutputPool:
-    """The memory of large kernel outputs, reused once TensorFlow has released the tensors made from it.
+def _new_output_pool(limit):
+    """The memory of large kernel outputs (see cynorm._blocks): aligned uint8 arrays, each a view of an
+    allocation that only the pool and the arrays made from the block reference (NumPy views of views keep a
+    reference to the array owning the memory, and so does the tensor TensorFlow makes of an output).
 
     TensorFlow runs a tf.numpy_function on one of its inter-op threads, each with its own C heap, so a fresh
     output came from whichever heap that was.  GroupNormalization (8,56,56,256) in tf.function, interleaved in
     one process: 6.4-7.4 ms a forward and 19.2-20.5 ms a training step with fresh outputs, 5.9-6.2 ms and
-    12.6-13.8 ms with pooled ones (the same at (16,32,32,64)).
-
-    Each block is an aligned uint8 view of an allocation that only the pool and the arrays made from the block
-    reference: NumPy views of views keep a reference to the array owning the memory, and so does the tensor
-    TensorFlow makes of an output.  A block whose owner the pool alone references is free.  The pool holds up to
-    ``limit`` bytes; beyond, outputs get fresh memory.
-    """
-
-    def __init__(self, limit):
-        self.limit = limit
-        self._blocks = {}   # size in bytes -> blocks of that size, free or in use
-        self._bytes = 0
-        self._lock = threading.Lock()   # between finding a block free and handing it out
-
-    def take(self, nbytes):
-        """A free block of ``nbytes``, or a new one if the limit allows, or None."""
-        with self._lock:
-            blocks = self._blocks.setdefault(nbytes, [])
-            for block in blocks:
-                if _owner_references(block) == _FREE_BLOCK_OWNER_REFERENCES:
-                    return block[:]
-            self._drop_free_blocks(self._bytes + nbytes - self.limit)
-            if self._bytes + nbytes > self.limit:
-                return None
-            block = _aligned_bytes(nbytes)
-            blocks.append(block)
-            self._bytes += nbytes
-            return block[:]
-
-    def _drop_free_blocks(self, nbytes):
-        """Releases free blocks (of sizes asked for earlier) until ``nbytes`` are released, if there are enough."""
-        for size, blocks in self._blocks.items():
-            kept = []
-            for block in blocks:
-                if nbytes > 0 and _owner_references(block) == _FREE_BLOCK_OWNER_REFERENCES:
-                    self._bytes -= size
-                    nbytes -= size
-                else:
-                    kept.append(block)
-            blocks[:] = kept
+    12.6-13.8 ms with pooled ones (the same at (16,32,32,64))."""
+    return BlockPool(limit, allocate=_aligned_bytes,
+                     is_free=lambda block: _owner_references(block) == _FREE_BLOCK_OWNER_REFERENCES)
 
 
 def _owner_references(block):
@@ -104,7 +69,7 @@ def _owner_references(block):
 
 # (counted on a new block, the way the pool counts: the block is the owner's only referrer)
 _FREE_BLOCK_OWNER_REFERENCES = _owner_references(_aligned_bytes(1))
-_output_pool = _OutputPool(limit=256 * 2 ** 20)
+_output_pool = _new_output_pool(limit=256 * 2 ** 20)
 
 
 class _ArrayKernel:

@@ -23,9 +23,7 @@ import copy
 import functools
 import logging
 import math
-import threading
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,6 +31,7 @@ from torch.overrides import has_torch_function_variadic
 
 import cynorm
 from cynorm import _api
+from cynorm._blocks import BlockPool
 
 __all__ = [
     "group_norm", "instance_norm", "layer_norm", "rms_norm",
@@ -125,7 +124,7 @@ def _empty(input, order, cached):
     C-contiguous; else ``input`` is dense in that order).  ``cached``: a large one comes from the output cache
     (for the kernels' real outputs; fake tensors, for torch.compile and the meta device, are never cached)."""
     if cached and input.numel() * input.element_size() >= _CACHED_OUTPUT_BYTES:
-        output = _output_cache.empty(input, contiguous=order is None)
+        output = _cached_empty(input, contiguous=order is None)
         if output is not None:
             return output
     # (empty_like measured 3 µs against 7 µs for torch.empty with shape, dtype and device)
@@ -134,84 +133,29 @@ def _empty(input, order, cached):
     return torch.empty_like(input)   # a dense input's strides, hence its memory order
 
 
-class _OutputCache:
-    """The memory of large outputs of the kernels, reused by later calls once nothing holds it any more.
-
-    A fresh output of tens of MB is paid for on its first writes, a page fault per page, and its pages
-    cannot take streaming stores; inference and training loops ask for the same sizes call after call.
-    Channels-last InstanceNorm2d (8,64,128,128) measured 6.5 ms a call with reused memory against 11-12 ms with
-    fresh memory.
-
-    The cache holds storages (blocks of bytes), up to ``limit`` bytes in all, and makes each output a tensor of
-    its own on one of them (not a view, so in-place operations on it behave as on any output).  A block is free
-    when the cache alone holds its storage: outputs, their views, the autograd graph and NumPy arrays made from
-    them all hold it.  (NumPy memory that gave itself back when its array died cost 40-60 µs more a call, on
-    caches a kernel had just swept.)
-    """
-
-    def __init__(self, limit):
-        self.limit = limit
-        self._blocks = {}   # size in bytes -> the storages of that size, free or in use
-        self._bytes = 0     # held in all
-        self._lock = threading.Lock()
-
-    def empty(self, like, contiguous):
-        """An empty tensor of ``like``'s shape and dtype, C-contiguous or with ``like``'s strides (``like`` being
-        dense), on a free block or a new one; None when the limit leaves no room."""
-        nbytes = like.numel() * like.element_size()
-        with self._lock:   # between finding a block free and taking it
-            block = self._free_block(nbytes)
-            if block is None:
-                return None
-            return like.new_empty(0).set_(block, 0, like.shape, () if contiguous else like.stride())
-
-    def _free_block(self, nbytes):
-        blocks = self._blocks.setdefault(nbytes, [])
-        for block in blocks:
-            if _is_free(block):
-                return block
-        if self._bytes + nbytes > self.limit:
-            self._forget(self._bytes + nbytes - self.limit, only_free=True)
-            if self._bytes + nbytes > self.limit:
-                return None
-        block = torch.UntypedStorage(nbytes, device="cpu")
-        blocks.append(block)
-        self._bytes += nbytes
-        return block
-
-    def _forget(self, nbytes, only_free):
-        """Drops at least ``nbytes`` of blocks if it can, free ones only or any (the tensors on a block in use
-        keep it; torch frees it after them)."""
-        for size, blocks in self._blocks.items():
-            for block in [block for block in blocks if not only_free or _is_free(block)]:
-                if nbytes <= 0:
-                    return
-                blocks.remove(block)
-                self._bytes -= size
-                nbytes -= size
-
-    def set_limit(self, limit):
-        with self._lock:
-            previous, self.limit = self.limit, limit
-            self._forget(self._bytes - limit, only_free=True)
-            self._forget(self._bytes - limit, only_free=False)
-            return previous
-
-    @property
-    def free_bytes(self):
-        with self._lock:
-            return sum(size for size, blocks in self._blocks.items() for block in blocks if _is_free(block))
+def _new_output_cache(limit):
+    """The memory of large kernel outputs (see cynorm._blocks): torch storages, free when the cache alone holds
+    one (outputs, their views, the autograd graph and NumPy arrays made from them all hold it).  Channels-last
+    InstanceNorm2d (8,64,128,128) measured 6.5 ms a call with reused memory against 11-12 ms with fresh memory.
+    (NumPy memory that gave itself back from __del__ cost 7.2-7.8 µs a take and give-back, warm, against 5.0 µs.)"""
+    return BlockPool(limit, allocate=lambda nbytes: torch.UntypedStorage(nbytes, device="cpu"),
+                     is_free=lambda storage: torch._C._storage_Use_Count(storage._cdata) == 1)
 
 
-def _is_free(storage):
-    return torch._C._storage_Use_Count(storage._cdata) == 1
+def _cached_empty(like, contiguous):
+    """An empty tensor of ``like``'s shape and dtype, C-contiguous or with ``like``'s strides (``like`` being
+    dense), on the output cache's memory; None when the cache has no room.  A tensor of its own, not a view, so
+    in-place operations on it behave as on any output."""
+    stride = () if contiguous else like.stride()
+    return _output_cache.take(like.numel() * like.element_size(),
+                              lambda storage: like.new_empty(0).set_(storage, 0, like.shape, stride))
 
 
 # Outputs from 1 MiB on: with the C library's heap in some states (depending on what the process allocated
 # before), every 4 MB output came back as fresh pages, 165-330 page faults a call, for torch's own GroupNorm as
 # for ours (0.97-1.36 ms a (16,64,32,32) forward instead of 0.36-0.61 ms); from the cache, never.
 _CACHED_OUTPUT_BYTES = 2 ** 20
-_output_cache = _OutputCache(limit=256 * 2 ** 20)
+_output_cache = _new_output_cache(limit=256 * 2 ** 20)
 
 
 def set_output_cache_limit(nbytes):

@@ -169,7 +169,7 @@ def test_float64_and_eager_equal_tf_function():
 @pytest.fixture
 def every_output_pooled(monkeypatch):
     """An output pool of its own, used for outputs of any size."""
-    pool = ck._OutputPool(limit=2 ** 30)
+    pool = ck._new_output_pool(limit=2 ** 30)
     monkeypatch.setattr(ck, "_output_pool", pool)
     monkeypatch.setattr(ck, "_POOLED_OUTPUT_BYTES", 0)
     return pool
@@ -184,18 +184,18 @@ def test_pooled_outputs_are_reused_only_once_released(every_output_pooled):
     _set_same_random_weights([layer, reference], seed=4)
     forward = tf.function(lambda x: layer(x))
     outputs = [forward(x) for x in inputs]   # all held at once: three blocks
-    assert len(every_output_pooled._blocks[inputs[0].numpy().nbytes]) == 3
+    assert every_output_pooled.blocks_of(inputs[0].numpy().nbytes) == 3
     for output, x in zip(outputs, inputs):
         np.testing.assert_allclose(output, reference(x), rtol=1e-5, atol=1e-5)
     del outputs, output
     for x in inputs:   # one at a time: a block released each time
         np.testing.assert_allclose(forward(x), reference(x), rtol=1e-5, atol=1e-5)
-    assert len(every_output_pooled._blocks[inputs[0].numpy().nbytes]) == 3
+    assert every_output_pooled.blocks_of(inputs[0].numpy().nbytes) == 3
     # at the limit, a free block of a size no longer asked for makes room for another size
     size = inputs[0].numpy().nbytes
     every_output_pooled.limit = 3 * size + 64
-    assert every_output_pooled.take(size + 64) is not None
-    assert len(every_output_pooled._blocks[size]) == 2 and every_output_pooled._bytes == 3 * size + 64
+    assert every_output_pooled.take(size + 64, lambda block: block[:]) is not None
+    assert every_output_pooled.blocks_of(size) == 2 and every_output_pooled.held_bytes == 3 * size + 64
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))

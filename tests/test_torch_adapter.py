@@ -314,7 +314,7 @@ def test_inference_skips_the_operator_only_when_nothing_watches(case, monkeypatc
 @pytest.fixture
 def every_output_cached(monkeypatch):
     """An output cache of its own, used for outputs of any size."""
-    cache = ct._OutputCache(limit=2 ** 30)
+    cache = ct._new_output_cache(limit=2 ** 30)
     monkeypatch.setattr(ct, "_output_cache", cache)
     monkeypatch.setattr(ct, "_CACHED_OUTPUT_BYTES", 0)
     return cache

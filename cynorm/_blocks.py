@@ -1,0 +1,76 @@
+"""Blocks of memory for the adapters' large outputs, reused once nothing holds them any more.
+
+A fresh output of tens of MB is paid for on its first writes, a page fault per page, and its pages cannot take
+streaming stores; inference and training loops ask for the same sizes call after call.  Each adapter keeps a
+:class:`BlockPool` of blocks in its framework's terms (torch storages, aligned NumPy arrays for TensorFlow) and
+tells it how to make a block and how to see that only the pool still references one.
+"""
+import threading
+
+
+class BlockPool:
+    """Blocks by size in bytes, each free or in use, up to ``limit`` bytes in all.
+
+    ``allocate(nbytes)`` makes a block; ``is_free(block)`` tells whether nothing but the pool references it.
+    A block is in use as long as something holds what :meth:`take` made of it.
+    """
+
+    def __init__(self, limit, allocate, is_free):
+        self.limit = limit
+        self._allocate = allocate
+        self._is_free = is_free
+        self._blocks = {}   # size in bytes -> the blocks of that size
+        self._bytes = 0     # held in all
+        self._lock = threading.Lock()
+
+    def take(self, nbytes, claim):
+        """``claim(block)`` on a free block of ``nbytes``, or on a new one if the limit leaves room (after
+        dropping free blocks of other sizes); None if it does not.  ``claim`` must return something that
+        references the block, which marks it in use: it runs under the pool's lock, so that no other caller takes
+        the same block meanwhile."""
+        with self._lock:
+            blocks = self._blocks.setdefault(nbytes, [])
+            for block in blocks:
+                if self._is_free(block):
+                    return claim(block)
+            self._drop(self._bytes + nbytes - self.limit, only_free=True)
+            if self._bytes + nbytes > self.limit:
+                return None
+            block = self._allocate(nbytes)
+            blocks.append(block)
+            self._bytes += nbytes
+            return claim(block)
+
+    def _drop(self, nbytes, only_free):
+        """Lets go of at least ``nbytes`` of blocks if there are enough: free ones only, or any (a block in use
+        stays alive for its users and is freed after them, outside the pool)."""
+        for size, blocks in self._blocks.items():
+            kept = []
+            for block in blocks:
+                if nbytes > 0 and (not only_free or self._is_free(block)):
+                    self._bytes -= size
+                    nbytes -= size
+                else:
+                    kept.append(block)
+            blocks[:] = kept
+
+    def set_limit(self, limit):
+        """Sets the limit, letting go of free blocks and then of blocks in use beyond it; returns the previous one."""
+        with self._lock:
+            previous, self.limit = self.limit, limit
+            self._drop(self._bytes - limit, only_free=True)
+            self._drop(self._bytes - limit, only_free=False)
+            return previous
+
+    @property
+    def free_bytes(self):
+        with self._lock:
+            return sum(size for size, blocks in self._blocks.items() for block in blocks if self._is_free(block))
+
+    def blocks_of(self, nbytes):
+        """How many blocks of ``nbytes`` the pool holds."""
+        return len(self._blocks.get(nbytes, ()))
+
+    @property
+    def held_bytes(self):
+        return self._bytes

@@ -271,8 +271,7 @@ def _run_forward(x, y, size, weight, bias, mean, rstd, float64, geometry, eps, c
 
     The NumPy API checks everything before calling it; so does the PyTorch adapter's eager path, whose tensors
     come with their shapes and dtypes known, and whose memory it passes without making NumPy arrays of it."""
-    threads = _thread_count(size)
-    stream = not temporary_output and _prepare_large_output(y, size * (8 if float64 else 4))
+    threads, stream = _launch(y, size, float64, temporary_output)
     if geometry.rows:
         _kernels.forward_rows(x, y, weight, bias, mean, rstd, float64, _units(geometry, size), geometry.groups,
                               geometry.chans_per_group, geometry.inner, eps, centered, stream, threads)
@@ -280,6 +279,11 @@ def _run_forward(x, y, size, weight, bias, mean, rstd, float64, geometry, eps, c
         _kernels.forward_columns(x, y, weight, bias, mean, rstd, float64, _units(geometry, size), geometry.n_rows,
                                  geometry.n_cols, geometry.groups, geometry.cols_per_channel,
                                  geometry.affine_per_row, eps, centered, stream, threads)
+
+
+def _launch(output, size, float64, temporary_output):
+    """The threads for a kernel on `size` values, and whether it streams its `output` (an address)."""
+    return _thread_count(size), not temporary_output and _prepare_large_output(output, size * (8 if float64 else 4))
 
 
 def _units(geometry, size):
@@ -314,8 +318,7 @@ def _run_backward(dy, x, dx, size, mean, rstd, weight, dweight, dbias, float64, 
     """The backward kernel of `geometry` on checked arguments given by address as for _run_forward: dy, x and
     dx (OUT) `size` values, mean and rstd as the forward wrote them (mean 0 when not centered: zeros), weight,
     dweight and dbias (OUT) of the parameter size."""
-    threads = _thread_count(size)
-    stream = not temporary_output and _prepare_large_output(dx, size * (8 if float64 else 4))
+    threads, stream = _launch(dx, size, float64, temporary_output)
     if geometry.rows:
         _kernels.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, _units(geometry, size),
                                geometry.groups, geometry.chans_per_group, geometry.inner, centered, stream, threads)

@@ -77,9 +77,8 @@ def _dense_in_order(tensor, order):
     """A tensor whose memory holds ``tensor``'s values C-contiguously with the axes in ``order`` (None: as they
     are), for the kernels to take by address: ``tensor`` itself when its memory already does, else a copy made
     by torch."""
-    if order is None:
-        return tensor if tensor.is_contiguous() else tensor.contiguous()
-    return tensor if _memory_order(tensor) == order else tensor.permute(order).contiguous()
+    permuted = tensor if order is None else tensor.permute(order)
+    return tensor if permuted.is_contiguous() else permuted.contiguous()
 
 
 def _memory_shape(tensor, order):

@@ -23,6 +23,7 @@ import copy
 import functools
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +49,9 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 # Memory layout and output allocation
 # ---------------------------------------------------------------------------------------------------------
 
-def _memory_order(tensor):
-    """Axes of ``tensor`` from outermost to innermost in memory, batch axis first, or None for the axes as they
-    are.
+def _memory_order(tensor, batch_first=True):
+    """Axes of ``tensor`` from outermost to innermost in memory, or None for the axes as they are; with
+    ``batch_first``, only an order that starts with the batch axis (the channel norms' samples).
 
     ``tensor.permute(order)`` is C-contiguous when the tensor is dense (channels_last is (0, 2, 3, 1)).  None
     is returned for a contiguous tensor and for one that is not dense, of which the kernel makes its one copy.
@@ -60,7 +61,7 @@ def _memory_order(tensor):
     memory_format, order = _CHANNELS_LAST.get(tensor.dim(), (None, None))
     if memory_format is not None and tensor.is_contiguous(memory_format=memory_format):
         return order   # the common case, answered without sorting strides
-    order = tuple(sorted(range(tensor.dim()), key=lambda axis: (axis != 0, -tensor.stride(axis))))
+    order = tuple(sorted(range(tensor.dim()), key=lambda axis: (batch_first and axis != 0, -tensor.stride(axis))))
     return order if tensor.permute(order).is_contiguous() else None
 
 
@@ -113,9 +114,40 @@ def _channel_norm_output(input, cached=False):
     return _empty(input, order, cached), order
 
 
-def _trailing_norm_output(input, cached=False):
-    # C-contiguous whatever the input's layout, as torch's layer_norm and rms_norm return.
-    return _empty(input, None, cached)
+class _TrailingLayout(NamedTuple):
+    """How the kernels see a norm over the last axes of a tensor: its memory order (see :func:`_memory_order`;
+    None: the axes as they are), the normalized axes' positions in that order, and the other (leading) axes in
+    that order, which is the memory order of the statistics."""
+    order: tuple | None
+    axes: tuple
+    leading: tuple
+
+
+def _trailing_layout(input, num_axes):
+    """A dense input whose normalized axes lie together and in order in memory, as in a permuted view (the
+    (N, H, W, C) view of NCHW memory that ConvNeXt's channel LayerNorm makes, or a (batch, time, features)
+    view of time-major memory), is normalized where it lies, through the kernels' columns view: no transposing
+    copy, and the output keeps the input's layout.  Any other input is normalized over a C-contiguous copy,
+    into a C-contiguous output, as torch's layer_norm returns."""
+    first = input.dim() - num_axes
+    order = _memory_order(input, batch_first=False)
+    if order is not None:
+        start = order.index(first)
+        if order[start:start + num_axes] == tuple(range(first, input.dim())):
+            return _TrailingLayout(order, tuple(range(start, start + num_axes)),
+                                   tuple(axis for axis in order if axis < first))
+    return _TrailingLayout(None, tuple(range(first, input.dim())), tuple(range(first)))
+
+
+def _trailing_norm_stats(input, layout):
+    """Empty float64 statistics of the leading axes' logical shape, their memory in the kernels' order."""
+    memory = _stats_like(input, [input.shape[axis] for axis in layout.leading])
+    return _stats_to_logical(memory, layout)
+
+
+def _stats_to_logical(memory, layout):
+    """Statistics in the kernels' order (the leading axes as they lie in memory) as the logical axes' view."""
+    return memory.permute([layout.leading.index(axis) for axis in range(len(layout.leading))])
 
 
 def _empty(input, order, cached):
@@ -170,10 +202,6 @@ def set_output_cache_limit(nbytes):
     return _output_cache.set_limit(nbytes)
 
 
-def _trailing_axes(input, num_axes):
-    return tuple(range(input.dim() - num_axes, input.dim()))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The kernels on tensors, and the custom operators around them.  Each norm's forward and backward run either
 # on arguments this module has checked (``trusted``: the eager paths, after the functional API's checks or on
@@ -200,11 +228,10 @@ def _kernel_param(tensor, size, dtype, default):
 # The kernels take every tensor by address (data_ptr), so the eager paths make no NumPy arrays: a conversion
 # either way cost 7-20 µs once a kernel had swept the caches, and a training step made nine of them.
 
-def _trusted_forward(x, y, weight, bias, eps, geometry, stats_shape, num_params, centered):
+def _trusted_forward(x, y, mean, rstd, weight, bias, eps, geometry, num_params, centered):
     """The forward kernel of ``geometry`` on checked tensors whose memory is C-contiguous in the geometry's order
-    (y fresh); returns (mean, rstd), float64 tensors of ``stats_shape``."""
-    mean = x.new_empty(stats_shape, dtype=torch.float64)
-    rstd = x.new_empty(stats_shape, dtype=torch.float64)
+    (y fresh), into the statistics ``mean`` and ``rstd`` (fresh float64 tensors, their memory in the kernels'
+    order); returns (mean, rstd)."""
     weight = _kernel_param(weight, num_params, x.dtype, 1.0)
     bias = _kernel_param(bias, num_params, x.dtype, 0.0)
     _api._run_forward(x.data_ptr(), y.data_ptr(), x.numel(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(),
@@ -242,8 +269,9 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
     stats_shape = (input.shape[0], num_groups)
     if trusted:
         shape = _memory_shape(input, order)
-        return (output,) + _trusted_forward(_dense_in_order(input, order), output, weight, bias, eps,
-                                            _api._group_geometry(shape, axis, num_groups), stats_shape, shape[axis],
+        return (output,) + _trusted_forward(_dense_in_order(input, order), output, _stats_like(input, stats_shape),
+                                            _stats_like(input, stats_shape), weight, bias, eps,
+                                            _api._group_geometry(shape, axis, num_groups), shape[axis],
                                             centered=True)
     _, *stats = cynorm.group_norm(_in_memory_order(input, order), num_groups, _array(weight), _array(bias),
                                   axis=axis, eps=eps, out=_in_memory_order(output, order), return_stats=True)
@@ -278,41 +306,50 @@ def _fake_channel_norm_backward(input):
 def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted):
     """Layer norm (RMS norm unless ``centered``) over the trailing ``normalized_shape``; returns (y, mean,
     rstd), mean None for RMS norm."""
-    output = _trailing_norm_output(input, cached=True)
-    axes = _trailing_axes(input, len(normalized_shape))
-    stats_shape = input.shape[:axes[0]]
+    layout = _trailing_layout(input, len(normalized_shape))
+    output = _empty(input, layout.order, cached=True)
+    shape = _memory_shape(input, layout.order)
     if trusted:
-        mean, rstd = _trusted_forward(_dense_in_order(input, None), output, weight, bias, eps,
-                                      _api._layer_geometry(input.shape, axes), stats_shape,
+        mean, rstd = _trusted_forward(_dense_in_order(input, layout.order), output,
+                                      _trailing_norm_stats(input, layout), _trailing_norm_stats(input, layout),
+                                      weight, bias, eps, _api._layer_geometry(shape, layout.axes),
                                       math.prod(normalized_shape), centered)
         return output, mean if centered else None, rstd
+    x, y = _in_memory_order(input, layout.order), _in_memory_order(output, layout.order)
     if centered:
-        _, mean, rstd = cynorm.layer_norm(_contiguous_array(input), _array(weight), _array(bias), axis=axes,
-                                          eps=eps, out=_array(output), return_stats=True)
+        _, mean, rstd = cynorm.layer_norm(x, _array(weight), _array(bias), axis=layout.axes, eps=eps, out=y,
+                                          return_stats=True)
     else:
-        _, rstd = cynorm.rms_norm(_contiguous_array(input), _array(weight), axis=axes, eps=eps, out=_array(output),
-                                  return_stats=True)
+        _, rstd = cynorm.rms_norm(x, _array(weight), axis=layout.axes, eps=eps, out=y, return_stats=True)
         mean = None
-    return (output,) + _stats_tensors(stats_shape, mean, rstd)
+    return (output,) + tuple(None if stat is None else _stats_to_logical(torch.from_numpy(stat), layout)
+                             for stat in (mean, rstd))
+
+
+def _stats_in_memory_order(stat, layout):
+    """The inverse of _stats_to_logical, as a NumPy array for the NumPy API (None stays None)."""
+    return None if stat is None else _array(stat.permute(layout.leading))
 
 
 def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     """Gradients of _trailing_norm (of RMS norm when ``mean`` is None)."""
-    grad_input = _trailing_norm_output(input, cached=True)
-    axes = _trailing_axes(input, input.dim() - rstd.dim())
+    layout = _trailing_layout(input, input.dim() - rstd.dim())
+    grad_input = _empty(input, layout.order, cached=True)
+    shape = _memory_shape(input, layout.order)
     centered = mean is not None
-    if trusted:
-        param_grads = _trusted_backward(_dense_in_order(grad_output, None), _dense_in_order(input, None), mean,
-                                        rstd, weight, grad_input, _api._layer_geometry(input.shape, axes),
-                                        input.shape[axes[0]:], centered)
+    if trusted:   # the statistics are those _trailing_norm made, their memory in the kernels' order
+        param_grads = _trusted_backward(_dense_in_order(grad_output, layout.order),
+                                        _dense_in_order(input, layout.order), mean, rstd, weight, grad_input,
+                                        _api._layer_geometry(shape, layout.axes), input.shape[rstd.dim():],
+                                        centered)
         return (grad_input, *param_grads)
-    dy, x, dx = _contiguous_array(grad_output), _contiguous_array(input), _array(grad_input)
+    dy, x, dx = (_in_memory_order(t, layout.order) for t in (grad_output, input, grad_input))
+    mean, rstd = (_stats_in_memory_order(stat, layout) for stat in (mean, rstd))
     if centered:
-        _, *param_grads = cynorm.layer_norm_backward(dy, x, _array(mean), _array(rstd), _array(weight), axis=axes,
-                                                     out=dx)
+        _, *param_grads = cynorm.layer_norm_backward(dy, x, mean, rstd, _array(weight), axis=layout.axes, out=dx)
         param_grads = [torch.from_numpy(grad) for grad in param_grads]
     else:
-        _, grad_weight, _ = cynorm.rms_norm_backward(dy, x, _array(rstd), _array(weight), axis=axes, out=dx)
+        _, grad_weight, _ = cynorm.rms_norm_backward(dy, x, rstd, _array(weight), axis=layout.axes, out=dx)
         param_grads = [torch.from_numpy(grad_weight), None]
     return (grad_input, *param_grads)
 
@@ -383,8 +420,9 @@ _layer_norm_op = torch.library.custom_op("cynorm::layer_norm", _layer_norm_kerne
 
 @_layer_norm_op.register_fake
 def _(input, normalized_shape, weight, bias, eps):
-    stats_shape = input.shape[:input.dim() - len(normalized_shape)]
-    return _trailing_norm_output(input), _stats_like(input, stats_shape), _stats_like(input, stats_shape)
+    layout = _trailing_layout(input, len(normalized_shape))
+    return (_empty(input, layout.order, cached=False), _trailing_norm_stats(input, layout),
+            _trailing_norm_stats(input, layout))
 
 
 def _layer_norm_backward_kernels(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
@@ -399,7 +437,8 @@ _layer_norm_backward_op = torch.library.custom_op("cynorm::layer_norm_backward",
 @_layer_norm_backward_op.register_fake
 def _(grad_output, input, mean, rstd, weight):
     param_shape = input.shape[mean.dim():]
-    return _trailing_norm_output(input), input.new_empty(param_shape), input.new_empty(param_shape)
+    grad_input = _empty(input, _trailing_layout(input, len(param_shape)).order, cached=False)
+    return grad_input, input.new_empty(param_shape), input.new_empty(param_shape)
 
 
 def _rms_norm_kernels(input: Tensor, normalized_shape: list[int], weight: Tensor | None,
@@ -413,7 +452,8 @@ _rms_norm_op = torch.library.custom_op("cynorm::rms_norm", _rms_norm_kernels, mu
 
 @_rms_norm_op.register_fake
 def _(input, normalized_shape, weight, eps):
-    return _trailing_norm_output(input), _stats_like(input, input.shape[:input.dim() - len(normalized_shape)])
+    layout = _trailing_layout(input, len(normalized_shape))
+    return _empty(input, layout.order, cached=False), _trailing_norm_stats(input, layout)
 
 
 def _rms_norm_backward_kernels(grad_output: Tensor, input: Tensor, rstd: Tensor,
@@ -428,7 +468,8 @@ _rms_norm_backward_op = torch.library.custom_op("cynorm::rms_norm_backward", _rm
 
 @_rms_norm_backward_op.register_fake
 def _(grad_output, input, rstd, weight):
-    return _trailing_norm_output(input), input.new_empty(input.shape[rstd.dim():])
+    param_shape = input.shape[rstd.dim():]
+    return _empty(input, _trailing_layout(input, len(param_shape)).order, cached=False), input.new_empty(param_shape)
 
 
 def _double_backward_error(norm):

@@ -129,8 +129,9 @@ def test_module_forward_and_backward_match_torch(case, layout, affine, dtype, ke
 
     y = ours(x)
     y_reference = reference(x_reference)
-    # Like torch's, except that channels-last instance norm stays channels-last (torch's output is contiguous).
-    keeps_layout = layout == "channels_last" and KERNEL_OF_MODULE[type(ours)] == "instance_norm"
+    # Like torch's, except that channels-last instance, layer and RMS norm keep the input's layout (torch's
+    # output is contiguous): in channels-last memory the normalized axes lie together.
+    keeps_layout = layout == "channels_last" and KERNEL_OF_MODULE[type(ours)] != "group_norm"
     assert y.dtype == dtype and y.stride() == (x.stride() if keeps_layout else theirs(x).stride())
     assert_close_scaled(y, y_reference, TOLERANCES[dtype])
 
@@ -154,6 +155,52 @@ def test_channels_last_runs_in_place_without_transposing_copy(case, kernel_calls
     assert not geometry.rows and geometry.n_cols == x.shape[1] and geometry.n_rows == x[0, 0].numel()
 
 
+# (shape of the memory, permutation viewing it, number of normalized trailing axes, whether they lie together
+# in memory and in order, so that the kernels normalize the input where it lies)
+PERMUTED_CASES = {
+    "convnext_channel_norm": ((2, 6, 5, 7), (0, 2, 3, 1), 1, True),    # NCHW memory seen as NHWC
+    "time_major": ((5, 3, 8), (1, 0, 2), 1, True),                      # (time, batch, features) seen batch-first
+    "two_axes_batch_inside": ((3, 4, 5, 6), (1, 0, 2, 3), 2, True),
+    "features_outermost": ((4, 2, 3), (1, 2, 0), 1, True),
+    "axes_apart": ((2, 3, 4, 5), (0, 2, 1, 3), 2, False),
+    "axes_out_of_order": ((2, 5, 4), (0, 2, 1), 2, False),
+}
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("case", PERMUTED_CASES)
+def test_permuted_input_is_normalized_where_it_lies(case, norm, kernel_calls):
+    """A permuted view whose normalized axes lie together in memory is normalized without a copy, into an output
+    laid out like the input; other layouts are copied first.  Either way values and gradients are torch's."""
+    memory_shape, permutation, num_axes, in_place = PERMUTED_CASES[case]
+    x = random_tensor(memory_shape, torch.float32, seed=5).permute(permutation).requires_grad_()
+    x_reference = x.detach().double().requires_grad_()
+    normalized_shape = tuple(x.shape[-num_axes:])
+    params = [random_tensor(normalized_shape, seed=6 + i).float().requires_grad_() for i in range(2)]
+    params = params if norm == "layer_norm" else params[:1]
+    params_reference = [p.detach().double().requires_grad_() for p in params]
+    grad_output = random_tensor(x.shape, torch.float32, seed=8)
+
+    y = getattr(ct, norm)(x, normalized_shape, *params, eps=1e-5)
+    y_reference = getattr(F, norm)(x_reference, normalized_shape, *params_reference, eps=1e-5)
+    assert_close_scaled(y, y_reference, TOLERANCES[torch.float32])
+    grads = torch.autograd.grad(y, [x, *params], grad_output)
+    grads_reference = torch.autograd.grad(y_reference, [x_reference, *params_reference], grad_output.double())
+    for grad, grad_reference in zip(grads, grads_reference, strict=True):
+        assert_close_scaled(grad, grad_reference, TOLERANCES[torch.float32])
+
+    assert y.stride() == (x.stride() if in_place else y_reference.stride())
+    (x_address, y_address, *_), = kernel_calls["forward"]
+    assert (x_address == x.data_ptr()) == in_place and y_address == y.data_ptr()
+    # the operators (torch.compile's path) agree with the eager path, layout included
+    op_output = getattr(torch.ops.cynorm, norm)(x.detach(), list(normalized_shape), *params, 1e-5)
+    assert op_output[0].stride() == y.stride()
+    torch.testing.assert_close(op_output[0], y.detach(), rtol=0, atol=0)
+    op_grads = getattr(torch.ops.cynorm, f"{norm}_backward")(grad_output, x.detach(), *op_output[1:], params[0])
+    for grad, op_grad in zip(grads, op_grads):
+        torch.testing.assert_close(op_grad, grad, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The autograd operators
 # --------------------------------------------------------------------------------------------------------
@@ -175,6 +222,10 @@ FUNCTION_CASES = {
     "layer_norm_no_affine": ("layer_norm", lambda x: ct.layer_norm(x, 5), lambda: _double((3, 5))),
     "rms_norm": ("rms_norm", lambda x, w: ct.rms_norm(x, (4,), w, eps=1e-5), lambda: _double((3, 2, 4), 4)),
     "rms_norm_no_affine": ("rms_norm", lambda x: ct.rms_norm(x, [3, 4]), lambda: _double((2, 3, 4))),
+    "layer_norm_permuted": ("layer_norm", lambda x, w, b: ct.layer_norm(x.permute(0, 2, 3, 1), (3,), w, b),
+                            lambda: _double((2, 3, 2, 4), 3, 3)),
+    "rms_norm_permuted": ("rms_norm", lambda x, w: ct.rms_norm(x.permute(0, 2, 3, 1), (3,), w),
+                          lambda: _double((2, 3, 2, 4), 3)),
 }
 
 

@@ -196,9 +196,12 @@ cdef enum:
     # Elements of a row whose moments are computed while they sit in L1, before merging.
     CHUNK = 4096
     # Columns view: a tile holds about this many elements, and at most MAX_TILE_ROWS rows so that the
-    # per-column float sums stay short.
+    # per-column float sums stay short; at least MIN_TILE_ROWS rows (or all), since each tile costs each
+    # column group a few divisions, as many as the values of a few rows when a group is one column (layer
+    # norm over a middle axis).
     TILE_ELEMS = 65536
     MAX_TILE_ROWS = 256
+    MIN_TILE_ROWS = 64
     # Columns view: a sample of several tiles is cut into a multiple of this many tiles of nearly equal size,
     # so that 1, 2 or 4 threads get the same work (the cut depends on the shape only).
     TILE_MULTIPLE = 4
@@ -546,7 +549,7 @@ cdef inline void tile_moments(const floating* x, Py_ssize_t rows, Py_ssize_t n_c
 
 
 cdef inline Py_ssize_t rows_per_tile(Py_ssize_t n_rows, Py_ssize_t n_cols) noexcept nogil:
-    cdef Py_ssize_t most = max(1, min(<Py_ssize_t>MAX_TILE_ROWS, TILE_ELEMS // max(n_cols, 1)))
+    cdef Py_ssize_t most = min(<Py_ssize_t>MAX_TILE_ROWS, max(<Py_ssize_t>MIN_TILE_ROWS, TILE_ELEMS // max(n_cols, 1)))
     cdef Py_ssize_t tiles = (n_rows + most - 1) // most
     if tiles > 1:
         tiles = min(n_rows, (tiles + TILE_MULTIPLE - 1) // TILE_MULTIPLE * TILE_MULTIPLE)
@@ -1317,55 +1320,51 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
     cdef floating* s2 = scratch + n_cols
     cdef floating l1[LANES]
     cdef floating l2[LANES]
-    cdef floating xhat, v, d, tail1, tail2
+    cdef floating xhat, v, tail1, tail2
     cdef Py_ssize_t a, col, step, body = n_cols - n_cols % LANES
     cdef const floating* dyr
     cdef const floating* xr
     cdef int j
     memset(scratch, 0, 2 * n_cols * sizeof(floating))
+    # sum(v * dy * (x - mean_hi)); rstd and the low part of the mean are applied once, at the end.  (Few
+    # pointers in the loops that write through one: the compiler checks each pair for overlap before it
+    # vectorizes: a loop that also summed the row's own terms ran one value at a time.)
     if not affine_per_row:
-        # sum(dy * (x - mean_hi)); rstd and the low part of the mean are applied once, below.  (Few pointers
-        # in the loop: the compiler checks each pair for overlap before it vectorizes.)
         for a in range(rows):
             dyr = dy + a * n_cols
             xr = x + a * n_cols
             for col in range(n_cols):
                 s1[col] += dyr[col]
                 s2[col] += dyr[col] * (xr[col] - mean_hi[col])
-        for col in range(n_cols):
-            out[col] = s1[col]
-            out[n_cols + col] = rs[col] * (<double>s2[col] - <double>mean_lo[col] * s1[col])
-        return
-    for a in range(rows):
-        dyr = dy + a * n_cols
-        xr = x + a * n_cols
-        v = row_weight[a]
-        tail1 = 0
-        tail2 = 0
-        for j in range(LANES):
-            l1[j] = 0
-            l2[j] = 0
-        for step in range(body // LANES):
-            col = step * LANES
+    else:
+        for a in range(rows):
+            dyr = dy + a * n_cols
+            xr = x + a * n_cols
+            v = row_weight[a]
+            for col in range(n_cols):
+                s1[col] += v * dyr[col]
+                s2[col] += v * dyr[col] * (xr[col] - mean_hi[col])
+            # the row's own sums, for the gradient of its weight and bias (only local lanes written)
+            tail1 = 0
+            tail2 = 0
             for j in range(LANES):
-                xhat = ((xr[col + j] - mean_hi[col + j]) - mean_lo[col + j]) * rs[col + j]
-                d = dyr[col + j]
-                s1[col + j] += v * d
-                s2[col + j] += v * d * xhat
-                l1[j] += d * xhat
-                l2[j] += d
-        for col in range(body, n_cols):
-            xhat = ((xr[col] - mean_hi[col]) - mean_lo[col]) * rs[col]
-            d = dyr[col]
-            s1[col] += v * d
-            s2[col] += v * d * xhat
-            tail1 += d * xhat
-            tail2 += d
-        row_dy_xhat[a] = lanes_total(l1, tail1)
-        row_dy[a] = lanes_total(l2, tail2)
+                l1[j] = 0
+                l2[j] = 0
+            for step in range(body // LANES):
+                col = step * LANES
+                for j in range(LANES):
+                    xhat = ((xr[col + j] - mean_hi[col + j]) - mean_lo[col + j]) * rs[col + j]
+                    l1[j] += dyr[col + j] * xhat
+                    l2[j] += dyr[col + j]
+            for col in range(body, n_cols):
+                xhat = ((xr[col] - mean_hi[col]) - mean_lo[col]) * rs[col]
+                tail1 += dyr[col] * xhat
+                tail2 += dyr[col]
+            row_dy_xhat[a] = lanes_total(l1, tail1)
+            row_dy[a] = lanes_total(l2, tail2)
     for col in range(n_cols):
         out[col] = s1[col]
-        out[n_cols + col] = s2[col]
+        out[n_cols + col] = rs[col] * (<double>s2[col] - <double>mean_lo[col] * s1[col])
 
 
 cdef inline void input_gradient_tile_row(const floating* dy, const floating* x, floating* dx,  # (n,) of a row

@@ -310,7 +310,8 @@ cdef inline accumulator tail_lanes_total(accumulator* lanes, accumulator rest) n
 
 
 cdef inline double head_mean(const floating* x, Py_ssize_t n) noexcept nogil:
-    """Mean of the n first values, summed in double in TAIL_LANES lanes."""
+    """Mean of the n first values, summed in double in TAIL_LANES lanes.  (Times 1/n, which is computed while
+    the values are summed: a division after the sum held up the rest of a short row.)"""
     cdef double lanes[TAIL_LANES]
     cdef double rest = 0
     cdef Py_ssize_t i, step
@@ -322,7 +323,7 @@ cdef inline double head_mean(const floating* x, Py_ssize_t n) noexcept nogil:
             lanes[j] += x[step * TAIL_LANES + j]
     for i in range(n - n % TAIL_LANES, n):
         rest += x[i]
-    return tail_lanes_total(lanes, rest) / n
+    return tail_lanes_total(lanes, rest) * (1.0 / n)
 
 
 cdef inline double lanes_mean(const floating* x, Py_ssize_t m, accumulator precision) noexcept nogil:
@@ -367,14 +368,16 @@ cdef inline void centred_sums(const floating* x, Py_ssize_t m, accumulator centr
         rest2 += d * d
     tail1 = tail_lanes_total(q1, rest1)
     tail2 = tail_lanes_total(q2, rest2)
-    if body == 0:   # a short row: clearing and adding up the lanes, all zeros, cost as much as the row
+    if body == 0:   # a short row: adding up lanes of zeros cost as much as the row
         sum_d[0] = tail1
         sum_d2[0] = tail2
         return
+    # The first block sets the lanes: clearing them first compiled to `rep stos`, slow to start on every row.
     for j in range(LANES):
-        s1[j] = 0
-        s2[j] = 0
-    for step in range(body // LANES):
+        d = x[j] - centre
+        s1[j] = d
+        s2[j] = d * d
+    for step in range(1, body // LANES):
         i = step * LANES
         for j in range(LANES):
             d = x[i + j] - centre
@@ -398,6 +401,7 @@ cdef inline void moments_in_lanes(const floating* x,      # IN (m,)
     correction would cancel digits, so the chunk is summed again around its full mean."""
     cdef accumulator centre = 0
     cdef double t1, t2
+    cdef double inverse_m = 1.0 / m   # (computed while the values are summed, off the row's critical path)
     if centered:
         centre = <accumulator>head_mean(x, min(m, <Py_ssize_t>LANES))
     centred_sums(x, m, centre, &t1, &t2)
@@ -405,8 +409,8 @@ cdef inline void moments_in_lanes(const floating* x,      # IN (m,)
         centre = <accumulator>lanes_mean(x, m, precision)
         centred_sums(x, m, centre, &t1, &t2)
     if centered:
-        mean[0] = centre + t1 / m
-        m2[0] = t2 - t1 * t1 / m
+        mean[0] = centre + t1 * inverse_m
+        m2[0] = t2 - t1 * t1 * inverse_m
         if m2[0] < 0:   # written so that a NaN stays NaN
             m2[0] = 0
     else:
@@ -972,18 +976,21 @@ cdef inline void gradient_sums(const floating* dy, const floating* x,   # IN (m,
             sum_g[0] += tail1
             sum_g_xhat[0] += tail2
             continue
+        # the first block sets the lanes (see centred_sums)
         for j in range(LANES):
-            s1[j] = 0
-            s2[j] = 0
+            xhat = ((x[start + j] - mean_hi) - mean_lo) * rs
+            g = dy[start + j] if weight == NULL else weight[start + j] * dy[start + j]
+            s1[j] = g
+            s2[j] = g * xhat
         if weight == NULL:
-            for block in range((body - start) // LANES):
+            for block in range(1, (body - start) // LANES):
                 i = start + block * LANES
                 for j in range(LANES):
                     xhat = ((x[i + j] - mean_hi) - mean_lo) * rs
                     s1[j] += dy[i + j]
                     s2[j] += dy[i + j] * xhat
         else:
-            for block in range((body - start) // LANES):
+            for block in range(1, (body - start) // LANES):
                 i = start + block * LANES
                 for j in range(LANES):
                     xhat = ((x[i + j] - mean_hi) - mean_lo) * rs

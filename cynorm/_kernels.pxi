@@ -189,9 +189,9 @@ cdef enum:
     # Independent partial sums per reduction: the compiler vectorizes across them, the order stays fixed.
     # lanes_total spells out the tree for exactly 32.
     LANES = 32
-    # The values after the last whole LANES block (a short row's all) are summed in this many lanes, then
-    # one by one: one by one, each add waited on the one before, and rows of 26 values took 3.6 ns a value.
-    # tail_lanes_total spells out the tree for exactly 8.
+    # The values after the last whole LANES block (all of a short row's) are summed in this many lanes, the
+    # last few one by one.  Summed one by one, each add waited on the one before: rows of 26 values took
+    # 3.6 ns a value.  tail_lanes_total spells out the tree for exactly 8.
     TAIL_LANES = 8
     # Elements of a row whose moments are computed while they sit in L1, before merging.
     CHUNK = 4096
@@ -435,11 +435,6 @@ cdef inline void merge_moments(double* count, double* mean, double* m2,   # INOU
     """Chan et al.'s pairwise update: fold one block's moments into the running ones."""
     cdef double total = count[0] + block_count
     cdef double delta = block_mean - mean[0]
-    if count[0] == 0:   # the first block (a short row's only one): what the update gives, without its divisions
-        mean[0] = block_mean
-        m2[0] = block_m2
-        count[0] = total
-        return
     mean[0] += delta * (block_count / total)
     m2[0] += block_m2 + delta * delta * (count[0] * block_count / total)
     count[0] = total

@@ -457,6 +457,11 @@ cdef inline void set_group_centres(const floating* x, Py_ssize_t rows, Py_ssize_
         row = x + a * n_cols
         for col in range(n_cols):
             column_sums[col] += row[col]
+    if cols_per_group == 1:   # a group per column (layer norm over a middle axis): the same, in one loop that
+        # the compiler vectorizes (the general loops ran a division at a time)
+        for col in range(n_cols):
+            centre[col] = <accumulator>(<double>column_sums[col] / rows)
+        return
     for g in range(groups):
         total = 0
         for col in range(g * cols_per_group, (g + 1) * cols_per_group):

@@ -82,6 +82,13 @@ def _dense_in_order(tensor, order):
     return tensor if permuted.is_contiguous() else permuted.contiguous()
 
 
+def _input_in_order(input, order):
+    """:func:`_dense_in_order` for the order :func:`_memory_order` gave for ``input``, without checking again:
+    ``input`` itself when that is an order (the input is dense in it) or the input is contiguous.  (The check
+    cost 15-20 µs a call after a kernel had swept the caches.)"""
+    return input if order is not None or input.is_contiguous() else input.contiguous()
+
+
 def _memory_shape(tensor, order):
     return tuple(tensor.shape) if order is None else tuple(tensor.shape[axis] for axis in order)
 
@@ -117,10 +124,10 @@ def _channel_norm_output(input, cached=False):
 class _TrailingLayout(NamedTuple):
     """How the kernels see a norm over the last axes of a tensor: its memory order (see :func:`_memory_order`;
     None: the axes as they are), the normalized axes' positions in that order, and the other (leading) axes in
-    that order, which is the memory order of the statistics."""
+    that order, which is the memory order of the statistics (None: the logical order)."""
     order: tuple | None
     axes: tuple
-    leading: tuple
+    leading: tuple | None
 
 
 def _trailing_layout(input, num_axes):
@@ -129,24 +136,34 @@ def _trailing_layout(input, num_axes):
     view of time-major memory), is normalized where it lies, through the kernels' columns view: no transposing
     copy, and the output keeps the input's layout.  Any other input is normalized over a C-contiguous copy,
     into a C-contiguous output, as torch's layer_norm returns."""
-    first = input.dim() - num_axes
     order = _memory_order(input, batch_first=False)
     if order is not None:
+        first = input.dim() - num_axes
         start = order.index(first)
         if order[start:start + num_axes] == tuple(range(first, input.dim())):
+            leading = tuple(axis for axis in order if axis < first)
             return _TrailingLayout(order, tuple(range(start, start + num_axes)),
-                                   tuple(axis for axis in order if axis < first))
-    return _TrailingLayout(None, tuple(range(first, input.dim())), tuple(range(first)))
+                                   None if leading == tuple(range(first)) else leading)
+    return _in_place_layout(input.dim(), num_axes)
+
+
+@functools.lru_cache(maxsize=64)
+def _in_place_layout(dim, num_axes):
+    """The layout of a norm over the last ``num_axes`` of a ``dim``-dimensional tensor, as the axes are."""
+    return _TrailingLayout(None, tuple(range(dim - num_axes, dim)), None)
 
 
 def _trailing_norm_stats(input, layout):
     """Empty float64 statistics of the leading axes' logical shape, their memory in the kernels' order."""
-    memory = _stats_like(input, [input.shape[axis] for axis in layout.leading])
-    return _stats_to_logical(memory, layout)
+    if layout.leading is None:
+        return _stats_like(input, input.shape[:input.dim() - len(layout.axes)])
+    return _stats_to_logical(_stats_like(input, [input.shape[axis] for axis in layout.leading]), layout)
 
 
 def _stats_to_logical(memory, layout):
     """Statistics in the kernels' order (the leading axes as they lie in memory) as the logical axes' view."""
+    if layout.leading is None:
+        return memory
     return memory.permute([layout.leading.index(axis) for axis in range(len(layout.leading))])
 
 
@@ -154,7 +171,7 @@ def _empty(input, order, cached):
     """An empty tensor of ``input``'s shape, dtype and device whose memory holds the axes in ``order`` (None:
     C-contiguous; else ``input`` is dense in that order).  ``cached``: a large one comes from the output cache
     (for the kernels' real outputs; fake tensors, for torch.compile and the meta device, are never cached)."""
-    if cached and input.numel() * input.element_size() >= _CACHED_OUTPUT_BYTES:
+    if cached and input.nbytes >= _CACHED_OUTPUT_BYTES:
         output = _cached_empty(input, contiguous=order is None)
         if output is not None:
             return output
@@ -269,7 +286,7 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
     stats_shape = (input.shape[0], num_groups)
     if trusted:
         shape = _memory_shape(input, order)
-        return (output,) + _trusted_forward(_dense_in_order(input, order), output, _stats_like(input, stats_shape),
+        return (output,) + _trusted_forward(_input_in_order(input, order), output, _stats_like(input, stats_shape),
                                             _stats_like(input, stats_shape), weight, bias, eps,
                                             _api._group_geometry(shape, axis, num_groups), shape[axis],
                                             centered=True)
@@ -283,7 +300,7 @@ def _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     axis = _channel_axis(order)
     if trusted:
         shape = _memory_shape(input, order)
-        param_grads = _trusted_backward(_dense_in_order(grad_output, order), _dense_in_order(input, order), mean,
+        param_grads = _trusted_backward(_dense_in_order(grad_output, order), _input_in_order(input, order), mean,
                                         rstd, weight, grad_input, _api._group_geometry(shape, axis, mean.shape[1]),
                                         shape[axis:axis + 1], centered=True)
     else:
@@ -310,7 +327,7 @@ def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted
     output = _empty(input, layout.order, cached=True)
     shape = _memory_shape(input, layout.order)
     if trusted:
-        mean, rstd = _trusted_forward(_dense_in_order(input, layout.order), output,
+        mean, rstd = _trusted_forward(_input_in_order(input, layout.order), output,
                                       _trailing_norm_stats(input, layout), _trailing_norm_stats(input, layout),
                                       weight, bias, eps, _api._layer_geometry(shape, layout.axes),
                                       math.prod(normalized_shape), centered)
@@ -328,7 +345,9 @@ def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted
 
 def _stats_in_memory_order(stat, layout):
     """The inverse of _stats_to_logical, as a NumPy array for the NumPy API (None stays None)."""
-    return None if stat is None else _array(stat.permute(layout.leading))
+    if stat is None:
+        return None
+    return _array(stat if layout.leading is None else stat.permute(layout.leading))
 
 
 def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
@@ -339,7 +358,7 @@ def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     centered = mean is not None
     if trusted:   # the statistics are those _trailing_norm made, their memory in the kernels' order
         param_grads = _trusted_backward(_dense_in_order(grad_output, layout.order),
-                                        _dense_in_order(input, layout.order), mean, rstd, weight, grad_input,
+                                        _input_in_order(input, layout.order), mean, rstd, weight, grad_input,
                                         _api._layer_geometry(shape, layout.axes), input.shape[rstd.dim():],
                                         centered)
         return (grad_input, *param_grads)
@@ -369,18 +388,18 @@ def _(input, num_groups, weight, bias, eps):
     return _fake_channel_norm(input, num_groups)
 
 
-def _group_norm_backward_kernels(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
-                                 weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    return _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted=False)
+def _channel_norm_backward_op(name):
+    """The backward operator ``cynorm::<name>`` of a channel norm (group and instance norm share one)."""
+    def kernels(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
+                weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        return _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted=False)
+
+    op = torch.library.custom_op(f"cynorm::{name}", kernels, mutates_args=())
+    op.register_fake(lambda grad_output, input, mean, rstd, weight: _fake_channel_norm_backward(input))
+    return op
 
 
-_group_norm_backward_op = torch.library.custom_op("cynorm::group_norm_backward", _group_norm_backward_kernels,
-                                                  mutates_args=())
-
-
-@_group_norm_backward_op.register_fake
-def _(grad_output, input, mean, rstd, weight):
-    return _fake_channel_norm_backward(input)
+_group_norm_backward_op = _channel_norm_backward_op("group_norm_backward")
 
 
 def _instance_norm_kernels(input: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -396,18 +415,7 @@ def _(input, weight, bias, eps):
     return _fake_channel_norm(input, input.shape[1])
 
 
-def _instance_norm_backward_kernels(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
-                                    weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    return _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted=False)
-
-
-_instance_norm_backward_op = torch.library.custom_op("cynorm::instance_norm_backward",
-                                                     _instance_norm_backward_kernels, mutates_args=())
-
-
-@_instance_norm_backward_op.register_fake
-def _(grad_output, input, mean, rstd, weight):
-    return _fake_channel_norm_backward(input)
+_instance_norm_backward_op = _channel_norm_backward_op("instance_norm_backward")
 
 
 def _layer_norm_kernels(input: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,

@@ -220,6 +220,9 @@ def _store(result, flat):
 # Geometry
 # ---------------------------------------------------------------------------------------------------------
 
+# (cached: pure functions of a few ints, which the PyTorch adapter asks for on every call)
+
+@functools.lru_cache(maxsize=256)
 def _group_geometry(shape, axis, groups):
     """(N, A, C, B) around the channel axis; channels-first (A == 1) is the rows view."""
     channels = shape[axis]
@@ -230,6 +233,7 @@ def _group_geometry(shape, axis, groups):
     return _Geometry(rows=False, groups=groups, n_rows=before, n_cols=channels * after, cols_per_channel=after)
 
 
+@functools.lru_cache(maxsize=256)
 def _layer_geometry(shape, axes):
     """Normalized axes followed by others (a middle axis) are the columns view, one column per group."""
     length = math.prod(shape[axes[0]:axes[-1] + 1])

@@ -195,7 +195,7 @@ def _cached_empty(like, contiguous):
     dense), on the output cache's memory; None when the cache has no room.  A tensor of its own, not a view, so
     in-place operations on it behave as on any output."""
     stride = () if contiguous else like.stride()
-    return _output_cache.take(like.numel() * like.element_size(),
+    return _output_cache.take(like.nbytes,
                               lambda storage: like.new_empty(0).set_(storage, 0, like.shape, stride))
 
 

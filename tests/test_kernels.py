@@ -285,7 +285,7 @@ def test_streamed_output_has_the_same_bits(case, dtype, placement, monkeypatch):
             "in-place": x.copy(),
         }[placement]
     source = out if placement == "in-place" else x
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes: True)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, arrays_nbytes: True)
     got = case.forward_with_stats(cynorm, source, weight, bias, out=out)
     for got_array, expected_array in zip(got, expected):
         assert_bitwise_equal(got_array, expected_array)
@@ -304,7 +304,7 @@ def test_streamed_gradient_has_the_same_bits(case, dtype, placement, monkeypatch
         out = empty_past_cache_line(x.shape, dtype, int(placement[5:]))
     else:
         out = {"new": None, "byte-offset": np.empty(x.nbytes + 1, np.uint8)[1:].view(dtype).reshape(x.shape)}[placement]
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes: True)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, arrays_nbytes: True)
     got = case.backward(cynorm, dy, x, stats, weight, out=out)
     for got_array, expected_array in zip(got, expected):
         if expected_array is not None:
@@ -336,7 +336,7 @@ def test_prefetching_forward_gives_each_samples_own_bits(dtype, placement, strea
     case = NormCase("group", (5, 12, 140, 131), 1, 3)
     x, weight, bias = _forward_inputs(case, dtype)
     assert x.nbytes >= 4 * 2 ** 20 > x[:1].nbytes
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes: stream)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, arrays_nbytes: stream)
     per_sample = [case.forward_with_stats(cynorm, x[n:n + 1], weight, bias) for n in range(x.shape[0])]
     source = x.copy()
     y, (mean, rstd) = case.forward_with_stats(cynorm, source, weight, bias,

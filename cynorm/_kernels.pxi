@@ -220,9 +220,14 @@ cdef enum:
     # Rows forward: from this input size on, each thread fetches its next row while it normalizes the current
     # one (below it, the rows are mostly in cache already and the prefetches measured a net cost).
     PREFETCH_INPUT_BYTES = 4194304
-    # Columns view: the statistics of a large input ask for the row about this many bytes ahead (alone, the
-    # hardware prefetcher left that pass at a third of the memory's read speed).
+    # Columns view: the statistics and gradient sums of a large input ask for the row about this many bytes
+    # ahead (alone, the hardware prefetcher left that pass at a third of the memory's read speed).
     PREFETCH_AHEAD_BYTES = 4096
+    # Rows view, large input: the row prefetched while a row is written is at least this many bytes ahead.
+    # One row ahead of 3 KiB rows left the backward's first pass over the next row waiting on memory: layer
+    # norm (4096,768) backward 1.33x faster with two (4096 bytes gave 1.19x, 16384 the same as 8192), forward
+    # (8192,768) 1.12x.
+    ROWS_AHEAD_BYTES = 8192
 
 HAVE_OPENMP = bool(CYNORM_HAVE_OPENMP)
 # Whether half_to_float and float_to_half are available (the compiler knows _Float16).
@@ -470,8 +475,9 @@ cdef inline void set_group_centres(const floating* x, Py_ssize_t rows, Py_ssize_
             centre[col] = <accumulator>(total / (rows * cols_per_group))
 
 
-cdef inline Py_ssize_t rows_ahead(Py_ssize_t row_bytes) noexcept nogil:
-    return max(1, PREFETCH_AHEAD_BYTES // max(row_bytes, 1))
+cdef inline Py_ssize_t rows_ahead(Py_ssize_t row_bytes, Py_ssize_t ahead_bytes) noexcept nogil:
+    """How many rows ahead a prefetch goes to be at least `ahead_bytes` ahead (at least one row)."""
+    return max(1, ahead_bytes // max(row_bytes, 1))
 
 
 cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
@@ -484,7 +490,7 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
     Rows ahead are prefetched up to row `readable_rows` of x (0: no prefetching)."""
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t a, col, g, quad
-    cdef Py_ssize_t ahead = rows_ahead(n_cols * sizeof(floating))
+    cdef Py_ssize_t ahead = rows_ahead(n_cols * sizeof(floating), PREFETCH_AHEAD_BYTES)
     cdef const floating* row
     cdef accumulator d, d0, d1, d2, d3
     cdef double t1, t2, count = rows * cols_per_group
@@ -630,7 +636,7 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
     streamed stores once, after its last row: a fence per row costs a memory round trip, which on short
     rows (layer norm over 768 values) measured slower than not streaming at all.
 
-    `next_row`, the row the thread normalizes next, is prefetched block by block meanwhile.  This pass reads
+    `next_row`, a row the thread normalizes later, is prefetched block by block meanwhile.  This pass reads
     the row from L2, where its statistics left it, so without the prefetch the memory would idle during it and
     the next row's statistics would wait on every line: forwards of 8-25 MB ran 1.24-1.34x faster with it."""
     cdef floating buffer[STREAM_BLOCK]
@@ -751,6 +757,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef double m2, count, running_mean
     cdef double[::1] chunk_stats
     cdef bint prefetch = n_rows * length * sizeof(floating) >= PREFETCH_INPUT_BYTES
+    cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     if n_rows == 0 or length == 0:
         return
     if n_rows >= num_threads:
@@ -760,10 +767,10 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                 m2 = row_moments(&x[r * length], length, centered, &mean[r])
                 rstd[r] = inverse_std(m2, length, eps)
                 first_channel = (r % groups) * chans_per_group
-                # (with the static schedule a thread's rows are consecutive; its last one prefetches in vain)
+                # (with the static schedule a thread's rows are consecutive; its last ones prefetch in vain)
                 normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
                                     &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream,
-                                    &x[(r + 1) * length] if prefetch and r + 1 < n_rows else NULL)
+                                    &x[(r + ahead) * length] if prefetch and r + ahead < n_rows else NULL)
             if stream:
                 cynorm_store_fence()
         return
@@ -1045,9 +1052,11 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
                               double mean, double rstd, bint centered,
                               double* dweight_acc, double* dbias_acc,         # INOUT the row's channels (inner > 1)
                               floating* dweight_run, floating* dbias_run,     # INOUT (inner == 1)
-                              bint stream) noexcept nogil:
+                              bint stream,
+                              const floating* next_dy, const floating* next_x) noexcept nogil:  # IN or NULL
     """One row's gradients; dx is written with streaming stores if `stream` (the caller fences them, see
-    normalize_row_range)."""
+    normalize_row_range).  `next_dy` and `next_x`, a row the thread takes later, are prefetched block by block
+    while dx is written, as normalize_row_range does."""
     cdef floating buffer[STREAM_BLOCK]
     cdef Py_ssize_t block, end
     cdef floating mean_hi = <floating>mean
@@ -1076,15 +1085,22 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
     # the low part of the mean goes into the constant: dx = scale * dy + coef_x * (x - mean_hi) + coef_0
     coef_x = <floating>(-rstd * rstd * k2)
     coef_0 = <floating>(-rstd * k1 + rstd * rstd * k2 * mean_lo)
-    if not stream:
+    if not stream and next_x == NULL:
         input_gradient_values(dy, x, dx, length, 0, inner, weight, rstd, mean_hi, coef_x, coef_0)
         return
     block = 0
     while block < length:
-        end = streamed_block_end(dx, block, length)
-        input_gradient_values(dy + block, x + block, buffer, end - block, block, inner, weight, rstd, mean_hi,
-                              coef_x, coef_0)
-        stream_copy(dx + block, buffer, end - block)
+        end = streamed_block_end(dx, block, length) if stream else min(block + STREAM_BLOCK, length)
+        if next_x != NULL:
+            cynorm_prefetch_lines(next_dy + block, (end - block) * sizeof(floating))
+            cynorm_prefetch_lines(next_x + block, (end - block) * sizeof(floating))
+        if stream:
+            input_gradient_values(dy + block, x + block, buffer, end - block, block, inner, weight, rstd,
+                                  mean_hi, coef_x, coef_0)
+            stream_copy(dx + block, buffer, end - block)
+        else:
+            input_gradient_values(dy + block, x + block, dx + block, end - block, block, inner, weight, rstd,
+                                  mean_hi, coef_x, coef_0)
         block = end
 
 
@@ -1118,14 +1134,15 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t channels = groups * chans_per_group
     cdef Py_ssize_t n_samples = n_rows // groups
-    cdef Py_ssize_t samples_per_block, blocks, u, block, g, n, r, c, first, last
-    cdef double[::1] partials
+    cdef Py_ssize_t samples_per_block, blocks, u, block, g, n, r, c, first, last, next_row
+    cdef bint prefetch = n_rows * length * sizeof(floating) >= PREFETCH_INPUT_BYTES
+    cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
+    cdef double[::1] partials, totals
     cdef floating[:, ::1] running
     cdef floating* weight_run
     cdef floating* bias_run
     cdef double* weight_partial
     cdef double* bias_partial
-    cdef double weight_total, bias_total
     if n_rows == 0 or length == 0:
         memset(dweight, 0, channels * sizeof(floating))
         memset(dbias, 0, channels * sizeof(floating))
@@ -1133,6 +1150,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     samples_per_block = max(1, BLOCK_ELEMS // (groups * length))
     blocks = (n_samples + samples_per_block - 1) // samples_per_block
     partials = np.zeros(2 * blocks * channels)
+    totals = np.zeros(2 * channels)
     # per thread: float running sums of dweight and dbias terms (one element per channel only)
     running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=float_dtype(x))
     with nogil, parallel(num_threads=num_threads):
@@ -1147,9 +1165,14 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
             last = min(n_samples, (block + 1) * samples_per_block)
             for n in range(first, last):
                 r = n * groups + g
+                # the row the thread takes `ahead` rows later: in this block, or with one group in its next
+                # task (under the static schedule)
+                next_row = r + ahead * groups if n + ahead < last else (r + ahead if groups == 1 else n_rows)
                 backward_row(&dy[r * length], &x[r * length], &dx[r * length], length, inner,
                              &weight[g * chans_per_group], mean[r] if mean != NULL else 0, rstd[r], centered,
-                             weight_partial, bias_partial, weight_run, bias_run, stream)
+                             weight_partial, bias_partial, weight_run, bias_run, stream,
+                             &dy[next_row * length] if prefetch and next_row < n_rows else NULL,
+                             &x[next_row * length] if prefetch and next_row < n_rows else NULL)
                 if inner == 1 and ((n - first + 1) % ROWS_PER_FLUSH == 0 or n == last - 1):
                     for c in range(length):
                         weight_partial[c] += weight_run[c]
@@ -1159,14 +1182,14 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
         if stream:
             cynorm_store_fence()
     with nogil:
+        # the blocks in order, every channel at once (a channel at a time, the strided sums took 5% of a layer
+        # norm backward)
+        for block in range(blocks):
+            for c in range(2 * channels):
+                totals[c] += partials[2 * block * channels + c]
         for c in range(channels):
-            weight_total = 0
-            bias_total = 0
-            for block in range(blocks):
-                weight_total += partials[2 * block * channels + c]
-                bias_total += partials[(2 * block + 1) * channels + c]
-            dweight[c] = <floating>weight_total
-            dbias[c] = <floating>bias_total
+            dweight[c] = <floating>totals[c]
+            dbias[c] = <floating>totals[channels + c]
 
 
 def backward_columns(size_t dy,        # IN  (n_samples * n_rows * n_cols,)
@@ -1349,7 +1372,7 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
     cdef floating l2[LANES]
     cdef floating xhat, v, tail1, tail2
     cdef Py_ssize_t a, col, step, quad, body = n_cols - n_cols % LANES
-    cdef Py_ssize_t ahead = rows_ahead(n_cols * sizeof(floating))
+    cdef Py_ssize_t ahead = rows_ahead(n_cols * sizeof(floating), PREFETCH_AHEAD_BYTES)
     cdef const floating* dyr
     cdef const floating* xr
     cdef int j

@@ -347,6 +347,49 @@ def test_prefetching_forward_gives_each_samples_own_bits(dtype, placement, strea
         assert_bitwise_equal(rstd[n:n + 1], expected_rstd)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["cached-stores", "streamed"])
+@pytest.mark.parametrize("case", [
+    NormCase("group", (5, 12, 140, 131), 1, 3),   # a thread's rows skip the other groups' rows
+    NormCase("layer", (1500, 700), -1),           # one group: a thread's next task starts at the next row
+    NormCase("rms", (1500, 700), -1),
+], ids=str)
+def test_prefetching_backward_gives_each_rows_own_bits(case, stream, monkeypatch):
+    # From 4 MiB of input on, the rows backward prefetches rows a few ahead of the one it writes, across the
+    # blocks of samples that share parameter partial sums.  dx of a row depends on that row alone; the parameter
+    # gradients do not depend on the thread count.
+    x, weight, bias = _forward_inputs(case, np.float32)
+    dy = random_array(case.shape, np.float32, seed=7)
+    pieces = np.array_split(np.arange(x.shape[0]), 7)
+    assert x.nbytes >= 4 * 2 ** 20 > max(x[piece].nbytes for piece in pieces)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, arrays_nbytes: stream)
+    _, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    dx, dweight, dbias = case.backward(cynorm, dy, x, stats, weight)
+    for piece in pieces:
+        expected_dx = case.backward(cynorm, dy[piece], x[piece], tuple(s[piece] for s in stats), weight)[0]
+        assert_bitwise_equal(dx[piece], expected_dx)
+    with cynorm.num_threads(1):
+        _, one_thread_dweight, one_thread_dbias = case.backward(cynorm, dy, x, stats, weight)
+    assert_bitwise_equal(dweight, one_thread_dweight)
+    if dbias is not None:
+        assert_bitwise_equal(dbias, one_thread_dbias)
+
+
+def test_outputs_stream_only_when_the_call_outgrows_the_last_level_cache(monkeypatch):
+    output = np.ones(1 << 20, np.float32)   # 4 MiB, its pages in memory
+    address = cynorm._kernels.address_of(output)
+    assert cynorm._api._last_level_cache_bytes() > 0
+    monkeypatch.setattr(cynorm._api, "_STREAM_FROM_BYTES", 3 * output.nbytes)
+    threads, stream = cynorm._api._launch(address, output.size, False, False, arrays=2)
+    assert not stream
+    threads, stream = cynorm._api._launch(address, output.size, False, False, arrays=3)
+    assert stream == cynorm._kernels.HAVE_STREAM
+    # a float16 result computed in float32 is read back at once: never streamed
+    assert not cynorm._api._launch(address, output.size, False, True, arrays=3)[1]
+    # fresh memory is faulted in by ordinary stores
+    fresh = np.frombuffer(mmap.mmap(-1, output.nbytes + 4096), np.float32)
+    assert not cynorm._api._launch(cynorm._kernels.address_of(fresh), output.size, False, False, arrays=3)[1]
+
+
 def test_huge_page_advice_keeps_the_contents():
     values = np.arange(3 << 20, dtype=np.float32)[5:]
     cynorm._kernels.advise_huge_pages(cynorm._kernels.address_of(values), values.nbytes)

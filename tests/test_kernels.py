@@ -285,7 +285,7 @@ def test_streamed_output_has_the_same_bits(case, dtype, placement, monkeypatch):
             "in-place": x.copy(),
         }[placement]
     source = out if placement == "in-place" else x
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, arrays_nbytes: True)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: True)
     got = case.forward_with_stats(cynorm, source, weight, bias, out=out)
     for got_array, expected_array in zip(got, expected):
         assert_bitwise_equal(got_array, expected_array)
@@ -304,7 +304,7 @@ def test_streamed_gradient_has_the_same_bits(case, dtype, placement, monkeypatch
         out = empty_past_cache_line(x.shape, dtype, int(placement[5:]))
     else:
         out = {"new": None, "byte-offset": np.empty(x.nbytes + 1, np.uint8)[1:].view(dtype).reshape(x.shape)}[placement]
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, arrays_nbytes: True)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: True)
     got = case.backward(cynorm, dy, x, stats, weight, out=out)
     for got_array, expected_array in zip(got, expected):
         if expected_array is not None:
@@ -336,7 +336,7 @@ def test_prefetching_forward_gives_each_samples_own_bits(dtype, placement, strea
     case = NormCase("group", (5, 12, 140, 131), 1, 3)
     x, weight, bias = _forward_inputs(case, dtype)
     assert x.nbytes >= 4 * 2 ** 20 > x[:1].nbytes
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, arrays_nbytes: stream)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: stream)
     per_sample = [case.forward_with_stats(cynorm, x[n:n + 1], weight, bias) for n in range(x.shape[0])]
     source = x.copy()
     y, (mean, rstd) = case.forward_with_stats(cynorm, source, weight, bias,
@@ -361,7 +361,7 @@ def test_prefetching_backward_gives_each_rows_own_bits(case, stream, monkeypatch
     dy = random_array(case.shape, np.float32, seed=7)
     pieces = np.array_split(np.arange(x.shape[0]), 7)
     assert x.nbytes >= 4 * 2 ** 20 > max(x[piece].nbytes for piece in pieces)
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, arrays_nbytes: stream)
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: stream)
     _, stats = case.forward_with_stats(cynorm, x, weight, bias)
     dx, dweight, dbias = case.backward(cynorm, dy, x, stats, weight)
     for piece in pieces:
@@ -375,19 +375,28 @@ def test_prefetching_backward_gives_each_rows_own_bits(case, stream, monkeypatch
 
 
 def test_outputs_stream_only_when_the_call_outgrows_the_last_level_cache(monkeypatch):
+    api = cynorm._api
+    # a forward streams once x and y fill the cache, a backward once dy, x and dx fill half of it
+    cache = api._last_level_cache_bytes()
+    assert cache > 0
+    assert (api._FORWARD_STREAM_FROM_BYTES, api._BACKWARD_STREAM_FROM_BYTES) == (cache // 2, cache // 6)
     output = np.ones(1 << 20, np.float32)   # 4 MiB, its pages in memory
     address = cynorm._kernels.address_of(output)
-    assert cynorm._api._last_level_cache_bytes() > 0
-    monkeypatch.setattr(cynorm._api, "_STREAM_FROM_BYTES", 3 * output.nbytes)
-    threads, stream = cynorm._api._launch(address, output.size, False, False, arrays=2)
-    assert not stream
-    threads, stream = cynorm._api._launch(address, output.size, False, False, arrays=3)
-    assert stream == cynorm._kernels.HAVE_STREAM
+    assert not api._launch(address, output.size, False, False, output.nbytes + 1)[1]
+    assert api._launch(address, output.size, False, False, output.nbytes)[1] == cynorm._kernels.HAVE_STREAM
     # a float16 result computed in float32 is read back at once: never streamed
-    assert not cynorm._api._launch(address, output.size, False, True, arrays=3)[1]
+    assert not api._launch(address, output.size, False, True, output.nbytes)[1]
     # fresh memory is faulted in by ordinary stores
     fresh = np.frombuffer(mmap.mmap(-1, output.nbytes + 4096), np.float32)
-    assert not cynorm._api._launch(cynorm._kernels.address_of(fresh), output.size, False, False, arrays=3)[1]
+    assert not api._launch(cynorm._kernels.address_of(fresh), output.size, False, False, output.nbytes)[1]
+    # each direction asks with its own threshold
+    asked = []
+    monkeypatch.setattr(api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: asked.append(
+        stream_from_bytes) or False)
+    x = np.ones((2, 4, 8), np.float32)
+    _, mean, rstd = cynorm.group_norm(x, 2, return_stats=True)
+    cynorm.group_norm_backward(x, x, mean, rstd)
+    assert asked == [api._FORWARD_STREAM_FROM_BYTES, api._BACKWARD_STREAM_FROM_BYTES]
 
 
 def test_huge_page_advice_keeps_the_contents():

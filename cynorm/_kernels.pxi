@@ -1166,8 +1166,8 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
             for n in range(first, last):
                 r = n * groups + g
                 # the row the thread takes `ahead` rows later: in this block, or with one group in its next
-                # task (under the static schedule)
-                next_row = r + ahead * groups if n + ahead < last else (r + ahead if groups == 1 else n_rows)
+                # task (under the static schedule); none at the end of a block of several groups
+                next_row = r + ahead * groups if n + ahead < last or groups == 1 else n_rows
                 backward_row(&dy[r * length], &x[r * length], &dx[r * length], length, inner,
                              &weight[g * chans_per_group], mean[r] if mean != NULL else 0, rstd[r], centered,
                              weight_partial, bias_partial, weight_run, bias_run, stream,

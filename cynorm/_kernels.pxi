@@ -225,8 +225,8 @@ cdef enum:
     PREFETCH_AHEAD_BYTES = 4096
     # Rows view, large input: the row prefetched while a row is written is at least this many bytes ahead.
     # One row ahead of 3 KiB rows left the backward's first pass over the next row waiting on memory: layer
-    # norm (4096,768) backward 1.33x faster with two (4096 bytes gave 1.19x, 16384 the same as 8192), forward
-    # (8192,768) 1.12x.
+    # norm (4096,768) backward 1.33x faster with two in one A/B run, 1.07-1.23x in later ones (4096 bytes gave
+    # 1.19x, 16384 the same as 8192), forward (8192,768) 1.12-1.25x.
     ROWS_AHEAD_BYTES = 8192
 
 HAVE_OPENMP = bool(CYNORM_HAVE_OPENMP)

@@ -500,7 +500,7 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
     # Four rows at a time, each column's sums still taken row after row (the same bits): a quarter of the
     # loads and stores of the sums, and of the loop's start-up per row.  Vectorized only with more than ten
     # pointer pairs checked for overlap (setup.py's VECTORIZE_ARGS).  Narrow tiles gain most: a forward on
-    # (16,1024,64) 1.24-1.31x, (1,4096,512) 1.07x.
+    # (16,1024,64) 1.12-1.31x, (1,4096,512) 1.07x.
     for quad in range(rows // 4):
         row = x + 4 * quad * n_cols
         for a in range(4 * quad, 4 * quad + 4):
@@ -1382,7 +1382,7 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
     # vectorizes: a loop that also summed the row's own terms ran one value at a time.)
     if not affine_per_row:
         # four rows at a time, as in tile_moments_around, and the rows ahead asked for (backward on
-        # (16,1024,64) 1.65x; neutral from 256 columns on)
+        # (16,1024,64) 1.28-1.65x; neutral from 256 columns on)
         for quad in range(rows // 4):
             dyr = dy + 4 * quad * n_cols
             xr = x + 4 * quad * n_cols

@@ -25,8 +25,8 @@ if DEBUG:
     COMPILE_ARGS = ["-O0", "-g"]
 # GCC vectorizes a loop whose pointers may overlap behind a run-time check of each pair, but gives up (and runs
 # the loop a value at a time) past ten pairs.  The columns view's statistics and gradient sums take four rows
-# at a time and need more.  Added where the compiler accepts it.
-VECTORIZE_ARGS = ["--param=vect-max-version-for-alias-checks=64"]
+# at a time and need more.  Added where the compiler accepts it; elsewhere the kernels take a row at a time.
+VECTORIZE_ARGS = ["--param=vect-max-version-for-alias-checks=64", "-DCYNORM_WIDE_ALIAS_CHECKS=1"]
 
 DIRECTIVES = {
     "language_level": 3,

@@ -159,6 +159,13 @@ cdef extern from *:
     #endif
     }
 
+    /* Whether the build lets the compiler check enough pointer pairs for overlap to vectorize loops over four
+       rows at a time (setup.py defines it along with GCC's --param); without it those loops ran 1.3-2x slower
+       than a row at a time, so the kernels take one row at a time. */
+    #ifndef CYNORM_WIDE_ALIAS_CHECKS
+    #define CYNORM_WIDE_ALIAS_CHECKS 0
+    #endif
+
     /* 0: baseline, 3: x86-64-v3 (AVX2, FMA), 4: x86-64-v4 (AVX-512); libgcc also checks the OS saves the
        wider registers. */
     static int cynorm_cpu_level(void) {
@@ -175,6 +182,7 @@ cdef extern from *:
     int cynorm_cpu_level() noexcept nogil
     bint CYNORM_HAVE_FLOAT16
     bint CYNORM_HAVE_STREAM
+    bint CYNORM_WIDE_ALIAS_CHECKS
     void cynorm_stream_floats(float* dst, const float* src, Py_ssize_t n) noexcept nogil
     void cynorm_stream_doubles(double* dst, const double* src, Py_ssize_t n) noexcept nogil
     void cynorm_store_fence() noexcept nogil
@@ -489,7 +497,7 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
     Returns whether every centre was close enough to its group's mean for the result to be accurate.
     Rows ahead are prefetched up to row `readable_rows` of x (0: no prefetching)."""
     cdef Py_ssize_t cols_per_group = n_cols // groups
-    cdef Py_ssize_t a, col, g, quad
+    cdef Py_ssize_t a, col, g, quad, quads
     cdef Py_ssize_t ahead = rows_ahead(n_cols * sizeof(floating), PREFETCH_AHEAD_BYTES)
     cdef const floating* row
     cdef accumulator d, d0, d1, d2, d3
@@ -499,9 +507,10 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
     memset(s2, 0, n_cols * sizeof(accumulator))
     # Four rows at a time, each column's sums still taken row after row (the same bits): a quarter of the
     # loads and stores of the sums, and of the loop's start-up per row.  Vectorized only with more than ten
-    # pointer pairs checked for overlap (setup.py's VECTORIZE_ARGS).  Narrow tiles gain most: a forward on
-    # (16,1024,64) 1.12-1.31x, (1,4096,512) 1.07x.
-    for quad in range(rows // 4):
+    # pointer pairs checked for overlap (CYNORM_WIDE_ALIAS_CHECKS), else a row at a time.  Narrow tiles gain
+    # most: a forward on (16,1024,64) 1.12-1.31x, (1,4096,512) 1.07x.
+    quads = rows // 4 if CYNORM_WIDE_ALIAS_CHECKS else 0
+    for quad in range(quads):
         row = x + 4 * quad * n_cols
         for a in range(4 * quad, 4 * quad + 4):
             if a + ahead < readable_rows:
@@ -513,7 +522,7 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
             d3 = row[3 * n_cols + col] - centre[col]
             s1[col] = (((s1[col] + d0) + d1) + d2) + d3
             s2[col] = (((s2[col] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
-    for a in range(rows - rows % 4, rows):
+    for a in range(4 * quads, rows):
         row = x + a * n_cols
         if a + ahead < readable_rows:
             cynorm_prefetch_lines(row + ahead * n_cols, n_cols * sizeof(floating))
@@ -1371,7 +1380,7 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
     cdef floating l1[LANES]
     cdef floating l2[LANES]
     cdef floating xhat, v, tail1, tail2
-    cdef Py_ssize_t a, col, step, quad, body = n_cols - n_cols % LANES
+    cdef Py_ssize_t a, col, step, quad, quads, body = n_cols - n_cols % LANES
     cdef Py_ssize_t ahead = rows_ahead(n_cols * sizeof(floating), PREFETCH_AHEAD_BYTES)
     cdef const floating* dyr
     cdef const floating* xr
@@ -1381,9 +1390,10 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
     # pointers in the loops that write through one: the compiler checks each pair for overlap before it
     # vectorizes: a loop that also summed the row's own terms ran one value at a time.)
     if not affine_per_row:
-        # four rows at a time, as in tile_moments_around, and the rows ahead asked for (backward on
-        # (16,1024,64) 1.28-1.65x; neutral from 256 columns on)
-        for quad in range(rows // 4):
+        # four rows at a time where the build allows, as in tile_moments_around, and the rows ahead asked for
+        # (backward on (16,1024,64) 1.28-1.65x; neutral from 256 columns on)
+        quads = rows // 4 if CYNORM_WIDE_ALIAS_CHECKS else 0
+        for quad in range(quads):
             dyr = dy + 4 * quad * n_cols
             xr = x + 4 * quad * n_cols
             for a in range(4 * quad, 4 * quad + 4):
@@ -1396,7 +1406,7 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
                              + dyr[n_cols + col] * (xr[n_cols + col] - mean_hi[col]))
                             + dyr[2 * n_cols + col] * (xr[2 * n_cols + col] - mean_hi[col]))
                            + dyr[3 * n_cols + col] * (xr[3 * n_cols + col] - mean_hi[col]))
-        for a in range(rows - rows % 4, rows):
+        for a in range(4 * quads, rows):   # (asking for the rows ahead here cost narrow rows 20 %)
             dyr = dy + a * n_cols
             xr = x + a * n_cols
             for col in range(n_cols):

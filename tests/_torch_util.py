@@ -50,5 +50,8 @@ def ddp_train_worker(rank, world_size, init_method, batch_size, steps, result_pa
         train(model, inputs[shard], targets[shard], steps)
         if rank == 0:
             torch.save(model.module.state_dict(), result_path)
+        # Both ranks tear down together: a rank closing its connections while rank 0 was still saving once
+        # aborted the other in gloo ("terminate called without an active exception", SIGABRT in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()

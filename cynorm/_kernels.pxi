@@ -1103,13 +1103,10 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
         if next_x != NULL:
             cynorm_prefetch_lines(next_dy + block, (end - block) * sizeof(floating))
             cynorm_prefetch_lines(next_x + block, (end - block) * sizeof(floating))
+        input_gradient_values(dy + block, x + block, &buffer[0] if stream else dx + block, end - block, block, inner,
+                              weight, rstd, mean_hi, coef_x, coef_0)
         if stream:
-            input_gradient_values(dy + block, x + block, buffer, end - block, block, inner, weight, rstd,
-                                  mean_hi, coef_x, coef_0)
             stream_copy(dx + block, buffer, end - block)
-        else:
-            input_gradient_values(dy + block, x + block, dx + block, end - block, block, inner, weight, rstd,
-                                  mean_hi, coef_x, coef_0)
         block = end
 
 

@@ -254,6 +254,11 @@ def test_in_place_forward(case, dtype):
     assert_bitwise_equal(x, expected)
 
 
+def _stream_large_outputs(monkeypatch, stream):
+    """Every output of the kernels written with streaming stores (or never), whatever its size."""
+    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: stream)
+
+
 # Streaming stores only change how the output reaches memory: every path of both views, with outputs starting
 # at several places in a cache line (only whole lines are streamed), misaligned, and in place.
 STREAM_CASES = (
@@ -285,7 +290,7 @@ def test_streamed_output_has_the_same_bits(case, dtype, placement, monkeypatch):
             "in-place": x.copy(),
         }[placement]
     source = out if placement == "in-place" else x
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: True)
+    _stream_large_outputs(monkeypatch, True)
     got = case.forward_with_stats(cynorm, source, weight, bias, out=out)
     for got_array, expected_array in zip(got, expected):
         assert_bitwise_equal(got_array, expected_array)
@@ -304,7 +309,7 @@ def test_streamed_gradient_has_the_same_bits(case, dtype, placement, monkeypatch
         out = empty_past_cache_line(x.shape, dtype, int(placement[5:]))
     else:
         out = {"new": None, "byte-offset": np.empty(x.nbytes + 1, np.uint8)[1:].view(dtype).reshape(x.shape)}[placement]
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: True)
+    _stream_large_outputs(monkeypatch, True)
     got = case.backward(cynorm, dy, x, stats, weight, out=out)
     for got_array, expected_array in zip(got, expected):
         if expected_array is not None:
@@ -336,7 +341,7 @@ def test_prefetching_forward_gives_each_samples_own_bits(dtype, placement, strea
     case = NormCase("group", (5, 12, 140, 131), 1, 3)
     x, weight, bias = _forward_inputs(case, dtype)
     assert x.nbytes >= 4 * 2 ** 20 > x[:1].nbytes
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: stream)
+    _stream_large_outputs(monkeypatch, stream)
     per_sample = [case.forward_with_stats(cynorm, x[n:n + 1], weight, bias) for n in range(x.shape[0])]
     source = x.copy()
     y, (mean, rstd) = case.forward_with_stats(cynorm, source, weight, bias,
@@ -361,7 +366,7 @@ def test_prefetching_backward_gives_each_rows_own_bits(case, stream, monkeypatch
     dy = random_array(case.shape, np.float32, seed=7)
     pieces = np.array_split(np.arange(x.shape[0]), 7)
     assert x.nbytes >= 4 * 2 ** 20 > max(x[piece].nbytes for piece in pieces)
-    monkeypatch.setattr(cynorm._api, "_prepare_large_output", lambda address, nbytes, stream_from_bytes: stream)
+    _stream_large_outputs(monkeypatch, stream)
     _, stats = case.forward_with_stats(cynorm, x, weight, bias)
     dx, dweight, dbias = case.backward(cynorm, dy, x, stats, weight)
     for piece in pieces:

@@ -25,8 +25,16 @@ if DEBUG:
     COMPILE_ARGS = ["-O0", "-g"]
 # GCC vectorizes a loop whose pointers may overlap behind a run-time check of each pair, but gives up (and runs
 # the loop a value at a time) past ten pairs.  The columns view's statistics and gradient sums take four rows
-# at a time and need more.  Added where the compiler accepts it; elsewhere the kernels take a row at a time.
+# at a time and need more.  Added for GCC only; elsewhere the kernels take a row at a time.  Clang accepts the
+# --param with a warning, and its vectorizer still declined the four-row float32 sums: with them, a clang 14
+# build ran a channels-last GroupNorm forward on (16,1024,64) in 0.28 ms, against 0.14 ms a row at a time.
 VECTORIZE_ARGS = ["--param=vect-max-version-for-alias-checks=64", "-DCYNORM_WIDE_ALIAS_CHECKS=1"]
+GCC_PROBE = textwrap.dedent("""
+    #if !defined(__GNUC__) || defined(__clang__)
+    #error "not GCC"
+    #endif
+    int main(void) { return 0; }
+""")
 
 DIRECTIVES = {
     "language_level": 3,
@@ -51,7 +59,7 @@ class BuildExtWithOpenMP(build_ext):
             warnings.warn("cynorm: the C compiler has no OpenMP support; building single-threaded kernels.")
             openmp_flags = []
         compile_args = COMPILE_ARGS if self.compiler.compiler_type != "msvc" else ["/O2"]
-        if not DEBUG and self._compiles_and_links(VECTORIZE_ARGS, "int main(void) { return 0; }"):
+        if not DEBUG and self._compiles_and_links(VECTORIZE_ARGS, GCC_PROBE):
             compile_args = compile_args + VECTORIZE_ARGS
         for ext in list(self.extensions):
             level_flags = X86_64_LEVELS.get(ext.name.rsplit("_kernels_", 1)[-1], [])

@@ -166,16 +166,36 @@ cdef extern from *:
     #define CYNORM_WIDE_ALIAS_CHECKS 0
     #endif
 
-    /* 0: baseline, 3: x86-64-v3 (AVX2, FMA), 4: x86-64-v4 (AVX-512); libgcc also checks the OS saves the
-       wider registers. */
+    /* 0: baseline, 3: x86-64-v3 (AVX2, FMA, ...), 4: x86-64-v4 (AVX-512 F, BW, CD, DQ, VL), each only if the OS
+       saves the wider registers.  Read from cpuid, since __builtin_cpu_supports knows the level names only
+       from GCC 12 and not in clang: builds by other compilers ran their baseline kernels on every CPU. */
+    #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    #include <cpuid.h>
+    #define CYNORM_HAS_BITS(value, bits) (((value) & (bits)) == (bits))
     static int cynorm_cpu_level(void) {
-    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__)
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("x86-64-v4")) return 4;
-        if (__builtin_cpu_supports("x86-64-v3")) return 3;
-    #endif
-        return 0;
+        unsigned int eax, ebx, ecx, edx, ecx1, ebx7, ecx_ext, xcr0_low, xcr0_high;
+        if (__get_cpuid_max(0, 0) < 7 || __get_cpuid_max(0x80000000u, 0) < 0x80000001u) return 0;
+        __cpuid(1, eax, ebx, ecx1, edx);
+        __cpuid_count(7, 0, eax, ebx7, ecx, edx);
+        __cpuid(0x80000001u, eax, ebx, ecx_ext, edx);
+        /* v2 (SSE3, SSSE3, CX16, SSE4.1, SSE4.2, POPCNT) and v3's FMA, MOVBE, OSXSAVE, AVX, F16C */
+        if (!CYNORM_HAS_BITS(ecx1, (1u << 0) | (1u << 9) | (1u << 12) | (1u << 13) | (1u << 19) | (1u << 20) |
+                                   (1u << 22) | (1u << 23) | (1u << 27) | (1u << 28) | (1u << 29)))
+            return 0;
+        __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+        (void)xcr0_high;
+        if (!CYNORM_HAS_BITS(xcr0_low, 0x6u)                     /* the OS saves XMM and YMM state */
+            || !CYNORM_HAS_BITS(ebx7, (1u << 3) | (1u << 5) | (1u << 8))  /* BMI1, AVX2, BMI2 */
+            || !CYNORM_HAS_BITS(ecx_ext, (1u << 0) | (1u << 5)))        /* LAHF/SAHF, LZCNT */
+            return 0;
+        if (CYNORM_HAS_BITS(xcr0_low, 0xE0u)                     /* ... and opmask and ZMM state */
+            && CYNORM_HAS_BITS(ebx7, (1u << 16) | (1u << 17) | (1u << 28) | (1u << 30) | (1u << 31)))
+            return 4;                                            /* AVX-512 F, DQ, CD, BW, VL */
+        return 3;
     }
+    #else
+    static int cynorm_cpu_level(void) { return 0; }
+    #endif
     """
     bint CYNORM_HAVE_OPENMP
     int omp_get_max_threads() noexcept nogil

@@ -1,11 +1,13 @@
 """Every compiled build of the kernels (baseline, x86-64-v3, x86-64-v4) gives the same bits, and the float16
 conversions agree with NumPy's casts."""
 import importlib
+import platform
 
 import numpy as np
 import pytest
 
 from cynorm import _kernels
+from cynorm._kernels_baseline import cpu_level
 
 BUILDS = _kernels.available_builds()
 
@@ -47,6 +49,23 @@ def _run_all_kernels(module, dtype, stream):
                             samples, n_rows, n_cols, groups, 1, False, True, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
     return results
+
+
+def _numpy_cpu_features():
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:   # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    return __cpu_features__
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or "X86_V3" not in _numpy_cpu_features(),
+                    reason="NumPy reports the x86-64 levels on x86-64 only, from NumPy 2")
+def test_cpu_level_agrees_with_numpy():
+    # (builds by compilers other than GCC 12+ once read level 0 everywhere, and ran their baseline kernels)
+    features = _numpy_cpu_features()
+    expected = 4 if features["X86_V4"] else 3 if features["X86_V3"] else 0
+    assert cpu_level() == expected
 
 
 @pytest.mark.skipif(len(BUILDS) < 2, reason="only one build of the kernels runs on this CPU")

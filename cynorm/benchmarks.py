@@ -17,6 +17,7 @@ torch, tensorflow, matplotlib and tqdm are imported only when used: ``import cyn
 missing peer is skipped with a message.
 """
 import argparse
+import ctypes
 import dataclasses
 import functools
 import importlib
@@ -648,7 +649,30 @@ def _installed_version(distribution):
         return None
 
 
-def machine_info(threads, contenders=()):
+# glibc's malloc returns large freed blocks to the OS, or keeps them, depending on what the process allocated
+# before: by the run, every call's outputs then either reuse memory or fault in fresh pages.  In one process,
+# torch's GroupNorm (1,512,64,64) channels-last training step took 0.88-2.7 ms from run to run, and 0.86-0.99 ms
+# with freed memory kept.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_LARGEST_MMAP_THRESHOLD = 32 * 2 ** 20   # glibc refuses more on 64-bit
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed blocks of up to 32 MiB for reuse, instead of giving them back to the OS, so
+    that every contender reuses its output memory in every run (and the comparison no longer depends on the
+    allocator's history).  Returns whether it could: glibc only."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):   # no C library handle (Windows) or no mallopt (macOS)
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    # (musl has a mallopt that does nothing and returns 0)
+    return bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def machine_info(threads, contenders=(), keeps_freed_memory=False):
     """The machine and software a run used."""
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for distribution in ("cynorm", "torch", "tensorflow", "tensorflow-cpu", "keras"):
@@ -659,6 +683,7 @@ def machine_info(threads, contenders=()):
         "cpu": _cpu_model(), "machine": platform.machine(), "platform": platform.platform(),
         "logical_cpus": os.cpu_count(), "usable_cpus": _usable_cpus(), "threads": threads,
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "keeps_freed_memory": keeps_freed_memory,
         "versions": versions,
         "contenders": {name: contender.description for name, contender in contenders.items()},
     }
@@ -716,7 +741,12 @@ def format_machine(info):
     contenders = "; ".join(f"{name}: {description}" for name, description in info["contenders"].items())
     return (f"CPU: {info['cpu']} ({info['machine']}), {info['logical_cpus']} logical CPUs, "
             f"{info['usable_cpus']} usable, {info['threads']} threads used\n"
-            f"Platform: {info['platform']}\nVersions: {versions}\nContenders: {contenders}")
+            f"Platform: {info['platform']}\nVersions: {versions}\nContenders: {contenders}\n"
+            f"Memory: {_MEMORY_NOTE[bool(info.get('keeps_freed_memory'))]}")
+
+
+_MEMORY_NOTE = {True: "malloc keeps freed blocks up to 32 MiB, so every contender reuses its output memory",
+                False: "the allocator's defaults (outputs may fault in fresh pages on some runs and not others)"}
 
 
 def plot(rows, path, title=""):
@@ -808,7 +838,7 @@ def main(argv=None, *, cases=None):
         print(message, file=sys.stderr, flush=True)
 
     contenders = _available_contenders((OURS, *args.peers, ROOFLINE), say)
-    info = machine_info(threads, contenders)
+    info = machine_info(threads, contenders, keeps_freed_memory=keep_freed_memory())
     print(format_machine(info), flush=True)
     if info["load_average_1min"] is not None and info["load_average_1min"] > 0.5:
         # A thread of a parallel call that loses its core stalls the whole call for a scheduler time slice.

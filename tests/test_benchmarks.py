@@ -41,6 +41,12 @@ def _restore_thread_settings():
         torch.set_num_threads(torch_threads)
 
 
+@pytest.fixture(autouse=True)
+def _default_allocator(monkeypatch):
+    """`cynorm bench` sets the process's malloc to keep freed memory; the tests of fresh outputs need the default."""
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: True)
+
+
 @pytest.fixture
 def fast_timing(monkeypatch):
     monkeypatch.setattr(bench, "MIN_SAMPLE_SECONDS", 0.0)
@@ -158,8 +164,9 @@ def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys, fast_ti
     assert status == 0
     out = capsys.readouterr().out
     assert "CPU:" in out and "cynorm ms" in out and "roofline" in out
+    assert "Memory: malloc keeps freed blocks" in out
     result = json.loads(json_path.read_text())
-    assert result["machine"]["threads"] == 1 and result["repeat"] == 1
+    assert result["machine"]["threads"] == 1 and result["repeat"] == 1 and result["machine"]["keeps_freed_memory"]
     assert "numpy" in result["machine"]["versions"]
     rows = result["results"]
     assert [(row["operation"], row["direction"]) for row in rows] == [
@@ -188,6 +195,34 @@ def test_bench_skips_missing_peers_and_progress_bar_with_a_message(tmp_path, cap
     assert set(result["machine"]["contenders"]) == {"cynorm", "copy"}
     assert "NumPy" in result["machine"]["contenders"]["copy"]
     assert {row["operation"] for row in result["results"]} == {"layer_norm"}
+
+
+# In a fresh process, since the setting lasts for the process.  With it, a freed 16 MiB block comes back with its
+# pages for the next request of that size.  With glibc's defaults the first one goes back to the OS and the second
+# request grows the heap with fresh pages (only later ones reuse memory; in a process with a longer history,
+# reuse comes and goes).
+_FREED_MEMORY_PROBE = """
+import sys, numpy as np
+from cynorm import _kernels, benchmarks
+kept = benchmarks.keep_freed_memory() if sys.argv[1] == "keep" else False
+reused = []
+for _ in range(4):
+    block = np.empty(2 ** 22, np.float32)
+    reused.append(not _kernels.has_untouched_pages(block.ctypes.data, block.nbytes))
+    block.fill(1)
+    del block
+print(kept, all(reused[1:]))
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION")),
+                    reason="the setting is glibc's")
+def test_keep_freed_memory_reuses_freed_blocks_with_their_pages():
+    def probe(mode):
+        return subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE, mode], capture_output=True, text=True,
+                              check=True).stdout.split()
+    assert probe("keep") == ["True", "True"]
+    assert probe("default") == ["False", "False"]
 
 
 @pytest.mark.parametrize("argv, message", [

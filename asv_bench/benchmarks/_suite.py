@@ -5,6 +5,7 @@ Each class times the contender's ``Runner`` from ``cynorm.benchmarks``, the same
 the gradients for x, weight and bias).  Parameter combinations that are not in the table, and peers that are not
 installed, are skipped by raising ``NotImplementedError`` in ``setup``.
 """
+from cynorm import benchmarks
 from cynorm.benchmarks import CONTENDERS, OPERATIONS, SHAPE_TABLE, PeerUnavailable, find_case, make_workload
 
 _CLASS_NAMES = {"group_norm": "GroupNorm", "instance_norm": "InstanceNorm", "layer_norm": "LayerNorm",
@@ -24,6 +25,7 @@ class _NormBenchmark:
         case = find_case(self.operation, shape, layout)
         if case is None:
             raise NotImplementedError(f"{self.operation} {shape} {layout} is not in cynorm's shape table")
+        benchmarks.keep_freed_memory()   # as `cynorm bench` does, for every contender alike
         contender = CONTENDERS[self.contender]
         try:
             contender.check()

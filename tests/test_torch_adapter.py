@@ -317,6 +317,26 @@ def test_torch_func_transforms_give_torchs_results(case, kernel_calls):
     assert kernel_calls
 
 
+@pytest.mark.parametrize("case", TRANSFORM_CASES)
+@pytest.mark.parametrize("params_need_grad", [False, True], ids=["no_grad", "grad"])
+def test_tensors_left_behind_by_a_transform_give_torchs_results(case, params_need_grad, kernel_calls):
+    """A tensor stored from inside torch.func.grad outlives the transform as a wrapper without memory of its own:
+    torch's function takes it, with or without autograd recording."""
+    ours, theirs = TRANSFORM_CASES[case]
+    left_behind = []
+
+    def loss(x):
+        left_behind.append(x * 1)
+        return x.sum()
+
+    torch.func.grad(loss)(random_tensor((2, 4, 3, 3), seed=0))
+    x = left_behind[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(x)
+    weight, bias = (random_tensor((4,), seed=seed).requires_grad_(params_need_grad) for seed in (1, 2))
+    torch.testing.assert_close(ours(x, weight, bias), theirs(x, weight, bias), rtol=0, atol=0)
+    assert not kernel_calls
+
+
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
 def test_forward_without_autograd(grad_mode):
     theirs, ours = module_pair("group_norm_2d", affine=True)

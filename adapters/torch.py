@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.overrides import has_torch_function_variadic
 
 import cynorm
-from cynorm import _api
+from cynorm import _api, _kernels
 from cynorm._blocks import BlockPool
 
 __all__ = [
@@ -187,8 +187,18 @@ def _new_output_cache(limit):
     one (outputs, their views, the autograd graph and NumPy arrays made from them all hold it).  Channels-last
     InstanceNorm2d (8,64,128,128) measured 6.5 ms a call with reused memory against 11-12 ms with fresh memory.
     (NumPy memory that gave itself back from __del__ cost 7.2-7.8 µs a take and give-back, warm, against 5.0 µs.)"""
-    return BlockPool(limit, allocate=lambda nbytes: torch.UntypedStorage(nbytes, device="cpu"),
+    return BlockPool(limit, allocate=_new_block,
                      is_free=lambda storage: torch._C._storage_Use_Count(storage._cdata) == 1)
+
+
+def _new_block(nbytes):
+    """A block of the output cache, offered to Linux as transparent huge pages before its first write, as NumPy
+    does with its large arrays: the block lives as long as the cache, and every pass over it then takes fewer
+    TLB misses (in one process, with and without: forwards 1.02-1.07x, training steps 1.00-1.11x faster, for
+    GroupNorm, InstanceNorm and LayerNorm of 8-26 MB)."""
+    storage = torch.UntypedStorage(nbytes, device="cpu")
+    _kernels.advise_huge_pages(storage.data_ptr(), nbytes)
+    return storage
 
 
 def _cached_empty(like, contiguous):

@@ -12,7 +12,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import cynorm  # noqa: E402
-import cynorm.adapters.torch as ct  # noqa: E402
+import cynorm.adapters.torch as ct
 
 from _torch_util import ddp_train_worker, small_conv_net, train, training_batch  # noqa: E402
 
@@ -389,6 +389,19 @@ def every_output_cached(monkeypatch):
     monkeypatch.setattr(ct, "_output_cache", cache)
     monkeypatch.setattr(ct, "_CACHED_OUTPUT_BYTES", 0)
     return cache
+
+
+def test_cache_blocks_are_offered_as_huge_pages(every_output_cached, monkeypatch):
+    advised = []
+    monkeypatch.setattr(ct._kernels, "advise_huge_pages", lambda address, nbytes: advised.append((address, nbytes)))
+    x = random_tensor((2, 64, 64, 64), torch.float32)   # 2 MiB
+    y = ct.group_norm(x, 8)
+    assert advised == [(y.data_ptr(), y.nbytes)]
+    torch.testing.assert_close(y, F.group_norm(x, 8), rtol=1e-5, atol=1e-5)
+    ct.group_norm(x, 8)   # a second block: y still holds the first
+    del y
+    ct.group_norm(x, 8)   # the first block again, not offered twice
+    assert len(advised) == 2
 
 
 @pytest.mark.parametrize("module_case, layout", [("group_norm_2d", "contiguous"), ("group_norm_2d", "channels_last"),

@@ -736,6 +736,10 @@ def format_table(rows, contender_names, markdown=False):
                                for i, (text, width) in enumerate(zip(line, widths))) for line in cells)
 
 
+_MEMORY_NOTE = {True: "malloc keeps freed blocks up to 32 MiB, so every contender reuses its output memory",
+                False: "the allocator's defaults (outputs may fault in fresh pages on some runs and not others)"}
+
+
 def format_machine(info):
     versions = ", ".join(f"{name} {version}" for name, version in info["versions"].items())
     contenders = "; ".join(f"{name}: {description}" for name, description in info["contenders"].items())
@@ -743,10 +747,6 @@ def format_machine(info):
             f"{info['usable_cpus']} usable, {info['threads']} threads used\n"
             f"Platform: {info['platform']}\nVersions: {versions}\nContenders: {contenders}\n"
             f"Memory: {_MEMORY_NOTE[bool(info.get('keeps_freed_memory'))]}")
-
-
-_MEMORY_NOTE = {True: "malloc keeps freed blocks up to 32 MiB, so every contender reuses its output memory",
-                False: "the allocator's defaults (outputs may fault in fresh pages on some runs and not others)"}
 
 
 def plot(rows, path, title=""):

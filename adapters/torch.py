@@ -638,7 +638,8 @@ def _kernels_apply(input, *tensors):
     same device and dtype, and no tracing: ``torch.jit.trace`` records torch's ops instead of ours, tensor
     subclasses with ``__torch_function__`` get torch's dispatch, and torch.func transforms (grad, vmap, jvp,
     ...) get torch's functions, which they know how to batch and differentiate, as do the tensors a transform
-    has left behind (a value stored from inside ``torch.func.grad``: it has no memory of its own to hand over).
+    has left behind (a value stored from inside ``torch.func.grad``: a wrapper whose memory the kernels cannot
+    always reach).
     """
     # (written with the cheapest torch queries: this runs on every call, half as long as with device objects)
     if (torch._C._get_tracing_state() is not None or has_torch_function_variadic(input, *tensors)

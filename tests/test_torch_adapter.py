@@ -12,7 +12,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import cynorm  # noqa: E402
-import cynorm.adapters.torch as ct
+import cynorm.adapters.torch as ct  # noqa: E402
 
 from _torch_util import ddp_train_worker, small_conv_net, train, training_batch  # noqa: E402
 
@@ -320,8 +320,8 @@ def test_torch_func_transforms_give_torchs_results(case, kernel_calls):
 @pytest.mark.parametrize("case", TRANSFORM_CASES)
 @pytest.mark.parametrize("params_need_grad", [False, True], ids=["no_grad", "grad"])
 def test_tensors_left_behind_by_a_transform_give_torchs_results(case, params_need_grad, kernel_calls):
-    """A tensor stored from inside torch.func.grad outlives the transform as a wrapper without memory of its own:
-    torch's function takes it, with or without autograd recording."""
+    """A tensor stored from inside torch.func.grad outlives the transform as a functorch wrapper, whose memory the
+    kernels cannot always reach: torch's function takes it, with or without autograd recording."""
     ours, theirs = TRANSFORM_CASES[case]
     left_behind = []
 

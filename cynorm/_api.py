@@ -156,9 +156,7 @@ def _last_level_cache_bytes():
 # all stay in the last-level cache anyway: a forward's from half the cache's size (x and y fill it), a backward's
 # from a sixth (dy, x and dx fill half of it: it reads two arrays for each it writes, and in a training step it
 # finds the cache holding the forward's output).  Smaller outputs stay in cache for the next pass or layer.
-# Measured on a 32 MiB L3 (Zen 5).  Forward, streamed: GroupNorm 8 MiB 1.4-1.6x slower, 12 MiB 1.1-1.2x slower,
-# 16 MiB the same, 20 MiB faster.  Backward alone, streamed: GroupNorm 4-6 MiB 1.15x slower, 8 MiB the same,
-# LayerNorm 6 MiB 1.09x and 9 MiB 1.47x faster; GroupNorm forward-then-backward steps of 6-8 MiB 1.03-1.1x faster.
+# Thresholds measured on a 32 MiB L3 (Zen 5); the figures are in the README, "Builds and threads".
 _LAST_LEVEL_CACHE_BYTES = _last_level_cache_bytes()
 _FORWARD_STREAM_FROM_BYTES = _LAST_LEVEL_CACHE_BYTES // 2
 _BACKWARD_STREAM_FROM_BYTES = _LAST_LEVEL_CACHE_BYTES // 6

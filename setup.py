@@ -19,8 +19,10 @@ DEBUG = os.environ.get("CYNORM_DEBUG", "0") == "1"
 NATIVE = os.environ.get("CYNORM_NATIVE", "0") == "1"
 
 # -ffp-contract=off: a fused multiply-add chosen in one inlined copy of a routine but not in another would
-# make the row-parallel and chunk-parallel paths disagree in the last bit.
-COMPILE_ARGS = ["-O3", "-ffp-contract=off"] + (["-march=native"] if NATIVE else [])
+# make the row-parallel and chunk-parallel paths disagree in the last bit.  -fno-math-errno: sqrt need not set
+# errno (never read), so the square roots of several rows' variances are taken in one vector instruction; the
+# results are the same, correctly rounded (layer norm forward on rows of 4-32 values 1.15-1.32x).
+COMPILE_ARGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"] + (["-march=native"] if NATIVE else [])
 if DEBUG:
     COMPILE_ARGS = ["-O0", "-g"]
 # GCC vectorizes a loop whose pointers may overlap behind a run-time check of each pair, but gives up (and runs

@@ -177,6 +177,21 @@ LAYOUT_CASES = (
     NormCase("rms", (2, 6, 5, 3), 1),
 )
 
+# Rows view with short rows, whose statistics (up to 64 values) and gradients (up to 24) the kernels take 16 rows
+# at a time, a row per vector lane: whole and partial blocks of 16 rows, the longest rows either way and the
+# first past them, and a weight that changes along the rows.
+SHORT_ROW_CASES = (
+    NormCase("layer", (37, 10), -1),            # two blocks and a partial one
+    NormCase("layer", (16, 24), -1),            # one block; the longest rows of the backward's blocks
+    NormCase("layer", (3, 7, 25), -1),          # statistics in blocks, gradients row by row
+    NormCase("layer", (33, 64), -1),            # the longest rows of the forward's blocks
+    NormCase("layer", (20, 65), -1),            # row by row
+    NormCase("rms", (40, 3), -1),
+    NormCase("rms", (2, 9, 16), -1),
+    NormCase("group", (50, 12, 1), 1, 4),       # rows of 3 channels, the weight by group
+    NormCase("group", (9, 8, 2, 2), 1, 4),      # rows of 2 channels of 4 values
+)
+
 # Shapes that leave fewer (sample, group) blocks or rows than threads, so a multi-threaded kernel has to split
 # one block's reduction between threads.
 SPLIT_CASES = (

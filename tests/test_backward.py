@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 import cynorm
 from cynorm import slow
 
-from _core_util import (FLOAT_DTYPES, LAYOUT_CASES, LAYOUTS, SPLIT_CASES, NormCase, assert_bitwise_equal, assert_close,
-                        compute_dtype, dtype_name, norm_cases, random_array, random_params, with_layout)
+from _core_util import (FLOAT_DTYPES, LAYOUT_CASES, LAYOUTS, SHORT_ROW_CASES, SPLIT_CASES, NormCase,
+                        assert_bitwise_equal, assert_close, compute_dtype, dtype_name, norm_cases, random_array,
+                        random_params, with_layout)
 
 ODD_SIZE_CASES = (
     NormCase("group", (3, 4, 1, 1), 1, 4),  # one element per group: dx is 0
@@ -53,7 +54,7 @@ def _check_against_reference(case, dtype, x, dy, weight, bias):
 
 @pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("case", LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES, ids=str)
+@pytest.mark.parametrize("case", LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES + SHORT_ROW_CASES, ids=str)
 def test_backward_matches_reference(case, dtype, with_weight):
     _check_against_reference(case, dtype, *_backward_inputs(case, dtype, with_weight=with_weight))
 

@@ -18,9 +18,9 @@ import cynorm
 from cynorm import slow
 from cynorm.benchmarks import empty_past_cache_line
 
-from _core_util import (FLOAT_DTYPES, LAYOUT_CASES, LAYOUTS, SPLIT_CASES, NormCase, assert_bitwise_equal,
-                        assert_close, compute_dtype, dtype_name, norm_cases, random_array, random_params,
-                        run_forward_and_backward, with_layout)
+from _core_util import (FLOAT_DTYPES, LAYOUT_CASES, LAYOUTS, SHORT_ROW_CASES, SPLIT_CASES, NormCase,
+                        assert_bitwise_equal, assert_close, compute_dtype, dtype_name, norm_cases, random_array,
+                        random_params, run_forward_and_backward, with_layout)
 
 ODD_SIZE_CASES = (
     NormCase("group", (3, 7, 11), 1, 7),  # prime channel count, 3-D input
@@ -74,7 +74,7 @@ def _forward_inputs(case, dtype, affine="affine", seed=0):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("case,affine", _affine_params(LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES))
+@pytest.mark.parametrize("case,affine", _affine_params(LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES + SHORT_ROW_CASES))
 def test_forward_matches_reference(case, affine, dtype):
     x, weight, bias = _forward_inputs(case, dtype, affine)
     y, stats = case.forward_with_stats(cynorm, x, weight, bias)
@@ -132,8 +132,11 @@ CENTERED_ADVERSARIAL_CASES = (
     NormCase("layer", (8, 1024), -1),
     NormCase("layer", (2, 10_000), -1),
     NormCase("layer", (2, 26, 26, 10), 1),
+    NormCase("layer", (40, 24), -1),  # short rows, 16 at a time
+    NormCase("layer", (40, 64), -1),
 )
-ADVERSARIAL_CASES = CENTERED_ADVERSARIAL_CASES + (NormCase("rms", (8, 1024), -1), NormCase("rms", (2, 10_000), -1))
+ADVERSARIAL_CASES = CENTERED_ADVERSARIAL_CASES + (NormCase("rms", (8, 1024), -1), NormCase("rms", (2, 10_000), -1),
+                                                  NormCase("rms", (40, 24), -1))
 
 # (mean, std) of the groups, |mean| / std = 1e4.
 SHIFTED_DISTRIBUTIONS = [(1e4, 1.0), (1.0, 1e-4), (-300.0, 0.03)]
@@ -184,10 +187,18 @@ def test_shifted_float32_input_meets_the_accuracy_contract(case, loc, std, affin
     np.testing.assert_allclose(y, case.forward(slow, x, weight, bias, eps=eps), rtol=0, atol=CONTRACT_ATOL)
 
 
-@pytest.mark.parametrize("case", ADVERSARIAL_CASES, ids=str)
-def test_float32_input_whose_squares_sum_past_the_float32_range(case):
+# Rows of a few dozen values hold too few squares of ~1e36 to overflow: theirs are ~1.6e37.
+SQUARES_PAST_FLOAT32_CASES = ([pytest.param(case, 1e18, id=str(case)) for case in ADVERSARIAL_CASES]
+                              + [pytest.param(NormCase(norm, (40, length), -1), 4e18, id=f"{norm}-40x{length}-4e18")
+                                 for norm, length in (("layer", 24), ("layer", 64), ("rms", 24))])
+
+
+@pytest.mark.parametrize("case,scale", SQUARES_PAST_FLOAT32_CASES)
+def test_float32_input_whose_squares_sum_past_the_float32_range(case, scale):
     """Every square fits in float32 (|x| < 1.8e19) but a group's sum of them does not: still within contract."""
-    x = random_array(case.shape, np.float32, seed=3, scale=1e18)
+    x = random_array(case.shape, np.float32, seed=3, scale=scale)
+    with np.errstate(over="ignore"):
+        assert np.abs(x).max() < 1.8e19 and not np.isfinite(np.sum(x ** 2, dtype=np.float32))
     weight, bias = random_params(case, np.float32, seed=4)
     y = case.forward(cynorm, x, weight, bias)
     np.testing.assert_allclose(y, case.forward(slow, x, weight, bias), rtol=0, atol=CONTRACT_ATOL)
@@ -198,7 +209,8 @@ def test_float32_input_whose_squares_sum_past_the_float32_range(case):
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("case", LAYOUT_CASES + (NormCase("group", (1, 4, 300, 100), 1, 2),), ids=str)
+@pytest.mark.parametrize("case", LAYOUT_CASES + (NormCase("group", (1, 4, 300, 100), 1, 2),
+                                                NormCase("layer", (37, 10), -1)), ids=str)
 def test_non_finite_value_is_confined_to_its_group(case, dtype, bad_value):
     x, weight, bias = _forward_inputs(case, dtype)
     x.flat[x.size // 2 + 1] = np.nan
@@ -270,6 +282,8 @@ STREAM_CASES = (
     NormCase("instance", (2, 7, 601), -1),       # columns, wide rows streamed a block at a time
     NormCase("instance", (3, 7, 601), -1),       # columns, samples shared by the threads
     NormCase("layer", (2, 26, 26, 10), 1),       # columns, weight along the rows
+    NormCase("layer", (37, 10), -1),             # rows, 16 short rows streamed together
+    NormCase("group", (50, 12, 1), 1, 4),        # rows, short rows that are not consecutive in the backward
 )
 
 

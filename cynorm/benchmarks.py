@@ -131,6 +131,7 @@ SHAPE_TABLE = (
     Case("layer_norm", (64, 4096), LAST_AXIS, source="transformer tokens (LLM hidden size)"),
     Case("layer_norm", (32, 26, 26, 10), MIDDLE_AXIS, source="Keras tutorial, LayerNormalization(axis=1)",
          quick=True),
+    Case("layer_norm", (32, 26, 26, 10), LAST_AXIS, source="Keras tutorial, LayerNormalization(axis=3)"),
     Case("rms_norm", (2048, 4096), LAST_AXIS, source="LLM prefill rows", quick=True),
     Case("rms_norm", (1, 4096), LAST_AXIS, source="LLM decoding row"),
     Case("group_norm", (1, 32, 8, 8), CHANNELS_FIRST, num_groups=32, source="call overhead", quick=True),

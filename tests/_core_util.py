@@ -189,6 +189,7 @@ SHORT_ROW_CASES = (
     NormCase("rms", (40, 3), -1),
     NormCase("rms", (2, 9, 16), -1),
     NormCase("group", (50, 12, 1), 1, 4),       # rows of 3 channels, the weight by group
+    NormCase("group", (13, 64, 1), 1, 2),       # rows of 32 channels, the weight by group, gradients row by row
     NormCase("group", (9, 8, 2, 2), 1, 4),      # rows of 2 channels of 4 values
 )
 

@@ -258,9 +258,9 @@ cdef enum:
     # (rows of 64, a row at a time, have no tail of values to add one by one).
     ROW_BLOCK = 16
     SHORT_ROW = 64
-    # The backward's sums and dx in lanes pay for moving three arrays in and out of them: rows of 4 values
-    # 1.7-2.1x, 10 1.4x, 16 1.7-2.1x, 20 1.2x, 24 1.0-1.25x, but 26 0.91x and 32 0.86x.
-    SHORT_BACKWARD_ROW = 24
+    # The backward's sums and dx in lanes pay for moving three arrays in and out of them: against rows one at a
+    # time (with TERM_ROWS), rows of 4 values 1.6x, 10 1.3x, 16 1.2x, 20 1.13x, but 24 0.94x.
+    SHORT_BACKWARD_ROW = 20
     # Rows forward: from this input size on, each thread fetches its next row while it normalizes the current
     # one (below it, the rows are mostly in cache already and the prefetches measured a net cost).
     PREFETCH_INPUT_BYTES = 4194304

@@ -177,13 +177,13 @@ LAYOUT_CASES = (
     NormCase("rms", (2, 6, 5, 3), 1),
 )
 
-# Rows view with short rows, whose statistics (up to 64 values) and gradients (up to 24) the kernels take 16 rows
+# Rows view with short rows, whose statistics (up to 64 values) and gradients (up to 20) the kernels take 16 rows
 # at a time, a row per vector lane: whole and partial blocks of 16 rows, the longest rows either way and the
 # first past them, and a weight that changes along the rows.
 SHORT_ROW_CASES = (
     NormCase("layer", (37, 10), -1),            # two blocks and a partial one
-    NormCase("layer", (16, 24), -1),            # one block; the longest rows of the backward's blocks
-    NormCase("layer", (3, 7, 25), -1),          # statistics in blocks, gradients row by row
+    NormCase("layer", (16, 20), -1),            # one block; the longest rows of the backward's blocks
+    NormCase("layer", (3, 7, 21), -1),          # statistics in blocks, gradients row by row
     NormCase("layer", (33, 64), -1),            # the longest rows of the forward's blocks
     NormCase("layer", (20, 65), -1),            # row by row
     NormCase("rms", (40, 3), -1),

@@ -1416,7 +1416,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t channels = groups * chans_per_group
     cdef Py_ssize_t n_samples = n_rows // groups
-    cdef Py_ssize_t samples_per_block, blocks, u, block, g, n, r, c, first, last, next_row, sub
+    cdef Py_ssize_t samples_per_block, blocks, u, block, g, n, r, c, first, last, next_row, sub, terms_row
     cdef bint prefetch = n_rows * length * sizeof(floating) >= PREFETCH_INPUT_BYTES
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     cdef bint short_rows = length <= SHORT_BACKWARD_ROW and inner == 1
@@ -1467,10 +1467,11 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
                              &x[next_row * length] if prefetch and next_row < n_rows else NULL)
                 if inner == 1 and ((n - first + 1) % TERM_ROWS == 0 or n == last - 1):
                     # the terms of the rows since the last multiple of TERM_ROWS
-                    r = (n - (n - first) % TERM_ROWS) * groups + g
-                    add_parameter_terms(&dy[r * length], &x[r * length], groups * length, (n - first) % TERM_ROWS + 1,
-                                        length, &mean[r] if mean != NULL else NULL, &rstd[r], groups, weight_run,
-                                        bias_run)
+                    terms_row = (n - (n - first) % TERM_ROWS) * groups + g
+                    add_parameter_terms(&dy[terms_row * length], &x[terms_row * length], groups * length,
+                                        (n - first) % TERM_ROWS + 1, length,
+                                        &mean[terms_row] if mean != NULL else NULL, &rstd[terms_row], groups,
+                                        weight_run, bias_run)
                     if (n - first + 1) % ROWS_PER_FLUSH == 0 or n == last - 1:
                         flush_parameter_terms(weight_run, bias_run, weight_partial, bias_partial, length)
         if stream:

@@ -1200,6 +1200,22 @@ cdef inline void input_gradient_values(const floating* dy, const floating* x,   
             dx[i] = scale * dy[i] + coef_x * (x[i] - mean_hi) + coef_0
 
 
+cdef inline void split_row_statistics(const double* mean, const double* rstd,   # IN  rows k at k * stride
+                                      Py_ssize_t stride, Py_ssize_t count, int lanes,
+                                      floating* mean_hi, floating* mean_lo,
+                                      floating* rs) noexcept nogil:   # OUT (lanes,) each
+    """The float parts of `count` rows' statistics that the gradients use: each mean as a high and a low part
+    (the low part goes into a constant, as in normalize_values), and rstd; lanes past `count` repeat the first
+    row.  `mean` is NULL when the rows are not centered."""
+    cdef double row_mean
+    cdef int k
+    for k in range(lanes):
+        row_mean = mean[(k if k < count else 0) * stride] if mean != NULL else 0
+        mean_hi[k] = <floating>row_mean
+        mean_lo[k] = <floating>(row_mean - <double>mean_hi[k])
+        rs[k] = <floating>rstd[(k if k < count else 0) * stride]
+
+
 cdef inline void add_parameter_terms(const floating* dy, const floating* x,   # IN  rows k at k * row_stride
                                      Py_ssize_t row_stride, Py_ssize_t count, Py_ssize_t length,
                                      const double* mean, const double* rstd,   # IN  rows k at k * stat_stride
@@ -1219,15 +1235,10 @@ cdef inline void add_parameter_terms(const floating* dy, const floating* x,   # 
     cdef const floating* x1
     cdef const floating* x2
     cdef const floating* x3
-    cdef double row_mean
     cdef floating xhat
     cdef Py_ssize_t i
     cdef int k
-    for k in range(count):
-        row_mean = mean[k * stat_stride] if mean != NULL else 0
-        mean_hi[k] = <floating>row_mean
-        mean_lo[k] = <floating>(row_mean - <double>mean_hi[k])
-        rs[k] = <floating>rstd[k * stat_stride]
+    split_row_statistics(mean, rstd, stat_stride, count, count, mean_hi, mean_lo, rs)
     if count == 4 and CYNORM_WIDE_ALIAS_CHECKS:
         d0 = dy
         d1 = dy + row_stride
@@ -1339,16 +1350,13 @@ cdef inline void short_rows_backward(const floating* dy, const floating* x,   # 
     cdef floating zeros[ROW_BLOCK]
     cdef floating s1[ROW_BLOCK]
     cdef floating s2[ROW_BLOCK]
-    cdef double row_mean, row_rstd, k1, k2
+    cdef double row_rstd, k1, k2
     cdef floating* out
     cdef Py_ssize_t j, out_stride
     cdef bint streamed
     cdef int k, quad
+    split_row_statistics(mean, rstd, stat_stride, count, ROW_BLOCK, mean_hi, mean_lo, rs)
     for k in range(ROW_BLOCK):
-        row_mean = mean[(k if k < count else 0) * stat_stride] if mean != NULL else 0
-        mean_hi[k] = <floating>row_mean
-        mean_lo[k] = <floating>(row_mean - <double>mean_hi[k])
-        rs[k] = <floating>rstd[(k if k < count else 0) * stat_stride]
         zeros[k] = 0
     gather_rows(dy, row_stride, count, length, lanes_dy)
     gather_rows(x, row_stride, count, length, lanes_x)

@@ -208,6 +208,7 @@ cdef extern from *:
     void cynorm_store_fence() noexcept nogil
     void cynorm_prefetch_lines(const void* p, Py_ssize_t nbytes) noexcept nogil
     Py_ssize_t cynorm_values_past_line(const void* p, Py_ssize_t itemsize) noexcept nogil
+    int CYNORM_LINE_BYTES
     bint cynorm_has_untouched_pages(size_t address, size_t nbytes) noexcept nogil
     void cynorm_advise_huge_pages(size_t address, size_t nbytes) noexcept nogil
     float cynorm_half_to_float(unsigned short bits) noexcept nogil
@@ -875,6 +876,19 @@ cdef inline object float_dtype(const floating* like):
         return np.float64
 
 
+cdef object per_thread_zeros(Py_ssize_t threads, Py_ssize_t values, dtype):
+    """Zeros of shape (threads, values rounded up to whole cache lines), each thread's row starting a line.
+    Threads that write the same line take turns owning it, and a vector that straddles two lines is two
+    accesses.  Where malloc happened to put these buffers (it aligns to 16 bytes), a layer norm backward on
+    rows of 32 values ran 1.45x slower, and a channels-last GroupNorm backward on (16,1024,64) up to 1.56x."""
+    per_line = CYNORM_LINE_BYTES // np.dtype(dtype).itemsize
+    row = -(-values // per_line) * per_line
+    flat = np.zeros(threads * row + per_line, dtype)
+    skip = cynorm_values_past_line(<void*><size_t>flat.ctypes.data, flat.itemsize)
+    skip = (per_line - skip) % per_line
+    return flat[skip:skip + threads * row].reshape(threads, row)
+
+
 def forward_rows(size_t x,          # IN  (n_rows * length,)
                  size_t y,          # OUT (n_rows * length,), may be x itself
                  size_t weight,     # IN  (groups * chans_per_group,)
@@ -1058,7 +1072,7 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
     column_shift = np.empty((n_samples, n_cols), dtype=dtype)
-    scratch = np.empty((num_threads, 3 * n_cols))   # room for double sums, which float input may need
+    scratch = per_thread_zeros(num_threads, 3 * n_cols, np.float64)   # room for double sums, which float input may need
     if n_samples % num_threads == 0 or n_samples >= 8 * num_threads:
         # Whole samples per thread, evenly shared, and no waiting on each other: each thread's sample is read
         # for its statistics, then normalized while it is still in the last-level cache.
@@ -1443,7 +1457,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     partials = np.zeros(2 * blocks * channels)
     totals = np.zeros(2 * channels)
     # per thread: float running sums of dweight and dbias terms (one element per channel only)
-    running = np.zeros((num_threads, 2 * length if inner == 1 else 2), dtype=float_dtype(x))
+    running = per_thread_zeros(num_threads, 2 * length if inner == 1 else 2, float_dtype(x))
     with nogil, parallel(num_threads=num_threads):
         for u in prange(blocks * groups, schedule="static"):
             block = u // groups
@@ -1553,7 +1567,7 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
     column_scale = np.empty((n_samples, n_cols), dtype=dtype)
     column_coef_x = np.empty((n_samples, n_cols), dtype=dtype)
     column_coef_0 = np.empty((n_samples, n_cols), dtype=dtype)
-    scratch = np.empty((num_threads, 2 * n_cols), dtype=dtype)
+    scratch = per_thread_zeros(num_threads, 2 * n_cols, dtype)
     with nogil, parallel(num_threads=num_threads):
         for batch_index in range((n_samples + batch - 1) // batch):
             first = batch_index * batch

@@ -239,7 +239,7 @@ cdef enum:
     # Columns view: samples are processed in batches of about this many elements, small enough that a batch
     # read for its statistics is still in the last-level cache when it is normalized.
     BATCH_ELEMS = 1048576
-    # Rows backward: samples are grouped into blocks of about this many elements for dweight/dbias.
+    # Rows backward: samples are grouped into blocks of at most about this many elements for dweight/dbias.
     BLOCK_ELEMS = 65536
     # Rows backward with one element per channel (layer/RMS norm): each element's dweight/dbias terms are
     # summed in float over this many rows, then added into the block's double partials.
@@ -1438,7 +1438,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t channels = groups * chans_per_group
     cdef Py_ssize_t n_samples = n_rows // groups
-    cdef Py_ssize_t samples_per_block, blocks, u, block, g, n, r, c, first, last, next_row, sub, terms_row
+    cdef Py_ssize_t blocks, u, block, g, n, r, c, first, last, next_row, sub, terms_row
     cdef bint prefetch = n_rows * length * sizeof(floating) >= PREFETCH_INPUT_BYTES
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     cdef bint short_rows = length <= SHORT_BACKWARD_ROW and inner == 1
@@ -1452,8 +1452,10 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
         memset(dweight, 0, channels * sizeof(floating))
         memset(dbias, 0, channels * sizeof(floating))
         return
-    samples_per_block = max(1, BLOCK_ELEMS // (groups * length))
-    blocks = (n_samples + samples_per_block - 1) // samples_per_block
+    # blocks of nearly equal size, a multiple of TILE_MULTIPLE of them (as the columns view's tiles): 5 blocks
+    # left a thread idle for a fifth of a layer norm backward on rows of 24 or 100 values
+    blocks = (n_samples * groups * length + BLOCK_ELEMS - 1) // BLOCK_ELEMS
+    blocks = min(n_samples, (blocks + TILE_MULTIPLE - 1) // TILE_MULTIPLE * TILE_MULTIPLE)
     partials = np.zeros(2 * blocks * channels)
     totals = np.zeros(2 * channels)
     # per thread: float running sums of dweight and dbias terms (one element per channel only)
@@ -1466,8 +1468,8 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
             bias_partial = &partials[(2 * block + 1) * channels + g * chans_per_group]
             weight_run = &running[threadid(), 0]
             bias_run = weight_run + (length if inner == 1 else 1)
-            first = block * samples_per_block
-            last = min(n_samples, (block + 1) * samples_per_block)
+            first = block * n_samples // blocks
+            last = (block + 1) * n_samples // blocks
             if short_rows:
                 for sub in range((last - first + ROW_BLOCK - 1) // ROW_BLOCK):
                     n = first + sub * ROW_BLOCK

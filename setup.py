@@ -30,7 +30,10 @@ if DEBUG:
 # at a time and need more.  Added for GCC only; elsewhere the kernels take a row at a time.  Clang accepts the
 # --param with a warning, and its vectorizer still declined the four-row float32 sums: with them, a clang 14
 # build ran a channels-last GroupNorm forward on (16,1024,64) in 0.28 ms, against 0.14 ms a row at a time.
-VECTORIZE_ARGS = ["--param=vect-max-version-for-alias-checks=64", "-DCYNORM_WIDE_ALIAS_CHECKS=1"]
+# -fno-ipa-cp-clone: GCC cloned backward_row for long_rows_backward's calls (sums only), and with two copies
+# it stopped inlining gradient_sums into the row path: a layer norm backward on rows of 32 values 1.2x slower
+# (neutral on the other kernels measured).
+VECTORIZE_ARGS = ["--param=vect-max-version-for-alias-checks=64", "-DCYNORM_WIDE_ALIAS_CHECKS=1", "-fno-ipa-cp-clone"]
 GCC_PROBE = textwrap.dedent("""
     #if !defined(__GNUC__) || defined(__clang__)
     #error "not GCC"

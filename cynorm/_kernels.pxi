@@ -284,6 +284,12 @@ cdef enum:
     # on rows of 32 values).  Layer norm backward, A/B: rows of 32 values 1.42x, 64 1.24x, 128 1.24x, (4096,768)
     # 1.38x.
     TERM_ROWS = 4
+    # Rows backward, one element per channel: rows of at least LONG_ROW values are cut into CHUNK-sized pieces
+    # for their gradient sums, and their dx and parameter terms are shared out CHANNEL_SLAB channels at a time
+    # (long_rows_backward).  Layer norm backward: 64 rows of 4096 values 1.2x, 8 of 65536 3.9x, one of 2**20
+    # 30-40x.
+    LONG_ROW = 4096
+    CHANNEL_SLAB = 2048
     # Streamed outputs are computed this many values at a time into an L1 buffer, then stored.
     STREAM_BLOCK = 256
     # Rows view, rows of at most SHORT_ROW values (layer or RMS norm over a few features, small groups): the
@@ -1338,17 +1344,42 @@ cdef inline void flush_parameter_terms(floating* dweight_run, floating* dbias_ru
         dbias_run[c] = 0
 
 
+cdef inline void add_row_terms(const floating* dy, const floating* x,   # IN  the block's rows, k at k * row_stride
+                               Py_ssize_t row_stride, Py_ssize_t k, Py_ssize_t count, Py_ssize_t length,
+                               const double* mean, const double* rstd,   # IN  rows k at k * stat_stride
+                               Py_ssize_t stat_stride,
+                               floating* dweight_run, floating* dbias_run,        # INOUT (length,)
+                               double* dweight_partial, double* dbias_partial) noexcept nogil:  # INOUT
+    """Called after row k of a block of `count` rows (one element per channel) has its dx: adds the parameter
+    terms of the rows since the last multiple of TERM_ROWS into the float running sums when a multiple ends or the
+    block does, and flushes them into the block's partials after every ROWS_PER_FLUSH rows and the last.  `mean`
+    is NULL when the rows are not centered."""
+    cdef Py_ssize_t k0 = k - k % TERM_ROWS
+    if (k + 1) % TERM_ROWS != 0 and k != count - 1:
+        return
+    add_parameter_terms(dy + k0 * row_stride, x + k0 * row_stride, row_stride, k - k0 + 1, length,
+                        mean + k0 * stat_stride if mean != NULL else NULL, rstd + k0 * stat_stride, stat_stride,
+                        dweight_run, dbias_run)
+    if (k + 1) % ROWS_PER_FLUSH == 0 or k == count - 1:
+        flush_parameter_terms(dweight_run, dbias_run, dweight_partial, dbias_partial, length)
+
+
 cdef inline void backward_row(const floating* dy, const floating* x, floating* dx,  # one row
                               Py_ssize_t length, Py_ssize_t inner,
                               const floating* weight,          # IN  the row's channels
                               double mean, double rstd, bint centered,
                               double* dweight_acc, double* dbias_acc,         # INOUT the row's channels (inner > 1)
                               bint stream,
-                              const floating* next_dy, const floating* next_x) noexcept nogil:  # IN or NULL
+                              const floating* next_dy, const floating* next_x,  # IN or NULL
+                              double* sums) noexcept nogil:  # OUT (2,) when dx is NULL
     """One row's dx, and with several elements per channel its terms of dweight and dbias (with one, the
     caller adds them with add_parameter_terms); dx is written with streaming stores if `stream` (the caller
     fences them, see normalize_row_range).  `next_dy` and `next_x`, a row the thread takes later, are
-    prefetched block by block while dx is written, as normalize_row_range does."""
+    prefetched block by block while dx is written, as normalize_row_range does.
+
+    With dx NULL, only the row's sum(g) and sum(g * xhat), into `sums` (long_rows_backward's pieces), so that
+    gradient_sums keeps one caller, which GCC inlines (a second made it a call, and rows of 32 values 1.2x
+    slower; see -fno-ipa-cp-clone in setup.py)."""
     cdef floating buffer[STREAM_BLOCK]
     cdef Py_ssize_t block, end
     cdef floating mean_hi = <floating>mean
@@ -1368,6 +1399,10 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
             dbias_acc[c] += sum_dy
             sum_g += weight[c] * sum_dy
             sum_g_xhat += weight[c] * sum_dy_xhat
+    if dx == NULL:
+        sums[0] = sum_g
+        sums[1] = sum_g_xhat
+        return
     k1 = sum_g / length if centered else 0.0
     k2 = sum_g_xhat / length
     # the low part of the mean goes into the constant: dx = scale * dy + coef_x * (x - mean_hi) + coef_0
@@ -1459,6 +1494,97 @@ cdef inline void short_rows_backward(const floating* dy, const floating* x,   # 
         stream_copy(dx, out, count * length)
 
 
+cdef inline void input_gradient_range(const floating* dy, const floating* x, floating* dx,   # one row
+                                      Py_ssize_t start, Py_ssize_t stop,   # the elements written
+                                      const floating* weight,              # IN  the row's channels, one value each
+                                      double rstd, floating mean_hi, floating coef_x, floating coef_0,
+                                      bint stream) noexcept nogil:
+    """dx of elements [start, stop) of a row of one element per channel, with streaming stores if `stream` (the
+    caller fences them)."""
+    cdef floating buffer[STREAM_BLOCK]
+    cdef Py_ssize_t block = start, end
+    if not stream:
+        input_gradient_values(dy + start, x + start, dx + start, stop - start, start, 1, weight, rstd, mean_hi,
+                              coef_x, coef_0)
+        return
+    while block < stop:
+        end = streamed_block_end(dx, block, stop)
+        input_gradient_values(dy + block, x + block, buffer, end - block, block, 1, weight, rstd, mean_hi, coef_x,
+                              coef_0)
+        stream_copy(dx + block, buffer, end - block)
+        block = end
+
+
+cdef void long_rows_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
+                             const floating* weight, floating* dx, floating* dweight, floating* dbias,
+                             Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t length, bint centered, bint stream,
+                             int num_threads):
+    """rows_backward for long rows of one element per channel (LONG_ROW).  The rows are cut into CHUNK-sized
+    pieces whose gradient sums are taken in parallel and added in order (as gradient_sums adds them); then each
+    task takes CHANNEL_SLAB channels: their dx in every row, and their parameter terms added row after row, as
+    rows_backward adds them in one block.  A row at a time, a thread did a whole row, so one to three rows left
+    threads idle, and each block of one or two rows had partials as large as its rows.  The same bits whatever
+    the number of threads: the pieces and the slabs depend on the shape only."""
+    cdef Py_ssize_t chunks = (length + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t n_samples = n_rows // groups
+    cdef Py_ssize_t u, r, g, n, k, start, m, c
+    cdef floating mean_lo
+    cdef double sum_g, sum_g_xhat, k1, k2, row_mean
+    cdef double[::1] sums = np.empty(2 * n_rows * chunks)
+    cdef floating[::1] coefs = np.empty(2 * n_rows, dtype=float_dtype(x))
+    cdef Py_ssize_t slabs = (length + CHANNEL_SLAB - 1) // CHANNEL_SLAB
+    cdef floating[:, ::1] running = per_thread_zeros(num_threads, 2 * CHANNEL_SLAB, float_dtype(x))
+    cdef double[:, ::1] partial = per_thread_zeros(num_threads, 2 * CHANNEL_SLAB, np.float64)
+    cdef floating* weight_run
+    cdef floating* bias_run
+    cdef double* weight_partial
+    cdef double* bias_partial
+    with nogil, parallel(num_threads=num_threads):
+        for u in prange(n_rows * chunks, schedule="static"):
+            r = u // chunks
+            start = (u % chunks) * CHUNK
+            backward_row(&dy[r * length + start], &x[r * length + start], NULL, min(<Py_ssize_t>CHUNK, length - start),
+                         1, &weight[(r % groups) * length + start], mean[r] if mean != NULL else 0, rstd[r], centered,
+                         NULL, NULL, False, NULL, NULL, &sums[2 * u])
+    with nogil:
+        # each row's coefficients, as backward_row computes them
+        for r in range(n_rows):
+            sum_g = 0
+            sum_g_xhat = 0
+            for k in range(chunks):
+                sum_g += sums[2 * (r * chunks + k)]
+                sum_g_xhat += sums[2 * (r * chunks + k) + 1]
+            row_mean = mean[r] if mean != NULL else 0
+            mean_lo = <floating>(row_mean - <double><floating>row_mean)
+            k1 = sum_g / length if centered else 0.0
+            k2 = sum_g_xhat / length
+            coefs[2 * r] = <floating>(-rstd[r] * rstd[r] * k2)
+            coefs[2 * r + 1] = <floating>(-rstd[r] * k1 + rstd[r] * rstd[r] * k2 * mean_lo)
+    with nogil, parallel(num_threads=num_threads):
+        weight_run = &running[threadid(), 0]
+        bias_run = weight_run + CHANNEL_SLAB
+        weight_partial = &partial[threadid(), 0]
+        bias_partial = weight_partial + CHANNEL_SLAB
+        for u in prange(groups * slabs, schedule="static"):
+            g = u // slabs
+            start = (u % slabs) * CHANNEL_SLAB
+            m = min(<Py_ssize_t>CHANNEL_SLAB, length - start)
+            memset(weight_partial, 0, 2 * CHANNEL_SLAB * sizeof(double))
+            for n in range(n_samples):
+                r = n * groups + g
+                input_gradient_range(&dy[r * length], &x[r * length], &dx[r * length], start, start + m,
+                                     &weight[g * length], rstd[r], <floating>(mean[r] if mean != NULL else 0),
+                                     coefs[2 * r], coefs[2 * r + 1], stream)
+                add_row_terms(&dy[g * length + start], &x[g * length + start], groups * length, n, n_samples, m,
+                              &mean[g] if mean != NULL else NULL, &rstd[g], groups, weight_run, bias_run,
+                              weight_partial, bias_partial)
+            for c in range(m):
+                dweight[g * length + start + c] = <floating>weight_partial[c]
+                dbias[g * length + start + c] = <floating>bias_partial[c]
+        if stream:
+            cynorm_store_fence()
+
+
 def backward_rows(size_t dy,        # IN  (n_rows * length,)
                   size_t x,         # IN  (n_rows * length,)
                   size_t mean,      # IN  (n_rows,) float64, or 0 for zeros (not centered)
@@ -1489,7 +1615,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t channels = groups * chans_per_group
     cdef Py_ssize_t n_samples = n_rows // groups
-    cdef Py_ssize_t blocks, u, block, g, n, r, c, first, last, next_row, sub, terms_row
+    cdef Py_ssize_t blocks, u, block, g, n, r, c, first, last, block_row, next_row, sub
     cdef bint prefetch = n_rows * length * sizeof(floating) >= PREFETCH_INPUT_BYTES
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     cdef bint short_rows = length <= SHORT_BACKWARD_ROW and inner == 1
@@ -1502,6 +1628,10 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     if n_rows == 0 or length == 0:
         memset(dweight, 0, channels * sizeof(floating))
         memset(dbias, 0, channels * sizeof(floating))
+        return
+    if inner == 1 and length >= LONG_ROW:
+        long_rows_backward(dy, x, mean, rstd, weight, dx, dweight, dbias, n_rows, groups, length, centered, stream,
+                           num_threads)
         return
     # blocks of nearly equal size, a multiple of TILE_MULTIPLE of them (as the columns view's tiles): 5 blocks
     # left a thread idle for a fifth of a layer norm backward on rows of 24 or 100 values
@@ -1521,6 +1651,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
             bias_run = weight_run + (length if inner == 1 else 1)
             first = block * n_samples // blocks
             last = (block + 1) * n_samples // blocks
+            block_row = first * groups + g
             if short_rows:
                 for sub in range((last - first + ROW_BLOCK - 1) // ROW_BLOCK):
                     n = first + sub * ROW_BLOCK
@@ -1539,16 +1670,11 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
                              &weight[g * chans_per_group], mean[r] if mean != NULL else 0, rstd[r], centered,
                              weight_partial, bias_partial, stream,
                              &dy[next_row * length] if prefetch and next_row < n_rows else NULL,
-                             &x[next_row * length] if prefetch and next_row < n_rows else NULL)
-                if inner == 1 and ((n - first + 1) % TERM_ROWS == 0 or n == last - 1):
-                    # the terms of the rows since the last multiple of TERM_ROWS
-                    terms_row = (n - (n - first) % TERM_ROWS) * groups + g
-                    add_parameter_terms(&dy[terms_row * length], &x[terms_row * length], groups * length,
-                                        (n - first) % TERM_ROWS + 1, length,
-                                        &mean[terms_row] if mean != NULL else NULL, &rstd[terms_row], groups,
-                                        weight_run, bias_run)
-                    if (n - first + 1) % ROWS_PER_FLUSH == 0 or n == last - 1:
-                        flush_parameter_terms(weight_run, bias_run, weight_partial, bias_partial, length)
+                             &x[next_row * length] if prefetch and next_row < n_rows else NULL, NULL)
+                if inner == 1:
+                    add_row_terms(&dy[block_row * length], &x[block_row * length], groups * length, n - first,
+                                  last - first, length, &mean[block_row] if mean != NULL else NULL,
+                                  &rstd[block_row], groups, weight_run, bias_run, weight_partial, bias_partial)
         if stream:
             cynorm_store_fence()
     with nogil:

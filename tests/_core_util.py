@@ -195,7 +195,7 @@ SHORT_ROW_CASES = (
 
 # Shapes that leave fewer (sample, group) blocks or rows than threads, so a multi-threaded kernel has to split
 # one block's reduction between threads; and a few long rows that 2 threads cannot share evenly, which the
-# forward splits the same way.
+# kernels split the same way.
 SPLIT_CASES = (
     NormCase("group", (1, 4, 1000, 100), 1, 1),
     NormCase("group", (1, 4, 1000, 100), 1, 2),
@@ -207,6 +207,7 @@ SPLIT_CASES = (
     NormCase("rms", (1, 100_000), -1),
     NormCase("layer", (3, 40_000), -1),
     NormCase("group", (3, 4, 100, 100), 1, 1),
+    NormCase("group", (3, 9000), 1, 2),
 )
 
 

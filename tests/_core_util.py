@@ -193,6 +193,14 @@ SHORT_ROW_CASES = (
     NormCase("group", (9, 8, 2, 2), 1, 4),      # rows of 2 channels of 4 values
 )
 
+# Channels-last with fewer than 32 channels, whose backward takes a tile's rows several at a time as one wide
+# row: whole wide rows four at a time, the wide rows after them, and rows left over; several tiles a sample.
+NARROW_COLUMN_CASES = (
+    NormCase("group", (3, 37, 29, 10), -1, 5),   # 8 rows of 10 as one of 80
+    NormCase("instance", (2, 41, 43, 3), -1),     # 32 rows of 3 as one of 96
+    NormCase("group", (2, 30, 30, 24), -1, 8),    # 2 rows of 24 as one of 48
+)
+
 # Shapes that leave fewer (sample, group) blocks or rows than threads, so a multi-threaded kernel has to split
 # one block's reduction between threads; and a few long rows that 2 threads cannot share evenly, which the
 # kernels split the same way.

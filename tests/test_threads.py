@@ -7,8 +7,8 @@ import pytest
 
 import cynorm
 
-from _core_util import (FLOAT_DTYPES, SPLIT_CASES, NormCase, assert_bitwise_equal, dtype_name, random_array,
-                        random_params, run_forward_and_backward)
+from _core_util import (FLOAT_DTYPES, NARROW_COLUMN_CASES, SPLIT_CASES, NormCase, assert_bitwise_equal, dtype_name,
+                        random_array, random_params, run_forward_and_backward)
 
 # Each norm and layout with 100k to 200k elements: enough work that a kernel which keeps small inputs on one
 # thread still gives every one of 3 threads a share.
@@ -26,7 +26,7 @@ THREADED_CASES = (
     NormCase("layer", (6001, 20), -1),  # short rows, 16 at a time, and a partial block
     NormCase("rms", (3001, 50), -1),
     NormCase("group", (3001, 32, 1), 1, 8),
-) + SPLIT_CASES
+) + SPLIT_CASES + NARROW_COLUMN_CASES
 
 
 @pytest.fixture

@@ -26,10 +26,11 @@ COMPILE_ARGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"] + (["-march=nativ
 if DEBUG:
     COMPILE_ARGS = ["-O0", "-g"]
 # GCC vectorizes a loop whose pointers may overlap behind a run-time check of each pair, but gives up (and runs
-# the loop a value at a time) past ten pairs.  The columns view's statistics and gradient sums take four rows
-# at a time and need more.  Added for GCC only; elsewhere the kernels take a row at a time.  Clang accepts the
-# --param with a warning, and its vectorizer still declined the four-row float32 sums: with them, a clang 14
-# build ran a channels-last GroupNorm forward on (16,1024,64) in 0.28 ms, against 0.14 ms a row at a time.
+# the loop a value at a time) past ten pairs.  The rows backward adds four rows' parameter terms in one loop
+# and needs more.  Added for GCC only; elsewhere the kernels add a row at a time.  Clang accepts the --param
+# with a warning, and its vectorizer still declined such four-row loops: with them, a clang 14 build ran a
+# channels-last GroupNorm forward on (16,1024,64) in 0.28 ms, against 0.14 ms a row at a time.  (The columns
+# view's four-row sums now write to local arrays, which need no check.)
 # -fno-ipa-cp-clone: GCC cloned backward_row for long_rows_backward's calls (sums only), and with two copies
 # it stopped inlining gradient_sums into the row path: a layer norm backward on rows of 32 values 1.2x slower
 # (neutral on the other kernels measured).

@@ -290,11 +290,12 @@ cdef enum:
     # 30-40x.
     LONG_ROW = 4096
     CHANNEL_SLAB = 2048
-    # Columns backward without a weight along the rows, fewer than WIDE_ROW columns (channels-last with few
-    # channels): a tile's rows are taken several at a time as one row of a multiple of WIDE_MULTIPLE values
-    # (rows_folded), so that the loops over a row run whole vectors.  GroupNorm (32,26,26,10) channels-last
-    # backward, the Keras tutorial's, 2.4x; (1,262144,3) 3.8x; (8,2048,20) 1.8x.  (Folding rows of 32 columns
-    # into 64 was slower.)
+    # Columns view without a weight along the rows, fewer than WIDE_ROW columns (channels-last with few
+    # channels): the backward's sums and dx and the forward's normalization take a tile's rows several at a time
+    # as one row of a multiple of WIDE_MULTIPLE values (rows_folded), so that the loops over a row run whole
+    # vectors (the forward's statistics still take a row at a time).  GroupNorm (32,26,26,10) channels-last, the
+    # Keras tutorial's: backward 2.4x, forward 1.37x; (1,262144,3) 3.8x and 1.7x; (8,2048,20) 1.8x and 1.4x.
+    # (Folding rows of 32 columns into 64 was slower.)
     WIDE_ROW = 32
     WIDE_MULTIPLE = 16
     # Columns view: the statistics and gradient sums of this many columns at a time are kept in local arrays
@@ -903,36 +904,45 @@ cdef inline void normalize_tile_row(const floating* x, floating* y, Py_ssize_t n
             y[col] = (x[col] - mean_hi[col]) * scale[col] + shift[col]
 
 
-cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (rows, n_cols)
-                                Py_ssize_t rows, Py_ssize_t n_cols,
-                                const floating* mean_hi,                     # (n_cols,) per column
-                                const floating* scale, const floating* shift,  # (n_cols,) per column
+cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (values,)
+                                Py_ssize_t values, Py_ssize_t width,   # rows of `width` values, the last perhaps
+                                const floating* mean_hi,               # cut short; (width,) per column
+                                const floating* scale, const floating* shift,  # (width,) per column
                                 bint affine_per_row,
                                 const floating* row_weight, const floating* row_bias,  # (rows,) if affine_per_row
                                 bint stream) noexcept nogil:
-    """Normalizes a tile, with streaming stores if `stream`.  The tile is contiguous in y, so it is streamed
-    in blocks that start on cache lines of y whatever the row length, each block assembled from the pieces of
-    the rows it spans.  (Blocks that began anywhere in a line, a row or a part of a row at a time, ran 1.5-2.5x
-    slower than line-aligned ones.)  The caller fences the streamed stores (see normalize_row_range)."""
+    """Normalizes a tile, as rows of `width` values with per-column arrays of `width` values (a row of the
+    tile, or several folded into one, see WIDE_ROW), with streaming stores if `stream`.  The tile is contiguous
+    in y, so it is streamed in blocks that start on cache lines of y whatever the row length, each block
+    assembled from the pieces of the rows it spans.  (Blocks that began anywhere in a line, a row or a part of a
+    row at a time, ran 1.5-2.5x slower than line-aligned ones.)  The caller fences the streamed stores (see
+    normalize_row_range)."""
     cdef floating buffer[STREAM_BLOCK]
     cdef Py_ssize_t a, col, n, start, stop, position
-    cdef Py_ssize_t total = rows * n_cols
     cdef floating w = 1, b = 0
     if not stream:
-        for a in range(rows):
+        # (whole rows with the width fixed, then the piece left, as columns_input_gradient)
+        for a in range(values // width):
             if affine_per_row:
                 w = row_weight[a]
                 b = row_bias[a]
-            normalize_tile_row(x + a * n_cols, y + a * n_cols, n_cols, mean_hi, scale, shift, affine_per_row, w, b)
+            normalize_tile_row(x + a * width, y + a * width, width, mean_hi, scale, shift, affine_per_row, w, b)
+        a = values // width
+        if values > a * width:
+            if affine_per_row:
+                w = row_weight[a]
+                b = row_bias[a]
+            normalize_tile_row(x + a * width, y + a * width, values - a * width, mean_hi, scale, shift,
+                               affine_per_row, w, b)
         return
     start = 0
-    while start < total:
-        stop = streamed_block_end(y, start, total)
+    while start < values:
+        stop = streamed_block_end(y, start, values)
         position = start
         while position < stop:   # the pieces of rows in [start, stop)
-            a = position // n_cols
-            col = position - a * n_cols
-            n = min(n_cols - col, stop - position)
+            a = position // width
+            col = position - a * width
+            n = min(width - col, stop - position)
             if affine_per_row:
                 w = row_weight[a]
                 b = row_bias[a]
@@ -1049,6 +1059,19 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
             cynorm_store_fence()
 
 
+cdef inline Py_ssize_t rows_folded(Py_ssize_t n_cols) noexcept nogil:
+    """How many rows of n_cols values the columns view takes as one (see WIDE_ROW): the fewest that make a
+    multiple of WIDE_MULTIPLE values, doubled until they make WIDE_ROW."""
+    cdef Py_ssize_t fold = 1
+    if n_cols >= WIDE_ROW:
+        return 1
+    while (fold * n_cols) % WIDE_MULTIPLE:
+        fold += 1
+    while fold * n_cols < WIDE_ROW:
+        fold *= 2
+    return fold
+
+
 # The three steps of the columns-view forward, each on one unit: tile u is tile u % tiles of sample u // tiles,
 # group s is group s % groups of sample s // groups.
 
@@ -1069,19 +1092,20 @@ cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_sa
                                          Py_ssize_t cols_per_channel, bint affine_per_row,
                                          const floating* weight, const floating* bias, double eps,
                                          double* mean, double* rstd,   # OUT [s]
-                                         floating* mean_hi, floating* scale,
-                                         floating* shift) noexcept nogil:  # OUT the group's columns of (n_samples, n_cols)
-    """Merges group s's tile moments in tile order and sets its columns' normalization constants."""
+                                         Py_ssize_t fold, floating* mean_hi, floating* scale,
+                                         floating* shift) noexcept nogil:  # OUT (n_samples, fold * n_cols)
+    """Merges group s's tile moments in tile order and sets its columns' normalization constants, each column's
+    `fold` times (see normalize_tile)."""
     cdef Py_ssize_t n = s // groups, g = s % groups
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef double count = 0, running_mean = 0, m2 = 0, mean_lo, column_scale
-    cdef Py_ssize_t t, col, channel
+    cdef Py_ssize_t t, col, channel, k, first = n * fold * n_cols
     for t in range(tiles):
         merge_moments(&count, &running_mean, &m2, min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
                       tile_stats[2 * ((n * tiles + t) * groups + g)], tile_stats[2 * ((n * tiles + t) * groups + g) + 1])
     mean[s] = running_mean
     rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps)
-    for col in range(n * n_cols + g * cols_per_group, n * n_cols + (g + 1) * cols_per_group):
+    for col in range(first + g * cols_per_group, first + (g + 1) * cols_per_group):
         mean_hi[col] = <floating>running_mean
         # the low part of the mean goes into the shift: y = (x - mean_hi) * scale + shift
         mean_lo = running_mean - <double>mean_hi[col]
@@ -1089,23 +1113,27 @@ cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_sa
             column_scale = rstd[s]
             shift[col] = <floating>(-mean_lo * column_scale)
         else:
-            channel = (col % n_cols) // cols_per_channel
+            channel = (col - first) // cols_per_channel
             column_scale = rstd[s] * weight[channel]
             shift[col] = <floating>(bias[channel] - mean_lo * column_scale)
         scale[col] = <floating>column_scale
+        for k in range(1, fold):
+            mean_hi[col + k * n_cols] = mean_hi[col]
+            scale[col + k * n_cols] = scale[col]
+            shift[col + k * n_cols] = shift[col]
 
 
 cdef inline void columns_normalize_tile(const floating* x, floating* y,   # IN, OUT (n_samples, n_rows, n_cols)
                                         Py_ssize_t u, Py_ssize_t tiles, Py_ssize_t tile_rows,
                                         Py_ssize_t n_rows, Py_ssize_t n_cols,
-                                        const floating* mean_hi, const floating* scale,
-                                        const floating* shift,          # IN  (n_samples, n_cols)
+                                        Py_ssize_t fold, const floating* mean_hi, const floating* scale,
+                                        const floating* shift,          # IN  (n_samples, fold * n_cols)
                                         bint affine_per_row, const floating* weight, const floating* bias,
                                         bint stream) noexcept nogil:
     cdef Py_ssize_t n = u // tiles, a0 = (u % tiles) * tile_rows
     cdef Py_ssize_t offset = (n * n_rows + a0) * n_cols
-    normalize_tile(x + offset, y + offset, min(tile_rows, n_rows - a0), n_cols, mean_hi + n * n_cols,
-                   scale + n * n_cols, shift + n * n_cols, affine_per_row,
+    normalize_tile(x + offset, y + offset, min(tile_rows, n_rows - a0) * n_cols, fold * n_cols,
+                   mean_hi + n * fold * n_cols, scale + n * fold * n_cols, shift + n * fold * n_cols, affine_per_row,
                    weight + a0 if affine_per_row else weight, bias + a0 if affine_per_row else bias, stream)
 
 
@@ -1139,6 +1167,8 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
     cdef Py_ssize_t batch_index, first, batch_size, u, n, s
     cdef bint prefetch = n_samples * n_rows * n_cols * sizeof(floating) >= PREFETCH_INPUT_BYTES
+    # the normalization takes a tile's rows `fold` at a time (see WIDE_ROW)
+    cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef double[::1] tile_stats
     cdef floating[:, ::1] column_mean_hi, column_scale, column_shift
     cdef double[:, ::1] scratch
@@ -1146,9 +1176,9 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
         return
     dtype = float_dtype(x)
     tile_stats = np.empty(2 * n_samples * tiles * groups)
-    column_mean_hi = np.empty((n_samples, n_cols), dtype=dtype)
-    column_scale = np.empty((n_samples, n_cols), dtype=dtype)
-    column_shift = np.empty((n_samples, n_cols), dtype=dtype)
+    column_mean_hi = np.empty((n_samples, fold * n_cols), dtype=dtype)
+    column_scale = np.empty((n_samples, fold * n_cols), dtype=dtype)
+    column_shift = np.empty((n_samples, fold * n_cols), dtype=dtype)
     scratch = per_thread_zeros(num_threads, 3 * n_cols, np.float64)   # room for double sums, which float input may need
     if n_samples % num_threads == 0 or n_samples >= 8 * num_threads:
         # Whole samples per thread, evenly shared, and no waiting on each other: each thread's sample is read
@@ -1161,12 +1191,12 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
                 for s in range(n * groups, (n + 1) * groups):
                     columns_group_constants(&tile_stats[0], s, tiles, tile_rows, n_rows, n_cols, groups,
                                             cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
-                                            &mean[0], &rstd[0], &column_mean_hi[0, 0], &column_scale[0, 0],
+                                            &mean[0], &rstd[0], fold, &column_mean_hi[0, 0], &column_scale[0, 0],
                                             &column_shift[0, 0])
                 for u in range(n * tiles, (n + 1) * tiles):
-                    columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, &column_mean_hi[0, 0],
-                                           &column_scale[0, 0], &column_shift[0, 0], affine_per_row, &weight[0],
-                                           &bias[0], stream)
+                    columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, fold,
+                                           &column_mean_hi[0, 0], &column_scale[0, 0], &column_shift[0, 0],
+                                           affine_per_row, &weight[0], &bias[0], stream)
             if stream:
                 cynorm_store_fence()
         return
@@ -1182,10 +1212,10 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
             for s in prange(first * groups, (first + batch_size) * groups, schedule="static"):
                 columns_group_constants(&tile_stats[0], s, tiles, tile_rows, n_rows, n_cols, groups,
                                         cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
-                                        &mean[0], &rstd[0], &column_mean_hi[0, 0], &column_scale[0, 0],
+                                        &mean[0], &rstd[0], fold, &column_mean_hi[0, 0], &column_scale[0, 0],
                                         &column_shift[0, 0])
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
-                columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, &column_mean_hi[0, 0],
+                columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, fold, &column_mean_hi[0, 0],
                                        &column_scale[0, 0], &column_shift[0, 0], affine_per_row, &weight[0],
                                        &bias[0], stream)
         if stream:
@@ -1706,19 +1736,6 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
         for c in range(channels):
             dweight[c] = <floating>totals[c]
             dbias[c] = <floating>totals[channels + c]
-
-
-cdef inline Py_ssize_t rows_folded(Py_ssize_t n_cols) noexcept nogil:
-    """How many rows of n_cols values the columns backward takes as one (see WIDE_ROW): the fewest that make a
-    multiple of WIDE_MULTIPLE values, doubled until they make WIDE_ROW."""
-    cdef Py_ssize_t fold = 1
-    if n_cols >= WIDE_ROW:
-        return 1
-    while (fold * n_cols) % WIDE_MULTIPLE:
-        fold += 1
-    while fold * n_cols < WIDE_ROW:
-        fold *= 2
-    return fold
 
 
 def backward_columns(size_t dy,        # IN  (n_samples * n_rows * n_cols,)

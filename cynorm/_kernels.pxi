@@ -1394,6 +1394,18 @@ cdef inline void flush_parameter_terms(floating* dweight_run, floating* dbias_ru
         dbias_run[c] = 0
 
 
+cdef inline void input_gradient_coefficients(double sum_g, double sum_g_xhat, Py_ssize_t length, double mean,
+                                             double rstd, bint centered,
+                                             floating* coefs) noexcept nogil:  # OUT coef_x, coef_0
+    """A row's coefficients of dx = rstd * weight * dy + coef_x * (x - mean_hi) + coef_0 from its gradient sums;
+    the low part of the mean goes into the constant."""
+    cdef floating mean_lo = <floating>(mean - <double><floating>mean)
+    cdef double k1 = sum_g / length if centered else 0.0
+    cdef double k2 = sum_g_xhat / length
+    coefs[0] = <floating>(-rstd * rstd * k2)
+    coefs[1] = <floating>(-rstd * k1 + rstd * rstd * k2 * mean_lo)
+
+
 cdef inline void add_row_terms(const floating* dy, const floating* x,   # IN  the block's rows, k at k * row_stride
                                Py_ssize_t row_stride, Py_ssize_t k, Py_ssize_t count, Py_ssize_t length,
                                const double* mean, const double* rstd,   # IN  rows k at k * stat_stride
@@ -1436,7 +1448,8 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
     cdef floating mean_lo = <floating>(mean - <double>mean_hi)
     cdef floating rs = <floating>rstd
     cdef floating coef_x, coef_0
-    cdef double sum_g = 0, sum_g_xhat = 0, sum_dy, sum_dy_xhat, k1, k2
+    cdef double sum_g = 0, sum_g_xhat = 0, sum_dy, sum_dy_xhat
+    cdef floating coefs[2]
     cdef Py_ssize_t c, channels = length // inner
     if inner == 1:
         # one element per channel: the row sums weighted
@@ -1453,11 +1466,9 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
         sums[0] = sum_g
         sums[1] = sum_g_xhat
         return
-    k1 = sum_g / length if centered else 0.0
-    k2 = sum_g_xhat / length
-    # the low part of the mean goes into the constant: dx = scale * dy + coef_x * (x - mean_hi) + coef_0
-    coef_x = <floating>(-rstd * rstd * k2)
-    coef_0 = <floating>(-rstd * k1 + rstd * rstd * k2 * mean_lo)
+    input_gradient_coefficients(sum_g, sum_g_xhat, length, mean, rstd, centered, coefs)
+    coef_x = coefs[0]
+    coef_0 = coefs[1]
     if not stream and next_x == NULL:
         input_gradient_values(dy, x, dx, length, 0, inner, weight, rstd, mean_hi, coef_x, coef_0)
         return
@@ -1546,21 +1557,21 @@ cdef inline void short_rows_backward(const floating* dy, const floating* x,   # 
 
 cdef inline void input_gradient_range(const floating* dy, const floating* x, floating* dx,   # one row
                                       Py_ssize_t start, Py_ssize_t stop,   # the elements written
-                                      const floating* weight,              # IN  the row's channels, one value each
+                                      Py_ssize_t inner,                    # elements per channel
+                                      const floating* weight,              # IN  the row's channels
                                       double rstd, floating mean_hi, floating coef_x, floating coef_0,
                                       bint stream) noexcept nogil:
-    """dx of elements [start, stop) of a row of one element per channel, with streaming stores if `stream` (the
-    caller fences them)."""
+    """dx of elements [start, stop) of a row, with streaming stores if `stream` (the caller fences them)."""
     cdef floating buffer[STREAM_BLOCK]
     cdef Py_ssize_t block = start, end
     if not stream:
-        input_gradient_values(dy + start, x + start, dx + start, stop - start, start, 1, weight, rstd, mean_hi,
+        input_gradient_values(dy + start, x + start, dx + start, stop - start, start, inner, weight, rstd, mean_hi,
                               coef_x, coef_0)
         return
     while block < stop:
         end = streamed_block_end(dx, block, stop)
-        input_gradient_values(dy + block, x + block, buffer, end - block, block, 1, weight, rstd, mean_hi, coef_x,
-                              coef_0)
+        input_gradient_values(dy + block, x + block, buffer, end - block, block, inner, weight, rstd, mean_hi,
+                              coef_x, coef_0)
         stream_copy(dx + block, buffer, end - block)
         block = end
 
@@ -1578,8 +1589,7 @@ cdef void long_rows_backward(const floating* dy, const floating* x, const double
     cdef Py_ssize_t chunks = (length + CHUNK - 1) // CHUNK
     cdef Py_ssize_t n_samples = n_rows // groups
     cdef Py_ssize_t u, r, g, n, k, start, m, c
-    cdef floating mean_lo
-    cdef double sum_g, sum_g_xhat, k1, k2, row_mean
+    cdef double sum_g, sum_g_xhat
     cdef double[::1] sums = np.empty(2 * n_rows * chunks)
     cdef floating[::1] coefs = np.empty(2 * n_rows, dtype=float_dtype(x))
     cdef Py_ssize_t slabs = (length + CHANNEL_SLAB - 1) // CHANNEL_SLAB
@@ -1604,12 +1614,8 @@ cdef void long_rows_backward(const floating* dy, const floating* x, const double
             for k in range(chunks):
                 sum_g += sums[2 * (r * chunks + k)]
                 sum_g_xhat += sums[2 * (r * chunks + k) + 1]
-            row_mean = mean[r] if mean != NULL else 0
-            mean_lo = <floating>(row_mean - <double><floating>row_mean)
-            k1 = sum_g / length if centered else 0.0
-            k2 = sum_g_xhat / length
-            coefs[2 * r] = <floating>(-rstd[r] * rstd[r] * k2)
-            coefs[2 * r + 1] = <floating>(-rstd[r] * k1 + rstd[r] * rstd[r] * k2 * mean_lo)
+            input_gradient_coefficients(sum_g, sum_g_xhat, length, mean[r] if mean != NULL else 0, rstd[r],
+                                        centered, &coefs[2 * r])
     with nogil, parallel(num_threads=num_threads):
         weight_run = &running[threadid(), 0]
         bias_run = weight_run + CHANNEL_SLAB
@@ -1622,7 +1628,7 @@ cdef void long_rows_backward(const floating* dy, const floating* x, const double
             memset(weight_partial, 0, 2 * CHANNEL_SLAB * sizeof(double))
             for n in range(n_samples):
                 r = n * groups + g
-                input_gradient_range(&dy[r * length], &x[r * length], &dx[r * length], start, start + m,
+                input_gradient_range(&dy[r * length], &x[r * length], &dx[r * length], start, start + m, 1,
                                      &weight[g * length], rstd[r], <floating>(mean[r] if mean != NULL else 0),
                                      coefs[2 * r], coefs[2 * r + 1], stream)
                 add_row_terms(&dy[g * length + start], &x[g * length + start], groups * length, n, n_samples, m,
@@ -1631,6 +1637,58 @@ cdef void long_rows_backward(const floating* dy, const floating* x, const double
             for c in range(m):
                 dweight[g * length + start + c] = <floating>weight_partial[c]
                 dbias[g * length + start + c] = <floating>bias_partial[c]
+        if stream:
+            cynorm_store_fence()
+
+
+cdef void few_rows_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
+                            const floating* weight, floating* dx, floating* dweight, floating* dbias,
+                            Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
+                            bint centered, bint stream, int num_threads):
+    """rows_backward for fewer than TILE_MULTIPLE long rows of several elements per channel (GroupNorm of one
+    sample with few groups, InstanceNorm of one RGB image), with the channels shared between threads where a
+    thread took a whole row: each channel's sums, then each row's coefficients, then each channel's dx.  The
+    same bits as rows_backward, which gives each of so few rows a block of its own."""
+    cdef Py_ssize_t length = chans_per_group * inner, n_samples = n_rows // groups
+    cdef Py_ssize_t u, r, c, n, g
+    cdef double sum_g, sum_g_xhat, weight_total, bias_total, unused[2]
+    cdef double[::1] channel_sums = np.zeros(2 * n_rows * chans_per_group)   # [row][channel][sum(dy) | dy * xhat]
+    cdef floating[::1] coefs = np.empty(2 * n_rows, dtype=float_dtype(x))
+    with nogil, parallel(num_threads=num_threads):
+        for u in prange(n_rows * chans_per_group, schedule="static"):
+            r = u // chans_per_group
+            c = u % chans_per_group
+            # (backward_row's sums of a row of one channel, which gradient_sums keeps one caller)
+            backward_row(&dy[r * length + c * inner], &x[r * length + c * inner], NULL, inner, inner,
+                         &weight[(r % groups) * chans_per_group + c], mean[r] if mean != NULL else 0, rstd[r],
+                         centered, &channel_sums[2 * u + 1], &channel_sums[2 * u], False, NULL, NULL, unused)
+    with nogil:
+        # each row's weighted sums in channel order, and its coefficients, as backward_row adds and computes them
+        for r in range(n_rows):
+            sum_g = 0
+            sum_g_xhat = 0
+            for c in range(chans_per_group):
+                sum_g += weight[(r % groups) * chans_per_group + c] * channel_sums[2 * (r * chans_per_group + c)]
+                sum_g_xhat += weight[(r % groups) * chans_per_group + c] * channel_sums[2 * (r * chans_per_group + c) + 1]
+            input_gradient_coefficients(sum_g, sum_g_xhat, length, mean[r] if mean != NULL else 0, rstd[r],
+                                        centered, &coefs[2 * r])
+        # each channel's samples in order, as rows_backward adds its blocks of one row
+        for u in range(groups * chans_per_group):
+            g = u // chans_per_group
+            weight_total = 0
+            bias_total = 0
+            for n in range(n_samples):
+                weight_total += channel_sums[2 * ((n * groups + g) * chans_per_group + u % chans_per_group) + 1]
+                bias_total += channel_sums[2 * ((n * groups + g) * chans_per_group + u % chans_per_group)]
+            dweight[u] = <floating>weight_total
+            dbias[u] = <floating>bias_total
+    with nogil, parallel(num_threads=num_threads):
+        for u in prange(n_rows * chans_per_group, schedule="static"):
+            r = u // chans_per_group
+            c = u % chans_per_group
+            input_gradient_range(&dy[r * length], &x[r * length], &dx[r * length], c * inner, (c + 1) * inner, inner,
+                                 &weight[(r % groups) * chans_per_group], rstd[r],
+                                 <floating>(mean[r] if mean != NULL else 0), coefs[2 * r], coefs[2 * r + 1], stream)
         if stream:
             cynorm_store_fence()
 
@@ -1682,6 +1740,10 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     if inner == 1 and length >= LONG_ROW:
         long_rows_backward(dy, x, mean, rstd, weight, dx, dweight, dbias, n_rows, groups, length, centered, stream,
                            num_threads)
+        return
+    if inner > 1 and length >= LONG_ROW and n_rows < TILE_MULTIPLE:
+        few_rows_backward(dy, x, mean, rstd, weight, dx, dweight, dbias, n_rows, groups, chans_per_group, inner,
+                          centered, stream, num_threads)
         return
     # blocks of nearly equal size, a multiple of TILE_MULTIPLE of them (as the columns view's tiles): 5 blocks
     # left a thread idle for a fifth of a layer norm backward on rows of 24 or 100 values

@@ -17,7 +17,7 @@ def _module(name):
 
 
 def _run_all_kernels(module, dtype, stream):
-    """Forward and backward of a rows case and a columns case, with adversarial data, as raw kernel calls;
+    """Forward and backward of two rows cases and a columns case, with adversarial data, as raw kernel calls;
     `stream`: the forward and the backward write their outputs with streaming stores."""
     rng = np.random.default_rng(7)
     results = []
@@ -34,6 +34,20 @@ def _run_all_kernels(module, dtype, stream):
     dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
     module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
                          rows, 1, length, 1, True, stream, 2)
+    results += [y, mean, rstd, dx, dweight, dbias]
+
+    # one sample of 3 channels of 1500 values in 1 group (the backward shares out the channels)
+    channels, inner = 3, 1500
+    x = (rng.standard_normal(channels * inner) - 20).astype(dtype)
+    dy = rng.standard_normal(x.size).astype(dtype)
+    weight = rng.standard_normal(channels).astype(dtype)
+    bias = rng.standard_normal(channels).astype(dtype)
+    y, mean, rstd = np.empty_like(x), np.empty(1), np.empty(1)
+    module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, 1, 1, channels, inner,
+                        1e-5, True, stream, 2)
+    dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
+    module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
+                         1, 1, channels, inner, True, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
 
     samples, n_rows, n_cols, groups = 3, 301, 24, 6

@@ -1668,8 +1668,9 @@ cdef void few_rows_backward(const floating* dy, const floating* x, const double*
             sum_g = 0
             sum_g_xhat = 0
             for c in range(chans_per_group):
-                sum_g += weight[(r % groups) * chans_per_group + c] * channel_sums[2 * (r * chans_per_group + c)]
-                sum_g_xhat += weight[(r % groups) * chans_per_group + c] * channel_sums[2 * (r * chans_per_group + c) + 1]
+                u = r * chans_per_group + c
+                sum_g += weight[(r % groups) * chans_per_group + c] * channel_sums[2 * u]
+                sum_g_xhat += weight[(r % groups) * chans_per_group + c] * channel_sums[2 * u + 1]
             input_gradient_coefficients(sum_g, sum_g_xhat, length, mean[r] if mean != NULL else 0, rstd[r],
                                         centered, &coefs[2 * r])
         # each channel's samples in order, as rows_backward adds its blocks of one row

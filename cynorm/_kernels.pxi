@@ -286,9 +286,10 @@ cdef enum:
     TERM_ROWS = 4
     # Rows backward, one element per channel: rows of at least LONG_ROW values are cut into CHUNK-sized pieces
     # for their gradient sums, and their dx and parameter terms are shared out CHANNEL_SLAB channels at a time
-    # (long_rows_backward).  Layer norm backward: 64 rows of 4096 values 1.2x, 8 of 65536 3.9x, one of 2**20
-    # 30-40x.
-    LONG_ROW = 4096
+    # (long_rows_backward).  Layer norm backward: 512 rows of 8192 values 1.2x, 256 of 16384 1.6x, 8 of 65536
+    # 3.9x, one of 2**20 30-40x.  (From 4096 values, 64 rows gained 1.1x but 2048 rows, 32 MiB, lost 6 %: the
+    # pieces read the rows twice from memory, where a row at a time reads each from cache the second time.)
+    LONG_ROW = 8192
     CHANNEL_SLAB = 2048
     # Columns view without a weight along the rows, fewer than WIDE_ROW columns (channels-last with few
     # channels): the backward's sums and dx and the forward's normalization take a tile's rows several at a time

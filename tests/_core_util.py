@@ -215,7 +215,7 @@ SPLIT_CASES = (
     NormCase("rms", (1, 100_000), -1),
     NormCase("layer", (3, 40_000), -1),
     NormCase("group", (3, 4, 100, 100), 1, 1),
-    NormCase("group", (3, 9000), 1, 2),
+    NormCase("group", (3, 18000), 1, 2),
 )
 
 

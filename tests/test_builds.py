@@ -21,7 +21,7 @@ def _run_all_kernels(module, dtype, stream):
     `stream`: the forward and the backward write their outputs with streaming stores."""
     rng = np.random.default_rng(7)
     results = []
-    rows, length = 5, 4099   # a partial chunk and a lane tail
+    rows, length = 5, 8195   # a partial chunk and a lane tail; the backward's long rows
     x = (1e4 + rng.standard_normal(rows * length)).astype(dtype)
     dy = rng.standard_normal(x.size).astype(dtype)
     weight = rng.standard_normal(length).astype(dtype)
@@ -36,8 +36,8 @@ def _run_all_kernels(module, dtype, stream):
                          rows, 1, length, 1, True, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
 
-    # one sample of 3 channels of 1500 values in 1 group (the backward shares out the channels)
-    channels, inner = 3, 1500
+    # one sample of 3 channels of 3000 values in 1 group (the backward shares out the channels)
+    channels, inner = 3, 3000
     x = (rng.standard_normal(channels * inner) - 20).astype(dtype)
     dy = rng.standard_normal(x.size).astype(dtype)
     weight = rng.standard_normal(channels).astype(dtype)

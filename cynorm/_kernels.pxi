@@ -292,11 +292,11 @@ cdef enum:
     LONG_ROW = 8192
     CHANNEL_SLAB = 2048
     # Columns view without a weight along the rows, fewer than WIDE_ROW columns (channels-last with few
-    # channels): the backward's sums and dx and the forward's normalization take a tile's rows several at a time
-    # as one row of a multiple of WIDE_MULTIPLE values (rows_folded), so that the loops over a row run whole
-    # vectors (the forward's statistics still take a row at a time).  GroupNorm (32,26,26,10) channels-last, the
-    # Keras tutorial's: backward 2.4x, forward 1.37x; (1,262144,3) 3.8x and 1.7x; (8,2048,20) 1.8x and 1.4x.
-    # (Folding rows of 32 columns into 64 was slower.)
+    # channels): the statistics, the normalization, and the backward's sums and dx take a tile's rows several at
+    # a time as one row of a multiple of WIDE_MULTIPLE values (rows_folded), so that the loops over a row run
+    # whole vectors.  GroupNorm (32,26,26,10) channels-last, the Keras tutorial's: backward 2.4x, forward
+    # 1.37x with the normalization folded and 1.18x more with the statistics; (1,262144,3) 3.8x and 1.7x, 2.0x;
+    # (8,2048,20) 1.8x and 1.4x, 1.18x.  (Folding rows of 32 columns into 64 was slower.)
     WIDE_ROW = 32
     WIDE_MULTIPLE = 16
     # Columns view: the statistics and gradient sums of this many columns at a time are kept in local arrays
@@ -592,16 +592,19 @@ cdef inline Py_ssize_t rows_ahead(Py_ssize_t row_bytes, Py_ssize_t ahead_bytes) 
 
 
 cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
-                                     bint centered, const accumulator* centre,   # IN (n_cols,)
-                                     accumulator* s1, accumulator* s2,          # scratch (n_cols,) each
+                                     Py_ssize_t fold, bint centered,
+                                     const accumulator* centre,   # IN (fold * n_cols,) each column's, `fold` times
+                                     accumulator* s1, accumulator* s2,          # scratch (fold * n_cols,) each
                                      Py_ssize_t readable_rows,
                                      double* out) noexcept nogil:   # OUT (groups, 2)
     """Per-group mean and M2 from sums of deviations from `centre`, as moments_in_lanes does for a chunk.
     Returns whether every centre was close enough to its group's mean for the result to be accurate.
-    Rows ahead are prefetched up to row `readable_rows` of x (0: no prefetching)."""
+    Rows ahead are prefetched up to row `readable_rows` of x (0: no prefetching).  The rows are taken `fold`
+    at a time, as rows of fold * n_cols columns (see WIDE_ROW), the rows left over one at a time."""
     cdef Py_ssize_t cols_per_group = n_cols // groups
-    cdef Py_ssize_t a, col, g, quad, c0, blk, block_width
-    cdef Py_ssize_t ahead = rows_ahead(n_cols * sizeof(floating), PREFETCH_AHEAD_BYTES)
+    cdef Py_ssize_t width = fold * n_cols, wide_rows = rows // fold, readable_wide_rows = readable_rows // fold
+    cdef Py_ssize_t a, col, g, j, quad, c0, blk, block_width
+    cdef Py_ssize_t ahead = rows_ahead(width * sizeof(floating), PREFETCH_AHEAD_BYTES)
     cdef accumulator b1[COLUMN_BLOCK]
     cdef accumulator b2[COLUMN_BLOCK]
     cdef const floating* row
@@ -613,29 +616,29 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
     # (1,4096,512) 1.07x).  The sums of COLUMN_BLOCK columns at a time are kept in local arrays, which no
     # pointer can reach, so the compiler vectorizes the loop without checking pointers for overlap every four
     # rows (forwards 1.02-1.06x, rows of 10 columns 1.39x).
-    for blk in range((n_cols + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
+    for blk in range((width + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
         c0 = blk * COLUMN_BLOCK
-        block_width = min(<Py_ssize_t>COLUMN_BLOCK, n_cols - c0)
+        block_width = min(<Py_ssize_t>COLUMN_BLOCK, width - c0)
         for col in range(block_width):
             b1[col] = 0
             b2[col] = 0
-        for quad in range(rows // 4):
-            row = x + 4 * quad * n_cols + c0
+        for quad in range(wide_rows // 4):
+            row = x + 4 * quad * width + c0
             if c0 == 0:
                 for a in range(4 * quad, 4 * quad + 4):
-                    if a + ahead < readable_rows:
-                        cynorm_prefetch_lines(x + (a + ahead) * n_cols, n_cols * sizeof(floating))
+                    if a + ahead < readable_wide_rows:
+                        cynorm_prefetch_lines(x + (a + ahead) * width, width * sizeof(floating))
             for col in range(block_width):
                 d0 = row[col] - centre[c0 + col]
-                d1 = row[n_cols + col] - centre[c0 + col]
-                d2 = row[2 * n_cols + col] - centre[c0 + col]
-                d3 = row[3 * n_cols + col] - centre[c0 + col]
+                d1 = row[width + col] - centre[c0 + col]
+                d2 = row[2 * width + col] - centre[c0 + col]
+                d3 = row[3 * width + col] - centre[c0 + col]
                 b1[col] = (((b1[col] + d0) + d1) + d2) + d3
                 b2[col] = (((b2[col] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
-        for a in range(rows // 4 * 4, rows):
-            row = x + a * n_cols + c0
-            if c0 == 0 and a + ahead < readable_rows:
-                cynorm_prefetch_lines(x + (a + ahead) * n_cols, n_cols * sizeof(floating))
+        for a in range(wide_rows // 4 * 4, wide_rows):
+            row = x + a * width + c0
+            if c0 == 0 and a + ahead < readable_wide_rows:
+                cynorm_prefetch_lines(x + (a + ahead) * width, width * sizeof(floating))
             for col in range(block_width):
                 d = row[col] - centre[c0 + col]
                 b1[col] += d
@@ -643,12 +646,19 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
         for col in range(block_width):
             s1[c0 + col] = b1[col]
             s2[c0 + col] = b2[col]
+    for a in range(wide_rows * fold, rows):
+        row = x + a * n_cols
+        for col in range(n_cols):
+            d = row[col] - centre[col]
+            s1[col] += d
+            s2[col] += d * d
     for g in range(groups):
         t1 = 0
         t2 = 0
-        for col in range(g * cols_per_group, (g + 1) * cols_per_group):
-            t1 += s1[col]
-            t2 += s2[col]
+        for j in range(fold):
+            for col in range(j * n_cols + g * cols_per_group, j * n_cols + (g + 1) * cols_per_group):
+                t1 += s1[col]
+                t2 += s2[col]
         if centered:
             accurate = accurate and not (t1 * t1 > 0.75 * count * t2)
             out[2 * g] = centre[g * cols_per_group] + t1 / count
@@ -662,37 +672,44 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
 
 
 cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
-                                 Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups, bint centered,
-                                 accumulator* scratch,     # 3 * n_cols
+                                 Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t fold,
+                                 bint centered,
+                                 accumulator* scratch,     # 3 * fold * n_cols
                                  Py_ssize_t readable_rows,
                                  double* out) noexcept nogil:  # OUT (groups, 2): mean, M2 of each column group
     """Columns view: moments of each group of consecutive columns over a tile of rows, vectorized across
-    columns.  Centres come from the tile's first rows, or from the whole tile if those were unrepresentative.
-    `readable_rows` as in tile_moments_around."""
+    columns (`fold` rows at a time, see tile_moments_around).  Centres come from the tile's first rows, or from
+    the whole tile if those were unrepresentative.  `readable_rows` as in tile_moments_around."""
+    cdef Py_ssize_t width = fold * n_cols, col
     cdef accumulator* centre = scratch
-    cdef accumulator* s1 = scratch + n_cols
-    cdef accumulator* s2 = scratch + 2 * n_cols
+    cdef accumulator* s1 = scratch + width
+    cdef accumulator* s2 = scratch + 2 * width
     if not centered:
-        memset(centre, 0, n_cols * sizeof(accumulator))
-        tile_moments_around(x, rows, n_cols, groups, centered, centre, s1, s2, readable_rows, out)
+        memset(centre, 0, width * sizeof(accumulator))
+        tile_moments_around(x, rows, n_cols, groups, fold, centered, centre, s1, s2, readable_rows, out)
         return
     set_group_centres(x, min(rows, <Py_ssize_t>HEAD_ROWS), n_cols, groups, s1, centre)
-    if not tile_moments_around(x, rows, n_cols, groups, centered, centre, s1, s2, readable_rows, out):
+    for col in range(n_cols, width):
+        centre[col] = centre[col - n_cols]
+    if not tile_moments_around(x, rows, n_cols, groups, fold, centered, centre, s1, s2, readable_rows, out):
         set_group_centres(x, rows, n_cols, groups, s1, centre)
-        tile_moments_around(x, rows, n_cols, groups, centered, centre, s1, s2, 0, out)
+        for col in range(n_cols, width):
+            centre[col] = centre[col - n_cols]
+        tile_moments_around(x, rows, n_cols, groups, fold, centered, centre, s1, s2, 0, out)
 
 
 cdef inline void tile_moments(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
-                              bint centered, double* scratch, Py_ssize_t readable_rows, double* out) noexcept nogil:
+                              Py_ssize_t fold, bint centered, double* scratch, Py_ssize_t readable_rows,
+                              double* out) noexcept nogil:
     """tile_moments_in with float sums for float input, redone in double if they overflow (as chunk_moments)."""
     cdef Py_ssize_t g
     if floating is double:
-        tile_moments_in(x, rows, n_cols, groups, centered, scratch, readable_rows, out)
+        tile_moments_in(x, rows, n_cols, groups, fold, centered, scratch, readable_rows, out)
     else:
-        tile_moments_in(x, rows, n_cols, groups, centered, <float*>scratch, readable_rows, out)
+        tile_moments_in(x, rows, n_cols, groups, fold, centered, <float*>scratch, readable_rows, out)
         for g in range(2 * groups):
             if not isfinite(out[g]):
-                tile_moments_in(x, rows, n_cols, groups, centered, scratch, 0, out)
+                tile_moments_in(x, rows, n_cols, groups, fold, centered, scratch, 0, out)
                 return
 
 
@@ -1078,12 +1095,13 @@ cdef inline Py_ssize_t rows_folded(Py_ssize_t n_cols) noexcept nogil:
 
 cdef inline void columns_tile_moments(const floating* x,        # IN  (n_samples, n_rows, n_cols)
                                       Py_ssize_t u, Py_ssize_t tiles, Py_ssize_t tile_rows,
-                                      Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, bint centered,
+                                      Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t fold,
+                                      bint centered,
                                       bint prefetch,             # ask for the rows ahead, up to the sample's end
-                                      double* scratch,           # 3 * n_cols
+                                      double* scratch,           # 3 * fold * n_cols
                                       double* tile_stats) noexcept nogil:   # OUT tile_stats[u]: (groups, 2)
     cdef Py_ssize_t a0 = (u % tiles) * tile_rows
-    tile_moments(x + ((u // tiles) * n_rows + a0) * n_cols, min(tile_rows, n_rows - a0), n_cols, groups,
+    tile_moments(x + ((u // tiles) * n_rows + a0) * n_cols, min(tile_rows, n_rows - a0), n_cols, groups, fold,
                  centered, scratch, n_rows - a0 if prefetch else 0, tile_stats + 2 * u * groups)
 
 
@@ -1168,7 +1186,7 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
     cdef Py_ssize_t batch_index, first, batch_size, u, n, s
     cdef bint prefetch = n_samples * n_rows * n_cols * sizeof(floating) >= PREFETCH_INPUT_BYTES
-    # the normalization takes a tile's rows `fold` at a time (see WIDE_ROW)
+    # a tile's rows are taken `fold` at a time (see WIDE_ROW)
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef double[::1] tile_stats
     cdef floating[:, ::1] column_mean_hi, column_scale, column_shift
@@ -1180,14 +1198,15 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     column_mean_hi = np.empty((n_samples, fold * n_cols), dtype=dtype)
     column_scale = np.empty((n_samples, fold * n_cols), dtype=dtype)
     column_shift = np.empty((n_samples, fold * n_cols), dtype=dtype)
-    scratch = per_thread_zeros(num_threads, 3 * n_cols, np.float64)   # room for double sums, which float input may need
+    # (room for double sums, which float input may need)
+    scratch = per_thread_zeros(num_threads, 3 * fold * n_cols, np.float64)
     if n_samples % num_threads == 0 or n_samples >= 8 * num_threads:
         # Whole samples per thread, evenly shared, and no waiting on each other: each thread's sample is read
         # for its statistics, then normalized while it is still in the last-level cache.
         with nogil, parallel(num_threads=num_threads):
             for n in prange(n_samples, schedule="static"):
                 for u in range(n * tiles, (n + 1) * tiles):
-                    columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, centered, prefetch,
+                    columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, fold, centered, prefetch,
                                          &scratch[threadid(), 0], &tile_stats[0])
                 for s in range(n * groups, (n + 1) * groups):
                     columns_group_constants(&tile_stats[0], s, tiles, tile_rows, n_rows, n_cols, groups,
@@ -1208,7 +1227,7 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
             first = batch_index * batch
             batch_size = min(batch, n_samples - first)
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
-                columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, centered, prefetch,
+                columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, fold, centered, prefetch,
                                      &scratch[threadid(), 0], &tile_stats[0])
             for s in prange(first * groups, (first + batch_size) * groups, schedule="static"):
                 columns_group_constants(&tile_stats[0], s, tiles, tile_rows, n_rows, n_cols, groups,

@@ -1666,22 +1666,29 @@ cdef void few_rows_backward(const floating* dy, const floating* x, const double*
                             Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
                             bint centered, bint stream, int num_threads):
     """rows_backward for fewer than TILE_MULTIPLE long rows of several elements per channel (GroupNorm of one
-    sample with few groups, InstanceNorm of one RGB image), with the channels shared between threads where a
-    thread took a whole row: each channel's sums, then each row's coefficients, then each channel's dx.  The
-    same bits as rows_backward, which gives each of so few rows a block of its own."""
+    sample with few groups, InstanceNorm of one RGB image), shared between threads by CHUNK-sized pieces of
+    each channel where a thread took a whole row: every piece's sums, then each channel's (the pieces added in
+    order, as gradient_sums adds its chunks) and each row's coefficients, then every piece's dx.  The same bits
+    as rows_backward, which gives each of so few rows a block of its own."""
     cdef Py_ssize_t length = chans_per_group * inner, n_samples = n_rows // groups
-    cdef Py_ssize_t u, r, c, n, g
+    # channels cut into CHUNK-sized pieces only when there are too few to share (more pieces cost 3-5 %)
+    cdef Py_ssize_t piece = CHUNK if n_rows * chans_per_group < 16 else inner
+    cdef Py_ssize_t pieces = (inner + piece - 1) // piece
+    cdef Py_ssize_t u, r, c, k, n, g, start, m
     cdef double sum_g, sum_g_xhat, weight_total, bias_total, unused[2]
+    cdef double[::1] piece_sums = np.zeros(2 * n_rows * chans_per_group * pieces)   # [row][channel][piece][2]
     cdef double[::1] channel_sums = np.zeros(2 * n_rows * chans_per_group)   # [row][channel][sum(dy) | dy * xhat]
     cdef floating[::1] coefs = np.empty(2 * n_rows, dtype=float_dtype(x))
     with nogil, parallel(num_threads=num_threads):
-        for u in prange(n_rows * chans_per_group, schedule="static"):
-            r = u // chans_per_group
-            c = u % chans_per_group
+        for u in prange(n_rows * chans_per_group * pieces, schedule="static"):
+            r = u // (chans_per_group * pieces)
+            c = (u // pieces) % chans_per_group
+            start = c * inner + (u % pieces) * piece
+            m = min(piece, (c + 1) * inner - start)
             # (backward_row's sums of a row of one channel, which gradient_sums keeps one caller)
-            backward_row(&dy[r * length + c * inner], &x[r * length + c * inner], NULL, inner, inner,
+            backward_row(&dy[r * length + start], &x[r * length + start], NULL, m, m,
                          &weight[(r % groups) * chans_per_group + c], mean[r] if mean != NULL else 0, rstd[r],
-                         centered, &channel_sums[2 * u + 1], &channel_sums[2 * u], False, NULL, NULL, unused)
+                         centered, &piece_sums[2 * u + 1], &piece_sums[2 * u], False, NULL, NULL, unused)
     with nogil:
         # each row's weighted sums in channel order, and its coefficients, as backward_row adds and computes them
         for r in range(n_rows):
@@ -1689,6 +1696,9 @@ cdef void few_rows_backward(const floating* dy, const floating* x, const double*
             sum_g_xhat = 0
             for c in range(chans_per_group):
                 u = r * chans_per_group + c
+                for k in range(pieces):
+                    channel_sums[2 * u] += piece_sums[2 * (u * pieces + k)]
+                    channel_sums[2 * u + 1] += piece_sums[2 * (u * pieces + k) + 1]
                 sum_g += weight[(r % groups) * chans_per_group + c] * channel_sums[2 * u]
                 sum_g_xhat += weight[(r % groups) * chans_per_group + c] * channel_sums[2 * u + 1]
             input_gradient_coefficients(sum_g, sum_g_xhat, length, mean[r] if mean != NULL else 0, rstd[r],
@@ -1704,12 +1714,14 @@ cdef void few_rows_backward(const floating* dy, const floating* x, const double*
             dweight[u] = <floating>weight_total
             dbias[u] = <floating>bias_total
     with nogil, parallel(num_threads=num_threads):
-        for u in prange(n_rows * chans_per_group, schedule="static"):
-            r = u // chans_per_group
-            c = u % chans_per_group
-            input_gradient_range(&dy[r * length], &x[r * length], &dx[r * length], c * inner, (c + 1) * inner, inner,
-                                 &weight[(r % groups) * chans_per_group], rstd[r],
-                                 <floating>(mean[r] if mean != NULL else 0), coefs[2 * r], coefs[2 * r + 1], stream)
+        for u in prange(n_rows * chans_per_group * pieces, schedule="static"):
+            r = u // (chans_per_group * pieces)
+            c = (u // pieces) % chans_per_group
+            start = c * inner + (u % pieces) * piece
+            input_gradient_range(&dy[r * length], &x[r * length], &dx[r * length], start,
+                                 min(start + piece, (c + 1) * inner), inner, &weight[(r % groups) * chans_per_group],
+                                 rstd[r], <floating>(mean[r] if mean != NULL else 0), coefs[2 * r], coefs[2 * r + 1],
+                                 stream)
         if stream:
             cynorm_store_fence()
 

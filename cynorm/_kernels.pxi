@@ -591,6 +591,15 @@ cdef inline Py_ssize_t rows_ahead(Py_ssize_t row_bytes, Py_ssize_t ahead_bytes) 
     return max(1, ahead_bytes // max(row_bytes, 1))
 
 
+cdef inline void repeat_columns(accumulator* values, Py_ssize_t n_cols,
+                                Py_ssize_t width) noexcept nogil:   # INOUT (width,)
+    """Repeats values[:n_cols] along the row up to `width` (a multiple of n_cols): the per-column arrays of rows
+    taken several at a time (see WIDE_ROW)."""
+    cdef Py_ssize_t col
+    for col in range(n_cols, width):
+        values[col] = values[col - n_cols]
+
+
 cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
                                      Py_ssize_t fold, bint centered,
                                      const accumulator* centre,   # IN (fold * n_cols,) each column's, `fold` times
@@ -680,7 +689,7 @@ cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
     """Columns view: moments of each group of consecutive columns over a tile of rows, vectorized across
     columns (`fold` rows at a time, see tile_moments_around).  Centres come from the tile's first rows, or from
     the whole tile if those were unrepresentative.  `readable_rows` as in tile_moments_around."""
-    cdef Py_ssize_t width = fold * n_cols, col
+    cdef Py_ssize_t width = fold * n_cols
     cdef accumulator* centre = scratch
     cdef accumulator* s1 = scratch + width
     cdef accumulator* s2 = scratch + 2 * width
@@ -689,12 +698,10 @@ cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
         tile_moments_around(x, rows, n_cols, groups, fold, centered, centre, s1, s2, readable_rows, out)
         return
     set_group_centres(x, min(rows, <Py_ssize_t>HEAD_ROWS), n_cols, groups, s1, centre)
-    for col in range(n_cols, width):
-        centre[col] = centre[col - n_cols]
+    repeat_columns(centre, n_cols, width)
     if not tile_moments_around(x, rows, n_cols, groups, fold, centered, centre, s1, s2, readable_rows, out):
         set_group_centres(x, rows, n_cols, groups, s1, centre)
-        for col in range(n_cols, width):
-            centre[col] = centre[col - n_cols]
+        repeat_columns(centre, n_cols, width)
         tile_moments_around(x, rows, n_cols, groups, fold, centered, centre, s1, s2, 0, out)
 
 
@@ -1924,10 +1931,9 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
                     &column_sums[2 * n * n_cols],
                     &channel_sums[2 * n * channels], &column_scale[n, 0], &column_coef_x[n, 0],
                     &column_coef_0[n, 0])
-                for j in range(n_cols, wide):
-                    column_scale[n, j] = column_scale[n, j - n_cols]
-                    column_coef_x[n, j] = column_coef_x[n, j - n_cols]
-                    column_coef_0[n, j] = column_coef_0[n, j - n_cols]
+                repeat_columns(&column_scale[n, 0], n_cols, wide)
+                repeat_columns(&column_coef_x[n, 0], n_cols, wide)
+                repeat_columns(&column_coef_0[n, 0], n_cols, wide)
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
                 n = u // tiles
                 a0 = (u % tiles) * tile_rows

@@ -314,9 +314,6 @@ cdef enum:
     # The backward's sums and dx in lanes pay for moving three arrays in and out of them: against rows one at a
     # time (with TERM_ROWS), rows of 4 values 1.6x, 10 1.3x, 16 1.2x, 20 1.13x, but 24 0.94x.
     SHORT_BACKWARD_ROW = 20
-    # Rows forward: from this input size on, each thread fetches its next row while it normalizes the current
-    # one (below it, the rows are mostly in cache already and the prefetches measured a net cost).
-    PREFETCH_INPUT_BYTES = 4194304
     # Columns view: the statistics and gradient sums of a large input ask for the row about this many bytes
     # ahead (alone, the hardware prefetcher left that pass at a third of the memory's read speed).
     PREFETCH_AHEAD_BYTES = 4096
@@ -1042,26 +1039,28 @@ def forward_rows(size_t x,          # IN  (n_rows * length,)
                  size_t mean,       # OUT (n_rows,) float64
                  size_t rstd,       # OUT (n_rows,) float64
                  bint float64, Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group,
-                 Py_ssize_t inner, double eps, bint centered, bint stream, int num_threads):
+                 Py_ssize_t inner, double eps, bint centered, bint stream, bint prefetch, int num_threads):
     """Rows view forward; row r uses channels (r % groups) * chans_per_group + [0, chans_per_group).
-    `stream`: write y with streaming stores (for outputs too large to stay in cache)."""
+    `stream`: write y with streaming stores (for outputs too large to stay in cache); `prefetch`: ask for
+    the rows ahead (for inputs too large to stay in cache)."""
     if float64:
         rows_forward(<const double*>x, <double*>y, <const double*>weight, <const double*>bias, <double*>mean,
-                     <double*>rstd, n_rows, groups, chans_per_group, inner, eps, centered, stream, num_threads)
+                     <double*>rstd, n_rows, groups, chans_per_group, inner, eps, centered, stream, prefetch,
+                     num_threads)
     else:
         rows_forward(<const float*>x, <float*>y, <const float*>weight, <const float*>bias, <double*>mean,
-                     <double*>rstd, n_rows, groups, chans_per_group, inner, eps, centered, stream, num_threads)
+                     <double*>rstd, n_rows, groups, chans_per_group, inner, eps, centered, stream, prefetch,
+                     num_threads)
 
 
 cdef void rows_forward(const floating* x, floating* y, const floating* weight, const floating* bias,
                        double* mean, double* rstd, Py_ssize_t n_rows, Py_ssize_t groups,
                        Py_ssize_t chans_per_group, Py_ssize_t inner, double eps, bint centered, bint stream,
-                       int num_threads):
+                       bint prefetch, int num_threads):
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t r, u, k, start, chunks, first_channel
     cdef double m2, count, running_mean
     cdef double[::1] chunk_stats
-    cdef bint prefetch = n_rows * length * sizeof(floating) >= PREFETCH_INPUT_BYTES
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     if n_rows == 0 or length == 0:
         return
@@ -1208,28 +1207,27 @@ def forward_columns(size_t x,        # IN  (n_samples * n_rows * n_cols,)
                     size_t rstd,     # OUT (n_samples * groups,) float64
                     bint float64, Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
                     Py_ssize_t cols_per_channel, bint affine_per_row, double eps, bint centered, bint stream,
-                    int num_threads):
+                    bint prefetch, int num_threads):
     """Columns view forward: group g of sample n is columns [g, g+1) * n_cols/groups, reduced over rows.
-    `stream`: write y with streaming stores (for outputs too large to stay in cache)."""
+    `stream` and `prefetch` as for forward_rows."""
     if float64:
         columns_forward(<const double*>x, <double*>y, <const double*>weight, <const double*>bias, <double*>mean,
                         <double*>rstd, n_samples, n_rows, n_cols, groups, cols_per_channel, affine_per_row, eps,
-                        centered, stream, num_threads)
+                        centered, stream, prefetch, num_threads)
     else:
         columns_forward(<const float*>x, <float*>y, <const float*>weight, <const float*>bias, <double*>mean,
                         <double*>rstd, n_samples, n_rows, n_cols, groups, cols_per_channel, affine_per_row, eps,
-                        centered, stream, num_threads)
+                        centered, stream, prefetch, num_threads)
 
 
 cdef void columns_forward(const floating* x, floating* y, const floating* weight, const floating* bias,
                           double* mean, double* rstd, Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols,
                           Py_ssize_t groups, Py_ssize_t cols_per_channel, bint affine_per_row, double eps,
-                          bint centered, bint stream, int num_threads):
+                          bint centered, bint stream, bint prefetch, int num_threads):
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
     cdef Py_ssize_t batch_index, first, batch_size, u, n, s
-    cdef bint prefetch = n_samples * n_rows * n_cols * sizeof(floating) >= PREFETCH_INPUT_BYTES
     # a tile's rows are taken `fold` at a time (see WIDE_ROW)
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef double[::1] tile_stats
@@ -1779,29 +1777,28 @@ def backward_rows(size_t dy,        # IN  (n_rows * length,)
                   size_t dweight,   # OUT (groups * chans_per_group,)
                   size_t dbias,     # OUT (groups * chans_per_group,)
                   bint float64, Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group,
-                  Py_ssize_t inner, bint centered, bint stream, int num_threads):
+                  Py_ssize_t inner, bint centered, bint stream, bint prefetch, int num_threads):
     """Rows view backward.  Rows of a block of samples add into that block's own dweight/dbias partials
     (one task per (block, group): no shared writes); the blocks are then summed in order, in float64.
-    `stream`: write dx with streaming stores (for outputs too large to stay in cache)."""
+    `stream` and `prefetch` as for forward_rows."""
     if float64:
         rows_backward(<const double*>dy, <const double*>x, <const double*>mean, <const double*>rstd,
                       <const double*>weight, <double*>dx, <double*>dweight, <double*>dbias, n_rows, groups,
-                      chans_per_group, inner, centered, stream, num_threads)
+                      chans_per_group, inner, centered, stream, prefetch, num_threads)
     else:
         rows_backward(<const float*>dy, <const float*>x, <const double*>mean, <const double*>rstd,
                       <const float*>weight, <float*>dx, <float*>dweight, <float*>dbias, n_rows, groups,
-                      chans_per_group, inner, centered, stream, num_threads)
+                      chans_per_group, inner, centered, stream, prefetch, num_threads)
 
 
 cdef void rows_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
                         const floating* weight, floating* dx, floating* dweight, floating* dbias,
                         Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
-                        bint centered, bint stream, int num_threads):
+                        bint centered, bint stream, bint prefetch, int num_threads):
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t channels = groups * chans_per_group
     cdef Py_ssize_t n_samples = n_rows // groups
     cdef Py_ssize_t blocks, u, block, g, n, r, c, first, last, block_row, next_row, sub
-    cdef bint prefetch = n_rows * length * sizeof(floating) >= PREFETCH_INPUT_BYTES
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     cdef bint short_rows = length <= SHORT_BACKWARD_ROW and inner == 1
     cdef double[::1] partials, totals
@@ -1887,25 +1884,25 @@ def backward_columns(size_t dy,        # IN  (n_samples * n_rows * n_cols,)
                      size_t dbias,     # OUT same shape as weight
                      bint float64, Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
                      Py_ssize_t cols_per_channel, bint affine_per_row, bint centered, bint stream,
-                     int num_threads):
+                     bint prefetch, int num_threads):
     """Columns view backward: per-column sums over tiles of rows, merged in tile order, then dx; samples
     in batches as in the forward.  The parameter gradients are summed over samples in float64, in order.
-    `stream`: write dx with streaming stores."""
+    `stream` and `prefetch` as for forward_rows."""
     if float64:
         columns_backward(<const double*>dy, <const double*>x, <const double*>mean, <const double*>rstd,
                          <const double*>weight, <double*>dx, <double*>dweight, <double*>dbias, n_samples, n_rows,
-                         n_cols, groups, cols_per_channel, affine_per_row, centered, stream, num_threads)
+                         n_cols, groups, cols_per_channel, affine_per_row, centered, stream, prefetch, num_threads)
     else:
         columns_backward(<const float*>dy, <const float*>x, <const double*>mean, <const double*>rstd,
                          <const float*>weight, <float*>dx, <float*>dweight, <float*>dbias, n_samples, n_rows,
-                         n_cols, groups, cols_per_channel, affine_per_row, centered, stream, num_threads)
+                         n_cols, groups, cols_per_channel, affine_per_row, centered, stream, prefetch, num_threads)
 
 
 cdef void columns_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
                            const floating* weight, floating* dx, floating* dweight, floating* dbias,
                            Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
                            Py_ssize_t cols_per_channel, bint affine_per_row, bint centered, bint stream,
-                           int num_threads):
+                           bint prefetch, int num_threads):
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t channels = n_cols // cols_per_channel
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
@@ -1916,7 +1913,6 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
     # a tile's rows `fold` at a time, as rows of `wide` columns (see WIDE_ROW); the column arrays hold `wide`
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef Py_ssize_t wide = fold * n_cols
-    cdef bint prefetch = n_samples * n_rows * n_cols * sizeof(floating) >= PREFETCH_INPUT_BYTES
     cdef double[::1] tile_sums, column_sums, channel_sums, row_sums
     cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_rstd, column_scale, column_coef_x, column_coef_0
     cdef floating[:, ::1] scratch

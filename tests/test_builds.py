@@ -18,7 +18,8 @@ def _module(name):
 
 def _run_all_kernels(module, dtype, stream):
     """Forward and backward of two rows cases and a columns case, with adversarial data, as raw kernel calls;
-    `stream`: the forward and the backward write their outputs with streaming stores."""
+    `stream`: the forward and the backward write their outputs with streaming stores and prefetch their input
+    (the kernels' paths for arrays that outgrow the cache)."""
     rng = np.random.default_rng(7)
     results = []
     rows, length = 5, 8195   # a partial chunk and a lane tail; the backward's long rows
@@ -30,10 +31,10 @@ def _run_all_kernels(module, dtype, stream):
     at = module.address_of   # the kernels take their arrays by address
     float64 = dtype == np.float64
     module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, rows, 1, length, 1, 1e-5,
-                        True, stream, 2)
+                        True, stream, stream, 2)
     dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
     module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
-                         rows, 1, length, 1, True, stream, 2)
+                         rows, 1, length, 1, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
 
     # one sample of 3 channels of 3000 values in 1 group (the backward shares out the channels)
@@ -44,10 +45,10 @@ def _run_all_kernels(module, dtype, stream):
     bias = rng.standard_normal(channels).astype(dtype)
     y, mean, rstd = np.empty_like(x), np.empty(1), np.empty(1)
     module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, 1, 1, channels, inner,
-                        1e-5, True, stream, 2)
+                        1e-5, True, stream, stream, 2)
     dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
     module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
-                         1, 1, channels, inner, True, stream, 2)
+                         1, 1, channels, inner, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
 
     samples, n_rows, n_cols, groups = 3, 301, 24, 6
@@ -57,10 +58,10 @@ def _run_all_kernels(module, dtype, stream):
     bias = rng.standard_normal(n_cols).astype(dtype)
     y, mean, rstd = np.empty_like(x), np.empty(samples * groups), np.empty(samples * groups)
     module.forward_columns(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, samples, n_rows, n_cols,
-                           groups, 1, False, 1e-5, True, stream, 2)
+                           groups, 1, False, 1e-5, True, stream, stream, 2)
     dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
     module.backward_columns(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
-                            samples, n_rows, n_cols, groups, 1, False, True, stream, 2)
+                            samples, n_rows, n_cols, groups, 1, False, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
     return results
 

@@ -78,8 +78,14 @@ def _in_memory_order(tensor, order):
 def _dense_in_order(tensor, order):
     """A tensor whose memory holds ``tensor``'s values C-contiguously with the axes in ``order`` (None: as they
     are), for the kernels to take by address: ``tensor`` itself when its memory already does, else a copy made
-    by torch."""
-    permuted = tensor if order is None else tensor.permute(order)
+    by torch.  (A channels-last tensor is recognized without the permuted view, which cost 1.6 µs, and 14 µs
+    after a kernel had swept the caches: autograd records views of tensors that require grad.)"""
+    if order is None:
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
+    memory_format, channels_last_order = _CHANNELS_LAST.get(tensor.dim(), (None, None))
+    if order == channels_last_order and tensor.is_contiguous(memory_format=memory_format):
+        return tensor
+    permuted = tensor.permute(order)
     return tensor if permuted.is_contiguous() else permuted.contiguous()
 
 

@@ -155,6 +155,23 @@ def test_channels_last_runs_in_place_without_transposing_copy(case, kernel_calls
     assert not geometry.rows and geometry.n_cols == x.shape[1] and geometry.n_rows == x[0, 0].numel()
 
 
+@pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("case", ["group_norm_2d", "group_norm_3d", "instance_norm_2d", "instance_norm_3d"])
+def test_channels_last_gradient_is_read_where_it_lies(case, grad_layout, kernel_calls):
+    """A gradient laid out like the channels-last input goes to the backward kernel as it is; one in another
+    layout is copied into the input's first.  Either way the gradients are torch's."""
+    theirs, ours = module_pair(case, affine=True, dtype=torch.float64)
+    x = in_layout(random_tensor(MODULE_CASES[case][-1], torch.float64, seed=4), "channels_last").requires_grad_()
+    grad_output = in_layout(random_tensor(x.shape, torch.float64, seed=5), grad_layout)
+    grads = torch.autograd.grad(ours(x), [x, *ours.parameters()], grad_output)
+    grads_reference = torch.autograd.grad(theirs(x), [x, *theirs.parameters()], grad_output)
+    for grad, grad_reference in zip(grads, grads_reference, strict=True):
+        assert_close_scaled(grad, grad_reference, TOLERANCES[torch.float64])
+    (dy_address, x_address, *_), = kernel_calls["backward"]
+    assert x_address == x.data_ptr()
+    assert (dy_address == grad_output.data_ptr()) == (grad_layout == "channels_last")
+
+
 # (shape of the memory, permutation viewing it, number of normalized trailing axes, whether they lie together
 # in memory and in order, so that the kernels normalize the input where it lies)
 PERMUTED_CASES = {

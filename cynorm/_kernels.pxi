@@ -22,6 +22,7 @@ dtype (`float64` says which), the statistics in float64.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
 from libc.math cimport isfinite, sqrt
 from libc.string cimport memset
 
@@ -484,10 +485,21 @@ def float_to_half(const float[::1] values,             # IN
         out_bits[i] = cynorm_float_to_half(values[i])
 
 
-def address_of(const floating[::1] values):
-    """The address of the first of `values` (C-contiguous), as the kernels take their arrays; 0 when
-    there are none (the kernels read nothing then)."""
-    return <size_t>&values[0] if values.shape[0] > 0 else 0
+def address_of(values):
+    """The address of the first of `values` (a C-contiguous array of float32 or float64, which the caller has
+    checked), as the kernels take their arrays; 0 when there are none (the kernels read nothing then).  Read
+    through the buffer protocol: a typed memoryview's dispatch on the dtype took 0.4 µs, and a forward takes
+    six addresses.  Values of another size than 4 or 8 bytes are refused, a last guard for the kernels."""
+    cdef Py_buffer view
+    cdef size_t address
+    cdef Py_ssize_t itemsize
+    PyObject_GetBuffer(values, &view, PyBUF_C_CONTIGUOUS)
+    address = <size_t>view.buf if view.len > 0 else 0
+    itemsize = view.itemsize
+    PyBuffer_Release(&view)
+    if itemsize != 4 and itemsize != 8:
+        raise TypeError(f"the kernels take float32 or float64 values, got values of {itemsize} bytes")
+    return address
 
 
 def has_untouched_pages(size_t address, size_t nbytes):

@@ -332,6 +332,19 @@ def test_streamed_gradient_has_the_same_bits(case, dtype, placement, monkeypatch
             assert_bitwise_equal(got_array, expected_array)
 
 
+def test_kernel_addresses_are_those_of_contiguous_float_values():
+    """The kernels take arrays by address: the first value's of a C-contiguous float32 or float64 array (0 for
+    an empty one, which they do not read); other arrays never get an address."""
+    for dtype in (np.float32, np.float64):
+        values = np.arange(12, dtype=dtype)[2:]
+        assert cynorm._kernels.address_of(values) == values.ctypes.data
+        assert cynorm._kernels.address_of(np.empty(0, dtype)) == 0
+    with pytest.raises(TypeError, match="2 bytes"):
+        cynorm._kernels.address_of(np.ones(4, np.float16))
+    with pytest.raises(ValueError, match="contiguous"):
+        cynorm._kernels.address_of(np.ones((4, 4), np.float32)[:, ::2])
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fresh pages are detected on Linux only")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
 def test_large_outputs_fresh_or_reused_give_the_same_bits(dtype):

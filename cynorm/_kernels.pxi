@@ -1186,7 +1186,7 @@ cdef object per_thread_zeros(Py_ssize_t threads, Py_ssize_t values, dtype):
     per_line = CYNORM_LINE_BYTES // np.dtype(dtype).itemsize
     row = -(-values // per_line) * per_line
     flat = np.zeros(threads * row + per_line, dtype)
-    skip = cynorm_values_past_line(<void*><size_t>flat.ctypes.data, flat.itemsize)
+    skip = cynorm_values_past_line(<void*><size_t>address_of(flat), flat.itemsize)
     skip = (per_line - skip) % per_line
     return flat[skip:skip + threads * row].reshape(threads, row)
 

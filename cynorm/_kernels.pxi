@@ -961,12 +961,17 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
 cdef inline void gather_rows(const floating* x, Py_ssize_t row_stride, Py_ssize_t count, Py_ssize_t length,
                              floating* lanes) noexcept nogil:   # OUT (length, ROW_BLOCK)
     """lanes[j, k] = element j of row k, the row at x + k * row_stride, for `count` <= ROW_BLOCK rows; the lanes
-    past them repeat the first row (finite wherever it is)."""
+    past them repeat the first row (finite wherever it is).  Element j of every row at once, from the rows'
+    offsets: the compiler assembles the ROW_BLOCK values with shuffles and stores them as vectors (a row at a
+    time, it stored one value at a time; layer norm forward on rows of 32-64 values 1.34-1.47x, of 10 1.15x)."""
     cdef Py_ssize_t j
     cdef int k
+    cdef Py_ssize_t offsets[ROW_BLOCK]
     for k in range(ROW_BLOCK):
-        for j in range(length):
-            lanes[j * ROW_BLOCK + k] = x[(k if k < count else 0) * row_stride + j]
+        offsets[k] = (k if k < count else 0) * row_stride
+    for j in range(length):
+        for k in range(ROW_BLOCK):
+            lanes[j * ROW_BLOCK + k] = x[offsets[k] + j]
 
 
 cdef inline void lane_sums(const floating* a, const floating* b,   # IN (length, ROW_BLOCK), may be the same
@@ -1769,9 +1774,14 @@ cdef inline void short_rows_backward(const floating* dy, const floating* x,   # 
     streamed = stream and row_stride == length
     out = &lanes_xhat[0] if streamed else dx
     out_stride = length if streamed else row_stride
-    for k in range(count):
+    if count == ROW_BLOCK:   # (element j of every row at once, as gather_rows: backward on rows of 4-20 1.1-1.3x)
         for j in range(length):
-            out[k * out_stride + j] = lanes_g[j * ROW_BLOCK + k]
+            for k in range(ROW_BLOCK):
+                out[k * out_stride + j] = lanes_g[j * ROW_BLOCK + k]
+    else:
+        for k in range(count):
+            for j in range(length):
+                out[k * out_stride + j] = lanes_g[j * ROW_BLOCK + k]
     if streamed:
         stream_copy(dx, out, count * length)
 

@@ -783,7 +783,7 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
             b2[col] = 0
         for quad in range(wide_rows // 4):
             row = x + 4 * quad * width + c0
-            if c0 == 0:
+            if c0 == 0:   # (the first block asks for the rows ahead; past strips, they have asked already)
                 for a in range(4 * quad, 4 * quad + 4):
                     if a + ahead < readable_wide_rows:
                         cynorm_prefetch_lines(x + (a + ahead) * width, width * sizeof(floating))
@@ -2258,7 +2258,7 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
             for quad in range(wide_rows // 4):
                 dyr = dy + 4 * quad * width + c0
                 xr = x + 4 * quad * width + c0
-                if c0 == 0:
+                if c0 == 0:   # (as in tile_moments_around)
                     for a in range(4 * quad, 4 * quad + 4):
                         if a + ahead < readable_wide_rows:
                             cynorm_prefetch_lines(dy + (a + ahead) * width, width * sizeof(floating))

@@ -266,6 +266,162 @@ cdef extern from *:
     CYNORM_DEFINE_STRIPS(float)
     CYNORM_DEFINE_STRIPS(double)
 
+    /* Rows backward, one element per channel (layer and RMS norm), float rows of a multiple of 16 values: four
+       rows at a time.  Each row's gradient sums are added in the same lanes and the same order as gradient_sums
+       adds them (with vector_lanes_total's and tail_lanes_total's trees), and its coefficients, dx and
+       parameter terms are computed with the operations of input_gradient_coefficients, input_gradient_values
+       and add_parameter_terms: the same bits.  What changes is that the four rows' trees and coefficients are
+       taken together, in vectors, where a row at a time spent most of a row of 32-128 values on them. */
+    #if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && defined(__AVX512F__)
+    #define CYNORM_HAVE_ROW_QUADS 1
+    typedef float cynorm_float_8 __attribute__((vector_size(32)));
+    typedef double cynorm_double_8 __attribute__((vector_size(64)));
+    typedef double cynorm_double_4 __attribute__((vector_size(32)));
+    static inline __attribute__((always_inline)) cynorm_float_vector cynorm_broadcast_float(float value) {
+        return (cynorm_float_vector)_mm512_set1_ps(value);
+    }
+    /* Two rows' 16 lanes each, a and b: [a's lanes j + (j + 8) | b's], lanes_total's step from 16 lanes to 8 */
+    static inline __attribute__((always_inline)) cynorm_float_vector cynorm_pair_halves(
+            cynorm_float_vector a, cynorm_float_vector b) {
+        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+               + __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    }
+    /* Two rows' last 16 values, a and b: [0 + a's value j + value j + 8 | b's], gradient_sums' 8 tail lanes */
+    static inline __attribute__((always_inline)) cynorm_float_vector cynorm_pair_tails(
+            cynorm_float_vector a, cynorm_float_vector b) {
+        return ((cynorm_float_vector){0}
+                + __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23))
+               + __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    }
+    /* Four rows' 8 lanes, two rows in each of a and b: each row's lanes j + (j + 4) */
+    static inline __attribute__((always_inline)) cynorm_float_vector cynorm_pair_quarters(
+            cynorm_float_vector a, cynorm_float_vector b) {
+        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+               + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    }
+    /* Four rows' 4 lanes in a, four rows' in b: each row's lanes j + (j + 2), a's rows first */
+    static inline __attribute__((always_inline)) cynorm_float_vector cynorm_pair_eighths(
+            cynorm_float_vector a, cynorm_float_vector b) {
+        return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+               + __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    }
+    /* Eight pairs of lanes: each pair's first lane + its second, in float or in double */
+    static inline __attribute__((always_inline)) cynorm_float_8 cynorm_pair_sums_float(cynorm_float_vector a) {
+        return __builtin_shufflevector(a, a, 0, 2, 4, 6, 8, 10, 12, 14)
+               + __builtin_shufflevector(a, a, 1, 3, 5, 7, 9, 11, 13, 15);
+    }
+    static inline __attribute__((always_inline)) cynorm_double_8 cynorm_pair_sums_double(cynorm_float_vector a) {
+        return __builtin_convertvector(__builtin_shufflevector(a, a, 0, 2, 4, 6, 8, 10, 12, 14), cynorm_double_8)
+               + __builtin_convertvector(__builtin_shufflevector(a, a, 1, 3, 5, 7, 9, 11, 13, 15), cynorm_double_8);
+    }
+    static inline void cynorm_rows4_backward_float(
+            const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
+            Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
+            const double* mean, const double* rstd,            /* rows k at k * stat_stride; mean NULL: zeros */
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+        const Py_ssize_t body = length - length % 32;           /* summed in 32 lanes, the 16 left in 8 */
+        cynorm_float_vector mh[4], ml[4], rs[4], s1[4][2], s2[4][2], tail_g[2], tail_gx[2];
+        float mean_lo[4];
+        double rstd_d[4];
+        for (int k = 0; k < 4; k++) {
+            double row_mean = mean ? mean[k * stat_stride] : 0.0;
+            float mean_hi = (float)row_mean;
+            mean_lo[k] = (float)(row_mean - (double)mean_hi);
+            rstd_d[k] = rstd[k * stat_stride];
+            mh[k] = cynorm_broadcast_float(mean_hi);
+            ml[k] = cynorm_broadcast_float(mean_lo[k]);
+            rs[k] = cynorm_broadcast_float((float)rstd_d[k]);
+        }
+        /* each row's g = weight * dy and g * xhat at i, 16 values */
+        #define CYNORM_ROW_TERMS(k, i, g, gx)                                                                  \
+            cynorm_float_vector g = *(const cynorm_float_vector*)(weight + (i))                               \
+                                    * *(const cynorm_float_vector*)(dy + (k) * row_stride + (i));            \
+            cynorm_float_vector gx = g * (((*(const cynorm_float_vector*)(x + (k) * row_stride + (i)) - mh[k]) \
+                                           - ml[k]) * rs[k]);
+        for (Py_ssize_t i = 0; i < body; i += 32) {   /* the first 32 values set the lanes */
+            for (int h = 0; h < 2; h++) {
+                for (int k = 0; k < 4; k++) {
+                    CYNORM_ROW_TERMS(k, i + 16 * h, g, gx)
+                    if (i) {
+                        s1[k][h] += g;
+                        s2[k][h] += gx;
+                    } else {
+                        s1[k][h] = g;
+                        s2[k][h] = gx;
+                    }
+                }
+            }
+        }
+        if (body < length) {   /* 8 lanes, each 0 + value j + value j + 8, two rows to a vector */
+            for (int k = 0; k < 4; k += 2) {
+                CYNORM_ROW_TERMS(k, body, g, gx)
+                CYNORM_ROW_TERMS(k + 1, body, h, hx)
+                tail_g[k / 2] = cynorm_pair_tails(g, h);
+                tail_gx[k / 2] = cynorm_pair_tails(gx, hx);
+            }
+        } else {
+            tail_g[0] = tail_g[1] = tail_gx[0] = tail_gx[1] = (cynorm_float_vector){0};
+        }
+        #undef CYNORM_ROW_TERMS
+        /* The tails' trees, four rows and both sums together (lanes 0-3: the rows' sum(g), 4-7: sum(g * xhat)):
+           ((q0 + q4) + (q2 + q6)) + ((q1 + q5) + (q3 + q7)), then + 0 for the values left one by one (none). */
+        cynorm_float_8 tails = cynorm_pair_sums_float(cynorm_pair_eighths(
+            cynorm_pair_quarters(tail_g[0], tail_g[1]), cynorm_pair_quarters(tail_gx[0], tail_gx[1]))) + 0.0f;
+        cynorm_double_8 sums = __builtin_convertvector(tails, cynorm_double_8);
+        if (body > 0) {   /* the 32 lanes' trees: 32 -> 16 -> 8 -> 4 -> 2 in float, the last pair in double */
+            cynorm_float_vector l16[4], m16[4];
+            for (int k = 0; k < 4; k++) {
+                l16[k] = s1[k][0] + s1[k][1];
+                m16[k] = s2[k][0] + s2[k][1];
+            }
+            sums = cynorm_pair_sums_double(cynorm_pair_eighths(
+                cynorm_pair_quarters(cynorm_pair_halves(l16[0], l16[1]), cynorm_pair_halves(l16[2], l16[3])),
+                cynorm_pair_quarters(cynorm_pair_halves(m16[0], m16[1]), cynorm_pair_halves(m16[2], m16[3]))))
+                   + sums;
+        }
+        sums = 0.0 + sums;   /* (each row's sums start from 0.0) */
+        cynorm_double_4 sum_g = __builtin_shufflevector(sums, sums, 0, 1, 2, 3);
+        cynorm_double_4 sum_gx = __builtin_shufflevector(sums, sums, 4, 5, 6, 7);
+        cynorm_double_4 r = {rstd_d[0], rstd_d[1], rstd_d[2], rstd_d[3]};
+        cynorm_double_4 lo = {(double)mean_lo[0], (double)mean_lo[1], (double)mean_lo[2], (double)mean_lo[3]};
+        cynorm_double_4 k1 = centered ? sum_g / (double)length : (cynorm_double_4){0};
+        cynorm_double_4 k2 = sum_gx / (double)length;
+        cynorm_double_4 coef_x = ((-r) * r) * k2;
+        cynorm_double_4 coef_0 = ((-r) * k1) + (((r * r) * k2) * lo);
+        for (int k = 0; k < 4; k++) {
+            cynorm_float_vector cx = cynorm_broadcast_float((float)coef_x[k]);
+            cynorm_float_vector c0 = cynorm_broadcast_float((float)coef_0[k]);
+            for (Py_ssize_t i = 0; i < length; i += 16) {
+                cynorm_float_vector w = *(const cynorm_float_vector*)(weight + i);
+                cynorm_float_vector g = *(const cynorm_float_vector*)(dy + k * row_stride + i);
+                cynorm_float_vector v = *(const cynorm_float_vector*)(x + k * row_stride + i);
+                *(cynorm_float_vector*)(dx + k * row_stride + i) = (((rs[k] * w) * g) + (cx * (v - mh[k]))) + c0;
+            }
+        }
+        /* the parameter terms, row after row into each element's running sums */
+        for (Py_ssize_t i = 0; i < length; i += 16) {
+            cynorm_float_vector tw = *(cynorm_float_vector*)(dweight_run + i);
+            cynorm_float_vector tb = *(cynorm_float_vector*)(dbias_run + i);
+            for (int k = 0; k < 4; k++) {
+                cynorm_float_vector g = *(const cynorm_float_vector*)(dy + k * row_stride + i);
+                cynorm_float_vector v = *(const cynorm_float_vector*)(x + k * row_stride + i);
+                tw = tw + g * (((v - mh[k]) - ml[k]) * rs[k]);
+                tb = tb + g;
+            }
+            *(cynorm_float_vector*)(dweight_run + i) = tw;
+            *(cynorm_float_vector*)(dbias_run + i) = tb;
+        }
+    }
+    #else
+    #define CYNORM_HAVE_ROW_QUADS 0
+    static inline void cynorm_rows4_backward_float(const float* dy, const float* x, float* dx,
+            Py_ssize_t row_stride, Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+        (void)dy; (void)x; (void)dx; (void)row_stride; (void)length; (void)weight; (void)mean; (void)rstd;
+        (void)stat_stride; (void)centered; (void)dweight_run; (void)dbias_run;
+    }
+    #endif
+
     /* Fresh output pages: a large new array is often a fresh mapping whose pages are faulted in one 4 KiB
        page at a time by the first writes; asking for transparent huge pages faults it in 2 MiB at a time. */
     #if defined(__linux__)
@@ -373,6 +529,11 @@ cdef extern from *:
                                              Py_ssize_t readable_rows, Py_ssize_t ahead, const double* mean_hi,
                                              double* s1, double* s2) noexcept nogil
     Py_ssize_t cynorm_values_past_line(const void* p, Py_ssize_t itemsize) noexcept nogil
+    bint CYNORM_HAVE_ROW_QUADS
+    void cynorm_rows4_backward_float(const float* dy, const float* x, float* dx, Py_ssize_t row_stride,
+                                     Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
+                                     Py_ssize_t stat_stride, bint centered, float* dweight_run,
+                                     float* dbias_run) noexcept nogil
     int CYNORM_LINE_BYTES
     bint cynorm_has_untouched_pages(size_t address, size_t nbytes) noexcept nogil
     void cynorm_advise_huge_pages(size_t address, size_t nbytes) noexcept nogil
@@ -445,6 +606,16 @@ cdef enum:
     # The backward's sums and dx in lanes pay for moving three arrays in and out of them: against rows one at a
     # time (with TERM_ROWS), rows of 4 values 1.6x, 10 1.3x, 16 1.2x, 20 1.13x, but 24 0.94x.
     SHORT_BACKWARD_ROW = 20
+    # Rows backward, one element per channel (layer and RMS norm), float rows of a multiple of 16 values and of
+    # at most QUAD_ROW, longer than SHORT_BACKWARD_ROW: four rows at a time (cynorm_rows4_backward_float; the same
+    # bits).  Layer norm backward on 2**18 values, A/B in one process: rows of 32 1.5-1.7x, 48 1.9x, 64 1.3-1.4x,
+    # 80-112 1.6x, 128 1.2x, 192-512 1.05-1.16x, 768 1.0x, 1024 0.93x.  Rows of at most QUAD_STREAMED_ROW take
+    # them also on large arrays, dx with ordinary stores: on 16 MiB, rows of 32-128 ran 1.15-2.0x faster than a
+    # row at a time with streaming stores (256: 0.75x, so longer rows stream).  (Rows of 16 ran 2.0x faster
+    # this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes' sums are added in
+    # another order: every build gives the same bits.)
+    QUAD_ROW = 512
+    QUAD_STREAMED_ROW = 128
     # Columns view: the statistics and gradient sums of a large input ask for the row about this many bytes
     # ahead (alone, the hardware prefetcher left that pass at a third of the memory's read speed).
     PREFETCH_AHEAD_BYTES = 4096
@@ -1954,6 +2125,16 @@ def backward_rows(size_t dy,        # IN  (n_rows * length,)
                       chans_per_group, inner, centered, stream, prefetch, num_threads)
 
 
+cdef inline void rows4_backward(const floating* dy, const floating* x, floating* dx, Py_ssize_t row_stride,
+                               Py_ssize_t length, const floating* weight, const double* mean, const double* rstd,
+                               Py_ssize_t stat_stride, bint centered, floating* dweight_run,
+                               floating* dbias_run) noexcept nogil:
+    """Four rows' dx and parameter terms (float only: rows_backward takes double rows one at a time)."""
+    if floating is float:
+        cynorm_rows4_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride, centered,
+                                    dweight_run, dbias_run)
+
+
 cdef void rows_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
                         const floating* weight, floating* dx, floating* dweight, floating* dbias,
                         Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
@@ -1964,6 +2145,11 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef Py_ssize_t blocks, u, block, g, n, r, c, first, last, block_row, next_row, sub
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     cdef bint short_rows = length <= SHORT_BACKWARD_ROW and inner == 1
+    # float rows of a multiple of 16 values four at a time (see QUAD_ROW), dx with ordinary stores
+    cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and inner == 1 and not short_rows
+                       and length % 16 == 0
+                       and (length <= QUAD_STREAMED_ROW or (length <= QUAD_ROW and not stream and not prefetch)))
+    cdef bint row_stream = stream and not quads
     cdef double[::1] partials, totals
     cdef floating[:, ::1] running
     cdef floating* weight_run
@@ -2010,14 +2196,29 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
                                         &mean[r] if mean != NULL else NULL, &rstd[r], groups, centered, weight_run,
                                         bias_run, weight_partial, bias_partial, stream)
                 continue
-            for n in range(first, last):
+            n = first
+            while quads and n + 4 <= last:
+                r = n * groups + g
+                for sub in range(4 if prefetch else 0):   # the rows `ahead` rows later, as below
+                    next_row = r + (ahead + sub) * groups
+                    if (n + ahead + sub < last or groups == 1) and next_row < n_rows:
+                        cynorm_prefetch_lines(&dy[next_row * length], length * sizeof(floating))
+                        cynorm_prefetch_lines(&x[next_row * length], length * sizeof(floating))
+                rows4_backward(&dy[r * length], &x[r * length], &dx[r * length], groups * length, length,
+                               &weight[g * chans_per_group], &mean[r] if mean != NULL else NULL, &rstd[r], groups,
+                               centered, weight_run, bias_run)
+                n += 4
+                # (the flushes of add_row_terms, which takes the rows left)
+                if (n - first) % ROWS_PER_FLUSH == 0 or n == last:
+                    flush_parameter_terms(weight_run, bias_run, weight_partial, bias_partial, length)
+            for n in range(n, last):
                 r = n * groups + g
                 # the row the thread takes `ahead` rows later: in this block, or with one group in its next
                 # task (under the static schedule); none at the end of a block of several groups
                 next_row = r + ahead * groups if n + ahead < last or groups == 1 else n_rows
                 backward_row(&dy[r * length], &x[r * length], &dx[r * length], length, inner,
                              &weight[g * chans_per_group], mean[r] if mean != NULL else 0, rstd[r], centered,
-                             weight_partial, bias_partial, stream,
+                             weight_partial, bias_partial, row_stream,
                              &dy[next_row * length] if prefetch and next_row < n_rows else NULL,
                              &x[next_row * length] if prefetch and next_row < n_rows else NULL, NULL)
                 if inner == 1:

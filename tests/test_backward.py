@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 import cynorm
 from cynorm import slow
 
-from _core_util import (FLOAT_DTYPES, LAYOUT_CASES, LAYOUTS, NARROW_COLUMN_CASES, SHORT_ROW_CASES, SPLIT_CASES,
-                        NormCase, assert_bitwise_equal, assert_close, compute_dtype, dtype_name, norm_cases, random_array,
-                        random_params, with_layout)
+from _core_util import (FLOAT_DTYPES, FOUR_ROW_CASES, LAYOUT_CASES, LAYOUTS, NARROW_COLUMN_CASES, SHORT_ROW_CASES,
+                        SPLIT_CASES, NormCase, assert_bitwise_equal, assert_close, compute_dtype, dtype_name,
+                        norm_cases, random_array, random_params, with_layout)
 
 ODD_SIZE_CASES = (
     NormCase("group", (3, 4, 1, 1), 1, 4),  # one element per group: dx is 0
@@ -25,7 +25,8 @@ ODD_SIZE_CASES = (
     NormCase("rms", (6,), 0),
 )
 # every shape the accuracy tests compare against the float64 reference
-REFERENCE_CASES = LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES + SHORT_ROW_CASES + NARROW_COLUMN_CASES
+REFERENCE_CASES = (LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES + SHORT_ROW_CASES + FOUR_ROW_CASES
+                   + NARROW_COLUMN_CASES)
 
 
 def _backward_inputs(case, dtype, *, with_weight, seed=0):

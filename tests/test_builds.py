@@ -17,7 +17,7 @@ def _module(name):
 
 
 def _run_all_kernels(module, dtype, stream):
-    """Forward and backward of two rows cases and a columns case, with adversarial data, as raw kernel calls;
+    """Forward and backward of four rows cases and a columns case, with adversarial data, as raw kernel calls;
     `stream`: the forward and the backward write their outputs with streaming stores and prefetch their input
     (the kernels' paths for arrays that outgrow the cache)."""
     rng = np.random.default_rng(7)
@@ -36,6 +36,21 @@ def _run_all_kernels(module, dtype, stream):
     module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
                          rows, 1, length, 1, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
+
+    # rows of 48 values (AVX-512 builds take them four at a time in their backward, 32 lanes and 16 more),
+    # centered, and rows of 96 in 2 groups, not centered (RMS norm); several blocks, rows left over in each
+    for rows, groups, length, centered in ((45, 1, 48, True), (22, 2, 96, False)):
+        x = (-3e3 + rng.standard_normal(rows * groups * length)).astype(dtype)
+        dy = rng.standard_normal(x.size).astype(dtype)
+        weight = rng.standard_normal(groups * length).astype(dtype)
+        bias = rng.standard_normal(groups * length).astype(dtype)
+        y, mean, rstd = np.empty_like(x), np.empty(rows * groups), np.empty(rows * groups)
+        module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, rows * groups, groups,
+                            length, 1, 1e-5, centered, stream, stream, 2)
+        dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
+        module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
+                             rows * groups, groups, length, 1, centered, stream, stream, 2)
+        results += [y, mean, rstd, dx, dweight, dbias]
 
     # one sample of 3 channels of 3000 values in 1 group (the backward shares out the channels)
     channels, inner = 3, 3000

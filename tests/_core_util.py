@@ -193,14 +193,16 @@ SHORT_ROW_CASES = (
     NormCase("group", (9, 8, 2, 2), 1, 4),      # rows of 2 channels of 4 values
 )
 
-# Rows view backward, float rows of a multiple of 16 values (one element per channel), which AVX-512 builds take
-# four at a time: 32 lanes and a tail of 16, no 32-lane part, rows of several groups, the longest rows, and
-# blocks whose last rows are left over.
+# Rows view, float rows of a multiple of 16 values (one element per channel), which AVX-512 builds take four at
+# a time: 32 lanes and a tail of 16, no 32-lane part, rows of several groups, the longest rows of the backward's
+# and of the forward's, and rows left over.
 FOUR_ROW_CASES = (
     NormCase("layer", (37, 48), -1),
     NormCase("rms", (3, 7, 32), -1),
     NormCase("group", (21, 96, 1), 1, 3),       # rows of 32 channels
     NormCase("layer", (9, 512), -1),
+    NormCase("layer", (6, 1024), -1),
+    NormCase("rms", (11, 80), -1),
 )
 
 # Channels-last with fewer than 32 channels, whose backward takes a tile's rows several at a time as one wide

@@ -17,7 +17,7 @@ def _module(name):
 
 
 def _run_all_kernels(module, dtype, stream):
-    """Forward and backward of four rows cases and a columns case, with adversarial data, as raw kernel calls;
+    """Forward and backward of six rows cases and a columns case, with adversarial data, as raw kernel calls;
     `stream`: the forward and the backward write their outputs with streaming stores and prefetch their input
     (the kernels' paths for arrays that outgrow the cache)."""
     rng = np.random.default_rng(7)
@@ -37,10 +37,17 @@ def _run_all_kernels(module, dtype, stream):
                          rows, 1, length, 1, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
 
-    # rows of 48 values (AVX-512 builds take them four at a time in their backward, 32 lanes and 16 more),
-    # centered, and rows of 96 in 2 groups, not centered (RMS norm); several blocks, rows left over in each
-    for rows, groups, length, centered in ((45, 1, 48, True), (22, 2, 96, False)):
+    # Rows that AVX-512 builds take four at a time: rows of 48 (the backward's, 32 lanes and 16 more), of 80 and
+    # of 256 values (both passes'), centered, and rows of 96 in 2 groups, not centered (RMS norm); rows left
+    # over.  Among the rows of 256, two whose first 32 values are far from the rest (the forward's centre is
+    # refused) and one whose float squares overflow: those the four-row kernel leaves to the row path.
+    for rows, groups, length, centered in ((45, 1, 48, True), (23, 1, 80, True), (13, 1, 256, True),
+                                           (22, 2, 96, False)):
         x = (-3e3 + rng.standard_normal(rows * groups * length)).astype(dtype)
+        if length == 256:
+            x[5 * length:5 * length + 32] += 1e3
+            x[9 * length:9 * length + 32] -= 5e2
+            x[10 * length:11 * length] *= 1e18
         dy = rng.standard_normal(x.size).astype(dtype)
         weight = rng.standard_normal(groups * length).astype(dtype)
         bias = rng.standard_normal(groups * length).astype(dtype)

@@ -276,6 +276,7 @@ cdef extern from *:
     #if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && defined(__AVX512F__)
     #define CYNORM_HAVE_ROW_QUADS 1
     typedef float cynorm_float_8 __attribute__((vector_size(32)));
+    typedef float cynorm_float_8u __attribute__((vector_size(32), aligned(sizeof(float)), may_alias));
     typedef double cynorm_double_8 __attribute__((vector_size(64)));
     typedef double cynorm_double_4 __attribute__((vector_size(32)));
     static inline __attribute__((always_inline)) cynorm_float_vector cynorm_broadcast_float(float value) {
@@ -413,13 +414,138 @@ cdef extern from *:
             *(cynorm_float_vector*)(dbias_run + i) = tb;
         }
     }
+    /* Rows backward, several elements per channel (channels-first group and instance norm): the gradient sums
+       of four channels of `inner` < CHUNK values each (at `inner` from each other), as gradient_sums computes
+       them without a weight, the same adds in the same order, the four channels' trees taken together.  On
+       small feature maps (7x7, 8x8) a channel's trees had cost more than its values. */
+    static inline __attribute__((always_inline)) void cynorm_channels4_gradient_sums_float(
+            const float* dy, const float* x, Py_ssize_t inner, float mean_hi, float mean_lo, float rs,
+            double* sum_dy, double* sum_dy_xhat) {                      /* OUT (4,) each */
+        const Py_ssize_t body = inner - inner % 32, tail_body = inner - inner % 8;
+        const cynorm_float_vector mh = cynorm_broadcast_float(mean_hi), ml = cynorm_broadcast_float(mean_lo),
+                                  r = cynorm_broadcast_float(rs);
+        const cynorm_float_8 mh8 = {mean_hi, mean_hi, mean_hi, mean_hi, mean_hi, mean_hi, mean_hi, mean_hi},
+                             ml8 = {mean_lo, mean_lo, mean_lo, mean_lo, mean_lo, mean_lo, mean_lo, mean_lo},
+                             r8 = {rs, rs, rs, rs, rs, rs, rs, rs};
+        cynorm_float_vector s1[4][2], s2[4][2];
+        cynorm_float_8 q1[4], q2[4];
+        float rest1[4], rest2[4];
+        for (int k = 0; k < 4; k++) {   /* the 8 tail lanes, then the values left one by one */
+            const float* g = dy + k * inner;
+            const float* v = x + k * inner;
+            q1[k] = q2[k] = (cynorm_float_8){0};
+            for (Py_ssize_t i = body; i < tail_body; i += 8) {
+                cynorm_float_8 gi = *(const cynorm_float_8u*)(g + i);
+                q1[k] += gi;
+                q2[k] += gi * (((*(const cynorm_float_8u*)(v + i) - mh8) - ml8) * r8);
+            }
+            rest1[k] = rest2[k] = 0.0f;
+            for (Py_ssize_t i = tail_body; i < inner; i++) {
+                rest1[k] += g[i];
+                rest2[k] += g[i] * (((v[i] - mean_hi) - mean_lo) * rs);
+            }
+        }
+        for (Py_ssize_t i = 0; i < body; i += 32) {   /* the first 32 values set the lanes */
+            for (int h = 0; h < 2; h++) {
+                for (int k = 0; k < 4; k++) {
+                    cynorm_float_vector g = *(const cynorm_float_vector*)(dy + k * inner + i + 16 * h);
+                    cynorm_float_vector gx = g * (((*(const cynorm_float_vector*)(x + k * inner + i + 16 * h) - mh)
+                                                   - ml) * r);
+                    if (i) {
+                        s1[k][h] += g;
+                        s2[k][h] += gx;
+                    } else {
+                        s1[k][h] = g;
+                        s2[k][h] = gx;
+                    }
+                }
+            }
+        }
+        /* tail_lanes_total's trees, four channels and both sums together, then + the values left */
+        cynorm_float_vector pairs_1[2], pairs_2[2];
+        for (int k = 0; k < 4; k += 2) {
+            pairs_1[k / 2] = __builtin_shufflevector(q1[k], q1[k + 1], 0, 1, 2, 3, 4, 5, 6, 7,
+                                                     8, 9, 10, 11, 12, 13, 14, 15);
+            pairs_2[k / 2] = __builtin_shufflevector(q2[k], q2[k + 1], 0, 1, 2, 3, 4, 5, 6, 7,
+                                                     8, 9, 10, 11, 12, 13, 14, 15);
+        }
+        cynorm_float_8 rest = {rest1[0], rest1[1], rest1[2], rest1[3], rest2[0], rest2[1], rest2[2], rest2[3]};
+        cynorm_float_8 tails = cynorm_pair_sums_float(cynorm_pair_eighths(
+            cynorm_pair_quarters(pairs_1[0], pairs_1[1]), cynorm_pair_quarters(pairs_2[0], pairs_2[1]))) + rest;
+        cynorm_double_8 sums = __builtin_convertvector(tails, cynorm_double_8);
+        if (body > 0) {
+            cynorm_float_vector l16[4], m16[4];
+            for (int k = 0; k < 4; k++) {
+                l16[k] = s1[k][0] + s1[k][1];
+                m16[k] = s2[k][0] + s2[k][1];
+            }
+            sums = cynorm_pair_sums_double(cynorm_pair_eighths(
+                cynorm_pair_quarters(cynorm_pair_halves(l16[0], l16[1]), cynorm_pair_halves(l16[2], l16[3])),
+                cynorm_pair_quarters(cynorm_pair_halves(m16[0], m16[1]), cynorm_pair_halves(m16[2], m16[3]))))
+                   + sums;
+        }
+        sums = 0.0 + sums;   /* (each channel's sums start from 0.0) */
+        for (int k = 0; k < 4; k++) {
+            sum_dy[k] = sums[k];
+            sum_dy_xhat[k] = sums[4 + k];
+        }
+    }
+    /* backward_row's sums over a row's channels, four channels at a time, each added into the channel's
+       dweight and dbias accumulators and into the row's sum(g) and sum(g * xhat) in channel order, as
+       backward_row adds them; returns how many channels it took (the whole fours).  Out of line: inlined,
+       its vectors enlarged the frame of backward_row, called for every row, and instance norm's rows of a
+       single channel, which take none of this, ran 0.82-0.85x. */
+    static __attribute__((noinline)) Py_ssize_t cynorm_channel_quads_gradient_sums_float(
+            const float* dy, const float* x, Py_ssize_t inner, Py_ssize_t channels, const float* weight,
+            float mean_hi, float mean_lo, float rs, double* dweight_acc, double* dbias_acc,
+            double* sum_g, double* sum_g_xhat) {
+        double four_dy[4], four_dy_xhat[4];
+        Py_ssize_t c = 0;
+        for (; c + 4 <= channels; c += 4) {
+            cynorm_channels4_gradient_sums_float(dy + c * inner, x + c * inner, inner, mean_hi, mean_lo, rs,
+                                                 four_dy, four_dy_xhat);
+            for (int k = 0; k < 4; k++) {
+                dweight_acc[c + k] += four_dy_xhat[k];
+                dbias_acc[c + k] += four_dy[k];
+                *sum_g += (double)weight[c + k] * four_dy[k];
+                *sum_g_xhat += (double)weight[c + k] * four_dy_xhat[k];
+            }
+        }
+        return c;
+    }
+    /* input_gradient_values for whole channels of `inner` values (several elements per channel): the same
+       operations, a channel's last values under a mask, where GCC's loops started and ended every short
+       channel (a third of a GroupNorm backward on 7x7 maps). */
+    static void cynorm_channels_input_gradient_float(const float* dy, const float* x, float* dx,
+            Py_ssize_t inner, Py_ssize_t channels, const float* weight,   /* the channels' weights */
+            double rstd, float mean_hi, float coef_x, float coef_0) {
+        const __m512 mh = _mm512_set1_ps(mean_hi), cx = _mm512_set1_ps(coef_x), c0 = _mm512_set1_ps(coef_0);
+        const __mmask16 last = (__mmask16)((1u << (inner % 16)) - 1u);
+        const Py_ssize_t whole = inner - inner % 16;
+        for (Py_ssize_t c = 0; c < channels; c++) {
+            const __m512 scale = _mm512_set1_ps((float)(rstd * (double)weight[c]));
+            const float* g = dy + c * inner;
+            const float* v = x + c * inner;
+            float* out = dx + c * inner;
+            Py_ssize_t i = 0;
+            for (; i < whole; i += 16) {
+                __m512 t = _mm512_add_ps(_mm512_mul_ps(scale, _mm512_loadu_ps(g + i)),
+                                         _mm512_mul_ps(cx, _mm512_sub_ps(_mm512_loadu_ps(v + i), mh)));
+                _mm512_storeu_ps(out + i, _mm512_add_ps(t, c0));
+            }
+            if (last) {
+                __m512 t = _mm512_add_ps(_mm512_mul_ps(scale, _mm512_maskz_loadu_ps(last, g + i)),
+                                         _mm512_mul_ps(cx, _mm512_sub_ps(_mm512_maskz_loadu_ps(last, v + i), mh)));
+                _mm512_mask_storeu_ps(out + i, last, _mm512_add_ps(t, c0));
+            }
+        }
+    }
     /* Rows forward, float rows of a multiple of 16 values, one element per channel (layer and RMS norm): four
        rows at a time, each row's statistics computed with the operations of row_moments on a single chunk
        (head_mean's centre, centred_sums' lanes and trees, moments_in_lanes, merge_moments) and its values
        with those of normalize_values: the same bits, the rows' lane trees taken together.  Returns a bit for
        each row whose statistics need more than that (a centre far from the mean, or float sums that
        overflowed): the caller computes those rows again, one at a time. */
-    typedef float cynorm_float_8u __attribute__((vector_size(32), aligned(sizeof(float)), may_alias));
     static inline int cynorm_rows4_forward_float(const float* x, float* y,   /* rows k at k * length */
             Py_ssize_t length, const float* weight, const float* bias, double eps, int centered,
             double* mean, double* rstd,                                     /* OUT rows k at k */
@@ -524,6 +650,19 @@ cdef extern from *:
             Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
         (void)dy; (void)x; (void)dx; (void)row_stride; (void)length; (void)weight; (void)mean; (void)rstd;
         (void)stat_stride; (void)centered; (void)dweight_run; (void)dbias_run;
+    }
+    static inline void cynorm_channels_input_gradient_float(const float* dy, const float* x, float* dx,
+            Py_ssize_t inner, Py_ssize_t channels, const float* weight, double rstd, float mean_hi, float coef_x,
+            float coef_0) {
+        (void)dy; (void)x; (void)dx; (void)inner; (void)channels; (void)weight; (void)rstd; (void)mean_hi;
+        (void)coef_x; (void)coef_0;
+    }
+    static inline Py_ssize_t cynorm_channel_quads_gradient_sums_float(const float* dy, const float* x,
+            Py_ssize_t inner, Py_ssize_t channels, const float* weight, float mean_hi, float mean_lo, float rs,
+            double* dweight_acc, double* dbias_acc, double* sum_g, double* sum_g_xhat) {
+        (void)dy; (void)x; (void)inner; (void)channels; (void)weight; (void)mean_hi; (void)mean_lo; (void)rs;
+        (void)dweight_acc; (void)dbias_acc; (void)sum_g; (void)sum_g_xhat;
+        return 0;
     }
     static inline int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
             const float* bias, double eps, int centered, double* mean, double* rstd, const float* next_x) {
@@ -641,6 +780,14 @@ cdef extern from *:
                                              double* s1, double* s2) noexcept nogil
     Py_ssize_t cynorm_values_past_line(const void* p, Py_ssize_t itemsize) noexcept nogil
     bint CYNORM_HAVE_ROW_QUADS
+    void cynorm_channels_input_gradient_float(const float* dy, const float* x, float* dx, Py_ssize_t inner,
+                                              Py_ssize_t channels, const float* weight, double rstd,
+                                              float mean_hi, float coef_x, float coef_0) noexcept nogil
+    Py_ssize_t cynorm_channel_quads_gradient_sums_float(const float* dy, const float* x, Py_ssize_t inner,
+                                                       Py_ssize_t channels, const float* weight, float mean_hi,
+                                                       float mean_lo, float rs, double* dweight_acc,
+                                                       double* dbias_acc, double* sum_g,
+                                                       double* sum_g_xhat) noexcept nogil
     int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
                                    const float* bias, double eps, bint centered, double* mean, double* rstd,
                                    const float* next_x) noexcept nogil
@@ -736,6 +883,12 @@ cdef enum:
     # 2**18 values, A/B in one process: rows of 80 1.9x, 96 1.6x, 128 1.5x, 192-384 1.4x, 512 1.13-1.25x,
     # 640-1024 1.06-1.15x, 2048 0.95x; on 12 MiB, rows of 768 1.13x, 1024 1.0x.
     QUAD_FORWARD_ROW = 1024
+    # Rows backward, several elements per channel (channels-first group norm), float channels of fewer than
+    # CHANNEL_QUAD_INNER values: the gradient sums four channels at a time and dx a channel at a time in vectors,
+    # the last values under a mask (cynorm_channel_quads_gradient_sums_float, cynorm_channels_input_gradient_float;
+    # the same bits).  Backward A/B, groups of (channels x values): (16,512,7,7) G=32 (16 x 49) 1.8x, (16,1024,7,7)
+    # 2.0x, (32,256,8,8) G=32 (8 x 64) 1.2x, (8,256,14,14) 1.03x; channels of 3136 values 0.94-0.97x.
+    CHANNEL_QUAD_INNER = 256
     # Columns view: the statistics and gradient sums of a large input ask for the row about this many bytes
     # ahead (alone, the hardware prefetcher left that pass at a third of the memory's read speed).
     PREFETCH_AHEAD_BYTES = 4096
@@ -1855,6 +2008,11 @@ cdef inline void input_gradient_values(const floating* dy, const floating* x,   
         for i in range(n):
             dx[i] = rs * weight[first + i] * dy[i] + coef_x * (x[i] - mean_hi) + coef_0
         return
+    if (floating is float and CYNORM_HAVE_ROW_QUADS and inner < CHANNEL_QUAD_INNER and first % inner == 0
+            and n % inner == 0):
+        cynorm_channels_input_gradient_float(dy, x, dx, inner, n // inner, weight + first // inner, rstd, mean_hi,
+                                             coef_x, coef_0)
+        return
     for c in range(first // inner, (first + n + inner - 1) // inner):
         scale = <floating>(rstd * weight[c])
         for i in range(max(first, c * inner) - first, min(first + n, (c + 1) * inner) - first):
@@ -1995,7 +2153,11 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
         # one element per channel: the row sums weighted
         gradient_sums(dy, x, weight, length, mean_hi, mean_lo, rs, &sum_g, &sum_g_xhat)
     else:
-        for c in range(channels):
+        c = 0
+        if floating is float and CYNORM_HAVE_ROW_QUADS and channels >= 4 and inner < CHANNEL_QUAD_INNER:
+            c = cynorm_channel_quads_gradient_sums_float(dy, x, inner, channels, weight, mean_hi, mean_lo, rs,
+                                                         dweight_acc, dbias_acc, &sum_g, &sum_g_xhat)
+        for c in range(c, channels):
             gradient_sums(dy + c * inner, x + c * inner, NULL, inner, mean_hi, mean_lo, rs,
                           &sum_dy, &sum_dy_xhat)
             dweight_acc[c] += sum_dy_xhat

@@ -193,9 +193,9 @@ SHORT_ROW_CASES = (
     NormCase("group", (9, 8, 2, 2), 1, 4),      # rows of 2 channels of 4 values
 )
 
-# Rows view, float rows of a multiple of 16 values (one element per channel), which AVX-512 builds take four at
-# a time: 32 lanes and a tail of 16, no 32-lane part, rows of several groups, the longest rows of the backward's
-# and of the forward's, and rows left over.
+# Rows view cases that AVX-512 builds take four rows or four channels at a time.  Rows of a multiple of 16 values
+# (one element per channel): 32 lanes and a tail of 16, no 32-lane part, rows of several groups, the longest
+# rows of the backward's and of the forward's, and rows left over.
 FOUR_ROW_CASES = (
     NormCase("layer", (37, 48), -1),
     NormCase("rms", (3, 7, 32), -1),
@@ -203,6 +203,10 @@ FOUR_ROW_CASES = (
     NormCase("layer", (9, 512), -1),
     NormCase("layer", (6, 1024), -1),
     NormCase("rms", (11, 80), -1),
+    # channels-first groups of several channels on small maps, whose backward sums four channels at a time
+    NormCase("group", (5, 36, 7, 7), 1, 4),     # 9 channels of 49 values a group
+    NormCase("group", (3, 32, 4, 5), 1, 4),     # 8 of 20
+    NormCase("group", (2, 20, 3), 1, 4),        # 5 of 3
 )
 
 # Channels-last with fewer than 32 channels, whose backward takes a tile's rows several at a time as one wide

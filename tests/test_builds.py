@@ -17,7 +17,7 @@ def _module(name):
 
 
 def _run_all_kernels(module, dtype, stream):
-    """Forward and backward of six rows cases and a columns case, with adversarial data, as raw kernel calls;
+    """Forward and backward of nine rows cases and a columns case, with adversarial data, as raw kernel calls;
     `stream`: the forward and the backward write their outputs with streaming stores and prefetch their input
     (the kernels' paths for arrays that outgrow the cache)."""
     rng = np.random.default_rng(7)
@@ -57,6 +57,22 @@ def _run_all_kernels(module, dtype, stream):
         dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
         module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
                              rows * groups, groups, length, 1, centered, stream, stream, 2)
+        results += [y, mean, rstd, dx, dweight, dbias]
+
+    # channels-first groups of 9 channels of 7, 20 and 49 values (AVX-512 builds sum four channels at a time in
+    # the backward: values left one by one, 8 lanes, 32 lanes), a channel left over
+    for samples, groups, inner in ((3, 4, 49), (2, 3, 20), (4, 2, 7)):
+        chans_per_group = 9
+        x = (5e3 + rng.standard_normal(samples * groups * chans_per_group * inner)).astype(dtype)
+        dy = rng.standard_normal(x.size).astype(dtype)
+        weight = rng.standard_normal(groups * chans_per_group).astype(dtype)
+        bias = rng.standard_normal(groups * chans_per_group).astype(dtype)
+        y, mean, rstd = np.empty_like(x), np.empty(samples * groups), np.empty(samples * groups)
+        module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, samples * groups,
+                            groups, chans_per_group, inner, 1e-5, True, stream, stream, 2)
+        dx, dweight, dbias = np.empty_like(x), np.empty_like(weight), np.empty_like(weight)
+        module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
+                             samples * groups, groups, chans_per_group, inner, True, stream, stream, 2)
         results += [y, mean, rstd, dx, dweight, dbias]
 
     # one sample of 3 channels of 3000 values in 1 group (the backward shares out the channels)

@@ -500,6 +500,7 @@ cdef extern from *:
             float mean_hi, float mean_lo, float rs, double* dweight_acc, double* dbias_acc,
             double* sum_g, double* sum_g_xhat) {
         double four_dy[4], four_dy_xhat[4];
+        double g_total = *sum_g, g_xhat_total = *sum_g_xhat;   /* (in registers: the accumulators may alias) */
         Py_ssize_t c = 0;
         for (; c + 4 <= channels; c += 4) {
             cynorm_channels4_gradient_sums_float(dy + c * inner, x + c * inner, inner, mean_hi, mean_lo, rs,
@@ -507,10 +508,12 @@ cdef extern from *:
             for (int k = 0; k < 4; k++) {
                 dweight_acc[c + k] += four_dy_xhat[k];
                 dbias_acc[c + k] += four_dy[k];
-                *sum_g += (double)weight[c + k] * four_dy[k];
-                *sum_g_xhat += (double)weight[c + k] * four_dy_xhat[k];
+                g_total += (double)weight[c + k] * four_dy[k];
+                g_xhat_total += (double)weight[c + k] * four_dy_xhat[k];
             }
         }
+        *sum_g = g_total;
+        *sum_g_xhat = g_xhat_total;
         return c;
     }
     /* input_gradient_values for whole channels of `inner` values (several elements per channel): the same

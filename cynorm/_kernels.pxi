@@ -415,42 +415,49 @@ cdef extern from *:
         }
     }
     /* Rows backward, several elements per channel (channels-first group and instance norm): the gradient sums
-       of four channels of `inner` < CHUNK values each (at `inner` from each other), as gradient_sums computes
-       them without a weight, the same adds in the same order, the four channels' trees taken together.  On
-       small feature maps (7x7, 8x8) a channel's trees had cost more than its values. */
+       of four channels of `inner` < CHUNK values each, `stride` values from each other, each with its row's
+       mean and rstd in float parts (mean_hi, mean_lo, rs), as gradient_sums computes them without a weight: the
+       same adds in the same order, the four channels' trees taken together.  On small feature maps (7x7, 8x8)
+       a channel's trees had cost more than its values. */
     static inline __attribute__((always_inline)) void cynorm_channels4_gradient_sums_float(
-            const float* dy, const float* x, Py_ssize_t inner, float mean_hi, float mean_lo, float rs,
+            const float* dy, const float* x, Py_ssize_t inner, Py_ssize_t stride,
+            const float* mean_hi, const float* mean_lo, const float* rs,   /* (4,) each */
             double* sum_dy, double* sum_dy_xhat) {                      /* OUT (4,) each */
         const Py_ssize_t body = inner - inner % 32, tail_body = inner - inner % 8;
-        const cynorm_float_vector mh = cynorm_broadcast_float(mean_hi), ml = cynorm_broadcast_float(mean_lo),
-                                  r = cynorm_broadcast_float(rs);
-        const cynorm_float_8 mh8 = {mean_hi, mean_hi, mean_hi, mean_hi, mean_hi, mean_hi, mean_hi, mean_hi},
-                             ml8 = {mean_lo, mean_lo, mean_lo, mean_lo, mean_lo, mean_lo, mean_lo, mean_lo},
-                             r8 = {rs, rs, rs, rs, rs, rs, rs, rs};
+        cynorm_float_vector mh[4], ml[4], r[4];
+        cynorm_float_8 mh8[4], ml8[4], r8[4];
         cynorm_float_vector s1[4][2], s2[4][2];
         cynorm_float_8 q1[4], q2[4];
         float rest1[4], rest2[4];
+        for (int k = 0; k < 4; k++) {
+            mh[k] = cynorm_broadcast_float(mean_hi[k]);
+            ml[k] = cynorm_broadcast_float(mean_lo[k]);
+            r[k] = cynorm_broadcast_float(rs[k]);
+            mh8[k] = __builtin_shufflevector(mh[k], mh[k], 0, 1, 2, 3, 4, 5, 6, 7);
+            ml8[k] = __builtin_shufflevector(ml[k], ml[k], 0, 1, 2, 3, 4, 5, 6, 7);
+            r8[k] = __builtin_shufflevector(r[k], r[k], 0, 1, 2, 3, 4, 5, 6, 7);
+        }
         for (int k = 0; k < 4; k++) {   /* the 8 tail lanes, then the values left one by one */
-            const float* g = dy + k * inner;
-            const float* v = x + k * inner;
+            const float* g = dy + k * stride;
+            const float* v = x + k * stride;
             q1[k] = q2[k] = (cynorm_float_8){0};
             for (Py_ssize_t i = body; i < tail_body; i += 8) {
                 cynorm_float_8 gi = *(const cynorm_float_8u*)(g + i);
                 q1[k] += gi;
-                q2[k] += gi * (((*(const cynorm_float_8u*)(v + i) - mh8) - ml8) * r8);
+                q2[k] += gi * (((*(const cynorm_float_8u*)(v + i) - mh8[k]) - ml8[k]) * r8[k]);
             }
             rest1[k] = rest2[k] = 0.0f;
             for (Py_ssize_t i = tail_body; i < inner; i++) {
                 rest1[k] += g[i];
-                rest2[k] += g[i] * (((v[i] - mean_hi) - mean_lo) * rs);
+                rest2[k] += g[i] * (((v[i] - mean_hi[k]) - mean_lo[k]) * rs[k]);
             }
         }
         for (Py_ssize_t i = 0; i < body; i += 32) {   /* the first 32 values set the lanes */
             for (int h = 0; h < 2; h++) {
                 for (int k = 0; k < 4; k++) {
-                    cynorm_float_vector g = *(const cynorm_float_vector*)(dy + k * inner + i + 16 * h);
-                    cynorm_float_vector gx = g * (((*(const cynorm_float_vector*)(x + k * inner + i + 16 * h) - mh)
-                                                   - ml) * r);
+                    cynorm_float_vector g = *(const cynorm_float_vector*)(dy + k * stride + i + 16 * h);
+                    cynorm_float_vector gx = g * (((*(const cynorm_float_vector*)(x + k * stride + i + 16 * h)
+                                                    - mh[k]) - ml[k]) * r[k]);
                     if (i) {
                         s1[k][h] += g;
                         s2[k][h] += gx;
@@ -501,10 +508,13 @@ cdef extern from *:
             double* sum_g, double* sum_g_xhat) {
         double four_dy[4], four_dy_xhat[4];
         double g_total = *sum_g, g_xhat_total = *sum_g_xhat;   /* (in registers: the accumulators may alias) */
+        const float four_mean_hi[4] = {mean_hi, mean_hi, mean_hi, mean_hi};
+        const float four_mean_lo[4] = {mean_lo, mean_lo, mean_lo, mean_lo};
+        const float four_rs[4] = {rs, rs, rs, rs};
         Py_ssize_t c = 0;
         for (; c + 4 <= channels; c += 4) {
-            cynorm_channels4_gradient_sums_float(dy + c * inner, x + c * inner, inner, mean_hi, mean_lo, rs,
-                                                 four_dy, four_dy_xhat);
+            cynorm_channels4_gradient_sums_float(dy + c * inner, x + c * inner, inner, inner, four_mean_hi,
+                                                 four_mean_lo, four_rs, four_dy, four_dy_xhat);
             for (int k = 0; k < 4; k++) {
                 dweight_acc[c + k] += four_dy_xhat[k];
                 dbias_acc[c + k] += four_dy[k];
@@ -541,6 +551,37 @@ cdef extern from *:
                                          _mm512_mul_ps(cx, _mm512_sub_ps(_mm512_maskz_loadu_ps(last, v + i), mh)));
                 _mm512_mask_storeu_ps(out + i, last, _mm512_add_ps(t, c0));
             }
+        }
+    }
+    /* Rows backward, groups of a single channel (instance norm, group norm with a group per channel) of fewer
+       than CHANNEL_QUAD_INNER values, not streamed: four rows of the same channel, `row_stride` values apart,
+       at a time.  Their gradient sums as above; then, row after row, each row's terms of dweight and dbias,
+       its coefficients as input_gradient_coefficients computes them, and dx; the same bits as backward_row. */
+    static __attribute__((noinline)) void cynorm_channel_rows4_backward_float(
+            const float* dy, const float* x, float* dx, Py_ssize_t row_stride, Py_ssize_t inner,
+            float weight,                                               /* the channel's */
+            const double* mean, const double* rstd,                     /* rows k at k * stat_stride */
+            Py_ssize_t stat_stride, int centered,
+            double* dweight_acc, double* dbias_acc) {                   /* INOUT the channel's */
+        float mean_hi[4], mean_lo[4], rs[4];
+        double four_dy[4], four_dy_xhat[4];
+        for (int k = 0; k < 4; k++) {
+            double row_mean = mean ? mean[k * stat_stride] : 0.0;
+            mean_hi[k] = (float)row_mean;
+            mean_lo[k] = (float)(row_mean - (double)mean_hi[k]);
+            rs[k] = (float)rstd[k * stat_stride];
+        }
+        cynorm_channels4_gradient_sums_float(dy, x, inner, row_stride, mean_hi, mean_lo, rs, four_dy,
+                                             four_dy_xhat);
+        for (int k = 0; k < 4; k++) {
+            double r = rstd[k * stat_stride];
+            double sum_g = 0.0 + (double)weight * four_dy[k], sum_g_xhat = 0.0 + (double)weight * four_dy_xhat[k];
+            double k1 = centered ? sum_g / (double)inner : 0.0, k2 = sum_g_xhat / (double)inner;
+            *dweight_acc += four_dy_xhat[k];
+            *dbias_acc += four_dy[k];
+            cynorm_channels_input_gradient_float(dy + k * row_stride, x + k * row_stride, dx + k * row_stride,
+                                                 inner, 1, &weight, r, mean_hi[k], (float)(((-r) * r) * k2),
+                                                 (float)(((-r) * k1) + (((r * r) * k2) * (double)mean_lo[k])));
         }
     }
     /* Rows forward, float rows of a multiple of 16 values, one element per channel (layer and RMS norm): four
@@ -667,6 +708,12 @@ cdef extern from *:
         (void)dweight_acc; (void)dbias_acc; (void)sum_g; (void)sum_g_xhat;
         return 0;
     }
+    static inline void cynorm_channel_rows4_backward_float(const float* dy, const float* x, float* dx,
+            Py_ssize_t row_stride, Py_ssize_t inner, float weight, const double* mean, const double* rstd,
+            Py_ssize_t stat_stride, int centered, double* dweight_acc, double* dbias_acc) {
+        (void)dy; (void)x; (void)dx; (void)row_stride; (void)inner; (void)weight; (void)mean; (void)rstd;
+        (void)stat_stride; (void)centered; (void)dweight_acc; (void)dbias_acc;
+    }
     static inline int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
             const float* bias, double eps, int centered, double* mean, double* rstd, const float* next_x) {
         (void)x; (void)y; (void)length; (void)weight; (void)bias; (void)eps; (void)centered; (void)mean;
@@ -791,6 +838,10 @@ cdef extern from *:
                                                        float mean_lo, float rs, double* dweight_acc,
                                                        double* dbias_acc, double* sum_g,
                                                        double* sum_g_xhat) noexcept nogil
+    void cynorm_channel_rows4_backward_float(const float* dy, const float* x, float* dx, Py_ssize_t row_stride,
+                                             Py_ssize_t inner, float weight, const double* mean, const double* rstd,
+                                             Py_ssize_t stat_stride, bint centered, double* dweight_acc,
+                                             double* dbias_acc) noexcept nogil
     int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
                                    const float* bias, double eps, bint centered, double* mean, double* rstd,
                                    const float* next_x) noexcept nogil
@@ -892,6 +943,11 @@ cdef enum:
     # the same bits).  Backward A/B, groups of (channels x values): (16,512,7,7) G=32 (16 x 49) 1.8x, (16,1024,7,7)
     # 2.0x, (32,256,8,8) G=32 (8 x 64) 1.2x, (8,256,14,14) 1.03x; channels of 3136 values 0.94-0.97x.
     CHANNEL_QUAD_INNER = 256
+    # Rows backward, groups of one channel (instance norm) of at most CHANNEL_ROWS_INNER values: four rows of the
+    # channel at a time (cynorm_channel_rows4_backward_float; the same bits).  Backward A/B: (64,128,4,4) 1.8-1.9x,
+    # (32,256,8,8) 1.5-1.8x; channels of 100-196 values ran 0.8-0.9x (each row's constants in vectors, four rows'
+    # at once, outgrew the registers).
+    CHANNEL_ROWS_INNER = 64
     # Columns view: the statistics and gradient sums of a large input ask for the row about this many bytes
     # ahead (alone, the hardware prefetcher left that pass at a third of the memory's read speed).
     PREFETCH_AHEAD_BYTES = 4096
@@ -2449,6 +2505,16 @@ cdef inline void rows4_backward(const floating* dy, const floating* x, floating*
                                     dweight_run, dbias_run)
 
 
+cdef inline void channel_rows4_backward(const floating* dy, const floating* x, floating* dx,
+                                       Py_ssize_t row_stride, Py_ssize_t inner, floating weight, const double* mean,
+                                       const double* rstd, Py_ssize_t stat_stride, bint centered,
+                                       double* dweight_acc, double* dbias_acc) noexcept nogil:
+    """Four rows of a single channel (float only: rows_backward takes double rows one at a time)."""
+    if floating is float:
+        cynorm_channel_rows4_backward_float(dy, x, dx, row_stride, inner, weight, mean, rstd, stat_stride, centered,
+                                            dweight_acc, dbias_acc)
+
+
 cdef void rows_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
                         const floating* weight, floating* dx, floating* dweight, floating* dbias,
                         Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
@@ -2463,6 +2529,9 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and inner == 1 and not short_rows
                        and length % 16 == 0
                        and (length <= QUAD_STREAMED_ROW or (length <= QUAD_ROW and not stream and not prefetch)))
+    # groups of one channel of a few values four rows at a time (see CHANNEL_ROWS_INNER)
+    cdef bint channel_rows = (floating is float and CYNORM_HAVE_ROW_QUADS and chans_per_group == 1 and inner > 1
+                              and inner <= CHANNEL_ROWS_INNER and not stream)
     cdef bint row_stream = stream and not quads
     cdef double[::1] partials, totals
     cdef floating[:, ::1] running
@@ -2525,6 +2594,12 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
                 # (the flushes of add_row_terms, which takes the rows left)
                 if (n - first) % ROWS_PER_FLUSH == 0 or n == last:
                     flush_parameter_terms(weight_run, bias_run, weight_partial, bias_partial, length)
+            while channel_rows and n + 4 <= last:
+                r = n * groups + g
+                channel_rows4_backward(&dy[r * length], &x[r * length], &dx[r * length], groups * length, length,
+                                       weight[g], &mean[r] if mean != NULL else NULL, &rstd[r], groups, centered,
+                                       weight_partial, bias_partial)
+                n += 4
             for n in range(n, last):
                 r = n * groups + g
                 # the row the thread takes `ahead` rows later: in this block, or with one group in its next

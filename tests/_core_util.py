@@ -207,6 +207,9 @@ FOUR_ROW_CASES = (
     NormCase("group", (5, 36, 7, 7), 1, 4),     # 9 channels of 49 values a group
     NormCase("group", (3, 32, 4, 5), 1, 4),     # 8 of 20
     NormCase("group", (2, 20, 3), 1, 4),        # 5 of 3
+    # rows of one channel, four samples' at a time (the backward's 4 blocks of samples need 4 each), left over
+    NormCase("instance", (18, 6, 5, 5), 1),
+    NormCase("instance", (17, 3, 8, 8), 1),
 )
 
 # Channels-last with fewer than 32 channels, whose backward takes a tile's rows several at a time as one wide

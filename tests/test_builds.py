@@ -17,7 +17,7 @@ def _module(name):
 
 
 def _run_all_kernels(module, dtype, stream):
-    """Forward and backward of nine rows cases and a columns case, with adversarial data, as raw kernel calls;
+    """Forward and backward of eleven rows cases and a columns case, with adversarial data, as raw kernel calls;
     `stream`: the forward and the backward write their outputs with streaming stores and prefetch their input
     (the kernels' paths for arrays that outgrow the cache)."""
     rng = np.random.default_rng(7)
@@ -60,9 +60,11 @@ def _run_all_kernels(module, dtype, stream):
         results += [y, mean, rstd, dx, dweight, dbias]
 
     # channels-first groups of 9 channels of 7, 20 and 49 values (AVX-512 builds sum four channels at a time in
-    # the backward: values left one by one, 8 lanes, 32 lanes), a channel left over
-    for samples, groups, inner in ((3, 4, 49), (2, 3, 20), (4, 2, 7)):
-        chans_per_group = 9
+    # the backward: values left one by one, 8 lanes, 32 lanes), a channel left over; and groups of one channel
+    # of 20 and 64 values (instance norm: four samples' rows of a channel at a time, rows left over; the
+    # backward's 4 blocks of samples need 4 samples each)
+    for samples, groups, chans_per_group, inner in ((3, 4, 9, 49), (2, 3, 9, 20), (4, 2, 9, 7), (19, 3, 1, 20),
+                                                    (33, 2, 1, 64)):
         x = (5e3 + rng.standard_normal(samples * groups * chans_per_group * inner)).astype(dtype)
         dy = rng.standard_normal(x.size).astype(dtype)
         weight = rng.standard_normal(groups * chans_per_group).astype(dtype)

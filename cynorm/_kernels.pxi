@@ -316,6 +316,29 @@ cdef extern from *:
         return __builtin_convertvector(__builtin_shufflevector(a, a, 0, 2, 4, 6, 8, 10, 12, 14), cynorm_double_8)
                + __builtin_convertvector(__builtin_shufflevector(a, a, 1, 3, 5, 7, 9, 11, 13, 15), cynorm_double_8);
     }
+    /* Four rows' two sums each, as lanes_total gives them: 32 float lanes a sum (s1, s2: two vectors a row, or
+       none if `body` is 0) in the tree 32 -> 16 -> 8 -> 4 -> 2, the last pair in double, plus the 8-lane tails'
+       totals ((q0 + q4) + (q2 + q6)) + ((q1 + q5) + (q3 + q7)) + rest, from tails_1 and tails_2 (two rows' 8
+       lanes a vector).  Returns [the four rows' first sums | their second sums]. */
+    static inline __attribute__((always_inline)) cynorm_double_8 cynorm_four_totals(
+            cynorm_float_vector s1[4][2], cynorm_float_vector s2[4][2], Py_ssize_t body,
+            const cynorm_float_vector tails_1[2], const cynorm_float_vector tails_2[2], cynorm_float_8 rest) {
+        cynorm_float_8 tails = cynorm_pair_sums_float(cynorm_pair_eighths(
+            cynorm_pair_quarters(tails_1[0], tails_1[1]), cynorm_pair_quarters(tails_2[0], tails_2[1]))) + rest;
+        cynorm_double_8 totals = __builtin_convertvector(tails, cynorm_double_8);
+        if (body > 0) {
+            cynorm_float_vector l16[4], m16[4];
+            for (int k = 0; k < 4; k++) {
+                l16[k] = s1[k][0] + s1[k][1];
+                m16[k] = s2[k][0] + s2[k][1];
+            }
+            totals = cynorm_pair_sums_double(cynorm_pair_eighths(
+                cynorm_pair_quarters(cynorm_pair_halves(l16[0], l16[1]), cynorm_pair_halves(l16[2], l16[3])),
+                cynorm_pair_quarters(cynorm_pair_halves(m16[0], m16[1]), cynorm_pair_halves(m16[2], m16[3]))))
+                     + totals;
+        }
+        return totals;
+    }
     static inline void cynorm_rows4_backward_float(
             const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
             Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
@@ -365,22 +388,8 @@ cdef extern from *:
             tail_g[0] = tail_g[1] = tail_gx[0] = tail_gx[1] = (cynorm_float_vector){0};
         }
         #undef CYNORM_ROW_TERMS
-        /* The tails' trees, four rows and both sums together (lanes 0-3: the rows' sum(g), 4-7: sum(g * xhat)):
-           ((q0 + q4) + (q2 + q6)) + ((q1 + q5) + (q3 + q7)), then + 0 for the values left one by one (none). */
-        cynorm_float_8 tails = cynorm_pair_sums_float(cynorm_pair_eighths(
-            cynorm_pair_quarters(tail_g[0], tail_g[1]), cynorm_pair_quarters(tail_gx[0], tail_gx[1]))) + 0.0f;
-        cynorm_double_8 sums = __builtin_convertvector(tails, cynorm_double_8);
-        if (body > 0) {   /* the 32 lanes' trees: 32 -> 16 -> 8 -> 4 -> 2 in float, the last pair in double */
-            cynorm_float_vector l16[4], m16[4];
-            for (int k = 0; k < 4; k++) {
-                l16[k] = s1[k][0] + s1[k][1];
-                m16[k] = s2[k][0] + s2[k][1];
-            }
-            sums = cynorm_pair_sums_double(cynorm_pair_eighths(
-                cynorm_pair_quarters(cynorm_pair_halves(l16[0], l16[1]), cynorm_pair_halves(l16[2], l16[3])),
-                cynorm_pair_quarters(cynorm_pair_halves(m16[0], m16[1]), cynorm_pair_halves(m16[2], m16[3]))))
-                   + sums;
-        }
+        /* (no values are left one by one: rest 0) */
+        cynorm_double_8 sums = cynorm_four_totals(s1, s2, body, tail_g, tail_gx, (cynorm_float_8){0});
         sums = 0.0 + sums;   /* (each row's sums start from 0.0) */
         cynorm_double_4 sum_g = __builtin_shufflevector(sums, sums, 0, 1, 2, 3);
         cynorm_double_4 sum_gx = __builtin_shufflevector(sums, sums, 4, 5, 6, 7);
@@ -477,20 +486,7 @@ cdef extern from *:
                                                      8, 9, 10, 11, 12, 13, 14, 15);
         }
         cynorm_float_8 rest = {rest1[0], rest1[1], rest1[2], rest1[3], rest2[0], rest2[1], rest2[2], rest2[3]};
-        cynorm_float_8 tails = cynorm_pair_sums_float(cynorm_pair_eighths(
-            cynorm_pair_quarters(pairs_1[0], pairs_1[1]), cynorm_pair_quarters(pairs_2[0], pairs_2[1]))) + rest;
-        cynorm_double_8 sums = __builtin_convertvector(tails, cynorm_double_8);
-        if (body > 0) {
-            cynorm_float_vector l16[4], m16[4];
-            for (int k = 0; k < 4; k++) {
-                l16[k] = s1[k][0] + s1[k][1];
-                m16[k] = s2[k][0] + s2[k][1];
-            }
-            sums = cynorm_pair_sums_double(cynorm_pair_eighths(
-                cynorm_pair_quarters(cynorm_pair_halves(l16[0], l16[1]), cynorm_pair_halves(l16[2], l16[3])),
-                cynorm_pair_quarters(cynorm_pair_halves(m16[0], m16[1]), cynorm_pair_halves(m16[2], m16[3]))))
-                   + sums;
-        }
+        cynorm_double_8 sums = cynorm_four_totals(s1, s2, body, pairs_1, pairs_2, rest);
         sums = 0.0 + sums;   /* (each channel's sums start from 0.0) */
         for (int k = 0; k < 4; k++) {
             sum_dy[k] = sums[k];
@@ -635,20 +631,7 @@ cdef extern from *:
         } else {
             tail_1[0] = tail_1[1] = tail_2[0] = tail_2[1] = (cynorm_float_vector){0};
         }
-        cynorm_float_8 tails = cynorm_pair_sums_float(cynorm_pair_eighths(
-            cynorm_pair_quarters(tail_1[0], tail_1[1]), cynorm_pair_quarters(tail_2[0], tail_2[1]))) + 0.0f;
-        cynorm_double_8 sums = __builtin_convertvector(tails, cynorm_double_8);
-        if (body > 0) {
-            cynorm_float_vector l16[4], m16[4];
-            for (int k = 0; k < 4; k++) {
-                l16[k] = s1[k][0] + s1[k][1];
-                m16[k] = s2[k][0] + s2[k][1];
-            }
-            sums = cynorm_pair_sums_double(cynorm_pair_eighths(
-                cynorm_pair_quarters(cynorm_pair_halves(l16[0], l16[1]), cynorm_pair_halves(l16[2], l16[3])),
-                cynorm_pair_quarters(cynorm_pair_halves(m16[0], m16[1]), cynorm_pair_halves(m16[2], m16[3]))))
-                   + sums;
-        }
+        cynorm_double_8 sums = cynorm_four_totals(s1, s2, body, tail_1, tail_2, (cynorm_float_8){0});
         for (int k = 0; k < 4; k++) {
             double t1 = sums[k], t2 = sums[4 + k], chunk_mean = 0, chunk_m2 = t2, total, delta, m2;
             if (centered) {

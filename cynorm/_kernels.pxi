@@ -549,36 +549,21 @@ cdef extern from *:
             }
         }
     }
-    /* Rows backward, groups of a single channel (instance norm, group norm with a group per channel) of fewer
-       than CHANNEL_QUAD_INNER values, not streamed: four rows of the same channel, `row_stride` values apart,
-       at a time.  Their gradient sums as above; then, row after row, each row's terms of dweight and dbias,
-       its coefficients as input_gradient_coefficients computes them, and dx; the same bits as backward_row. */
-    static __attribute__((noinline)) void cynorm_channel_rows4_backward_float(
-            const float* dy, const float* x, float* dx, Py_ssize_t row_stride, Py_ssize_t inner,
-            float weight,                                               /* the channel's */
-            const double* mean, const double* rstd,                     /* rows k at k * stat_stride */
-            Py_ssize_t stat_stride, int centered,
-            double* dweight_acc, double* dbias_acc) {                   /* INOUT the channel's */
+    /* Rows backward, groups of a single channel (instance norm, group norm with a group per channel): the
+       gradient sums of four rows of the same channel, `row_stride` values apart, each with its own statistics
+       (rows k at k * stat_stride; mean NULL: zeros), as above.  Out of line, as the function above. */
+    static __attribute__((noinline)) void cynorm_channel_rows4_gradient_sums_float(
+            const float* dy, const float* x, Py_ssize_t row_stride, Py_ssize_t inner,
+            const double* mean, const double* rstd, Py_ssize_t stat_stride,
+            double* sum_dy, double* sum_dy_xhat) {                      /* OUT (4,) each */
         float mean_hi[4], mean_lo[4], rs[4];
-        double four_dy[4], four_dy_xhat[4];
         for (int k = 0; k < 4; k++) {
             double row_mean = mean ? mean[k * stat_stride] : 0.0;
             mean_hi[k] = (float)row_mean;
             mean_lo[k] = (float)(row_mean - (double)mean_hi[k]);
             rs[k] = (float)rstd[k * stat_stride];
         }
-        cynorm_channels4_gradient_sums_float(dy, x, inner, row_stride, mean_hi, mean_lo, rs, four_dy,
-                                             four_dy_xhat);
-        for (int k = 0; k < 4; k++) {
-            double r = rstd[k * stat_stride];
-            double sum_g = 0.0 + (double)weight * four_dy[k], sum_g_xhat = 0.0 + (double)weight * four_dy_xhat[k];
-            double k1 = centered ? sum_g / (double)inner : 0.0, k2 = sum_g_xhat / (double)inner;
-            *dweight_acc += four_dy_xhat[k];
-            *dbias_acc += four_dy[k];
-            cynorm_channels_input_gradient_float(dy + k * row_stride, x + k * row_stride, dx + k * row_stride,
-                                                 inner, 1, &weight, r, mean_hi[k], (float)(((-r) * r) * k2),
-                                                 (float)(((-r) * k1) + (((r * r) * k2) * (double)mean_lo[k])));
-        }
+        cynorm_channels4_gradient_sums_float(dy, x, inner, row_stride, mean_hi, mean_lo, rs, sum_dy, sum_dy_xhat);
     }
     /* Rows forward, float rows of a multiple of 16 values, one element per channel (layer and RMS norm): four
        rows at a time, each row's statistics computed with the operations of row_moments on a single chunk
@@ -691,11 +676,11 @@ cdef extern from *:
         (void)dweight_acc; (void)dbias_acc; (void)sum_g; (void)sum_g_xhat;
         return 0;
     }
-    static inline void cynorm_channel_rows4_backward_float(const float* dy, const float* x, float* dx,
-            Py_ssize_t row_stride, Py_ssize_t inner, float weight, const double* mean, const double* rstd,
-            Py_ssize_t stat_stride, int centered, double* dweight_acc, double* dbias_acc) {
-        (void)dy; (void)x; (void)dx; (void)row_stride; (void)inner; (void)weight; (void)mean; (void)rstd;
-        (void)stat_stride; (void)centered; (void)dweight_acc; (void)dbias_acc;
+    static inline void cynorm_channel_rows4_gradient_sums_float(const float* dy, const float* x,
+            Py_ssize_t row_stride, Py_ssize_t inner, const double* mean, const double* rstd, Py_ssize_t stat_stride,
+            double* sum_dy, double* sum_dy_xhat) {
+        (void)dy; (void)x; (void)row_stride; (void)inner; (void)mean; (void)rstd; (void)stat_stride; (void)sum_dy;
+        (void)sum_dy_xhat;
     }
     static inline int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
             const float* bias, double eps, int centered, double* mean, double* rstd, const float* next_x) {
@@ -821,10 +806,10 @@ cdef extern from *:
                                                        float mean_lo, float rs, double* dweight_acc,
                                                        double* dbias_acc, double* sum_g,
                                                        double* sum_g_xhat) noexcept nogil
-    void cynorm_channel_rows4_backward_float(const float* dy, const float* x, float* dx, Py_ssize_t row_stride,
-                                             Py_ssize_t inner, float weight, const double* mean, const double* rstd,
-                                             Py_ssize_t stat_stride, bint centered, double* dweight_acc,
-                                             double* dbias_acc) noexcept nogil
+    void cynorm_channel_rows4_gradient_sums_float(const float* dy, const float* x, Py_ssize_t row_stride,
+                                                  Py_ssize_t inner, const double* mean, const double* rstd,
+                                                  Py_ssize_t stat_stride, double* sum_dy,
+                                                  double* sum_dy_xhat) noexcept nogil
     int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
                                    const float* bias, double eps, bint centered, double* mean, double* rstd,
                                    const float* next_x) noexcept nogil
@@ -927,7 +912,7 @@ cdef enum:
     # 2.0x, (32,256,8,8) G=32 (8 x 64) 1.2x, (8,256,14,14) 1.03x; channels of 3136 values 0.94-0.97x.
     CHANNEL_QUAD_INNER = 256
     # Rows backward, groups of one channel (instance norm) of at most CHANNEL_ROWS_INNER values: four rows of the
-    # channel at a time (cynorm_channel_rows4_backward_float; the same bits).  Backward A/B: (64,128,4,4) 1.8-1.9x,
+    # channel at a time (channel_rows4_backward; the same bits).  Backward A/B: (64,128,4,4) 1.8-1.9x,
     # (32,256,8,8) 1.5-1.8x; channels of 100-196 values ran 0.8-0.9x (each row's constants in vectors, four rows'
     # at once, outgrew the registers).
     CHANNEL_ROWS_INNER = 64
@@ -2488,14 +2473,32 @@ cdef inline void rows4_backward(const floating* dy, const floating* x, floating*
                                     dweight_run, dbias_run)
 
 
-cdef inline void channel_rows4_backward(const floating* dy, const floating* x, floating* dx,
-                                       Py_ssize_t row_stride, Py_ssize_t inner, floating weight, const double* mean,
-                                       const double* rstd, Py_ssize_t stat_stride, bint centered,
-                                       double* dweight_acc, double* dbias_acc) noexcept nogil:
-    """Four rows of a single channel (float only: rows_backward takes double rows one at a time)."""
+cdef inline void channel_rows4_backward(const floating* dy, const floating* x,   # IN  rows k at k * row_stride
+                                       floating* dx,                           # OUT the same
+                                       Py_ssize_t row_stride, Py_ssize_t inner,
+                                       const floating* weight,   # IN  the channel's
+                                       const double* mean, const double* rstd,   # IN  rows k at k * stat_stride
+                                       Py_ssize_t stat_stride, bint centered,
+                                       double* dweight_acc, double* dbias_acc) noexcept nogil:  # INOUT the channel's
+    """backward_row for four rows of a single channel, their gradient sums taken together (float only:
+    rows_backward takes double rows one at a time)."""
+    cdef double sum_dy[4]
+    cdef double sum_dy_xhat[4]
+    cdef floating coefs[2]
+    cdef double row_mean
+    cdef int k
     if floating is float:
-        cynorm_channel_rows4_backward_float(dy, x, dx, row_stride, inner, weight, mean, rstd, stat_stride, centered,
-                                            dweight_acc, dbias_acc)
+        cynorm_channel_rows4_gradient_sums_float(dy, x, row_stride, inner, mean, rstd, stat_stride, sum_dy,
+                                                 sum_dy_xhat)
+    for k in range(4):
+        dweight_acc[0] += sum_dy_xhat[k]
+        dbias_acc[0] += sum_dy[k]
+        row_mean = mean[k * stat_stride] if mean != NULL else 0
+        # (the sums over one channel, as backward_row adds them up from 0)
+        input_gradient_coefficients(0.0 + weight[0] * sum_dy[k], 0.0 + weight[0] * sum_dy_xhat[k], inner, row_mean,
+                                    rstd[k * stat_stride], centered, coefs)
+        input_gradient_values(dy + k * row_stride, x + k * row_stride, dx + k * row_stride, inner, 0, inner, weight,
+                              rstd[k * stat_stride], <floating>row_mean, coefs[0], coefs[1])
 
 
 cdef void rows_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
@@ -2580,7 +2583,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
             while channel_rows and n + 4 <= last:
                 r = n * groups + g
                 channel_rows4_backward(&dy[r * length], &x[r * length], &dx[r * length], groups * length, length,
-                                       weight[g], &mean[r] if mean != NULL else NULL, &rstd[r], groups, centered,
+                                       &weight[g], &mean[r] if mean != NULL else NULL, &rstd[r], groups, centered,
                                        weight_partial, bias_partial)
                 n += 4
             for n in range(n, last):

@@ -24,9 +24,8 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
 from libc.math cimport isfinite, sqrt
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
-
-import numpy as np
 
 cdef extern from *:
     """
@@ -1647,24 +1646,39 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (val
         start = stop
 
 
-cdef inline object float_dtype(const floating* like):
-    if floating is float:
-        return np.float32
-    else:
-        return np.float64
+cdef struct Scratch:
+    void* memory   # as malloc returned it
+    char* next     # where the next piece starts, on a cache line
 
 
-cdef object per_thread_zeros(Py_ssize_t threads, Py_ssize_t values, dtype):
-    """Zeros of shape (threads, values rounded up to whole cache lines), each thread's row starting a line.
-    Threads that write the same line take turns owning it, and a vector that straddles two lines is two
-    accesses.  Where malloc happened to put these buffers (it aligns to 16 bytes), a layer norm backward on
-    rows of 32 values ran 1.45x slower, and a channels-last GroupNorm backward on (16,1024,64) up to 1.56x."""
-    per_line = CYNORM_LINE_BYTES // np.dtype(dtype).itemsize
-    row = -(-values // per_line) * per_line
-    flat = np.zeros(threads * row + per_line, dtype)
-    skip = cynorm_values_past_line(<void*><size_t>address_of(flat), flat.itemsize)
-    skip = (per_line - skip) % per_line
-    return flat[skip:skip + threads * row].reshape(threads, row)
+cdef inline Py_ssize_t whole_lines(Py_ssize_t nbytes) noexcept nogil:
+    """`nbytes` rounded up to whole cache lines."""
+    return (nbytes + CYNORM_LINE_BYTES - 1) // CYNORM_LINE_BYTES * CYNORM_LINE_BYTES
+
+
+cdef int open_scratch(Scratch* scratch, Py_ssize_t nbytes) except -1:
+    """Memory for a call's working arrays, `nbytes` of whole lines (see scratch_piece); the caller frees
+    scratch.memory after its loops, which run without the GIL and cannot raise.  One malloc: the NumPy arrays and
+    typed memoryviews it replaces (up to a dozen a call) cost the columns view's calls 20-25 µs each, and the rows
+    view's backward 12 µs, once a kernel had swept the caches."""
+    scratch.memory = malloc(nbytes + CYNORM_LINE_BYTES)
+    if scratch.memory == NULL:
+        raise MemoryError(f"cynorm kernels: no memory for {nbytes} bytes of working arrays")
+    scratch.next = (<char*>scratch.memory
+                    + (CYNORM_LINE_BYTES - <size_t>scratch.memory % CYNORM_LINE_BYTES) % CYNORM_LINE_BYTES)
+    return 0
+
+
+cdef inline void* scratch_piece(Scratch* scratch, Py_ssize_t nbytes, bint zeroed) noexcept nogil:
+    """The next `nbytes` of the scratch memory, starting a cache line (zeros if `zeroed`).  Threads that write
+    the same line take turns owning it, and a vector that straddles two lines is two accesses: where malloc
+    happened to put such arrays (it aligns to 16 bytes), a layer norm backward on rows of 32 values ran 1.45x
+    slower, and a channels-last GroupNorm backward on (16,1024,64) up to 1.56x."""
+    cdef void* piece = scratch.next
+    scratch.next += whole_lines(nbytes)
+    if zeroed:
+        memset(piece, 0, nbytes)
+    return piece
 
 
 def forward_rows(size_t x,          # IN  (n_rows * length,)
@@ -1705,7 +1719,8 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef Py_ssize_t length = chans_per_group * inner
     cdef Py_ssize_t r, u, k, start, chunks, first_channel
     cdef double m2, count, running_mean
-    cdef double[::1] chunk_stats
+    cdef double* chunk_stats
+    cdef Scratch scratch
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     # float rows of a multiple of 16 values four at a time (see QUAD_FORWARD_ROW)
     cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and groups == 1 and inner == 1
@@ -1756,7 +1771,8 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     # Fewer rows than threads, or a few long ones: the same chunks, computed in parallel and merged in the same
     # order.
     chunks = (length + CHUNK - 1) // CHUNK
-    chunk_stats = np.empty(2 * n_rows * chunks)
+    open_scratch(&scratch, whole_lines(2 * n_rows * chunks * sizeof(double)))
+    chunk_stats = <double*>scratch_piece(&scratch, 2 * n_rows * chunks * sizeof(double), False)
     with nogil:
         for u in prange(n_rows * chunks, num_threads=num_threads, schedule="static"):
             r = u // chunks
@@ -1782,6 +1798,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                                 &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream, NULL)
         if stream:
             cynorm_store_fence()
+    free(scratch.memory)
 
 
 cdef inline Py_ssize_t rows_folded(Py_ssize_t n_cols) noexcept nogil:
@@ -1894,18 +1911,25 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     cdef Py_ssize_t batch_index, first, batch_size, u, n, s
     # a tile's rows are taken `fold` at a time (see WIDE_ROW)
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
-    cdef double[::1] tile_stats
-    cdef floating[:, ::1] column_mean_hi, column_scale, column_shift
-    cdef double[:, ::1] scratch
+    cdef Py_ssize_t stats_bytes = 2 * n_samples * tiles * groups * sizeof(double)
+    cdef Py_ssize_t column_bytes = n_samples * fold * n_cols * sizeof(floating)
+    # each thread's tile_moments scratch, with room for double sums, which float input may need
+    cdef Py_ssize_t scratch_stride = whole_lines(3 * fold * n_cols * sizeof(double)) // sizeof(double)
+    cdef Scratch memory
+    cdef double* tile_stats
+    cdef floating* column_mean_hi
+    cdef floating* column_scale
+    cdef floating* column_shift
+    cdef double* scratch
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         return
-    dtype = float_dtype(x)
-    tile_stats = np.empty(2 * n_samples * tiles * groups)
-    column_mean_hi = np.empty((n_samples, fold * n_cols), dtype=dtype)
-    column_scale = np.empty((n_samples, fold * n_cols), dtype=dtype)
-    column_shift = np.empty((n_samples, fold * n_cols), dtype=dtype)
-    # (room for double sums, which float input may need)
-    scratch = per_thread_zeros(num_threads, 3 * fold * n_cols, np.float64)
+    open_scratch(&memory, whole_lines(stats_bytes) + 3 * whole_lines(column_bytes)
+                 + num_threads * scratch_stride * sizeof(double))
+    tile_stats = <double*>scratch_piece(&memory, stats_bytes, False)
+    column_mean_hi = <floating*>scratch_piece(&memory, column_bytes, False)
+    column_scale = <floating*>scratch_piece(&memory, column_bytes, False)
+    column_shift = <floating*>scratch_piece(&memory, column_bytes, False)
+    scratch = <double*>scratch_piece(&memory, num_threads * scratch_stride * sizeof(double), True)
     if n_samples % num_threads == 0 or n_samples >= 8 * num_threads:
         # Whole samples per thread, evenly shared, and no waiting on each other: each thread's sample is read
         # for its statistics, then normalized while it is still in the last-level cache.
@@ -1913,18 +1937,19 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
             for n in prange(n_samples, schedule="static"):
                 for u in range(n * tiles, (n + 1) * tiles):
                     columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, fold, centered, prefetch,
-                                         &scratch[threadid(), 0], &tile_stats[0])
+                                         &scratch[threadid() * scratch_stride], tile_stats)
                 for s in range(n * groups, (n + 1) * groups):
-                    columns_group_constants(&tile_stats[0], s, tiles, tile_rows, n_rows, n_cols, groups,
+                    columns_group_constants(tile_stats, s, tiles, tile_rows, n_rows, n_cols, groups,
                                             cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
-                                            &mean[0], &rstd[0], fold, &column_mean_hi[0, 0], &column_scale[0, 0],
-                                            &column_shift[0, 0])
+                                            &mean[0], &rstd[0], fold, column_mean_hi, column_scale,
+                                            column_shift)
                 for u in range(n * tiles, (n + 1) * tiles):
                     columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, fold,
-                                           &column_mean_hi[0, 0], &column_scale[0, 0], &column_shift[0, 0],
+                                           column_mean_hi, column_scale, column_shift,
                                            affine_per_row, &weight[0], &bias[0], stream)
             if stream:
                 cynorm_store_fence()
+        free(memory.memory)
         return
     with nogil, parallel(num_threads=num_threads):
         # A batch of samples is normalized right after its statistics, while it is still in the last-level
@@ -1934,18 +1959,19 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
             batch_size = min(batch, n_samples - first)
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
                 columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, fold, centered, prefetch,
-                                     &scratch[threadid(), 0], &tile_stats[0])
+                                     &scratch[threadid() * scratch_stride], tile_stats)
             for s in prange(first * groups, (first + batch_size) * groups, schedule="static"):
-                columns_group_constants(&tile_stats[0], s, tiles, tile_rows, n_rows, n_cols, groups,
+                columns_group_constants(tile_stats, s, tiles, tile_rows, n_rows, n_cols, groups,
                                         cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
-                                        &mean[0], &rstd[0], fold, &column_mean_hi[0, 0], &column_scale[0, 0],
-                                        &column_shift[0, 0])
+                                        &mean[0], &rstd[0], fold, column_mean_hi, column_scale,
+                                        column_shift)
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
-                columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, fold, &column_mean_hi[0, 0],
-                                       &column_scale[0, 0], &column_shift[0, 0], affine_per_row, &weight[0],
+                columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, fold, column_mean_hi,
+                                       column_scale, column_shift, affine_per_row, &weight[0],
                                        &bias[0], stream)
         if stream:
             cynorm_store_fence()
+    free(memory.memory)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -2344,15 +2370,22 @@ cdef void long_rows_backward(const floating* dy, const floating* x, const double
     cdef Py_ssize_t n_samples = n_rows // groups
     cdef Py_ssize_t u, r, g, n, k, start, m, c
     cdef double sum_g, sum_g_xhat
-    cdef double[::1] sums = np.empty(2 * n_rows * chunks)
-    cdef floating[::1] coefs = np.empty(2 * n_rows, dtype=float_dtype(x))
     cdef Py_ssize_t slabs = (length + CHANNEL_SLAB - 1) // CHANNEL_SLAB
-    cdef floating[:, ::1] running = per_thread_zeros(num_threads, 2 * CHANNEL_SLAB, float_dtype(x))
-    cdef double[:, ::1] partial = per_thread_zeros(num_threads, 2 * CHANNEL_SLAB, np.float64)
+    cdef Scratch memory
+    cdef double* sums
+    cdef floating* coefs
+    cdef floating* running    # a thread's at threadid() * 2 * CHANNEL_SLAB (whole lines)
+    cdef double* partial      # the same
     cdef floating* weight_run
     cdef floating* bias_run
     cdef double* weight_partial
     cdef double* bias_partial
+    open_scratch(&memory, whole_lines(2 * n_rows * chunks * sizeof(double)) + whole_lines(2 * n_rows * sizeof(floating))
+                 + num_threads * 2 * CHANNEL_SLAB * (sizeof(floating) + sizeof(double)))
+    sums = <double*>scratch_piece(&memory, 2 * n_rows * chunks * sizeof(double), False)
+    coefs = <floating*>scratch_piece(&memory, 2 * n_rows * sizeof(floating), False)
+    running = <floating*>scratch_piece(&memory, num_threads * 2 * CHANNEL_SLAB * sizeof(floating), True)
+    partial = <double*>scratch_piece(&memory, num_threads * 2 * CHANNEL_SLAB * sizeof(double), True)
     with nogil, parallel(num_threads=num_threads):
         for u in prange(n_rows * chunks, schedule="static"):
             r = u // chunks
@@ -2371,9 +2404,9 @@ cdef void long_rows_backward(const floating* dy, const floating* x, const double
             input_gradient_coefficients(sum_g, sum_g_xhat, length, mean[r] if mean != NULL else 0, rstd[r],
                                         centered, &coefs[2 * r])
     with nogil, parallel(num_threads=num_threads):
-        weight_run = &running[threadid(), 0]
+        weight_run = &running[threadid() * 2 * CHANNEL_SLAB]
         bias_run = weight_run + CHANNEL_SLAB
-        weight_partial = &partial[threadid(), 0]
+        weight_partial = &partial[threadid() * 2 * CHANNEL_SLAB]
         bias_partial = weight_partial + CHANNEL_SLAB
         for u in prange(groups * slabs, schedule="static"):
             g = u // slabs
@@ -2393,6 +2426,7 @@ cdef void long_rows_backward(const floating* dy, const floating* x, const double
                 dbias[g * length + start + c] = <floating>bias_partial[c]
         if stream:
             cynorm_store_fence()
+    free(memory.memory)
 
 
 cdef void few_rows_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
@@ -2410,9 +2444,17 @@ cdef void few_rows_backward(const floating* dy, const floating* x, const double*
     cdef Py_ssize_t pieces = (inner + piece - 1) // piece
     cdef Py_ssize_t u, r, c, k, n, g, start, m
     cdef double sum_g, sum_g_xhat, weight_total, bias_total, unused[2]
-    cdef double[::1] piece_sums = np.zeros(2 * n_rows * chans_per_group * pieces)   # [row][channel][piece][2]
-    cdef double[::1] channel_sums = np.zeros(2 * n_rows * chans_per_group)   # [row][channel][sum(dy) | dy * xhat]
-    cdef floating[::1] coefs = np.empty(2 * n_rows, dtype=float_dtype(x))
+    cdef Py_ssize_t piece_sums_bytes = 2 * n_rows * chans_per_group * pieces * sizeof(double)
+    cdef Py_ssize_t channel_sums_bytes = 2 * n_rows * chans_per_group * sizeof(double)
+    cdef Scratch memory
+    cdef double* piece_sums
+    cdef double* channel_sums
+    cdef floating* coefs
+    open_scratch(&memory, whole_lines(piece_sums_bytes) + whole_lines(channel_sums_bytes)
+                 + whole_lines(2 * n_rows * sizeof(floating)))
+    piece_sums = <double*>scratch_piece(&memory, piece_sums_bytes, True)   # [row][channel][piece][2]
+    channel_sums = <double*>scratch_piece(&memory, channel_sums_bytes, True)   # [row][channel][sum(dy) | dy * xhat]
+    coefs = <floating*>scratch_piece(&memory, 2 * n_rows * sizeof(floating), False)
     with nogil, parallel(num_threads=num_threads):
         for u in prange(n_rows * chans_per_group * pieces, schedule="static"):
             r = u // (chans_per_group * pieces)
@@ -2459,6 +2501,7 @@ cdef void few_rows_backward(const floating* dy, const floating* x, const double*
                                  stream)
         if stream:
             cynorm_store_fence()
+    free(memory.memory)
 
 
 def backward_rows(size_t dy,        # IN  (n_rows * length,)
@@ -2542,8 +2585,12 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef bint row_stream = stream and not quads
     # long rows, one element per channel: their parameter terms while dx is written (see FUSED_TERMS_ROW)
     cdef bint fused_terms = inner == 1 and length >= FUSED_TERMS_ROW
-    cdef double[::1] partials, totals
-    cdef floating[:, ::1] running
+    # per thread: float running sums of dweight and dbias terms (one element per channel only), on lines of its own
+    cdef Py_ssize_t run_stride = whole_lines((2 * length if inner == 1 else 2) * sizeof(floating)) // sizeof(floating)
+    cdef Scratch memory
+    cdef double* partials
+    cdef double* totals
+    cdef floating* running
     cdef floating* weight_run
     cdef floating* bias_run
     cdef double* weight_partial
@@ -2564,17 +2611,18 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     # left a thread idle for a fifth of a layer norm backward on rows of 24 or 100 values
     blocks = (n_samples * groups * length + BLOCK_ELEMS - 1) // BLOCK_ELEMS
     blocks = min(n_samples, (blocks + TILE_MULTIPLE - 1) // TILE_MULTIPLE * TILE_MULTIPLE)
-    partials = np.zeros(2 * blocks * channels)
-    totals = np.zeros(2 * channels)
-    # per thread: float running sums of dweight and dbias terms (one element per channel only)
-    running = per_thread_zeros(num_threads, 2 * length if inner == 1 else 2, float_dtype(x))
+    open_scratch(&memory, whole_lines(2 * blocks * channels * sizeof(double))
+                 + whole_lines(2 * channels * sizeof(double)) + num_threads * run_stride * sizeof(floating))
+    partials = <double*>scratch_piece(&memory, 2 * blocks * channels * sizeof(double), True)
+    totals = <double*>scratch_piece(&memory, 2 * channels * sizeof(double), True)
+    running = <floating*>scratch_piece(&memory, num_threads * run_stride * sizeof(floating), True)
     with nogil, parallel(num_threads=num_threads):
         for u in prange(blocks * groups, schedule="static"):
             block = u // groups
             g = u % groups
             weight_partial = &partials[2 * block * channels + g * chans_per_group]
             bias_partial = &partials[(2 * block + 1) * channels + g * chans_per_group]
-            weight_run = &running[threadid(), 0]
+            weight_run = &running[threadid() * run_stride]
             bias_run = weight_run + (length if inner == 1 else 1)
             first = block * n_samples // blocks
             last = (block + 1) * n_samples // blocks
@@ -2638,6 +2686,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
         for c in range(channels):
             dweight[c] = <floating>totals[c]
             dbias[c] = <floating>totals[channels + c]
+    free(memory.memory)
 
 
 def backward_columns(size_t dy,        # IN  (n_samples * n_rows * n_cols,)
@@ -2679,28 +2728,47 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
     # a tile's rows `fold` at a time, as rows of `wide` columns (see WIDE_ROW); the column arrays hold `wide`
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef Py_ssize_t wide = fold * n_cols
-    cdef double[::1] tile_sums, column_sums, channel_sums, row_sums
-    cdef floating[:, ::1] column_mean_hi, column_mean_lo, column_rstd, column_scale, column_coef_x, column_coef_0
-    cdef floating[:, ::1] scratch
     cdef Py_ssize_t n_params = n_rows if affine_per_row else channels
+    cdef Py_ssize_t tile_sums_bytes = 2 * n_samples * tiles * n_cols * sizeof(double)
+    cdef Py_ssize_t column_sums_bytes = 2 * n_samples * n_cols * sizeof(double)
+    cdef Py_ssize_t channel_sums_bytes = 2 * n_samples * channels * sizeof(double)
+    cdef Py_ssize_t row_sums_bytes = (2 * n_samples * n_rows if affine_per_row else 2) * sizeof(double)
+    cdef Py_ssize_t column_bytes = n_samples * wide * sizeof(floating)
+    cdef Py_ssize_t scratch_stride = whole_lines(2 * wide * sizeof(floating)) // sizeof(floating)   # a thread's
+    cdef Scratch memory
+    cdef double* tile_sums
+    cdef double* column_sums
+    cdef double* channel_sums
+    cdef double* row_sums
+    cdef floating* column_mean_hi
+    cdef floating* column_mean_lo
+    cdef floating* column_rstd
+    cdef floating* column_scale
+    cdef floating* column_coef_x
+    cdef floating* column_coef_0
+    cdef floating* scratch
     cdef double weight_total, bias_total
     if n_samples == 0 or n_rows == 0 or n_cols == 0:
         memset(dweight, 0, n_params * sizeof(floating))
         memset(dbias, 0, n_params * sizeof(floating))
         return
-    dtype = float_dtype(x)
-    tile_sums = np.empty(2 * n_samples * tiles * n_cols)      # [tile][sum(v*dy) | sum(v*dy*xhat)][col]
-    column_sums = np.zeros(2 * n_samples * n_cols)            # [sample][sum(v*dy) | sum(v*dy*xhat)][col]
-    channel_sums = np.zeros(2 * n_samples * channels)         # [sample][sum(dy) | sum(dy*xhat)][channel]
+    open_scratch(&memory, whole_lines(tile_sums_bytes) + whole_lines(column_sums_bytes)
+                 + whole_lines(channel_sums_bytes) + whole_lines(row_sums_bytes) + 6 * whole_lines(column_bytes)
+                 + num_threads * scratch_stride * sizeof(floating))
+    tile_sums = <double*>scratch_piece(&memory, tile_sums_bytes, False)   # [tile][sum(v*dy) | sum(v*dy*xhat)][col]
+    column_sums = <double*>scratch_piece(&memory, column_sums_bytes, True)   # [sample][the same][col]
+    # [sample][sum(dy) | sum(dy*xhat)][channel]
+    channel_sums = <double*>scratch_piece(&memory, channel_sums_bytes, True)
     # [sample][sum(dy*xhat) | sum(dy)][row], needed only when the weight varies along the rows
-    row_sums = np.empty(2 * n_samples * n_rows if affine_per_row else 2)
-    column_mean_hi = np.empty((n_samples, wide), dtype=dtype)
-    column_mean_lo = np.empty((n_samples, wide), dtype=dtype)
-    column_rstd = np.empty((n_samples, wide), dtype=dtype)
-    column_scale = np.empty((n_samples, wide), dtype=dtype)
-    column_coef_x = np.empty((n_samples, wide), dtype=dtype)
-    column_coef_0 = np.empty((n_samples, wide), dtype=dtype)
-    scratch = per_thread_zeros(num_threads, 2 * wide, dtype)
+    row_sums = <double*>scratch_piece(&memory, row_sums_bytes, False)
+    # [sample][wide]
+    column_mean_hi = <floating*>scratch_piece(&memory, column_bytes, False)
+    column_mean_lo = <floating*>scratch_piece(&memory, column_bytes, False)
+    column_rstd = <floating*>scratch_piece(&memory, column_bytes, False)
+    column_scale = <floating*>scratch_piece(&memory, column_bytes, False)
+    column_coef_x = <floating*>scratch_piece(&memory, column_bytes, False)
+    column_coef_0 = <floating*>scratch_piece(&memory, column_bytes, False)
+    scratch = <floating*>scratch_piece(&memory, num_threads * scratch_stride * sizeof(floating), True)
     with nogil, parallel(num_threads=num_threads):
         for batch_index in range((n_samples + batch - 1) // batch):
             first = batch_index * batch
@@ -2709,37 +2777,38 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
                 n = u // wide
                 j = u % wide
                 s = n * groups + (j % n_cols) // cols_per_group
-                column_mean_hi[n, j] = <floating>(mean[s] if mean != NULL else 0)
-                column_mean_lo[n, j] = <floating>((mean[s] if mean != NULL else 0) - <double>column_mean_hi[n, j])
-                column_rstd[n, j] = <floating>rstd[s]
+                column_mean_hi[n * wide + j] = <floating>(mean[s] if mean != NULL else 0)
+                column_mean_lo[n * wide + j] = <floating>((mean[s] if mean != NULL else 0)
+                                                          - <double>column_mean_hi[n * wide + j])
+                column_rstd[n * wide + j] = <floating>rstd[s]
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
                 n = u // tiles
                 a0 = (u % tiles) * tile_rows
                 offset = (n * n_rows + a0) * n_cols
                 columns_gradient_sums(&dy[offset], &x[offset], min(tile_rows, n_rows - a0), n_cols, fold,
-                                      &column_mean_hi[n, 0], &column_mean_lo[n, 0], &column_rstd[n, 0],
+                                      &column_mean_hi[n * wide], &column_mean_lo[n * wide], &column_rstd[n * wide],
                                       affine_per_row, &weight[a0] if affine_per_row else &weight[0],
-                                      n_rows - a0 if prefetch else 0, &scratch[threadid(), 0],
+                                      n_rows - a0 if prefetch else 0, &scratch[threadid() * scratch_stride],
                                       &tile_sums[2 * u * n_cols],
                                       &row_sums[2 * n * n_rows + a0] if affine_per_row else &row_sums[0],
                                       &row_sums[(2 * n + 1) * n_rows + a0] if affine_per_row else &row_sums[1])
             for n in prange(first, first + batch_size, schedule="static"):
                 sample_input_gradient_coefficients(
                     &tile_sums[2 * n * tiles * n_cols], tiles, n_cols, groups, cols_per_channel, group_size,
-                    &rstd[n * groups], &weight[0], &column_mean_lo[n, 0], affine_per_row, centered,
+                    &rstd[n * groups], &weight[0], &column_mean_lo[n * wide], affine_per_row, centered,
                     &column_sums[2 * n * n_cols],
-                    &channel_sums[2 * n * channels], &column_scale[n, 0], &column_coef_x[n, 0],
-                    &column_coef_0[n, 0])
-                repeat_columns(&column_scale[n, 0], n_cols, wide)
-                repeat_columns(&column_coef_x[n, 0], n_cols, wide)
-                repeat_columns(&column_coef_0[n, 0], n_cols, wide)
+                    &channel_sums[2 * n * channels], &column_scale[n * wide], &column_coef_x[n * wide],
+                    &column_coef_0[n * wide])
+                repeat_columns(&column_scale[n * wide], n_cols, wide)
+                repeat_columns(&column_coef_x[n * wide], n_cols, wide)
+                repeat_columns(&column_coef_0[n * wide], n_cols, wide)
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
                 n = u // tiles
                 a0 = (u % tiles) * tile_rows
                 offset = (n * n_rows + a0) * n_cols
                 columns_input_gradient(&dy[offset], &x[offset], &dx[offset], min(tile_rows, n_rows - a0) * n_cols, wide,
-                                       &column_mean_hi[n, 0], &column_scale[n, 0], &column_coef_x[n, 0],
-                                       &column_coef_0[n, 0], affine_per_row,
+                                       &column_mean_hi[n * wide], &column_scale[n * wide], &column_coef_x[n * wide],
+                                       &column_coef_0[n * wide], affine_per_row,
                                        &weight[a0] if affine_per_row else &weight[0], stream)
         if stream:
             cynorm_store_fence()
@@ -2757,6 +2826,7 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
                     bias_total += channel_sums[2 * n * channels + a]
             dweight[a] = <floating>weight_total
             dbias[a] = <floating>bias_total
+    free(memory.memory)
 
 
 cdef inline void sample_input_gradient_coefficients(

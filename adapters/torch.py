@@ -37,7 +37,7 @@ from cynorm._blocks import BlockPool
 __all__ = [
     "group_norm", "instance_norm", "layer_norm", "rms_norm",
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
-    "convert", "revert", "set_output_cache_limit",
+    "convert", "revert", "set_output_cache_limit", "use_torch_for_small_inputs",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -671,6 +671,49 @@ def _kernels_apply(input, *tensors):
     return True
 
 
+# Below these sizes (elements of the input: without, then with a gradient to record), torch's own function is
+# faster than the kernels: the Python around them costs about 8 µs a call and 16 µs a training step more than
+# torch's (a (1,768) layer norm: 10 µs against 2.3 µs), which their speed per value wins back only on larger
+# inputs.  Crossovers measured on the development machine (2 threads, float32, interleaved), the adapter against
+# torch.nn.functional: layer norm over 768 values between 98K and 196K elements in inference, 196K and 393K in
+# training steps; group norm (N,64,32,32) between 65K and 262K, and at 262K; RMS norm over 4096 values between
+# 4K and 33K in inference, faster at every size in training steps.  Instance norm has none: torch's runs as a
+# batch norm over N*C channels, slower at every size (1.6x on (1,64,8,8)).
+_TORCH_FASTER_BELOW = {"group_norm": (2 ** 17, 2 ** 18), "layer_norm": (2 ** 17, 2 ** 18), "rms_norm": (2 ** 14, 0)}
+_small_inputs_to_torch = True
+
+
+def use_torch_for_small_inputs(enabled):
+    """Whether the functional API and the modules call torch's own function on inputs too small for the kernels
+    to win (default True); returns the previous setting.
+
+    Group, layer and RMS norm pay the adapter's fixed cost in Python on every call, where torch's calls cost
+    2-5 µs: below a size (``_TORCH_FASTER_BELOW``, measured on a 2-core x86-64 machine) torch's function is
+    faster, so those calls run it, with torch's results.  ``False`` sends every call the kernels take to the
+    kernels.
+    """
+    global _small_inputs_to_torch
+    if not isinstance(enabled, bool):
+        raise TypeError(f"use_torch_for_small_inputs() expects True or False, got {enabled!r}")
+    previous, _small_inputs_to_torch = _small_inputs_to_torch, enabled
+    return previous
+
+
+def _torch_is_faster(norm, input, weight, bias=None):
+    """Whether ``norm`` of ``input`` is small enough for torch's own function to be the faster (see
+    _TORCH_FASTER_BELOW).  Asked before the other checks (the call is cheaper than they are): torch's function
+    has torch's semantics for any tensor."""
+    if not _small_inputs_to_torch or not isinstance(input, Tensor):
+        return False
+    inference, training = _TORCH_FASTER_BELOW[norm]
+    size = input.numel()
+    if size >= inference and size >= training:
+        return False
+    records_grad = torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                                or (bias is not None and bias.requires_grad))
+    return size < (training if records_grad else inference)
+
+
 def _run(op, *args):
     """``op(*args)``, or the kernels it wraps called directly when nothing needs to see the operator.
 
@@ -704,8 +747,10 @@ def _ends_with(input, shape):
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-    """``torch.nn.functional.group_norm`` on the cynorm kernels; torch's own function where they do not apply."""
-    if (_kernels_apply(input, weight, bias) and input.dim() >= 2 and isinstance(num_groups, int)
+    """``torch.nn.functional.group_norm`` on the cynorm kernels; torch's own function where they do not apply, or
+    where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
+    if (not _torch_is_faster("group_norm", input, weight, bias) and _kernels_apply(input, weight, bias)
+            and input.dim() >= 2 and isinstance(num_groups, int)
             and num_groups > 0 and input.shape[1] % num_groups == 0
             # torch refuses groups of a single value in the batch ("more than 1 value per channel")
             and input.numel() > num_groups
@@ -745,7 +790,10 @@ def _update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, 
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """``torch.nn.functional.layer_norm`` on the cynorm kernels; torch's own function where they do not apply."""
+    """``torch.nn.functional.layer_norm`` on the cynorm kernels; torch's own function where they do not apply, or
+    where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
+    if _torch_is_faster("layer_norm", input, weight, bias):
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _normalized_shape_tuple(normalized_shape)
     if (_kernels_apply(input, weight, bias) and _ends_with(input, shape) and _is_shape(weight, shape)
             and _is_shape(bias, shape) and eps >= 0):
@@ -754,10 +802,13 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
-    """``torch.nn.functional.rms_norm`` on the cynorm kernels; torch's own function where they do not apply.
+    """``torch.nn.functional.rms_norm`` on the cynorm kernels; torch's own function where they do not apply, or
+    where it is faster (small inputs, see :func:`use_torch_for_small_inputs`).
 
     ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
     """
+    if _torch_is_faster("rms_norm", input, weight):
+        return F.rms_norm(input, normalized_shape, weight, eps)
     shape = _normalized_shape_tuple(normalized_shape)
     if (_kernels_apply(input, weight) and _ends_with(input, shape) and _is_shape(weight, shape)
             and (eps is None or eps >= 0)):

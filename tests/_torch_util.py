@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import cynorm
-from cynorm.adapters.torch import GroupNorm
+from cynorm.adapters.torch import GroupNorm, use_torch_for_small_inputs
 
 
 def small_conv_net():
@@ -39,6 +39,7 @@ def ddp_train_worker(rank, world_size, init_method, batch_size, steps, result_pa
     """One DDP rank: train on its shard of the batch; rank 0 saves the final state_dict to ``result_path``."""
     # Two processes share two cores: one thread each avoids oversubscription.
     torch.set_num_threads(1)
+    use_torch_for_small_inputs(False)   # (the batch is small: the kernels, as in the test's own process)
     cynorm.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))

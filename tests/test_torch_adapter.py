@@ -47,6 +47,15 @@ def assert_close_scaled(actual, expected, tolerance):
 TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
+@pytest.fixture(autouse=True)
+def kernels_for_small_inputs():
+    """The tests' inputs are small: they run on the kernels, not on the torch functions the adapter calls for
+    small inputs by default (tested below, with the setting on)."""
+    previous = ct.use_torch_for_small_inputs(False)
+    yield
+    ct.use_torch_for_small_inputs(previous)
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The calls of the cynorm kernels, "forward" and "backward", with their arguments.
@@ -512,6 +521,64 @@ def test_output_cache_limit(every_output_cached):
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="number of bytes"):
             ct.set_output_cache_limit(bad)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small inputs: torch's own function, where it is faster
+# --------------------------------------------------------------------------------------------------------
+
+SMALL_INPUT_CASES = {   # norm: (our function, torch's, input shape, parameter shape)
+    "group_norm": (lambda x, w, b: ct.group_norm(x, 4, w, b), lambda x, w, b: F.group_norm(x, 4, w, b), (8,)),
+    "layer_norm": (lambda x, w, b: ct.layer_norm(x, x.shape[-1:], w, b),
+                   lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b), None),
+    "rms_norm": (lambda x, w, b: ct.rms_norm(x, x.shape[-1:], w), lambda x, w, b: F.rms_norm(x, x.shape[-1:], w),
+                 None),
+}
+
+
+def small_input_case(norm, size, requires_grad=False):
+    """Arguments of ``norm`` for an input of ``size`` elements (a multiple of 64)."""
+    shape = (size // 64, 8, 8) if norm == "group_norm" else (size // 64, 64)
+    x = random_tensor(shape, torch.float32)
+    params = [random_tensor((8,) if norm == "group_norm" else (64,), torch.float32, seed=seed) for seed in (1, 2)]
+    if requires_grad:
+        x.requires_grad_()
+    return x, *params
+
+
+@pytest.mark.parametrize("norm", SMALL_INPUT_CASES)
+def test_small_inputs_run_torch(norm, kernel_calls):
+    ours, theirs, _ = SMALL_INPUT_CASES[norm]
+    inference, training = ct._TORCH_FASTER_BELOW[norm]
+    ct.use_torch_for_small_inputs(True)
+    # just below the threshold: torch's function, torch's very bits; from it on, the kernels
+    x, w, b = small_input_case(norm, inference - 64)
+    torch.testing.assert_close(ours(x, w, b), theirs(x, w, b), rtol=0, atol=0)
+    assert "forward" not in kernel_calls
+    x, w, b = small_input_case(norm, inference)
+    assert_close_scaled(ours(x, w, b), theirs(x, w, b), 1e-5)
+    assert len(kernel_calls["forward"]) == 1
+    # a call that records a gradient has its own threshold
+    x, w, b = small_input_case(norm, max(inference, training - 64), requires_grad=True)
+    y = ours(x, w, b)
+    if training > inference:
+        assert len(kernel_calls["forward"]) == 1 and y.grad_fn is not None
+        assert not type(y.grad_fn).__name__.startswith("cynorm")
+    else:
+        assert len(kernel_calls["forward"]) == 2 and type(y.grad_fn).__name__.startswith("cynorm")
+
+
+def test_small_inputs_setting(kernel_calls):
+    assert ct.use_torch_for_small_inputs(True) is False   # (the autouse fixture's setting)
+    x = random_tensor((2, 3, 4, 4), torch.float32)
+    ct.instance_norm(x)   # instance norm has no threshold: torch's is slower at every size
+    assert len(kernel_calls["forward"]) == 1
+    assert ct.use_torch_for_small_inputs(False) is True
+    ct.layer_norm(x, (4,))
+    assert len(kernel_calls["forward"]) == 2
+    for bad in (0, 1, None, "yes"):
+        with pytest.raises(TypeError, match="True or False"):
+            ct.use_torch_for_small_inputs(bad)
 
 
 # --------------------------------------------------------------------------------------------------------

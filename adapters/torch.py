@@ -671,15 +671,25 @@ def _kernels_apply(input, *tensors):
     return True
 
 
-# Below these sizes (elements of the input: without, then with a gradient to record), torch's own function is
-# faster than the kernels: the Python around them costs about 8 µs a call and 16 µs a training step more than
-# torch's (a (1,768) layer norm: 10 µs against 2.3 µs), which their speed per value wins back only on larger
-# inputs.  Crossovers measured on the development machine (2 threads, float32, interleaved), the adapter against
-# torch.nn.functional: layer norm over 768 values between 98K and 196K elements in inference, 196K and 393K in
-# training steps; group norm (N,64,32,32) between 65K and 262K, and at 262K; RMS norm over 4096 values between
-# 4K and 33K in inference, faster at every size in training steps.  Instance norm has none: torch's runs as a
-# batch norm over N*C channels, slower at every size (1.6x on (1,64,8,8)).
-_TORCH_FASTER_BELOW = {"group_norm": (2 ** 17, 2 ** 18), "layer_norm": (2 ** 17, 2 ** 18), "rms_norm": (2 ** 14, 0)}
+# Inputs on which torch's own function is faster than the kernels: the Python around them costs about 8 µs a
+# call and 16 µs a training step more than torch's (a (1,768) layer norm: 10 µs against 2.3 µs), which their
+# speed per value wins back only on larger inputs, and sooner on short rows, on which torch spends more per row.
+# For each norm, (elements, rows) below both of which torch's function runs: without a gradient to record, then
+# with one (rows: None, no limit).  Crossovers measured on the development machine (2 threads, float32,
+# interleaved, the adapter against torch.nn.functional, forward then training step): layer norm over rows of 768
+# values at 98-196K and 196-393K elements, of 256 values at 33-131K and over 131K, of 16 at 33-131K and 131K, of
+# 10 at 8-32K and 32-216K, of 4 at 2-8K and under 2K; RMS norm over rows of 4096 at 4-33K and none (faster at
+# every size in steps); channels-first group norm (N,64,32,32) at 65-262K and 262K, (8,256,7,7) faster in
+# neither at 100K; channels-last group norm faster from 32K ((2,64,16,16): 1.9x and 1.2x), slower at 25K on
+# 7x7 maps.  Instance norm has none: torch's runs as a batch norm over N*C channels, slower at every size.
+# The limits are a compromise: training steps on 2000-8000 rows of 4 values would run 1.8-2.7x faster on the
+# kernels, and on 4096 rows of 16 values 0.8x.
+_TORCH_FASTER_BELOW = {
+    "layer_norm": ((2 ** 17, 2 ** 11), (2 ** 18, 2 ** 12)),
+    "rms_norm": ((2 ** 14, 2 ** 11), (0, 0)),
+    "group_norm": ((2 ** 17, None), (2 ** 18, None)),   # channels-first (contiguous) input
+    "channels_last_group_norm": ((2 ** 15, None), (2 ** 15, None)),
+}
 _small_inputs_to_torch = True
 
 
@@ -699,19 +709,31 @@ def use_torch_for_small_inputs(enabled):
     return previous
 
 
-def _torch_is_faster(norm, input, weight, bias=None):
-    """Whether ``norm`` of ``input`` is small enough for torch's own function to be the faster (see
-    _TORCH_FASTER_BELOW).  Asked before the other checks (the call is cheaper than they are): torch's function
-    has torch's semantics for any tensor."""
+def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
+    """Whether ``norm`` of ``input`` (over ``normalized_shape``, layer and RMS norm) is small enough for torch's
+    own function to be the faster (see _TORCH_FASTER_BELOW).  Asked before the other checks (it is cheaper than they are):
+    torch's function has torch's semantics for any tensor.  Inputs of other layouts than those measured (a
+    layer norm's permuted view, which torch would copy) go to the kernels."""
     if not _small_inputs_to_torch or not isinstance(input, Tensor):
         return False
-    inference, training = _TORCH_FASTER_BELOW[norm]
+    contiguous = input.is_contiguous()
+    if norm == "group_norm" and not contiguous:
+        norm = "channels_last_group_norm"
+    elif not contiguous:
+        return False
     size = input.numel()
-    if size >= inference and size >= training:
+    limits = _TORCH_FASTER_BELOW[norm]
+    if size >= limits[0][0] and size >= limits[1][0]:
         return False
     records_grad = torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                                 or (bias is not None and bias.requires_grad))
-    return size < (training if records_grad else inference)
+    elements, rows = limits[records_grad]
+    if size >= elements:
+        return False
+    try:
+        return rows is None or size < rows * math.prod(normalized_shape)
+    except TypeError:   # a shape torch refuses, with its own error
+        return True
 
 
 def _run(op, *args):
@@ -792,9 +814,9 @@ def _update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.layer_norm`` on the cynorm kernels; torch's own function where they do not apply, or
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
-    if _torch_is_faster("layer_norm", input, weight, bias):
-        return F.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _normalized_shape_tuple(normalized_shape)
+    if _torch_is_faster("layer_norm", input, weight, bias, shape):
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
     if (_kernels_apply(input, weight, bias) and _ends_with(input, shape) and _is_shape(weight, shape)
             and _is_shape(bias, shape) and eps >= 0):
         return _run(_layer_norm_op, input, list(shape), weight, bias, eps)[0]
@@ -807,9 +829,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
 
     ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
     """
-    if _torch_is_faster("rms_norm", input, weight):
-        return F.rms_norm(input, normalized_shape, weight, eps)
     shape = _normalized_shape_tuple(normalized_shape)
+    if _torch_is_faster("rms_norm", input, weight, normalized_shape=shape):
+        return F.rms_norm(input, normalized_shape, weight, eps)
     if (_kernels_apply(input, weight) and _ends_with(input, shape) and _is_shape(weight, shape)
             and (eps is None or eps >= 0)):
         eps = torch.finfo(input.dtype).eps if eps is None else eps

@@ -527,45 +527,47 @@ def test_output_cache_limit(every_output_cached):
 # Small inputs: torch's own function, where it is faster
 # --------------------------------------------------------------------------------------------------------
 
-SMALL_INPUT_CASES = {   # norm: (our function, torch's, input shape, parameter shape)
-    "group_norm": (lambda x, w, b: ct.group_norm(x, 4, w, b), lambda x, w, b: F.group_norm(x, 4, w, b), (8,)),
-    "layer_norm": (lambda x, w, b: ct.layer_norm(x, x.shape[-1:], w, b),
-                   lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b), None),
-    "rms_norm": (lambda x, w, b: ct.rms_norm(x, x.shape[-1:], w), lambda x, w, b: F.rms_norm(x, x.shape[-1:], w),
-                 None),
+SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for each of its normalized values
+    "group_norm": (lambda x, w: ct.group_norm(x, 32, w), lambda x, w: F.group_norm(x, 32, w)),
+    "layer_norm": (lambda x, w: ct.layer_norm(x, w.shape, w), lambda x, w: F.layer_norm(x, w.shape, w)),
+    "rms_norm": (lambda x, w: ct.rms_norm(x, w.shape, w), lambda x, w: F.rms_norm(x, w.shape, w)),
 }
 
 
-def small_input_case(norm, size, requires_grad=False):
-    """Arguments of ``norm`` for an input of ``size`` elements (a multiple of 64)."""
-    shape = (size // 64, 8, 8) if norm == "group_norm" else (size // 64, 64)
+@pytest.mark.parametrize("norm, shape, layout, requires_grad, runs", [
+    ("layer_norm", (1, 768), "contiguous", False, "torch"),
+    ("layer_norm", (128, 768), "contiguous", True, "torch"),           # 98K elements, 128 rows
+    ("layer_norm", (256, 768), "contiguous", False, "kernels"),        # 196K elements
+    ("layer_norm", (512, 768), "contiguous", True, "kernels"),         # 393K elements
+    ("layer_norm", (4096, 16), "contiguous", False, "kernels"),        # 64K elements, but 4096 short rows
+    ("layer_norm", (8, 16, 32), "permuted", False, "kernels"),         # a layout torch would copy
+    ("rms_norm", (2, 4096), "contiguous", False, "torch"),
+    ("rms_norm", (2, 4096), "contiguous", True, "kernels"),            # RMS norm steps are faster at every size
+    ("group_norm", (2, 64, 16, 16), "contiguous", True, "torch"),      # 32K elements
+    ("group_norm", (4, 64, 32, 32), "contiguous", True, "kernels"),    # 262K elements
+    ("group_norm", (2, 64, 16, 16), "channels_last", False, "kernels"),
+    ("group_norm", (2, 256, 7, 7), "channels_last", False, "torch"),   # 25K elements
+])
+def test_small_inputs_run_torch(norm, shape, layout, requires_grad, runs, kernel_calls):
+    """Small inputs run torch's function (torch's very bits and gradient function), others the kernels."""
+    ours, theirs = SMALL_INPUT_NORMS[norm]
     x = random_tensor(shape, torch.float32)
-    params = [random_tensor((8,) if norm == "group_norm" else (64,), torch.float32, seed=seed) for seed in (1, 2)]
-    if requires_grad:
-        x.requires_grad_()
-    return x, *params
-
-
-@pytest.mark.parametrize("norm", SMALL_INPUT_CASES)
-def test_small_inputs_run_torch(norm, kernel_calls):
-    ours, theirs, _ = SMALL_INPUT_CASES[norm]
-    inference, training = ct._TORCH_FASTER_BELOW[norm]
+    # (permuted: the view's last axis is the middle one in memory)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2) if layout == "permuted" else in_layout(x, layout)
+    w = random_tensor(shape[1:2] if norm == "group_norm" else shape[-1:], torch.float32, seed=1)
+    x.requires_grad_(requires_grad)
     ct.use_torch_for_small_inputs(True)
-    # just below the threshold: torch's function, torch's very bits; from it on, the kernels
-    x, w, b = small_input_case(norm, inference - 64)
-    torch.testing.assert_close(ours(x, w, b), theirs(x, w, b), rtol=0, atol=0)
-    assert "forward" not in kernel_calls
-    x, w, b = small_input_case(norm, inference)
-    assert_close_scaled(ours(x, w, b), theirs(x, w, b), 1e-5)
-    assert len(kernel_calls["forward"]) == 1
-    # a call that records a gradient has its own threshold
-    x, w, b = small_input_case(norm, max(inference, training - 64), requires_grad=True)
-    y = ours(x, w, b)
-    if training > inference:
-        assert len(kernel_calls["forward"]) == 1 and y.grad_fn is not None
-        assert not type(y.grad_fn).__name__.startswith("cynorm")
+    y = ours(x, w)
+    with torch.no_grad():
+        expected = theirs(x, w)
+    if runs == "torch":
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        assert "forward" not in kernel_calls
     else:
-        assert len(kernel_calls["forward"]) == 2 and type(y.grad_fn).__name__.startswith("cynorm")
+        assert_close_scaled(y, expected, 1e-5)
+        assert len(kernel_calls["forward"]) == 1
+    if requires_grad:
+        assert type(y.grad_fn).__name__.startswith("cynorm") == (runs == "kernels")
 
 
 def test_small_inputs_setting(kernel_calls):

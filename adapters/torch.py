@@ -698,9 +698,9 @@ def use_torch_for_small_inputs(enabled):
     to win (default True); returns the previous setting.
 
     Group, layer and RMS norm pay the adapter's fixed cost in Python on every call, where torch's calls cost
-    2-5 µs: below a size (``_TORCH_FASTER_BELOW``, measured on a 2-core x86-64 machine) torch's function is
-    faster, so those calls run it, with torch's results.  ``False`` sends every call the kernels take to the
-    kernels.
+    2-5 µs: below the sizes in ``_TORCH_FASTER_BELOW`` (elements and rows, by layout and by whether the call
+    records a gradient, measured on a 2-core x86-64 machine) torch's function is faster, so those calls run it,
+    with torch's results.  ``False`` sends every call the kernels take to the kernels.
     """
     global _small_inputs_to_torch
     if not isinstance(enabled, bool):
@@ -711,7 +711,7 @@ def use_torch_for_small_inputs(enabled):
 
 def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
     """Whether ``norm`` of ``input`` (over ``normalized_shape``, layer and RMS norm) is small enough for torch's
-    own function to be the faster (see _TORCH_FASTER_BELOW).  Asked before the other checks (it is cheaper than they are):
+    own function to be the faster (see _TORCH_FASTER_BELOW).  Asked before the other checks, being cheaper:
     torch's function has torch's semantics for any tensor.  Inputs of other layouts than those measured (a
     layer norm's permuted view, which torch would copy) go to the kernels."""
     if not _small_inputs_to_torch or not isinstance(input, Tensor):
@@ -727,7 +727,7 @@ def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
         return False
     records_grad = torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                                 or (bias is not None and bias.requires_grad))
-    elements, rows = limits[records_grad]
+    elements, rows = limits[1 if records_grad else 0]
     if size >= elements:
         return False
     try:

@@ -912,7 +912,9 @@ cdef enum:
     # streamed: four rows at a time (cynorm_rows4_forward_float; the same bits), each four asking for the next
     # four while they are written (without that, arrays of 12-16 MiB ran 0.84-1.0x).  Layer norm forward on
     # 2**18 values, A/B in one process: rows of 80 1.9x, 96 1.6x, 128 1.5x, 192-384 1.4x, 512 1.13-1.25x,
-    # 640-1024 1.06-1.15x, 2048 0.95x; on 12 MiB, rows of 768 1.13x, 1024 1.0x.
+    # 640-1024 1.06-1.15x, 2048 0.95x; on 12 MiB, rows of 768 1.13x, 1024 1.0x.  Rows of at most QUAD_STREAMED_ROW
+    # take them also where the output would stream, with ordinary stores: on 16-64 MiB, rows of 80 1.9x, 96 1.5x,
+    # 128 1.14-1.58x faster than a row at a time streamed (256: 0.93-1.38x, 384 0.89x, so longer rows stream).
     QUAD_FORWARD_ROW = 1024
     # Rows backward, several elements per channel (channels-first group norm), float channels of fewer than
     # CHANNEL_QUAD_INNER values: the gradient sums four channels at a time and dx a channel at a time in vectors,
@@ -1734,7 +1736,8 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     # float rows of a multiple of 16 values four at a time (see QUAD_FORWARD_ROW)
     cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and groups == 1 and inner == 1
-                       and length > SHORT_ROW and length % 16 == 0 and length <= QUAD_FORWARD_ROW and not stream)
+                       and length > SHORT_ROW and length % 16 == 0 and length <= QUAD_FORWARD_ROW
+                       and (not stream or length <= QUAD_STREAMED_ROW))
     cdef int refused
     if n_rows == 0 or length == 0:
         return

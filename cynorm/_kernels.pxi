@@ -1732,7 +1732,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef Py_ssize_t r, u, k, start, chunks, first_channel
     cdef double m2, count, running_mean
     cdef double* chunk_stats
-    cdef Scratch scratch
+    cdef Scratch memory
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     # float rows of a multiple of 16 values four at a time (see QUAD_FORWARD_ROW)
     cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and groups == 1 and inner == 1
@@ -1784,8 +1784,8 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     # Fewer rows than threads, or a few long ones: the same chunks, computed in parallel and merged in the same
     # order.
     chunks = (length + CHUNK - 1) // CHUNK
-    open_scratch(&scratch, whole_lines(2 * n_rows * chunks * sizeof(double)))
-    chunk_stats = <double*>scratch_piece(&scratch, 2 * n_rows * chunks * sizeof(double), False)
+    open_scratch(&memory, whole_lines(2 * n_rows * chunks * sizeof(double)))
+    chunk_stats = <double*>scratch_piece(&memory, 2 * n_rows * chunks * sizeof(double), False)
     with nogil:
         for u in prange(n_rows * chunks, num_threads=num_threads, schedule="static"):
             r = u // chunks
@@ -1811,7 +1811,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                                 &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream, NULL)
         if stream:
             cynorm_store_fence()
-    free(scratch.memory)
+    free(memory.memory)
 
 
 cdef inline Py_ssize_t rows_folded(Py_ssize_t n_cols) noexcept nogil:

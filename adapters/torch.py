@@ -815,10 +815,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.layer_norm`` on the cynorm kernels; torch's own function where they do not apply, or
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
     shape = _normalized_shape_tuple(normalized_shape)
-    if _torch_is_faster("layer_norm", input, weight, bias, shape):
-        return F.layer_norm(input, normalized_shape, weight, bias, eps)
-    if (_kernels_apply(input, weight, bias) and _ends_with(input, shape) and _is_shape(weight, shape)
-            and _is_shape(bias, shape) and eps >= 0):
+    if (not _torch_is_faster("layer_norm", input, weight, bias, shape) and _kernels_apply(input, weight, bias)
+            and _ends_with(input, shape) and _is_shape(weight, shape) and _is_shape(bias, shape) and eps >= 0):
         return _run(_layer_norm_op, input, list(shape), weight, bias, eps)[0]
     return F.layer_norm(input, normalized_shape, weight, bias, eps)
 
@@ -830,10 +828,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
     """
     shape = _normalized_shape_tuple(normalized_shape)
-    if _torch_is_faster("rms_norm", input, weight, normalized_shape=shape):
-        return F.rms_norm(input, normalized_shape, weight, eps)
-    if (_kernels_apply(input, weight) and _ends_with(input, shape) and _is_shape(weight, shape)
-            and (eps is None or eps >= 0)):
+    if (not _torch_is_faster("rms_norm", input, weight, normalized_shape=shape) and _kernels_apply(input, weight)
+            and _ends_with(input, shape) and _is_shape(weight, shape) and (eps is None or eps >= 0)):
         eps = torch.finfo(input.dtype).eps if eps is None else eps
         return _run(_rms_norm_op, input, list(shape), weight, eps)[0]
     return F.rms_norm(input, normalized_shape, weight, eps)

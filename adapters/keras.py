@@ -134,6 +134,13 @@ def _normalize(x, weight, bias, kernel, stats_shape):
     return normalize(x, *params)
 
 
+def _in_kernel_dtype(tensor):
+    """`tensor` (a tensor or variable) in a dtype the kernels take: bfloat16 has no kernel, and is computed in
+    float32 as the float16 kernels do internally."""
+    tensor = tf.convert_to_tensor(tensor)
+    return tensor if tensor.dtype in _KERNEL_DTYPES else tf.cast(tensor, tf.float32)
+
+
 def _check_not_batch_axis(axis, layer_name):
     if axis == 0:
         raise ValueError(
@@ -181,8 +188,7 @@ class _KernelNormalization(keras.layers.Layer):
         self._kernel = None
 
     def _apply_kernel(self, inputs, weight, bias):
-        # bfloat16 has no kernel: compute it in float32 like the float16 kernels do internally.
-        x = inputs if inputs.dtype in _KERNEL_DTYPES else tf.cast(inputs, tf.float32)
+        x, weight, bias = (None if tensor is None else _in_kernel_dtype(tensor) for tensor in (inputs, weight, bias))
         y = _normalize(x, weight, bias, self._kernel, self._stats_shape(x.shape))
         return tf.cast(y, self.compute_dtype)
 

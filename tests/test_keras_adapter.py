@@ -221,21 +221,29 @@ def test_dynamic_batch_and_static_shapes(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))
-def test_mixed_precision(kind):
-    """Float16 compute, float32 weights and statistics; the result matches Keras under the same policy."""
-    ours, theirs = (cls(dtype="mixed_float16") for cls in PAIRS[kind])
+@pytest.mark.parametrize("policy, output_tolerance, gradient_tolerance",
+                         [("mixed_float16", 2e-3, 1e-2), ("bfloat16", 2e-2, 5e-2)])
+def test_reduced_precision_policies(kind, policy, output_tolerance, gradient_tolerance):
+    """Mixed precision (float16 compute, float32 weights) and bfloat16 (bfloat16 weights, which the kernels take
+    in float32): Keras's dtypes under the same policy, and its results within their precision."""
+    ours, theirs = (cls(dtype=policy) for cls in PAIRS[kind])
     shape = (2, 6, 32)
     for layer in (ours, theirs):
         layer.build(shape)
-    assert all(w.dtype == "float32" for w in ours.weights)
-    x = _random(shape, 0, "float16")
-    y_ours, grads_ours = _output_and_gradients(ours, x, _random(shape, 1))
-    y_theirs, grads_theirs = _output_and_gradients(theirs, x, _random(shape, 1))
-    assert y_ours.dtype == np.float16 and grads_ours[0].dtype == np.float16
-    assert all(g.dtype == np.float32 for g in grads_ours[1:])
-    np.testing.assert_allclose(y_ours, y_theirs, rtol=2e-3, atol=2e-3)
+    _set_same_random_weights([ours, theirs], seed=0)
+    assert [w.dtype for w in ours.weights] == [w.dtype for w in theirs.weights]
+    assert all(w.dtype == ours.variable_dtype for w in ours.weights)
+    x = tf.cast(_random(shape, 1), ours.compute_dtype)
+    y_ours, grads_ours = _output_and_gradients(ours, x, _random(shape, 2))
+    y_theirs, grads_theirs = _output_and_gradients(theirs, x, _random(shape, 2))
+    assert y_ours.dtype == y_theirs.dtype and y_ours.dtype.name == ours.compute_dtype
+    assert [g.dtype for g in grads_ours] == [g.dtype for g in grads_theirs]
+    np.testing.assert_allclose(np.float32(y_ours), np.float32(y_theirs), rtol=output_tolerance,
+                               atol=output_tolerance)
     for g_ours, g_theirs in zip(grads_ours, grads_theirs):
-        np.testing.assert_allclose(g_ours.astype(np.float32), g_theirs.astype(np.float32), rtol=1e-2, atol=1e-2)
+        g_ours, g_theirs = np.float32(g_ours), np.float32(g_theirs)
+        np.testing.assert_allclose(g_ours, g_theirs, rtol=gradient_tolerance,
+                                   atol=gradient_tolerance * max(1.0, np.abs(g_theirs).max()))
 
 
 def _model(normalization, input_shape=(6, 6, 8)):

@@ -1,4 +1,7 @@
 """Tests of the Keras layers on the cynorm kernels (cynorm.adapters.keras) and of the tutorial."""
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -55,6 +58,31 @@ def _assert_parity(ours, theirs, shape, seed=0, rtol=1e-5, atol=1e-5):
     for g_ours, g_theirs in zip(grads_ours, grads_theirs):
         # Parameter gradients are float32 sums over batch and space: their rounding grows with their size.
         np.testing.assert_allclose(g_ours, g_theirs, rtol=rtol, atol=atol * max(1.0, np.abs(g_theirs).max()))
+
+
+@pytest.fixture(autouse=True)
+def kernels_for_small_inputs():
+    """The tests' inputs are small: they run on the kernels, not on the Keras operations the layers use for
+    small inputs in tf.function by default (tested below, with the setting on)."""
+    previous = ck.use_keras_for_small_inputs(False)
+    yield
+    ck.use_keras_for_small_inputs(previous)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The names of the forward and backward kernels the layers have run, in order."""
+    calls = []
+
+    def counted(method):
+        def run(kernel, *arrays):
+            calls.append(f"{kernel.name}.{method.__name__}")
+            return method(kernel, *arrays)
+        return run
+
+    for method in (ck._ArrayKernel.forward, ck._ArrayKernel.backward):
+        monkeypatch.setattr(ck._ArrayKernel, method.__name__, counted(method))
+    return calls
 
 
 CHANNELS = 6
@@ -218,6 +246,145 @@ def test_dynamic_batch_and_static_shapes(kind):
         y, dx = forward_and_backward(tf.constant(_random((batch, 4, 32), batch)))
         assert y.shape == dx.shape == (batch, 4, 32)
     assert calls == [([None, 4, 32], [None, 4, 32])]
+
+
+# Ours and the Keras layer whose operations ours runs on small inputs, on examples of 1024 values: 64 of them
+# are 2**16 values, the most that run Keras's operations.
+SMALL_INPUT_PAIRS = {
+    "group": (lambda **kw: ck.GroupNormalization(groups=4, **kw),
+              lambda **kw: keras.layers.GroupNormalization(groups=4, **kw)),
+    "instance": (lambda **kw: ck.InstanceNormalization(axis=1, **kw),
+                 lambda **kw: keras.layers.GroupNormalization(groups=-1, axis=1, **kw)),
+    "layer": (lambda **kw: ck.LayerNormalization(axis=[1, 2], **kw),
+              lambda **kw: keras.layers.LayerNormalization(axis=[1, 2], **kw)),
+    "rms": (lambda **kw: ck.RMSNormalization(**kw), lambda **kw: keras.layers.RMSNormalization(**kw)),
+}
+EXAMPLE_SHAPE = (16, 8, 8)
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL_INPUT_PAIRS))
+@pytest.mark.parametrize("batch_known", [True, False], ids=["static_batch", "dynamic_batch"])
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_small_inputs_run_keras_operations_in_tf_function(kind, batch_known, policy, kernel_calls):
+    """Up to 2**16 values the layers compute with the Keras layer's operations on their own weights, decided
+    when the function is traced or, with the batch size unknown then, when it runs; eager calls and mixed
+    precision run the kernels. Outputs and gradients match Keras's either way."""
+    assert ck.use_keras_for_small_inputs(True) is False
+    ours, theirs = (make(dtype=policy) for make in SMALL_INPUT_PAIRS[kind])
+    for layer in (ours, theirs):
+        layer.build((None,) + EXAMPLE_SHAPE)
+    _set_same_random_weights([ours, theirs], seed=0)
+    assert [w.name for w in ours.weights] == [w.name for w in theirs.weights]
+    signature = None if batch_known else [tf.TensorSpec((None,) + EXAMPLE_SHAPE, ours.compute_dtype),
+                                          tf.TensorSpec((None,) + EXAMPLE_SHAPE, tf.float32)]
+
+    def training_step(layer):
+        @tf.function(input_signature=signature)
+        def step(x, upstream):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+            return y, tape.gradient(loss, [x] + layer.trainable_weights)
+        return step
+
+    step_ours, step_theirs = training_step(ours), training_step(theirs)
+    tolerance = 1e-5 if policy == "float32" else 2e-3
+    for batch, on_kernels in ((64, False), (65, True), (1, False)):
+        x = tf.constant(_random((batch,) + EXAMPLE_SHAPE, batch, ours.compute_dtype))
+        upstream = tf.constant(_random((batch,) + EXAMPLE_SHAPE, batch + 1))
+        del kernel_calls[:]
+        y_ours, grads_ours = step_ours(x, upstream)
+        assert len(kernel_calls) == (2 if on_kernels or policy != "float32" else 0), (batch, kernel_calls)
+        y_theirs, grads_theirs = step_theirs(x, upstream)
+        assert y_ours.dtype == y_theirs.dtype
+        np.testing.assert_allclose(np.float32(y_ours), np.float32(y_theirs), rtol=tolerance, atol=tolerance)
+        for g_ours, g_theirs in zip(grads_ours, grads_theirs):
+            g_ours, g_theirs = np.float32(g_ours), np.float32(g_theirs)
+            np.testing.assert_allclose(g_ours, g_theirs, rtol=tolerance,
+                                       atol=tolerance * max(1.0, np.abs(g_theirs).max()))
+        if batch_known and not kernel_calls:   # the same graph as Keras's: the same bits
+            np.testing.assert_array_equal(y_ours, y_theirs)
+    del kernel_calls[:]
+    ours(tf.constant(_random((1,) + EXAMPLE_SHAPE, 0, ours.compute_dtype)))
+    assert kernel_calls == [kernel_calls[0]] and kernel_calls[0].endswith(".forward")
+
+
+_DYNAMIC_BATCH_STEPS = """
+import numpy as np, tensorflow as tf
+from cynorm.adapters import keras as ck
+shape = (16, 8, 8)
+for dtype in ("float32", "float64"):
+    for layer in (ck.GroupNormalization(groups=4, dtype=dtype), ck.LayerNormalization(axis=[1, 2], dtype=dtype),
+                  ck.RMSNormalization(dtype=dtype)):
+        layer.build((None,) + shape)
+
+        @tf.function(input_signature=[tf.TensorSpec((None,) + shape, dtype)])
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x) ** 2)
+            return tape.gradient(loss, [x] + layer.trainable_weights)
+
+        step(tf.ones((2,) + shape, dtype))
+print("ran")
+"""
+
+
+def test_no_type_inference_warning_where_the_batch_decides():
+    """TensorFlow logs "Type inference failed" for a tf.cond whose branches keep tensors of different dtypes
+    for the gradient, as the kernels' float64 statistics and Keras's float32 ones would be. (In a process of
+    its own: TensorFlow logs the warning only the first few times.)"""
+    result = subprocess.run([sys.executable, "-c", _DYNAMIC_BATCH_STEPS], capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0"}, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ran", result.stderr
+    assert "Type inference failed" not in result.stderr
+
+
+def test_small_inputs_setting():
+    assert ck.use_keras_for_small_inputs(True) is False   # (the autouse fixture's setting)
+    assert ck.use_keras_for_small_inputs(False) is True
+    for bad in (0, 1, None, "yes"):
+        with pytest.raises(TypeError, match="True or False"):
+            ck.use_keras_for_small_inputs(bad)
+
+
+def _name_number(layer):
+    name, _, number = layer.name.rpartition("_")
+    return int(number) if number.isdigit() else 0
+
+
+def test_keras_twin_stays_out_of_the_layer(tmp_path):
+    """The Keras layer whose operations run small inputs is no part of ours: neither its weights nor a name in
+    Keras's numbering."""
+    first = keras.layers.LayerNormalization()
+    ours = ck.LayerNormalization()
+    ours.build((None, 4))
+    assert _name_number(keras.layers.LayerNormalization()) == _name_number(first) + 2
+    assert [w.name for w in ours.weights] == ["gamma", "beta"] and not ours._layers
+
+
+def test_model_fit_with_small_and_large_batches(kernel_calls):
+    """model.fit's batch size is unknown when it traces: each epoch's last, smaller, batch runs Keras's
+    operations and the others the kernels, in one training function, and training goes as on the kernels."""
+    shape = (32, 32, 8)   # batches of 16 examples are 2**17 values, the last one of 4 is 2**15
+    x, labels = _classification_data(size=36, shape=shape)
+    results = {}
+    for small_inputs_to_keras in (True, False):
+        ck.use_keras_for_small_inputs(small_inputs_to_keras)
+        keras.utils.set_random_seed(0)
+        normalization = ck.GroupNormalization(groups=4)
+        model = _model(normalization, input_shape=shape)
+        model.compile(optimizer=keras.optimizers.Adam(0.001), loss="sparse_categorical_crossentropy")
+        del kernel_calls[:]
+        history = model.fit(x, labels, epochs=3, batch_size=16, verbose=0)
+        # a forward and a backward kernel for each batch on the kernels
+        assert len(kernel_calls) == 2 * 3 * (2 if small_inputs_to_keras else 3)
+        assert history.history["loss"][-1] < history.history["loss"][0] / 2
+        results[small_inputs_to_keras] = history.history["loss"], [w.numpy() for w in model.weights]
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-4)
+    for with_keras, on_kernels in zip(results[True][1], results[False][1]):
+        np.testing.assert_allclose(with_keras, on_kernels, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))

@@ -138,6 +138,25 @@ cdef extern from *:
     #endif
     CYNORM_DEFINE_STREAM_COPY(cynorm_stream_floats, float, CYNORM_STREAM_FLOATS)
     CYNORM_DEFINE_STREAM_COPY(cynorm_stream_doubles, double, CYNORM_STREAM_DOUBLES)
+    /* What a mean holds beyond mean_hi, its value rounded to float: mean - mean_hi - rest, with the rest rounded
+       to float too, is the mean to about 48 bits.  The compiler must not see that mean_hi came from the mean:
+       GCC 12.2 at -O3, vectorizing four rows' splits (SLP) inlined into a four-row kernel, made every rest 0
+       (rows whose mean was near -3000 lost the fifth digit of their dx; the build tests caught it).  An empty
+       asm hides it where the compiler takes one, a volatile round trip elsewhere. */
+    static inline double cynorm_mean_beyond_float(double mean, float mean_hi) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __asm__("" : "+v"(mean_hi));
+    #elif defined(__GNUC__) && defined(__aarch64__)
+        __asm__("" : "+w"(mean_hi));
+    #else
+        volatile float hidden = mean_hi;
+        mean_hi = hidden;
+    #endif
+        return mean - (double)mean_hi;
+    }
+    static inline float cynorm_mean_rest(double mean, float mean_hi) {
+        return (float)cynorm_mean_beyond_float(mean, mean_hi);
+    }
     /* Asks for the lines of [p, p + nbytes) to be brought into L2 (prefetcht1), without waiting for them. */
     static inline void cynorm_prefetch_lines(const void* p, Py_ssize_t nbytes) {
     #if defined(__GNUC__)
@@ -337,14 +356,6 @@ cdef extern from *:
                      + totals;
         }
         return totals;
-    }
-    /* A mean as a float and the float of what is left: mean - mean_hi - rest is the mean to about 48 bits.  The
-       empty asm hides from the compiler that mean_hi came from the mean: GCC 12.2 at -O3, vectorizing four rows'
-       splits (SLP) inlined into a four-row kernel, made every rest 0 (rows whose mean was near -3000 lost the
-       fifth digit of their dx; the build tests caught it). */
-    static inline __attribute__((always_inline)) float cynorm_mean_rest(double mean, float mean_hi) {
-        __asm__("" : "+v"(mean_hi));
-        return (float)(mean - (double)mean_hi);
     }
     /* Four rows' statistics, k at k * stride (mean NULL: zeros), in the float parts the kernels take */
     static inline __attribute__((always_inline)) void cynorm_four_row_statistics(
@@ -793,6 +804,7 @@ cdef extern from *:
     void cynorm_stream_doubles(double* dst, const double* src, Py_ssize_t n) noexcept nogil
     void cynorm_store_fence() noexcept nogil
     void cynorm_prefetch_lines(const void* p, Py_ssize_t nbytes) noexcept nogil
+    double cynorm_mean_beyond_float(double mean, float mean_hi) noexcept nogil
     Py_ssize_t cynorm_moments_strips_float(const float* x, Py_ssize_t rows, Py_ssize_t stride,
                                            Py_ssize_t readable_rows, Py_ssize_t ahead, const float* centre,
                                            float* s1, float* s2) noexcept nogil
@@ -1183,6 +1195,15 @@ cdef inline void merge_moments(double* count, double* mean, double* m2,   # INOU
     count[0] = total
 
 
+cdef inline double mean_beyond(double mean, floating mean_hi) noexcept nogil:
+    """mean - mean_hi, where mean_hi is the mean rounded to the kernel's type: what the type cannot hold of it
+    (0 in float64), which the kernels add back as a low part.  Computed past the compiler's sight of where
+    mean_hi came from (see cynorm_mean_beyond_float)."""
+    if floating is float:
+        return cynorm_mean_beyond_float(mean, mean_hi)
+    return mean - mean_hi
+
+
 cdef inline double inverse_std(double m2, double count, double eps) noexcept nogil:
     return 1.0 / sqrt(m2 / count + eps)
 
@@ -1396,7 +1417,7 @@ cdef inline void normalize_values(const floating* x, floating* y,   # IN, OUT: n
     # float32 cannot hold a large mean exactly: it is subtracted as a high part, the low part goes into the
     # shift.
     cdef floating mean_hi = <floating>mean
-    cdef floating mean_lo = <floating>(mean - <double>mean_hi)
+    cdef floating mean_lo = <floating>mean_beyond(mean, mean_hi)
     cdef floating rs = <floating>rstd
     cdef floating scale, shift
     cdef Py_ssize_t i, c
@@ -1864,7 +1885,7 @@ cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_sa
     for col in range(first + g * cols_per_group, first + (g + 1) * cols_per_group):
         mean_hi[col] = <floating>running_mean
         # the low part of the mean goes into the shift: y = (x - mean_hi) * scale + shift
-        mean_lo = running_mean - <double>mean_hi[col]
+        mean_lo = mean_beyond(running_mean, mean_hi[col])
         if affine_per_row:
             column_scale = rstd[s]
             shift[col] = <floating>(-mean_lo * column_scale)
@@ -2103,7 +2124,7 @@ cdef inline void split_row_statistics(const double* mean, const double* rstd,   
     for k in range(lanes):
         row_mean = mean[(k if k < count else 0) * stride] if mean != NULL else 0
         mean_hi[k] = <floating>row_mean
-        mean_lo[k] = <floating>(row_mean - <double>mean_hi[k])
+        mean_lo[k] = <floating>mean_beyond(row_mean, mean_hi[k])
         rs[k] = <floating>rstd[(k if k < count else 0) * stride]
 
 
@@ -2177,7 +2198,7 @@ cdef inline void input_gradient_coefficients(double sum_g, double sum_g_xhat, Py
                                              floating* coefs) noexcept nogil:  # OUT coef_x, coef_0
     """A row's coefficients of dx = rstd * weight * dy + coef_x * (x - mean_hi) + coef_0 from its gradient sums;
     the low part of the mean goes into the constant."""
-    cdef floating mean_lo = <floating>(mean - <double><floating>mean)
+    cdef floating mean_lo = <floating>mean_beyond(mean, <floating>mean)
     cdef double k1 = sum_g / length if centered else 0.0
     cdef double k2 = sum_g_xhat / length
     coefs[0] = <floating>(-rstd * rstd * k2)
@@ -2224,7 +2245,7 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
     cdef floating buffer[STREAM_BLOCK]
     cdef Py_ssize_t block, end
     cdef floating mean_hi = <floating>mean
-    cdef floating mean_lo = <floating>(mean - <double>mean_hi)
+    cdef floating mean_lo = <floating>mean_beyond(mean, mean_hi)
     cdef floating rs = <floating>rstd
     cdef floating coef_x, coef_0
     cdef double sum_g = 0, sum_g_xhat = 0, sum_dy, sum_dy_xhat
@@ -2791,8 +2812,8 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
                 j = u % wide
                 s = n * groups + (j % n_cols) // cols_per_group
                 column_mean_hi[n * wide + j] = <floating>(mean[s] if mean != NULL else 0)
-                column_mean_lo[n * wide + j] = <floating>((mean[s] if mean != NULL else 0)
-                                                          - <double>column_mean_hi[n * wide + j])
+                column_mean_lo[n * wide + j] = <floating>mean_beyond(mean[s] if mean != NULL else 0,
+                                                                     column_mean_hi[n * wide + j])
                 column_rstd[n * wide + j] = <floating>rstd[s]
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
                 n = u // tiles

@@ -675,6 +675,75 @@ cdef extern from *:
         }
         return refused;
     }
+    /* Four rows' sums of lanes_sums' kind, a row in each of r0-r3: each row's four partial sums (value j into
+       partial j % 4, from 0) are its 128-bit quarters added in order, then (partial 0 + 2) + (1 + 3).  Row k's
+       total is lane 4k. */
+    static inline __m512 cynorm_quarters_totals(__m512 r0, __m512 r1, __m512 r2, __m512 r3) {
+        const __m512 t0 = _mm512_shuffle_f32x4(r0, r1, 0x44), t1 = _mm512_shuffle_f32x4(r0, r1, 0xEE);
+        const __m512 t2 = _mm512_shuffle_f32x4(r2, r3, 0x44), t3 = _mm512_shuffle_f32x4(r2, r3, 0xEE);
+        __m512 p = _mm512_add_ps(_mm512_setzero_ps(), _mm512_shuffle_f32x4(t0, t2, 0x88));   /* quarters 0 */
+        p = _mm512_add_ps(p, _mm512_shuffle_f32x4(t0, t2, 0xDD));
+        p = _mm512_add_ps(p, _mm512_shuffle_f32x4(t1, t3, 0x88));
+        p = _mm512_add_ps(p, _mm512_shuffle_f32x4(t1, t3, 0xDD));
+        p = _mm512_add_ps(p, _mm512_permute_ps(p, 0x4E));   /* lanes 0 + 2 and 1 + 3 */
+        return _mm512_add_ps(p, _mm512_permute_ps(p, 0xB1));
+    }
+    /* short_rows_backward for 16 (ROW_BLOCK) rows of 16 float values, one element per channel, with a row in
+       each vector where it puts a row in each lane: the same operations in the same order, so the same bits,
+       without the moves into and out of lanes.  mean_hi, mean_lo, rs are the rows' split statistics; dx goes
+       to out (row k at k * out_stride); each four rows' parameter terms are added row after row into the
+       running sums, which are flushed into the partials after rows 8 and 16, as add_parameter_terms and
+       flush_parameter_terms do. */
+    static inline void cynorm_rows16_backward_float(const float* dy, const float* x,   /* rows k at k * row_stride */
+            float* out, Py_ssize_t row_stride, Py_ssize_t out_stride, const float* weight,
+            const float* mean_hi, const float* mean_lo, const float* rs,                      /* (16,) each */
+            const double* rstd, Py_ssize_t stat_stride, int centered,
+            float* dweight_run, float* dbias_run, double* dweight_partial, double* dbias_partial) {  /* (16,) */
+        const __m512 w = _mm512_loadu_ps(weight);
+        __m512 weight_run = _mm512_loadu_ps(dweight_run), bias_run = _mm512_loadu_ps(dbias_run);
+        for (int quad = 0; quad < 4; quad++) {
+            __m512 g[4], g_xhat[4], d[4], v[4];
+            float s1[16], s2[16];
+            for (int k = 0; k < 4; k++) {
+                const int r = 4 * quad + k;
+                d[k] = _mm512_loadu_ps(dy + r * row_stride);
+                v[k] = _mm512_loadu_ps(x + r * row_stride);
+                const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(v[k], _mm512_set1_ps(mean_hi[r])),
+                                                                _mm512_set1_ps(mean_lo[r])), _mm512_set1_ps(rs[r]));
+                g[k] = _mm512_mul_ps(w, d[k]);
+                g_xhat[k] = _mm512_mul_ps(g[k], xhat);
+                weight_run = _mm512_add_ps(weight_run, _mm512_mul_ps(d[k], xhat));
+                bias_run = _mm512_add_ps(bias_run, d[k]);
+            }
+            _mm512_storeu_ps(s1, cynorm_quarters_totals(g[0], g[1], g[2], g[3]));
+            _mm512_storeu_ps(s2, cynorm_quarters_totals(g_xhat[0], g_xhat[1], g_xhat[2], g_xhat[3]));
+            for (int k = 0; k < 4; k++) {   /* input_gradient_coefficients' arithmetic, then dx */
+                const int r = 4 * quad + k;
+                const double row_rstd = rstd[r * stat_stride];
+                const double k1 = centered ? (double)s1[4 * k] / 16.0 : 0.0;
+                const double k2 = (double)s2[4 * k] / 16.0;
+                const float coef_x = (float)((-row_rstd * row_rstd) * k2);
+                const float coef_0 = (float)((-row_rstd * k1) + ((row_rstd * row_rstd) * k2) * (double)mean_lo[r]);
+                const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(rs[r]), w), d[k]);
+                const __m512 centred = _mm512_mul_ps(_mm512_set1_ps(coef_x),
+                                                     _mm512_sub_ps(v[k], _mm512_set1_ps(mean_hi[r])));
+                _mm512_storeu_ps(out + r * out_stride,
+                                 _mm512_add_ps(_mm512_add_ps(scaled, centred), _mm512_set1_ps(coef_0)));
+            }
+            if (quad % 2 == 1) {   /* after every ROWS_PER_FLUSH (8) rows */
+                double terms[16];
+                _mm512_storeu_ps(dweight_run, weight_run);
+                _mm512_storeu_ps(dbias_run, bias_run);
+                for (int c = 0; c < 16; c++) terms[c] = dweight_run[c];
+                for (int c = 0; c < 16; c++) dweight_partial[c] += terms[c];
+                for (int c = 0; c < 16; c++) dbias_partial[c] += (double)dbias_run[c];
+                weight_run = _mm512_setzero_ps();
+                bias_run = _mm512_setzero_ps();
+            }
+        }
+        _mm512_storeu_ps(dweight_run, weight_run);
+        _mm512_storeu_ps(dbias_run, bias_run);
+    }
     #else
     #define CYNORM_HAVE_ROW_QUADS 0
     static inline void cynorm_rows4_backward_float(const float* dy, const float* x, float* dx,
@@ -707,6 +776,14 @@ cdef extern from *:
         (void)x; (void)y; (void)length; (void)weight; (void)bias; (void)eps; (void)centered; (void)mean;
         (void)rstd; (void)next_x;
         return 15;
+    }
+    static inline void cynorm_rows16_backward_float(const float* dy, const float* x, float* out,
+            Py_ssize_t row_stride, Py_ssize_t out_stride, const float* weight, const float* mean_hi,
+            const float* mean_lo, const float* rs, const double* rstd, Py_ssize_t stat_stride, int centered,
+            float* dweight_run, float* dbias_run, double* dweight_partial, double* dbias_partial) {
+        (void)dy; (void)x; (void)out; (void)row_stride; (void)out_stride; (void)weight; (void)mean_hi;
+        (void)mean_lo; (void)rs; (void)rstd; (void)stat_stride; (void)centered; (void)dweight_run;
+        (void)dbias_run; (void)dweight_partial; (void)dbias_partial;
     }
     #endif
 
@@ -831,6 +908,11 @@ cdef extern from *:
                                                   Py_ssize_t inner, const double* mean, const double* rstd,
                                                   Py_ssize_t stat_stride, double* sum_dy,
                                                   double* sum_dy_xhat) noexcept nogil
+    void cynorm_rows16_backward_float(const float* dy, const float* x, float* out, Py_ssize_t row_stride,
+                                      Py_ssize_t out_stride, const float* weight, const float* mean_hi,
+                                      const float* mean_lo, const float* rs, const double* rstd,
+                                      Py_ssize_t stat_stride, bint centered, float* dweight_run, float* dbias_run,
+                                      double* dweight_partial, double* dbias_partial) noexcept nogil
     int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
                                    const float* bias, double eps, bint centered, double* mean, double* rstd,
                                    const float* next_x) noexcept nogil
@@ -908,7 +990,9 @@ cdef enum:
     ROW_BLOCK = 16
     SHORT_ROW = 64
     # The backward's sums and dx in lanes pay for moving three arrays in and out of them: against rows one at a
-    # time (with TERM_ROWS), rows of 4 values 1.6x, 10 1.3x, 16 1.2x, 20 1.13x, but 24 0.94x.
+    # time (with TERM_ROWS), rows of 4 values 1.6x, 10 1.3x, 16 1.2x, 20 1.13x, but 24 0.94x.  AVX-512 builds
+    # take 16 float rows of 16 values with a row in each vector instead (cynorm_rows16_backward_float, the
+    # same operations in the same order): 3.0-3.2x on 4-16 MiB.
     SHORT_BACKWARD_ROW = 20
     # Rows backward, one element per channel (layer and RMS norm), float rows of a multiple of 16 values and of
     # at most QUAD_ROW, longer than SHORT_BACKWARD_ROW: four rows at a time (cynorm_rows4_backward_float; the same
@@ -917,7 +1001,7 @@ cdef enum:
     # them also on large arrays, dx with ordinary stores: on 16 MiB, rows of 32-128 ran 1.15-2.0x faster than a
     # row at a time with streaming stores (256: 0.75x, so longer rows stream).  (Rows of 16 ran 2.0x faster
     # this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes' sums are added in
-    # another order: every build gives the same bits.)
+    # another order: every build gives the same bits.  They have a kernel of their own, in the lanes' order.)
     QUAD_ROW = 512
     QUAD_STREAMED_ROW = 128
     # Rows forward, the same rows longer than SHORT_ROW and of at most QUAD_FORWARD_ROW values, output not
@@ -2326,6 +2410,15 @@ cdef inline void short_rows_backward(const floating* dy, const floating* x,   # 
     cdef bint streamed
     cdef int k, quad
     split_row_statistics(mean, rstd, stat_stride, count, ROW_BLOCK, mean_hi, mean_lo, rs)
+    streamed = stream and row_stride == length
+    out = &lanes_xhat[0] if streamed else dx
+    out_stride = length if streamed else row_stride
+    if floating is float and CYNORM_HAVE_ROW_QUADS and count == ROW_BLOCK and length == ROW_BLOCK:
+        cynorm_rows16_backward_float(dy, x, out, row_stride, out_stride, weight, mean_hi, mean_lo, rs, rstd,
+                                     stat_stride, centered, dweight_run, dbias_run, dweight_partial, dbias_partial)
+        if streamed:
+            stream_copy(dx, out, count * length)
+        return
     for k in range(ROW_BLOCK):
         zeros[k] = 0
     gather_rows(dy, row_stride, count, length, lanes_dy)
@@ -2354,9 +2447,6 @@ cdef inline void short_rows_backward(const floating* dy, const floating* x,   # 
         if (k + TERM_ROWS) % ROWS_PER_FLUSH == 0 or k + TERM_ROWS >= count:
             flush_parameter_terms(dweight_run, dbias_run, dweight_partial, dbias_partial, length)
     # consecutive rows streamed: assembled in row order (the xhat lanes are free again), stored in one piece
-    streamed = stream and row_stride == length
-    out = &lanes_xhat[0] if streamed else dx
-    out_stride = length if streamed else row_stride
     if count == ROW_BLOCK:   # (element j of every row at once, as gather_rows: backward on rows of 4-20 1.1-1.3x)
         for j in range(length):
             for k in range(ROW_BLOCK):

@@ -40,9 +40,11 @@ def _run_all_kernels(module, dtype, stream):
     # Rows that AVX-512 builds take four at a time: rows of 48 (the backward's, 32 lanes and 16 more), of 80 and
     # of 256 values (both passes'), centered, and rows of 96 in 2 groups, not centered (RMS norm); rows left
     # over.  Among the rows of 256, two whose first 32 values are far from the rest (the forward's centre is
-    # refused) and one whose float squares overflow: those the four-row kernel leaves to the row path.
+    # refused) and one whose float squares overflow: those the four-row kernel leaves to the row path.  And
+    # rows of 16, whose backward those builds take sixteen at a time, centered and not, in 1 and 2 groups (each
+    # of the backward's 4 blocks of samples has a full sixteen and some left).
     for rows, groups, length, centered in ((45, 1, 48, True), (23, 1, 80, True), (13, 1, 256, True),
-                                           (22, 2, 96, False)):
+                                           (22, 2, 96, False), (70, 1, 16, True), (70, 2, 16, False)):
         x = (-3e3 + rng.standard_normal(rows * groups * length)).astype(dtype)
         if length == 256:
             x[5 * length:5 * length + 32] += 1e3

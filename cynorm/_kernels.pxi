@@ -372,7 +372,8 @@ cdef extern from *:
             const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
             Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
             const double* mean, const double* rstd,            /* rows k at k * stat_stride; mean NULL: zeros */
-            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run,
+            int stream) {                                       /* dx with streaming stores, a line each */
         const Py_ssize_t body = length - length % 32;           /* summed in 32 lanes, the 16 left in 8 */
         cynorm_float_vector mh[4], ml[4], rs[4], s1[4][2], s2[4][2], tail_g[2], tail_gx[2];
         float mean_hi[4], mean_lo[4], rs_f[4];
@@ -431,7 +432,11 @@ cdef extern from *:
                 cynorm_float_vector w = *(const cynorm_float_vector*)(weight + i);
                 cynorm_float_vector g = *(const cynorm_float_vector*)(dy + k * row_stride + i);
                 cynorm_float_vector v = *(const cynorm_float_vector*)(x + k * row_stride + i);
-                *(cynorm_float_vector*)(dx + k * row_stride + i) = (((rs[k] * w) * g) + (cx * (v - mh[k]))) + c0;
+                cynorm_float_vector value = (((rs[k] * w) * g) + (cx * (v - mh[k]))) + c0;
+                if (stream)
+                    _mm512_stream_ps(dx + k * row_stride + i, (__m512)value);
+                else
+                    *(cynorm_float_vector*)(dx + k * row_stride + i) = value;
             }
         }
         /* the parameter terms, row after row into each element's running sums */
@@ -748,9 +753,9 @@ cdef extern from *:
     #define CYNORM_HAVE_ROW_QUADS 0
     static inline void cynorm_rows4_backward_float(const float* dy, const float* x, float* dx,
             Py_ssize_t row_stride, Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
-            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run, int stream) {
         (void)dy; (void)x; (void)dx; (void)row_stride; (void)length; (void)weight; (void)mean; (void)rstd;
-        (void)stat_stride; (void)centered; (void)dweight_run; (void)dbias_run;
+        (void)stat_stride; (void)centered; (void)dweight_run; (void)dbias_run; (void)stream;
     }
     static inline void cynorm_channels_input_gradient_float(const float* dy, const float* x, float* dx,
             Py_ssize_t inner, Py_ssize_t channels, const float* weight, double rstd, float mean_hi, float coef_x,
@@ -919,7 +924,7 @@ cdef extern from *:
     void cynorm_rows4_backward_float(const float* dy, const float* x, float* dx, Py_ssize_t row_stride,
                                      Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
                                      Py_ssize_t stat_stride, bint centered, float* dweight_run,
-                                     float* dbias_run) noexcept nogil
+                                     float* dbias_run, bint stream) noexcept nogil
     int CYNORM_LINE_BYTES
     bint cynorm_has_untouched_pages(size_t address, size_t nbytes) noexcept nogil
     void cynorm_advise_huge_pages(size_t address, size_t nbytes) noexcept nogil
@@ -998,8 +1003,9 @@ cdef enum:
     # at most QUAD_ROW, longer than SHORT_BACKWARD_ROW: four rows at a time (cynorm_rows4_backward_float; the same
     # bits).  Layer norm backward on 2**18 values, A/B in one process: rows of 32 1.5-1.7x, 48 1.9x, 64 1.3-1.4x,
     # 80-112 1.6x, 128 1.2x, 192-512 1.05-1.16x, 768 1.0x, 1024 0.93x.  Rows of at most QUAD_STREAMED_ROW take
-    # them also on large arrays, dx with ordinary stores: on 16 MiB, rows of 32-128 ran 1.15-2.0x faster than a
-    # row at a time with streaming stores (256: 0.75x, so longer rows stream).  (Rows of 16 ran 2.0x faster
+    # them also on large arrays, where dx streams: on 16 MiB, rows of 32-128 ran 1.15-2.0x faster than a row
+    # at a time (256: 0.75x, so longer rows go a row at a time), and 1.15-2.0x faster again with streaming
+    # stores than with ordinary ones (a 16-byte-aligned dx through a buffer: 1.0-1.6x).  (Rows of 16 ran 2.0x faster
     # this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes' sums are added in
     # another order: every build gives the same bits.  They have a kernel of their own, in the lanes' order.)
     QUAD_ROW = 512
@@ -2654,11 +2660,19 @@ def backward_rows(size_t dy,        # IN  (n_rows * length,)
 cdef inline void rows4_backward(const floating* dy, const floating* x, floating* dx, Py_ssize_t row_stride,
                                Py_ssize_t length, const floating* weight, const double* mean, const double* rstd,
                                Py_ssize_t stat_stride, bint centered, floating* dweight_run,
-                               floating* dbias_run) noexcept nogil:
-    """Four rows' dx and parameter terms (float only: rows_backward takes double rows one at a time)."""
+                               floating* dbias_run, bint stream) noexcept nogil:
+    """Four rows' dx and parameter terms (float only: rows_backward takes double rows one at a time).  With
+    `stream`, dx goes out with streaming stores: straight where its vectors are whole lines, else (four
+    consecutive rows of at most QUAD_STREAMED_ROW values) through a buffer."""
+    cdef floating buffer[4 * QUAD_STREAMED_ROW]
     if floating is float:
-        cynorm_rows4_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride, centered,
-                                    dweight_run, dbias_run)
+        if stream and (<size_t>dx) % CYNORM_LINE_BYTES != 0:
+            cynorm_rows4_backward_float(dy, x, buffer, row_stride, length, weight, mean, rstd, stat_stride,
+                                        centered, dweight_run, dbias_run, False)
+            stream_copy(dx, buffer, 4 * length)
+        else:
+            cynorm_rows4_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride, centered,
+                                        dweight_run, dbias_run, stream)
 
 
 cdef inline void channel_rows4_backward(const floating* dy, const floating* x,   # IN  rows k at k * row_stride
@@ -2699,14 +2713,17 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef Py_ssize_t blocks, u, block, g, n, r, c, first, last, block_row, next_row, sub
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     cdef bint short_rows = length <= SHORT_BACKWARD_ROW and inner == 1
-    # float rows of a multiple of 16 values four at a time (see QUAD_ROW), dx with ordinary stores
+    # float rows of a multiple of 16 values four at a time (see QUAD_ROW); where dx streams, rows of at most
+    # QUAD_STREAMED_ROW only, and with streaming stores where dx starts a line (every row then starts one) or
+    # the rows are consecutive (rows4_backward)
     cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and inner == 1 and not short_rows
                        and length % 16 == 0
                        and (length <= QUAD_STREAMED_ROW or (length <= QUAD_ROW and not stream and not prefetch)))
+    cdef bint quad_stream = quads and stream and ((<size_t>dx) % CYNORM_LINE_BYTES == 0 or groups == 1)
     # groups of one channel of a few values four rows at a time (see CHANNEL_ROWS_INNER)
     cdef bint channel_rows = (floating is float and CYNORM_HAVE_ROW_QUADS and chans_per_group == 1 and inner > 1
                               and inner <= CHANNEL_ROWS_INNER and not stream)
-    cdef bint row_stream = stream and not quads
+    cdef bint row_stream = stream and (not quads or quad_stream)
     # long rows, one element per channel: their parameter terms while dx is written (see FUSED_TERMS_ROW)
     cdef bint fused_terms = inner == 1 and length >= FUSED_TERMS_ROW
     # per thread: float running sums of dweight and dbias terms (one element per channel only), on lines of its own
@@ -2770,7 +2787,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
                         cynorm_prefetch_lines(&x[next_row * length], length * sizeof(floating))
                 rows4_backward(&dy[r * length], &x[r * length], &dx[r * length], groups * length, length,
                                &weight[g * chans_per_group], &mean[r] if mean != NULL else NULL, &rstd[r], groups,
-                               centered, weight_run, bias_run)
+                               centered, weight_run, bias_run, quad_stream)
                 n += 4
                 # (the flushes of add_row_terms, which takes the rows left)
                 if (n - first) % ROWS_PER_FLUSH == 0 or n == last:

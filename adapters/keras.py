@@ -56,7 +56,9 @@ def use_keras_for_small_inputs(enabled):
     size is not known when the function is traced, a ``tf.cond`` decides when it runs, which costs 0.01-0.05 ms
     a forward and 0.03-0.06 ms a training step. Eager calls, and layers whose dtype policy is not float32 or
     float64 (mixed precision, float16, bfloat16), always run the kernels. ``False`` sends every input to the
-    kernels.
+    kernels. The setting applies where a function is traced: a ``tf.function`` traced before a change keeps the
+    choice it made (the first ``fit`` traces its training function; ``model.make_train_function(force=True)``
+    traces it again).
     """
     global _small_inputs_to_keras
     if not isinstance(enabled, bool):

@@ -736,12 +736,12 @@ cdef extern from *:
                                  _mm512_add_ps(_mm512_add_ps(scaled, centred), _mm512_set1_ps(coef_0)));
             }
             if (quad % 2 == 1) {   /* after every ROWS_PER_FLUSH (8) rows */
-                double terms[16];
                 _mm512_storeu_ps(dweight_run, weight_run);
                 _mm512_storeu_ps(dbias_run, bias_run);
-                for (int c = 0; c < 16; c++) terms[c] = dweight_run[c];
-                for (int c = 0; c < 16; c++) dweight_partial[c] += terms[c];
-                for (int c = 0; c < 16; c++) dbias_partial[c] += (double)dbias_run[c];
+                for (int c = 0; c < 16; c++) {
+                    dweight_partial[c] += (double)dweight_run[c];
+                    dbias_partial[c] += (double)dbias_run[c];
+                }
                 weight_run = _mm512_setzero_ps();
                 bias_run = _mm512_setzero_ps();
             }
@@ -1004,10 +1004,11 @@ cdef enum:
     # bits).  Layer norm backward on 2**18 values, A/B in one process: rows of 32 1.5-1.7x, 48 1.9x, 64 1.3-1.4x,
     # 80-112 1.6x, 128 1.2x, 192-512 1.05-1.16x, 768 1.0x, 1024 0.93x.  Rows of at most QUAD_STREAMED_ROW take
     # them also on large arrays, where dx streams: on 16 MiB, rows of 32-128 ran 1.15-2.0x faster than a row
-    # at a time (256: 0.75x, so longer rows go a row at a time), and 1.15-2.0x faster again with streaming
-    # stores than with ordinary ones (a 16-byte-aligned dx through a buffer: 1.0-1.6x).  (Rows of 16 ran 2.0x faster
-    # this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes' sums are added in
-    # another order: every build gives the same bits.  They have a kernel of their own, in the lanes' order.)
+    # at a time (256: 0.75x, so longer rows go a row at a time), and 1.13-1.47x faster again with streaming
+    # stores than with ordinary ones (a dx 16 bytes past a line, through a buffer: 1.08-1.61x).  (Rows of 16
+    # ran 2.0x faster this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes'
+    # sums are added in another order: every build gives the same bits.  They have a kernel of their own, in
+    # the lanes' order.)
     QUAD_ROW = 512
     QUAD_STREAMED_ROW = 128
     # Rows forward, the same rows longer than SHORT_ROW and of at most QUAD_FORWARD_ROW values, output not

@@ -693,6 +693,13 @@ cdef extern from *:
         p = _mm512_add_ps(p, _mm512_permute_ps(p, 0x4E));   /* lanes 0 + 2 and 1 + 3 */
         return _mm512_add_ps(p, _mm512_permute_ps(p, 0xB1));
     }
+    /* partial[0:16] += run's 16 floats, each in double */
+    static inline void cynorm_add_doubled(double* partial, __m512 run) {
+        const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(run));
+        const __m512d high = _mm512_cvtps_pd(_mm512_extractf32x8_ps(run, 1));
+        _mm512_storeu_pd(partial, _mm512_add_pd(_mm512_loadu_pd(partial), low));
+        _mm512_storeu_pd(partial + 8, _mm512_add_pd(_mm512_loadu_pd(partial + 8), high));
+    }
     /* short_rows_backward for 16 (ROW_BLOCK) rows of 16 float values, one element per channel, with a row in
        each vector where it puts a row in each lane: the same operations in the same order, so the same bits,
        without the moves into and out of lanes.  mean_hi, mean_lo, rs are the rows' split statistics; dx goes
@@ -736,12 +743,8 @@ cdef extern from *:
                                  _mm512_add_ps(_mm512_add_ps(scaled, centred), _mm512_set1_ps(coef_0)));
             }
             if (quad % 2 == 1) {   /* after every ROWS_PER_FLUSH (8) rows */
-                _mm512_storeu_ps(dweight_run, weight_run);
-                _mm512_storeu_ps(dbias_run, bias_run);
-                for (int c = 0; c < 16; c++) {
-                    dweight_partial[c] += (double)dweight_run[c];
-                    dbias_partial[c] += (double)dbias_run[c];
-                }
+                cynorm_add_doubled(dweight_partial, weight_run);
+                cynorm_add_doubled(dbias_partial, bias_run);
                 weight_run = _mm512_setzero_ps();
                 bias_run = _mm512_setzero_ps();
             }

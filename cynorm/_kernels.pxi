@@ -696,7 +696,7 @@ cdef extern from *:
     /* partial[0:16] += run's 16 floats, each in double */
     static inline void cynorm_add_doubled(double* partial, __m512 run) {
         const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(run));
-        const __m512d high = _mm512_cvtps_pd(_mm512_extractf32x8_ps(run, 1));
+        const __m512d high = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_shuffle_f32x4(run, run, 0xEE)));
         _mm512_storeu_pd(partial, _mm512_add_pd(_mm512_loadu_pd(partial), low));
         _mm512_storeu_pd(partial + 8, _mm512_add_pd(_mm512_loadu_pd(partial + 8), high));
     }

@@ -842,6 +842,36 @@ def test_torch_compile_matches_eager(backend):
         assert all(f"torch.ops.cynorm.{name}" in code for name in KERNEL_NAMES)
 
 
+def test_torch_compile_traces_torch_functions_for_small_inputs():
+    """With the small-input setting on (the default), torch.compile traces torch's own functions where an eager
+    call would run them (group and layer norm here), the kernels' operators elsewhere (instance norm; RMS norm,
+    which records a gradient), and gives the eager results."""
+    assert ct.use_torch_for_small_inputs(True) is False
+    graphs = []
+
+    def graph_capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    eager = SmallNet()
+    compiled_net = SmallNet()
+    compiled_net.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_net, backend=graph_capture, fullgraph=True)
+    x = random_tensor((2, 3, 6, 6), torch.float32).contiguous(memory_format=torch.channels_last)
+    outputs = [eager(x), compiled(x)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    for output in outputs:
+        output.sum().backward()
+    for parameter, compiled_parameter in zip(eager.parameters(), compiled_net.parameters()):
+        torch.testing.assert_close(compiled_parameter.grad, parameter.grad, rtol=0, atol=0)
+    code = graphs[0].code
+    for name in ("instance_norm", "rms_norm"):
+        assert f"torch.ops.cynorm.{name}" in code
+    for name in ("group_norm", "layer_norm"):
+        assert f"torch.ops.cynorm.{name}" not in code and f"torch.nn.functional.{name}" in code
+
+
 def test_fx_symbolic_trace_keeps_our_functions():
     torch.manual_seed(0)
     model = nn.Sequential(ct.GroupNorm(2, 4), ct.LayerNorm(3))

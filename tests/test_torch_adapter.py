@@ -812,8 +812,9 @@ class SmallNet(nn.Module):
         return self.rms_norm(self.layer_norm(self.linear(y.flatten(1))))
 
 
-@pytest.mark.parametrize("backend", ["graph_capture", "inductor"])
-def test_torch_compile_matches_eager(backend):
+def _eager_and_compiled(backend):
+    """Two SmallNets with the same parameters, the second also compiled with ``backend`` ("graph_capture": the
+    graphs Dynamo captures, run as they are, appended to the list returned last)."""
     graphs = []
 
     def graph_capture(graph_module, example_inputs):
@@ -826,6 +827,12 @@ def test_torch_compile_matches_eager(backend):
     compiled_net.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_net, backend=graph_capture if backend == "graph_capture" else backend,
                              fullgraph=True)
+    return eager, compiled_net, compiled, graphs
+
+
+@pytest.mark.parametrize("backend", ["graph_capture", "inductor"])
+def test_torch_compile_matches_eager(backend):
+    eager, compiled_net, compiled, graphs = _eager_and_compiled(backend)
     for step in range(2):
         x = random_tensor((2, 3, 6, 6), torch.float32, seed=step).contiguous(memory_format=torch.channels_last)
         outputs = [eager(x), compiled(x)]
@@ -847,17 +854,7 @@ def test_torch_compile_traces_torch_functions_for_small_inputs():
     call would run them (group and layer norm here), the kernels' operators elsewhere (instance norm; RMS norm,
     which records a gradient), and gives the eager results."""
     assert ct.use_torch_for_small_inputs(True) is False
-    graphs = []
-
-    def graph_capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch.manual_seed(0)
-    eager = SmallNet()
-    compiled_net = SmallNet()
-    compiled_net.load_state_dict(eager.state_dict())
-    compiled = torch.compile(compiled_net, backend=graph_capture, fullgraph=True)
+    eager, compiled_net, compiled, graphs = _eager_and_compiled("graph_capture")
     x = random_tensor((2, 3, 6, 6), torch.float32).contiguous(memory_format=torch.channels_last)
     outputs = [eager(x), compiled(x)]
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)

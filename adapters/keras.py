@@ -228,18 +228,17 @@ class _KernelNormalization(keras.layers.Layer):
         self._kernel = None
         self._keras_call = None
 
-    def _twin_arguments(self):
-        # A name of its own, or Keras would number it among the user's layers.
-        return {"name": f"{self.name}_keras_twin", "dtype": self.dtype_policy}
-
-    def _set_keras_twin(self, twin, input_shape, **weights):
-        """Build `twin`, the Keras layer this one replaces (with this one's arguments), then give it this layer's
-        `weights` (by attribute name): calling it then computes what Keras would with them.
+    def _set_keras_twin(self, keras_layer, input_shape, weights, **arguments):
+        """Make and build a twin, the `keras_layer` this layer replaces with this layer's `arguments` and dtype
+        policy, then give it this layer's `weights` (a dict by attribute name): calling it then computes what
+        Keras would with them.
 
         The weights are set past Keras's attribute tracking, which refuses new state in a built layer, and only
         the bound `__call__` is kept, which Keras does not track: the twin and the weights its `build` made stay
-        out of this layer's weights, saved files and configs.
+        out of this layer's weights, saved files and configs.  It has a name of its own, or Keras would number it
+        among the user's layers.
         """
+        twin = keras_layer(**arguments, name=f"{self.name}_keras_twin", dtype=self.dtype_policy)
         twin.build(input_shape)
         for name, weight in weights.items():
             object.__setattr__(twin, name, weight)
@@ -377,10 +376,8 @@ class GroupNormalization(_GammaBeta, _KernelNormalization):
                                                                          out=out),
             has_weight=self.scale, has_bias=self.center, num_stats=2, name="cynorm_group_norm",
         )
-        self._set_keras_twin(
-            keras.layers.GroupNormalization(groups=groups, axis=self.axis, epsilon=epsilon, center=self.center,
-                                            scale=self.scale, **self._twin_arguments()),
-            input_shape, gamma=self.gamma, beta=self.beta)
+        self._set_keras_twin(keras.layers.GroupNormalization, input_shape, {"gamma": self.gamma, "beta": self.beta},
+                             groups=groups, axis=self.axis, epsilon=epsilon, center=self.center, scale=self.scale)
         super().build(input_shape)
 
     def _stats_shape(self, input_shape):
@@ -498,10 +495,8 @@ class LayerNormalization(_GammaBeta, _AxesNormalization):
                                                                          out=out),
             has_weight=self.scale, has_bias=self.center, num_stats=2, name="cynorm_layer_norm",
         )
-        self._set_keras_twin(
-            keras.layers.LayerNormalization(axis=self.axis, epsilon=epsilon, center=self.center, scale=self.scale,
-                                            **self._twin_arguments()),
-            input_shape, gamma=self.gamma, beta=self.beta)
+        self._set_keras_twin(keras.layers.LayerNormalization, input_shape, {"gamma": self.gamma, "beta": self.beta},
+                             axis=self.axis, epsilon=epsilon, center=self.center, scale=self.scale)
         super().build(input_shape)
 
     def get_config(self):
@@ -541,9 +536,8 @@ class RMSNormalization(_AxesNormalization):
                                                                        out=out),
             has_weight=True, has_bias=False, num_stats=1, name="cynorm_rms_norm",
         )
-        self._set_keras_twin(
-            keras.layers.RMSNormalization(axis=self.axis, epsilon=epsilon, **self._twin_arguments()),
-            input_shape, scale=self.scale)
+        self._set_keras_twin(keras.layers.RMSNormalization, input_shape, {"scale": self.scale}, axis=self.axis,
+                             epsilon=epsilon)
         super().build(input_shape)
 
     def _weight_and_bias(self):

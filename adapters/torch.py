@@ -683,7 +683,8 @@ def _kernels_apply(input, *tensors):
 # neither at 100K; channels-last group norm faster from 32K ((2,64,16,16): 1.9x and 1.2x), slower at 25K on
 # 7x7 maps.  Instance norm has none: torch's runs as a batch norm over N*C channels, slower at every size.
 # The limits are a compromise: training steps on 2000-8000 rows of 4 values would run 1.8-2.7x faster on the
-# kernels, and on 4096 rows of 16 values 0.8x.
+# kernels.  (Steps on 4096 rows of 16 values, which the rows limit gives the kernels, ran 0.8x until their
+# backward got a kernel of its own: 1.09x, and 0.97x on 2048 rows, which run torch's.)
 _TORCH_FASTER_BELOW = {
     "layer_norm": ((2 ** 17, 2 ** 11), (2 ** 18, 2 ** 12)),
     "rms_norm": ((2 ** 14, 2 ** 11), (0, 0)),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cynorm import _kernels
+from cynorm.benchmarks import empty_past_cache_line
 from cynorm._kernels_baseline import cpu_level
 
 BUILDS = _kernels.available_builds()
@@ -16,18 +17,14 @@ def _module(name):
     return importlib.import_module(f"cynorm._kernels_{name}")
 
 
-def _empty_like(x, phase):
-    """An empty array like `x` whose data starts `phase` bytes past a 64-byte line."""
-    raw = np.empty(x.nbytes + 128, np.uint8)
-    start = -raw.ctypes.data % 64 + phase
-    return raw[start:start + x.nbytes].view(x.dtype)
-
-
 def _run_all_kernels(module, dtype, stream, output_phase=0):
     """Forward and backward of thirteen rows cases and a columns case, with adversarial data, as raw kernel
     calls; `stream`: the forward and the backward write their outputs with streaming stores and prefetch their
     input (the kernels' paths for arrays that outgrow the cache); `output_phase`: where the outputs y and dx start
     in a cache line (kernels stream lines straight where the output starts one, through a buffer elsewhere)."""
+    def output_like(x):
+        return empty_past_cache_line(x.shape, x.dtype, output_phase)
+
     rng = np.random.default_rng(7)
     results = []
     rows, length = 5, 8195   # a partial chunk and a lane tail; the backward's long rows
@@ -35,12 +32,12 @@ def _run_all_kernels(module, dtype, stream, output_phase=0):
     dy = rng.standard_normal(x.size).astype(dtype)
     weight = rng.standard_normal(length).astype(dtype)
     bias = rng.standard_normal(length).astype(dtype)
-    y, mean, rstd = _empty_like(x, output_phase), np.empty(rows), np.empty(rows)
+    y, mean, rstd = output_like(x), np.empty(rows), np.empty(rows)
     at = module.address_of   # the kernels take their arrays by address
     float64 = dtype == np.float64
     module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, rows, 1, length, 1, 1e-5,
                         True, stream, stream, 2)
-    dx, dweight, dbias = _empty_like(x, output_phase), np.empty_like(weight), np.empty_like(weight)
+    dx, dweight, dbias = output_like(x), np.empty_like(weight), np.empty_like(weight)
     module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
                          rows, 1, length, 1, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
@@ -61,10 +58,10 @@ def _run_all_kernels(module, dtype, stream, output_phase=0):
         dy = rng.standard_normal(x.size).astype(dtype)
         weight = rng.standard_normal(groups * length).astype(dtype)
         bias = rng.standard_normal(groups * length).astype(dtype)
-        y, mean, rstd = _empty_like(x, output_phase), np.empty(rows * groups), np.empty(rows * groups)
+        y, mean, rstd = output_like(x), np.empty(rows * groups), np.empty(rows * groups)
         module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, rows * groups, groups,
                             length, 1, 1e-5, centered, stream, stream, 2)
-        dx, dweight, dbias = _empty_like(x, output_phase), np.empty_like(weight), np.empty_like(weight)
+        dx, dweight, dbias = output_like(x), np.empty_like(weight), np.empty_like(weight)
         module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
                              rows * groups, groups, length, 1, centered, stream, stream, 2)
         results += [y, mean, rstd, dx, dweight, dbias]
@@ -79,10 +76,10 @@ def _run_all_kernels(module, dtype, stream, output_phase=0):
         dy = rng.standard_normal(x.size).astype(dtype)
         weight = rng.standard_normal(groups * chans_per_group).astype(dtype)
         bias = rng.standard_normal(groups * chans_per_group).astype(dtype)
-        y, mean, rstd = _empty_like(x, output_phase), np.empty(samples * groups), np.empty(samples * groups)
+        y, mean, rstd = output_like(x), np.empty(samples * groups), np.empty(samples * groups)
         module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, samples * groups,
                             groups, chans_per_group, inner, 1e-5, True, stream, stream, 2)
-        dx, dweight, dbias = _empty_like(x, output_phase), np.empty_like(weight), np.empty_like(weight)
+        dx, dweight, dbias = output_like(x), np.empty_like(weight), np.empty_like(weight)
         module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
                              samples * groups, groups, chans_per_group, inner, True, stream, stream, 2)
         results += [y, mean, rstd, dx, dweight, dbias]
@@ -93,10 +90,10 @@ def _run_all_kernels(module, dtype, stream, output_phase=0):
     dy = rng.standard_normal(x.size).astype(dtype)
     weight = rng.standard_normal(channels).astype(dtype)
     bias = rng.standard_normal(channels).astype(dtype)
-    y, mean, rstd = _empty_like(x, output_phase), np.empty(1), np.empty(1)
+    y, mean, rstd = output_like(x), np.empty(1), np.empty(1)
     module.forward_rows(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, 1, 1, channels, inner,
                         1e-5, True, stream, stream, 2)
-    dx, dweight, dbias = _empty_like(x, output_phase), np.empty_like(weight), np.empty_like(weight)
+    dx, dweight, dbias = output_like(x), np.empty_like(weight), np.empty_like(weight)
     module.backward_rows(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
                          1, 1, channels, inner, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
@@ -106,10 +103,10 @@ def _run_all_kernels(module, dtype, stream, output_phase=0):
     dy = rng.standard_normal(x.size).astype(dtype)
     weight = rng.standard_normal(n_cols).astype(dtype)
     bias = rng.standard_normal(n_cols).astype(dtype)
-    y, mean, rstd = _empty_like(x, output_phase), np.empty(samples * groups), np.empty(samples * groups)
+    y, mean, rstd = output_like(x), np.empty(samples * groups), np.empty(samples * groups)
     module.forward_columns(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, samples, n_rows, n_cols,
                            groups, 1, False, 1e-5, True, stream, stream, 2)
-    dx, dweight, dbias = _empty_like(x, output_phase), np.empty_like(weight), np.empty_like(weight)
+    dx, dweight, dbias = output_like(x), np.empty_like(weight), np.empty_like(weight)
     module.backward_columns(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
                             samples, n_rows, n_cols, groups, 1, False, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]

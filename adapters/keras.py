@@ -14,6 +14,13 @@ dtype, as with Keras's mixed precision policies. A ``tf.numpy_function`` cannot 
 layers declare ``supports_jit = False`` and Keras runs models that contain them without ``jit_compile``.
 Inside ``tf.function``, inputs too small for the kernels to win run Keras's own operations instead (see
 `use_keras_for_small_inputs`).
+
+A saved graph cannot hold a ``tf.numpy_function`` (its Python callback stays in the process that traced it), so
+the functions ``tf.saved_model.save`` traces run Keras's own operations: ``model.export``,
+``keras.export.ExportArchive``, TFLite's converter from a Keras model (all three save through it) and
+``tf.saved_model.save`` give SavedModels that load and run anywhere, with Keras's results, while the model
+itself keeps the kernels. A ``tf.function`` that was traced before it is saved, and is saved as it is, keeps the
+kernels, and its SavedModel runs only in the process that saved it.
 """
 import math
 import sys
@@ -22,6 +29,12 @@ import warnings
 import keras
 import numpy as np
 import tensorflow as tf
+
+try:   # TensorFlow's flag for the functions tf.saved_model.save traces (not in its public API)
+    from tensorflow.python.saved_model.save_context import in_save_context as _in_save_context
+except ImportError:
+    def _in_save_context():
+        return False
 
 import cynorm
 from cynorm._blocks import BlockPool
@@ -245,6 +258,8 @@ class _KernelNormalization(keras.layers.Layer):
         self._keras_call = twin.__call__
 
     def call(self, inputs):
+        if not tf.executing_eagerly() and _in_save_context():
+            return self._keras_call(inputs)   # a function traced to be saved (see the module's docstring)
         # Run eagerly, Keras's layers pay for each of their several operations: the kernels win at every size.
         # Float32 and float64 policies only: under mixed precision Keras's RMSNormalization reads its scale in
         # float16 where ours reads it in float32, and in a tf.cond the two branches of a float16 layer would

@@ -522,6 +522,94 @@ def test_keras_file_save_and_load(tmp_path):
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+# --------------------------------------------------------------------------------------------------------
+# Saved graphs: Keras's own operations, which load without this process's Python callbacks
+# --------------------------------------------------------------------------------------------------------
+
+_PYTHON_CALLBACK_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+
+
+def _saved_model_ops(path):
+    """The op types of every graph and function in the SavedModel at `path`."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((path / "saved_model.pb").read_bytes())
+    ops = set()
+    for meta_graph in saved.meta_graphs:
+        ops.update(node.op for node in meta_graph.graph_def.node)
+        for function in meta_graph.graph_def.library.function:
+            ops.update(node.op for node in function.node_def)
+    return ops
+
+
+def _every_layer_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((12, 12, 8)),
+        ck.GroupNormalization(groups=4, gamma_initializer="random_uniform"),
+        ck.InstanceNormalization(beta_initializer="random_uniform"),
+        ck.LayerNormalization(axis=[1, 3], gamma_initializer="random_uniform"),
+        ck.RMSNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+
+
+# (a batch of 1024: above _KERAS_FASTER_UP_TO, so in this process these inputs run the kernels)
+_LARGE_BATCH = (1024, 12, 12, 8)
+
+_SERVE_SAVED_MODEL = """
+import sys
+import numpy as np
+import tensorflow as tf
+assert "cynorm" not in sys.modules
+loaded = tf.saved_model.load(sys.argv[1])   # (kept: its functions need its variables alive)
+np.save(sys.argv[3], loaded.serve(np.load(sys.argv[2])).numpy())
+"""
+
+
+def test_exported_model_runs_in_a_process_without_cynorm(tmp_path, kernel_calls):
+    """model.export traces Keras's operations: the SavedModel holds no tf.numpy_function (whose callback
+    would exist only in this process) and serves a large batch elsewhere with the model's results."""
+    model = _every_layer_model()
+    x = _random(_LARGE_BATCH, 0)
+    expected = model.predict(x, verbose=0)
+    assert kernel_calls
+    model.export(tmp_path / "exported", verbose=False)
+    assert not _saved_model_ops(tmp_path / "exported") & _PYTHON_CALLBACK_OPS
+    np.save(tmp_path / "x.npy", x)
+    result = subprocess.run([sys.executable, "-c", _SERVE_SAVED_MODEL, str(tmp_path / "exported"),
+                             str(tmp_path / "x.npy"), str(tmp_path / "served.npy")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "served.npy"), expected, rtol=1e-4, atol=1e-4)
+    # the model itself still runs the kernels
+    kernel_calls.clear()
+    model.predict(x, verbose=0)
+    assert kernel_calls
+
+
+def test_saved_model_save_traces_keras_operations(tmp_path):
+    model = _every_layer_model()
+    tf.saved_model.save(model, str(tmp_path / "saved"))
+    ops = _saved_model_ops(tmp_path / "saved")
+    assert "Rsqrt" in ops and not ops & _PYTHON_CALLBACK_OPS
+
+
+def test_tflite_conversion_from_the_keras_model():
+    """TFLite's converter saves the model first: it converts Keras's operations, where it could not convert a
+    tf.numpy_function."""
+    model = _every_layer_model()
+    x = _random((2, 12, 12, 8), 1)
+    interpreter = tf.lite.Interpreter(model_content=tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    np.testing.assert_allclose(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]),
+                               model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_jit_compile_is_disabled():
     """XLA cannot compile tf.numpy_function, so Keras must not try to."""
     model = _model(ck.GroupNormalization(groups=4))

@@ -856,6 +856,8 @@ class GroupNorm(nn.GroupNorm):
     __doc__ = _drop_in_doc(nn.GroupNorm)
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():   # (see _InstanceNormOnKernels)
+            return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -863,6 +865,8 @@ class LayerNorm(nn.LayerNorm):
     __doc__ = _drop_in_doc(nn.LayerNorm)
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -870,14 +874,25 @@ class RMSNorm(nn.RMSNorm):
     __doc__ = _drop_in_doc(nn.RMSNorm)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 class _InstanceNormOnKernels:
     """Replaces the one step of torch's ``_InstanceNorm.forward`` that computes; torch's forward keeps its
-    input checks, unbatched-input handling and running-statistics choice."""
+    input checks, unbatched-input handling and running-statistics choice.
+
+    Under ``torch.jit.script`` the modules compute with torch's functions, as they do under ``torch.jit.trace``
+    and ``torch.export``: TorchScript cannot compile the adapter's Python, and a scripted model is meant to run
+    without it.  (TorchScript leaves out the branch that ``torch.jit.is_scripting()`` rules out.)
+    """
 
     def _apply_instance_norm(self, input):
+        if torch.jit.is_scripting():
+            return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                   self.training or not self.track_running_stats,
+                                   self.momentum if self.momentum is not None else 0.0, self.eps)
         return instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                              self.training or not self.track_running_stats,
                              self.momentum if self.momentum is not None else 0.0, self.eps)

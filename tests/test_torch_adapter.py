@@ -647,6 +647,51 @@ def test_jit_trace_records_torch_ops(kernel_calls):
     assert_close_scaled(traced(x), theirs(x), 1e-5)
 
 
+def _every_norm_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8),
+                         nn.InstanceNorm2d(8, affine=True, track_running_stats=True), nn.Flatten(1),
+                         nn.LayerNorm(288), nn.RMSNorm(288), nn.Unflatten(1, (8, 36)), nn.InstanceNorm1d(8))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_jit_script_runs_torch_functions(kernel_calls, tmp_path):
+    """TorchScript cannot compile the adapter's Python: a scripted model of our modules computes with torch's
+    functions, as a traced one does, with torch's results and running statistics, and saves and loads as
+    torch.nn's would.  The model itself keeps the kernels."""
+    theirs = _every_norm_model()
+    ours = ct.convert(theirs)
+    scripted = torch.jit.script(ours)
+    graph = str(scripted.inlined_graph)
+    for op in ("group_norm", "instance_norm", "layer_norm", "rms_norm"):
+        assert f"aten::{op}" in graph
+    x = random_tensor((4, 3, 8, 8), torch.float32)
+    for training in (True, False):
+        theirs.train(training)
+        scripted.train(training)
+        torch.testing.assert_close(scripted(x), theirs(x), rtol=0, atol=0)
+    torch.testing.assert_close(dict(scripted.named_buffers()), dict(theirs.named_buffers()), rtol=0, atol=0)
+    torch.jit.save(scripted, tmp_path / "scripted.pt")
+    torch.testing.assert_close(torch.jit.load(tmp_path / "scripted.pt")(x), theirs(x), rtol=0, atol=0)
+    assert not kernel_calls
+    assert all(type(module).__module__ == ct.__name__ for module in ours if "Norm" in type(module).__name__)
+    ours(x)
+    assert kernel_calls
+
+
+def test_torch_export_records_torch_functions(kernel_calls, tmp_path):
+    """torch.export gives a program of torch's own operators, which loads and runs without cynorm."""
+    theirs = _every_norm_model().eval()
+    x = random_tensor((4, 3, 8, 8), torch.float32)
+    exported = torch.export.export(ct.convert(theirs), (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {f"aten.{op}.default" for op in ("group_norm", "instance_norm", "layer_norm", "rms_norm")} <= targets
+    assert not any("cynorm" in target for target in targets)
+    torch.export.save(exported, tmp_path / "exported.pt2")
+    torch.testing.assert_close(torch.export.load(tmp_path / "exported.pt2").module()(x), theirs(x), rtol=0, atol=0)
+    assert not kernel_calls
+
+
 def test_empty_batch_behaves_as_torch(kernel_calls):
     for function, arguments in [("group_norm", (2,)), ("layer_norm", ([4],)), ("rms_norm", ([4],))]:
         x = torch.empty(0, 4, 4)

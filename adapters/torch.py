@@ -23,7 +23,7 @@ import copy
 import functools
 import logging
 import math
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -769,9 +769,17 @@ def _ends_with(input, shape):
     return 0 < len(shape) <= input.dim() and trailing == shape and input.numel() > 0
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+# Each function of the API is torch.nn.functional's under torch.jit.script: TorchScript cannot compile the
+# adapter's Python (it leaves out what follows ``if torch.jit.is_scripting(): return``), and a scripted model is
+# meant to run without it, as torch.jit.trace and torch.export record torch's operators (see _kernels_apply).
+# Hence the annotations, which TorchScript needs: torch's.
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.group_norm`` on the cynorm kernels; torch's own function where they do not apply, or
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
+    if torch.jit.is_scripting():
+        return F.group_norm(input, num_groups, weight, bias, eps)
     if (not _torch_is_faster("group_norm", input, weight, bias) and _kernels_apply(input, weight, bias)
             and input.dim() >= 2 and isinstance(num_groups, int)
             and num_groups > 0 and input.shape[1] % num_groups == 0
@@ -782,8 +790,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 
-def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                  momentum=0.1, eps=1e-5):
+def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                  weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.instance_norm`` on the cynorm kernels; torch's own function where they do not apply.
 
     With ``use_input_stats`` the kernels normalize each instance and, like torch, the running statistics given
@@ -791,6 +800,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     it (evaluation with tracked statistics) there is nothing to normalize over: torch's function applies the
     running statistics.
     """
+    if torch.jit.is_scripting():
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     spatial_size = math.prod(input.shape[2:])
     if (use_input_stats and _kernels_apply(input, running_mean, running_var, weight, bias) and input.dim() >= 3
             and spatial_size > 1 and (running_mean is None) == (running_var is None)
@@ -812,9 +823,12 @@ def _update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, 
     running_var.lerp_(biased_var.mean(0).mul_(spatial_size / (spatial_size - 1)).to(running_var.dtype), momentum)
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+def layer_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``torch.nn.functional.layer_norm`` on the cynorm kernels; torch's own function where they do not apply, or
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
+    if torch.jit.is_scripting():
+        return F.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _normalized_shape_tuple(normalized_shape)
     if (not _torch_is_faster("layer_norm", input, weight, bias, shape) and _kernels_apply(input, weight, bias)
             and _ends_with(input, shape) and _is_shape(weight, shape) and _is_shape(bias, shape) and eps >= 0):
@@ -822,12 +836,15 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return F.layer_norm(input, normalized_shape, weight, bias, eps)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None):
+def rms_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
     """``torch.nn.functional.rms_norm`` on the cynorm kernels; torch's own function where they do not apply, or
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`).
 
     ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
     """
+    if torch.jit.is_scripting():
+        return F.rms_norm(input, normalized_shape, weight, eps)
     shape = _normalized_shape_tuple(normalized_shape)
     if (not _torch_is_faster("rms_norm", input, weight, normalized_shape=shape) and _kernels_apply(input, weight)
             and _ends_with(input, shape) and _is_shape(weight, shape) and (eps is None or eps >= 0)):
@@ -856,8 +873,6 @@ class GroupNorm(nn.GroupNorm):
     __doc__ = _drop_in_doc(nn.GroupNorm)
 
     def forward(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():   # (see _InstanceNormOnKernels)
-            return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -865,8 +880,6 @@ class LayerNorm(nn.LayerNorm):
     __doc__ = _drop_in_doc(nn.LayerNorm)
 
     def forward(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -874,25 +887,14 @@ class RMSNorm(nn.RMSNorm):
     __doc__ = _drop_in_doc(nn.RMSNorm)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 class _InstanceNormOnKernels:
     """Replaces the one step of torch's ``_InstanceNorm.forward`` that computes; torch's forward keeps its
-    input checks, unbatched-input handling and running-statistics choice.
-
-    Under ``torch.jit.script`` the modules compute with torch's functions, as they do under ``torch.jit.trace``
-    and ``torch.export``: TorchScript cannot compile the adapter's Python, and a scripted model is meant to run
-    without it.  (TorchScript leaves out the branch that ``torch.jit.is_scripting()`` rules out.)
-    """
+    input checks, unbatched-input handling and running-statistics choice."""
 
     def _apply_instance_norm(self, input):
-        if torch.jit.is_scripting():
-            return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                   self.training or not self.track_running_stats,
-                                   self.momentum if self.momentum is not None else 0.0, self.eps)
         return instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                              self.training or not self.track_running_stats,
                              self.momentum if self.momentum is not None else 0.0, self.eps)

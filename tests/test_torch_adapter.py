@@ -679,6 +679,23 @@ def test_jit_script_runs_torch_functions(kernel_calls, tmp_path):
     assert kernel_calls
 
 
+class _UsesTheFunctionalAPI(nn.Module):
+    def forward(self, x):
+        x = ct.group_norm(x, 2)
+        x = ct.instance_norm(x)
+        x = ct.layer_norm(x, [x.shape[-1]])
+        return ct.rms_norm(x, [x.shape[-1]])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_jit_script_of_the_functional_api(kernel_calls):
+    """User code calling our functions scripts too, into torch.nn.functional's."""
+    x = random_tensor((4, 6, 5), torch.float32)
+    expected = F.rms_norm(F.layer_norm(F.instance_norm(F.group_norm(x, 2)), [5]), [5])
+    torch.testing.assert_close(torch.jit.script(_UsesTheFunctionalAPI())(x), expected, rtol=0, atol=0)
+    assert not kernel_calls
+
+
 def test_torch_export_records_torch_functions(kernel_calls, tmp_path):
     """torch.export gives a program of torch's own operators, which loads and runs without cynorm."""
     theirs = _every_norm_model().eval()

@@ -20,7 +20,8 @@ the functions ``tf.saved_model.save`` traces run Keras's own operations: ``model
 ``keras.export.ExportArchive``, TFLite's converter from a Keras model (all three save through it) and
 ``tf.saved_model.save`` give SavedModels that load and run anywhere, with Keras's results, while the model
 itself keeps the kernels. A ``tf.function`` that was traced before it is saved, and is saved as it is, keeps the
-kernels, and its SavedModel runs only in the process that saved it.
+kernels, and its SavedModel runs only in the process that saved it. Nor can XLA compile a ``tf.numpy_function``:
+in a ``tf.function(jit_compile=True)`` the layers run Keras's operations too.
 """
 import math
 import sys
@@ -30,10 +31,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-try:   # TensorFlow's flag for the functions tf.saved_model.save traces (not in its public API)
+# TensorFlow's flags for the functions tf.saved_model.save traces, and for those XLA compiles (not in its
+# public API)
+try:
     from tensorflow.python.saved_model.save_context import in_save_context as _in_save_context
 except ImportError:
     def _in_save_context():
+        return False
+try:
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _graph_in_xla_context
+except ImportError:
+    def _graph_in_xla_context(graph):
         return False
 
 import cynorm
@@ -258,8 +266,9 @@ class _KernelNormalization(keras.layers.Layer):
         self._keras_call = twin.__call__
 
     def call(self, inputs):
-        if not tf.executing_eagerly() and _in_save_context():
-            return self._keras_call(inputs)   # a function traced to be saved (see the module's docstring)
+        if not tf.executing_eagerly() and (_in_save_context()
+                                           or _graph_in_xla_context(tf.compat.v1.get_default_graph())):
+            return self._keras_call(inputs)   # a graph to be saved or compiled (see the module's docstring)
         # Run eagerly, Keras's layers pay for each of their several operations: the kernels win at every size.
         # Float32 and float64 policies only: under mixed precision Keras's RMSNormalization reads its scale in
         # float16 where ours reads it in float32, and in a tf.cond the two branches of a float16 layer would

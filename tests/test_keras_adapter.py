@@ -610,6 +610,29 @@ def test_tflite_conversion_from_the_keras_model():
                                model(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_xla_compiled_function_runs_keras_operations(kernel_calls):
+    """XLA cannot compile a tf.numpy_function: in tf.function(jit_compile=True) the layers run Keras's
+    operations, forward and gradient, with the kernels' results to rounding (gradients on the scale of the
+    largest: those of the group norm's gamma and beta vanish, the instance norm after it undoing them)."""
+    model = _every_layer_model()
+    x = tf.constant(_random(_LARGE_BATCH, 0))
+
+    def output_and_gradients(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(model(x)))
+        return model(x), tape.gradient(loss, model.trainable_weights)
+
+    compiled = tf.function(output_and_gradients, jit_compile=True)(x)
+    assert not kernel_calls
+    on_kernels = tf.function(output_and_gradients)(x)
+    assert kernel_calls
+    (y, gradients), (expected_y, expected_gradients) = compiled, on_kernels
+    np.testing.assert_allclose(y.numpy(), expected_y.numpy(), rtol=1e-4, atol=1e-4)
+    scale = max(np.abs(g.numpy()).max() for g in expected_gradients)
+    for got, expected in zip(gradients, expected_gradients):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5 * scale)
+
+
 def test_jit_compile_is_disabled():
     """XLA cannot compile tf.numpy_function, so Keras must not try to."""
     model = _model(ck.GroupNormalization(groups=4))

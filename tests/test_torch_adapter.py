@@ -538,7 +538,8 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("layer_norm", (1, 768), "contiguous", False, "torch"),
     ("layer_norm", (128, 768), "contiguous", True, "torch"),           # 98K elements, 128 rows
     ("layer_norm", (256, 768), "contiguous", False, "kernels"),        # 196K elements
-    ("layer_norm", (512, 768), "contiguous", True, "kernels"),         # 393K elements
+    ("layer_norm", (64, 4096), "contiguous", True, "torch"),           # 262K elements, recording
+    ("layer_norm", (512, 768), "contiguous", True, "kernels"),         # 3 * 2**17 elements, recording
     ("layer_norm", (4096, 16), "contiguous", False, "kernels"),        # 64K elements, but 4096 short rows
     ("layer_norm", (8, 16, 32), "permuted", False, "kernels"),         # a layout torch would copy
     ("rms_norm", (2, 4096), "contiguous", False, "torch"),

@@ -648,7 +648,8 @@ def _kernels_apply(input, *tensors):
 
     They need a strided CPU float32/float64 input, companion tensors (parameters, running stats) of the
     same device and dtype, and no tracing: ``torch.jit.trace`` records torch's ops instead of ours, tensor
-    subclasses with ``__torch_function__`` get torch's dispatch, and torch.func transforms (grad, vmap, jvp,
+    subclasses with ``__torch_function__`` and torch function modes get torch's dispatch (``torch.export``
+    traces under such modes, and so records torch's ops too), and torch.func transforms (grad, vmap, jvp,
     ...) get torch's functions, which they know how to batch and differentiate, as do the tensors a transform
     has left behind (a value stored from inside ``torch.func.grad``: a wrapper whose memory the kernels cannot
     always reach).

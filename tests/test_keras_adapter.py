@@ -503,18 +503,22 @@ def test_keras_config_loads_into_our_layers():
         assert ours.from_config(config).get_config()["axis"] == config["axis"]
 
 
-def test_keras_file_save_and_load(tmp_path):
+def _every_layer_model():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((6, 6, 8)),
-        ck.GroupNormalization(groups=4),
-        ck.InstanceNormalization(gamma_initializer="random_uniform"),
-        ck.LayerNormalization(axis=[1, 3], beta_initializer="random_uniform"),
+    return keras.Sequential([
+        keras.Input((12, 12, 8)),
+        ck.GroupNormalization(groups=4, gamma_initializer="random_uniform"),
+        ck.InstanceNormalization(beta_initializer="random_uniform"),
+        ck.LayerNormalization(axis=[1, 3], gamma_initializer="random_uniform"),
         ck.RMSNormalization(),
         keras.layers.Flatten(),
         keras.layers.Dense(3),
     ])
-    x = _random((4, 6, 6, 8), 0)
+
+
+def test_keras_file_save_and_load(tmp_path):
+    model = _every_layer_model()
+    x = _random((4, 12, 12, 8), 0)
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
@@ -540,19 +544,6 @@ def _saved_model_ops(path):
         for function in meta_graph.graph_def.library.function:
             ops.update(node.op for node in function.node_def)
     return ops
-
-
-def _every_layer_model():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((12, 12, 8)),
-        ck.GroupNormalization(groups=4, gamma_initializer="random_uniform"),
-        ck.InstanceNormalization(beta_initializer="random_uniform"),
-        ck.LayerNormalization(axis=[1, 3], gamma_initializer="random_uniform"),
-        ck.RMSNormalization(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3),
-    ])
 
 
 # (a batch of 1024: above _KERAS_FASTER_UP_TO, so in this process these inputs run the kernels)

@@ -546,6 +546,11 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("rms_norm", (2, 4096), "contiguous", True, "kernels"),            # RMS norm steps are faster at every size
     ("group_norm", (2, 64, 16, 16), "contiguous", True, "torch"),      # 32K elements
     ("group_norm", (4, 64, 32, 32), "contiguous", True, "kernels"),    # 262K elements
+    ("group_norm", (16, 512, 7, 7), "contiguous", True, "torch"),      # 401K elements on maps of 49
+    ("group_norm", (16, 512, 8, 8), "contiguous", True, "torch"),      # 2**19 elements on maps of 64
+    ("group_norm", (32, 512, 8, 8), "contiguous", True, "kernels"),    # 2**20 elements on maps of 64
+    ("group_norm", (8, 512, 10, 10), "contiguous", True, "kernels"),   # 409K elements on maps of 100
+    ("group_norm", (16, 512, 7, 7), "contiguous", False, "kernels"),
     ("group_norm", (2, 64, 16, 16), "channels_last", False, "kernels"),
     ("group_norm", (2, 256, 7, 7), "channels_last", False, "torch"),   # 25K elements
 ])

@@ -688,19 +688,23 @@ def _kernels_apply(input, *tensors):
 # backward got a kernel of its own: 1.09x, and 0.97x on 2048 rows, which run torch's.)  Layer norm steps on
 # 2**18 values, measured again over rows of 256-4096 values, ran 0.85-0.95x on the kernels ((64,4096) 0.88-0.95x,
 # (256,1024) 0.85-0.95x, (1024,256) 0.87x) and 0.94-1.41x on 3 * 2**17 ((768,512) 1.41x, (96,4096) 0.94-0.96x):
-# steps below 3 * 2**17 values run torch's.  Channels-first group norm steps on maps of 7x7 and 8x8 values, whose
-# backward is the kernels' weakest, ran 0.85-0.92x torch's on (16,512,7,7) (401K values), 0.90-0.94x on
-# (32,256,8,8) (2**19), 0.98-1.04x on (32,512,7,7) (803K) and 0.97-1.08x from 2**20 ((64,256,8,8),
-# (16,2048,7,7), (64,512,7,7), (32,2048,7,7)): on maps of up to _SMALL_MAP values, steps below 2**20 values run
-# torch's.
+# steps below 3 * 2**17 values run torch's.  Channels-first group norm depends on the size of its maps (a
+# channel's values in a sample): torch's is slow on maps of a few values, and the kernels' backward is at its
+# weakest on maps of 8-64.  Maps of 1 ((N,C) input) and 4: the kernels' forwards 1.47x from 16K values, steps
+# 0.86-0.89x at 8-16K and 1.6-2.3x from 65K ((256,256), (1024,128), (64,256,4)).  Maps of 8-64 values: forwards
+# 1.9x at 2**17 on maps of 8; steps 0.48-0.84x on maps of 8 up to 131K, 0.84x and 0.90x on maps of 9 at 295K and
+# 590K, 0.76x and 0.99x on maps of 16 at 131K and 2**20, 0.85-0.92x on (16,512,7,7) (401K), 0.90-0.94x on
+# (32,256,8,8) (2**19), 0.98-1.04x on (32,512,7,7) (803K), 0.97-1.08x from 2**20 ((64,256,8,8), (16,2048,7,7)).
 _TORCH_FASTER_BELOW = {
     "layer_norm": ((2 ** 17, 2 ** 11), (3 * 2 ** 17, 2 ** 12)),
     "rms_norm": ((2 ** 14, 2 ** 11), (0, 0)),
-    "group_norm": ((2 ** 17, None), (2 ** 18, None)),   # channels-first (contiguous) input
+    # channels-first (contiguous) group norm: on maps of up to _TINY_MAP values, of up to _SMALL_MAP, and larger
+    "group_norm_on_tiny_maps": ((2 ** 14, None), (2 ** 15, None)),
     "group_norm_on_small_maps": ((2 ** 17, None), (2 ** 20, None)),
+    "group_norm": ((2 ** 17, None), (2 ** 18, None)),
     "channels_last_group_norm": ((2 ** 15, None), (2 ** 15, None)),
 }
-_SMALL_MAP = 64
+_TINY_MAP, _SMALL_MAP = 4, 64
 _small_inputs_to_torch = True
 
 
@@ -732,8 +736,10 @@ def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
         norm = "channels_last_group_norm"
     elif not contiguous:
         return False
-    elif norm == "group_norm" and math.prod(input.shape[2:]) <= _SMALL_MAP:
-        norm = "group_norm_on_small_maps"
+    elif norm == "group_norm":
+        map_size = math.prod(input.shape[2:])
+        if map_size <= _SMALL_MAP:
+            norm = "group_norm_on_tiny_maps" if map_size <= _TINY_MAP else "group_norm_on_small_maps"
     size = input.numel()
     limits = _TORCH_FASTER_BELOW[norm]
     if size >= limits[0][0] and size >= limits[1][0]:

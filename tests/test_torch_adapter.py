@@ -550,6 +550,13 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("group_norm", (16, 512, 8, 8), "contiguous", True, "torch"),      # 2**19 elements on maps of 64
     ("group_norm", (32, 512, 8, 8), "contiguous", True, "kernels"),    # 2**20 elements on maps of 64
     ("group_norm", (8, 512, 10, 10), "contiguous", True, "kernels"),   # 409K elements on maps of 100
+    ("group_norm", (256, 64, 8), "contiguous", False, "kernels"),      # 2**17 elements on maps of 8
+    ("group_norm", (256, 64, 8), "contiguous", True, "torch"),
+    ("group_norm", (64, 256), "contiguous", True, "torch"),            # 16K elements on maps of 1
+    ("group_norm", (128, 256), "contiguous", True, "kernels"),         # 2**15 elements on maps of 1
+    ("group_norm", (32, 64, 4), "contiguous", False, "torch"),         # 8K elements on maps of 4
+    ("group_norm", (64, 64, 4), "contiguous", False, "kernels"),       # 2**14 elements
+    ("group_norm", (128, 64, 4), "contiguous", True, "kernels"),       # 2**15 elements, recording
     ("group_norm", (16, 512, 7, 7), "contiguous", False, "kernels"),
     ("group_norm", (2, 64, 16, 16), "channels_last", False, "kernels"),
     ("group_norm", (2, 256, 7, 7), "channels_last", False, "torch"),   # 25K elements

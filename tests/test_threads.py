@@ -135,3 +135,19 @@ def test_a_sample_alone_equals_the_same_sample_in_a_batch(case, dtype):
     alone = run_forward_and_backward(batch.with_shape((1,) + case.shape[1:]), x[sample], weight, bias, dy[sample])
     for name in ("y", "dx", "rstd") + (("mean",) if case.has_bias else ()):
         assert_bitwise_equal(alone[name], in_batch[name][sample], err_msg=name)
+
+
+def test_concurrent_calls_from_python_threads():
+    """The kernels release the GIL: calls from several Python threads at once (a server's pool) run side by
+    side, each with its own scratch memory, and give the bits of the same calls made one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = [case for case in THREADED_CASES[:10] for _ in range(2)]
+    inputs = [_inputs(case, "float32", seed=seed) for seed, case in enumerate(cases)]
+    one_at_a_time = [run_forward_and_backward(case, *case_inputs) for case, case_inputs in zip(cases, inputs)]
+    with ThreadPoolExecutor(4) as pool:
+        side_by_side = list(pool.map(lambda case, case_inputs: run_forward_and_backward(case, *case_inputs),
+                                     cases * 3, inputs * 3))
+    for index, results in enumerate(side_by_side):
+        expected = one_at_a_time[index % len(cases)]
+        for name in expected:
+            assert_bitwise_equal(results[name], expected[name], err_msg=f"{cases[index % len(cases)]} {name}")

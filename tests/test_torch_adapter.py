@@ -504,6 +504,30 @@ def test_cached_outputs_take_in_place_operations(every_output_cached):
     assert every_output_cached.free_bytes > 0
 
 
+def test_cached_outputs_under_concurrent_steps(every_output_cached):
+    """Steps from several Python threads at once (the kernels release the GIL, as in a server's thread pool) each
+    get cache blocks of their own: the bits of the same steps made one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+    _, ours = module_pair("group_norm_2d", affine=True)
+    shape = MODULE_CASES["group_norm_2d"][-1]
+    inputs = [(random_tensor(shape, torch.float32, seed=2 * k), random_tensor(shape, torch.float32, seed=2 * k + 1))
+              for k in range(6)]
+
+    def step(x, grad_output):
+        x = x.detach().requires_grad_()
+        y = ours(x)
+        (dx,) = torch.autograd.grad(y, [x], grad_output)
+        return y.detach().clone(), dx.clone()
+
+    one_at_a_time = [step(*pair) for pair in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        side_by_side = list(pool.map(lambda pair: step(*pair), inputs * 4))
+    for index, (y, dx) in enumerate(side_by_side):
+        expected_y, expected_dx = one_at_a_time[index % len(inputs)]
+        torch.testing.assert_close(y, expected_y, rtol=0, atol=0)
+        torch.testing.assert_close(dx, expected_dx, rtol=0, atol=0)
+
+
 def test_output_cache_limit(every_output_cached):
     _, ours = module_pair("group_norm_2d", affine=True)
     x = random_tensor(MODULE_CASES["group_norm_2d"][-1], torch.float32)

@@ -692,10 +692,10 @@ def _kernels_apply(input, *tensors):
 # channel's values in a sample): torch's is slow on maps of a few values, and the kernels' backward is at its
 # weakest on maps of 8-64.  Maps of 1 ((N,C) input) and 4: the kernels' forwards 1.47x from 16K values, steps
 # 0.86-0.89x at 8-16K and 1.6-2.3x from 65K ((256,256), (1024,128), (64,256,4)).  Maps of 8-64 values (5-7
-# unmeasured, counted with them): forwards
-# 1.9x at 2**17 on maps of 8; steps 0.48-0.84x on maps of 8 up to 131K, 0.84x and 0.90x on maps of 9 at 295K and
-# 590K, 0.76x and 0.99x on maps of 16 at 131K and 2**20, 0.85-0.92x on (16,512,7,7) (401K), 0.90-0.94x on
-# (32,256,8,8) (2**19), 0.98-1.04x on (32,512,7,7) (803K), 0.97-1.08x from 2**20 ((64,256,8,8), (16,2048,7,7)).
+# unmeasured, counted with them): forwards 1.9x at 2**17 on maps of 8; steps 0.48-0.84x on maps of 8 up to 131K,
+# 0.84x and 0.90x on maps of 9 at 295K and 590K, 0.76x and 0.99x on maps of 16 at 131K and 2**20, 0.85-0.92x on
+# (16,512,7,7) (401K), 0.90-0.94x on (32,256,8,8) (2**19), 0.98-1.04x on (32,512,7,7) (803K), 0.97-1.08x from
+# 2**20 ((64,256,8,8), (16,2048,7,7)).
 _TORCH_FASTER_BELOW = {
     "layer_norm": ((2 ** 17, 2 ** 11), (3 * 2 ** 17, 2 ** 12)),
     "rms_norm": ((2 ** 14, 2 ** 11), (0, 0)),

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -140,7 +141,6 @@ def test_a_sample_alone_equals_the_same_sample_in_a_batch(case, dtype):
 def test_concurrent_calls_from_python_threads():
     """The kernels release the GIL: calls from several Python threads at once (a server's pool) run side by
     side, each with its own scratch memory, and give the bits of the same calls made one at a time."""
-    from concurrent.futures import ThreadPoolExecutor
     cases = [case for case in THREADED_CASES[:10] for _ in range(2)]
     inputs = [_inputs(case, "float32", seed=seed) for seed, case in enumerate(cases)]
     one_at_a_time = [run_forward_and_backward(case, *case_inputs) for case, case_inputs in zip(cases, inputs)]

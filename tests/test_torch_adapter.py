@@ -3,6 +3,7 @@ import logging
 import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -507,7 +508,6 @@ def test_cached_outputs_take_in_place_operations(every_output_cached):
 def test_cached_outputs_under_concurrent_steps(every_output_cached):
     """Steps from several Python threads at once (the kernels release the GIL, as in a server's thread pool) each
     get cache blocks of their own: the bits of the same steps made one at a time."""
-    from concurrent.futures import ThreadPoolExecutor
     _, ours = module_pair("group_norm_2d", affine=True)
     shape = MODULE_CASES["group_norm_2d"][-1]
     inputs = [(random_tensor(shape, torch.float32, seed=2 * k), random_tensor(shape, torch.float32, seed=2 * k + 1))

@@ -138,6 +138,84 @@ cdef extern from *:
     #endif
     CYNORM_DEFINE_STREAM_COPY(cynorm_stream_floats, float, CYNORM_STREAM_FLOATS)
     CYNORM_DEFINE_STREAM_COPY(cynorm_stream_doubles, double, CYNORM_STREAM_DOUBLES)
+    /* A thread's streamed output, taken piece by piece (a row's values, a block of them): the values of a line
+       that a piece leaves unfinished wait in the writer, and if the next piece continues the output there,
+       the line is streamed whole.  Through stream_copy, an output whose rows do not start lines (NumPy's large
+       arrays start 16 bytes past one) had a line a row written with ordinary stores, and a layer norm backward
+       on rows of 1024 values ran 1.2x slower than on an aligned output, on rows of 16 1.5x.  Only the lines at
+       either end of what a thread writes take ordinary stores.  The thread flushes its writer after its last
+       piece, before the fence.  AVX-512 builds, where a line is one vector: the pieces of lines are moved with
+       masked loads and stores (values a value at a time cost layer norm backwards on rows of 64-256 values
+       4-8 %).  Other builds write each piece as stream_copy does. */
+    typedef struct {
+        char* dst;            /* where the pending values go: the start of a line */
+        Py_ssize_t count;     /* values pending, fewer than a line's */
+        double pending[CYNORM_LINE_BYTES / sizeof(double)];
+    } cynorm_stream_writer;
+    static inline void cynorm_stream_writer_open(cynorm_stream_writer* writer) { writer->count = 0; }
+    #if defined(__AVX512F__)
+    /* vector, mask type, lanes, and the intrinsics' suffix: ps for float, pd for double */
+    #define CYNORM_DEFINE_STREAM_WRITER(name, type, vector, mask_type, lanes, sfx)                            \
+        static inline mask_type name##_lanes(Py_ssize_t first, Py_ssize_t count) {   /* [first, first+count) */ \
+            return (mask_type)((((uint32_t)1 << count) - 1) << first);                                     \
+        }                                                                                                  \
+        static inline void name##_flush(cynorm_stream_writer* writer) {                                    \
+            if (writer->count)                                                                             \
+                _mm512_mask_storeu_##sfx((type*)writer->dst, name##_lanes(0, writer->count),               \
+                                         _mm512_loadu_##sfx((const type*)writer->pending));                \
+            writer->count = 0;                                                                             \
+        }                                                                                                  \
+        static inline void name##_put(cynorm_stream_writer* writer, type* dst, const type* src, Py_ssize_t n) { \
+            Py_ssize_t i = 0, lines_end, head, take;                                                       \
+            vector line;                                                                                   \
+            mask_type mask;                                                                                \
+            if (writer->count && (type*)writer->dst + writer->count != dst)                                \
+                name##_flush(writer);                                                                      \
+            if (writer->count) {   /* dst continues the pending line: its values go after them */          \
+                take = n < lanes - writer->count ? n : lanes - writer->count;                              \
+                mask = name##_lanes(writer->count, take);                                                  \
+                /* (masked-off lanes are neither read nor faulted on) */                                   \
+                line = _mm512_mask_loadu_##sfx(_mm512_loadu_##sfx((const type*)writer->pending), mask,     \
+                                               src - writer->count);                                       \
+                if (writer->count + take < lanes) {                                                        \
+                    _mm512_storeu_##sfx((type*)writer->pending, line);                                     \
+                    writer->count += take;                                                                 \
+                    return;                                                                                \
+                }                                                                                          \
+                _mm512_stream_##sfx((type*)writer->dst, line);                                             \
+                writer->count = 0;                                                                         \
+                i = take;                                                                                  \
+            } else if ((head = (Py_ssize_t)(((uintptr_t)dst % CYNORM_LINE_BYTES) / sizeof(type)))          \
+                       && (uintptr_t)dst % sizeof(type) == 0) {                                            \
+                /* the first line of a run, shared with values before it that are not this writer's */     \
+                take = n < lanes - head ? n : lanes - head;                                                \
+                mask = name##_lanes(head, take);                                                           \
+                _mm512_mask_storeu_##sfx(dst - head, mask, _mm512_maskz_loadu_##sfx(mask, src - head));    \
+                i = take;                                                                                  \
+            } else if ((uintptr_t)dst % sizeof(type)) {   /* never on a line boundary */                   \
+                memcpy(dst, src, (size_t)n * sizeof(type));                                                \
+                return;                                                                                    \
+            }                                                                                              \
+            lines_end = i + (n - i) / lanes * lanes;                                                       \
+            for (; i < lines_end; i += lanes) _mm512_stream_##sfx(dst + i, _mm512_loadu_##sfx(src + i));   \
+            if (i < n) {                                                                                   \
+                writer->dst = (char*)(dst + i);                                                            \
+                writer->count = n - i;                                                                     \
+                _mm512_storeu_##sfx((type*)writer->pending,                                                \
+                                    _mm512_maskz_loadu_##sfx(name##_lanes(0, n - i), src + i));            \
+            }                                                                                              \
+        }
+    CYNORM_DEFINE_STREAM_WRITER(cynorm_stream_writer_floats, float, __m512, __mmask16, 16, ps)
+    CYNORM_DEFINE_STREAM_WRITER(cynorm_stream_writer_doubles, double, __m512d, __mmask8, 8, pd)
+    #else
+    #define CYNORM_DEFINE_STREAM_WRITER(name, type, copy)                                                     \
+        static inline void name##_flush(cynorm_stream_writer* writer) { (void)writer; }                    \
+        static inline void name##_put(cynorm_stream_writer* writer, type* dst, const type* src, Py_ssize_t n) { \
+            (void)writer; copy(dst, src, n);                                                               \
+        }
+    CYNORM_DEFINE_STREAM_WRITER(cynorm_stream_writer_floats, float, cynorm_stream_floats)
+    CYNORM_DEFINE_STREAM_WRITER(cynorm_stream_writer_doubles, double, cynorm_stream_doubles)
+    #endif
     /* What a mean holds beyond mean_hi, its value rounded to float: mean - mean_hi - rest, with the rest rounded
        to float too, is the mean to about 48 bits.  The compiler must not see that mean_hi came from the mean:
        GCC 12.2 at -O3, vectorizing four rows' splits (SLP) inlined into a four-row kernel, made every rest 0
@@ -888,6 +966,15 @@ cdef extern from *:
     void cynorm_stream_floats(float* dst, const float* src, Py_ssize_t n) noexcept nogil
     void cynorm_stream_doubles(double* dst, const double* src, Py_ssize_t n) noexcept nogil
     void cynorm_store_fence() noexcept nogil
+    ctypedef struct cynorm_stream_writer:
+        pass
+    void cynorm_stream_writer_open(cynorm_stream_writer* writer) noexcept nogil
+    void cynorm_stream_writer_floats_put(cynorm_stream_writer* writer, float* dst, const float* src,
+                                         Py_ssize_t n) noexcept nogil
+    void cynorm_stream_writer_doubles_put(cynorm_stream_writer* writer, double* dst, const double* src,
+                                          Py_ssize_t n) noexcept nogil
+    void cynorm_stream_writer_floats_flush(cynorm_stream_writer* writer) noexcept nogil
+    void cynorm_stream_writer_doubles_flush(cynorm_stream_writer* writer) noexcept nogil
     void cynorm_prefetch_lines(const void* p, Py_ssize_t nbytes) noexcept nogil
     double cynorm_mean_beyond_float(double mean, float mean_hi) noexcept nogil
     Py_ssize_t cynorm_moments_strips_float(const float* x, Py_ssize_t rows, Py_ssize_t stride,
@@ -1496,6 +1583,23 @@ cdef inline void stream_copy(floating* dst, const floating* src, Py_ssize_t n) n
         cynorm_stream_doubles(dst, src, n)
 
 
+cdef inline void stream_put(cynorm_stream_writer* writer, floating* dst, const floating* src,
+                            Py_ssize_t n) noexcept nogil:
+    """stream_copy through the thread's writer (see cynorm_stream_writer)."""
+    if floating is float:
+        cynorm_stream_writer_floats_put(writer, dst, src, n)
+    else:
+        cynorm_stream_writer_doubles_put(writer, dst, src, n)
+
+
+cdef inline void stream_flush(cynorm_stream_writer* writer, floating* dst_type) noexcept nogil:
+    """Writes what the writer holds (`dst_type` only picks the type)."""
+    if floating is float:
+        cynorm_stream_writer_floats_flush(writer)
+    else:
+        cynorm_stream_writer_doubles_flush(writer)
+
+
 cdef inline Py_ssize_t streamed_block_end(const floating* y, Py_ssize_t block, Py_ssize_t stop) noexcept nogil:
     """End of the streamed block of y starting at `block`: STREAM_BLOCK values, less those before the block in
     its cache line, so that every block after the first starts on a line."""
@@ -1530,10 +1634,12 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
                                      Py_ssize_t start, Py_ssize_t stop, Py_ssize_t inner,
                                      const floating* weight, const floating* bias,  # the row's channels
                                      double mean, double rstd, bint stream,
-                                     const floating* next_row) noexcept nogil:   # IN or NULL
-    """Normalizes elements [start, stop) of a row, with streaming stores if `stream`.  The caller fences the
-    streamed stores once, after its last row: a fence per row costs a memory round trip, which on short
-    rows (layer norm over 768 values) measured slower than not streaming at all.
+                                     const floating* next_row,     # IN or NULL
+                                     cynorm_stream_writer* writer) noexcept nogil:   # the thread's, if `stream`
+    """Normalizes elements [start, stop) of a row, with streaming stores through `writer` if `stream`.  The
+    caller flushes the writer and fences the streamed stores once, after its last row: a fence per row costs a
+    memory round trip, which on short rows (layer norm over 768 values) measured slower than not streaming at
+    all.
 
     `next_row`, a row the thread normalizes later, is prefetched block by block meanwhile.  This pass reads
     the row from L2, where its statistics left it, so without the prefetch the memory would idle during it and
@@ -1549,7 +1655,7 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
             cynorm_prefetch_lines(next_row + block, (end - block) * sizeof(floating))
         if stream:
             normalize_values(x + block, buffer, end - block, block, inner, weight, bias, mean, rstd)
-            stream_copy(y + block, buffer, end - block)
+            stream_put(writer, y + block, buffer, end - block)
         else:
             normalize_values(x + block, y + block, end - block, block, inner, weight, bias, mean, rstd)
         block = end
@@ -1849,6 +1955,10 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef double* chunk_stats
     cdef Scratch memory
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
+    cdef Py_ssize_t writer_stride = whole_lines(sizeof(cynorm_stream_writer))
+    cdef char* writers = NULL
+    cdef cynorm_stream_writer* writer
+    cdef bint by_rows
     # float rows of a multiple of 16 values four at a time (see QUAD_FORWARD_ROW)
     cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and groups == 1 and inner == 1
                        and length > SHORT_ROW and length % 16 == 0 and length <= QUAD_FORWARD_ROW
@@ -1878,13 +1988,24 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                         m2 = row_moments(&x[k * length], length, centered, &mean[k])
                         rstd[k] = inverse_std(m2, length, eps)
                         normalize_row_range(&x[k * length], &y[k * length], 0, length, inner, weight, bias, mean[k],
-                                            rstd[k], False, NULL)
+                                            rstd[k], False, NULL, NULL)
         return
-    if n_rows % num_threads == 0 or n_rows >= 8 * num_threads or (n_rows > num_threads and length < 8 * CHUNK):
+    by_rows = (n_rows % num_threads == 0 or n_rows >= 8 * num_threads
+               or (n_rows > num_threads and length < 8 * CHUNK))
+    chunks = (length + CHUNK - 1) // CHUNK
+    if stream or not by_rows:
+        open_scratch(&memory, num_threads * writer_stride
+                     + (0 if by_rows else whole_lines(2 * n_rows * chunks * sizeof(double))))
+        # each thread's stream writer, which takes the thread's rows (or pieces of rows) one after the other
+        writers = <char*>scratch_piece(&memory, num_threads * writer_stride, False)
+    if by_rows:
         # One row per task: the row stays in cache between its statistics and its normalization.  A few long
         # rows that the threads cannot share evenly go to the chunks below, as rows much larger than L2 lose
         # nothing there (3 rows of 2**15-2**20 values 1.2-1.7x, 9 of 2**16 1.16x).
         with nogil, parallel(num_threads=num_threads):
+            writer = <cynorm_stream_writer*>(writers + threadid() * writer_stride) if stream else NULL
+            if stream:
+                cynorm_stream_writer_open(writer)
             for r in prange(n_rows, schedule="static"):
                 m2 = row_moments(&x[r * length], length, centered, &mean[r])
                 rstd[r] = inverse_std(m2, length, eps)
@@ -1892,14 +2013,15 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                 # (with the static schedule a thread's rows are consecutive; its last ones prefetch in vain)
                 normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
                                     &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream,
-                                    &x[(r + ahead) * length] if prefetch and r + ahead < n_rows else NULL)
+                                    &x[(r + ahead) * length] if prefetch and r + ahead < n_rows else NULL, writer)
             if stream:
+                stream_flush(writer, y)
                 cynorm_store_fence()
+        if stream:
+            free(memory.memory)
         return
     # Fewer rows than threads, or a few long ones: the same chunks, computed in parallel and merged in the same
     # order.
-    chunks = (length + CHUNK - 1) // CHUNK
-    open_scratch(&memory, whole_lines(2 * n_rows * chunks * sizeof(double)))
     chunk_stats = <double*>scratch_piece(&memory, 2 * n_rows * chunks * sizeof(double), False)
     with nogil:
         for u in prange(n_rows * chunks, num_threads=num_threads, schedule="static"):
@@ -1918,13 +2040,17 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
             mean[r] = running_mean
             rstd[r] = inverse_std(m2, length, eps)
     with nogil, parallel(num_threads=num_threads):
+        writer = <cynorm_stream_writer*>(writers + threadid() * writer_stride)
+        cynorm_stream_writer_open(writer)
         for u in prange(n_rows * chunks, schedule="static"):
             r = u // chunks
             start = (u % chunks) * CHUNK
             first_channel = (r % groups) * chans_per_group
             normalize_row_range(&x[r * length], &y[r * length], start, min(start + CHUNK, length), inner,
-                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream, NULL)
+                                &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream, NULL,
+                                writer)
         if stream:
+            stream_flush(writer, y)
             cynorm_store_fence()
     free(memory.memory)
 
@@ -2327,11 +2453,12 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
                               bint stream,
                               const floating* next_dy, const floating* next_x,  # IN or NULL
                               double* sums,  # OUT (2,) when dx is NULL
-                              floating* terms_weight, floating* terms_bias) noexcept nogil:  # INOUT (length,) or NULL
+                              floating* terms_weight, floating* terms_bias,  # INOUT (length,) or NULL
+                              cynorm_stream_writer* writer) noexcept nogil:  # the thread's, if `stream`
     """One row's dx, and with several elements per channel its terms of dweight and dbias (with one, the
-    caller adds them with add_parameter_terms); dx is written with streaming stores if `stream` (the caller
-    fences them, see normalize_row_range).  `next_dy` and `next_x`, a row the thread takes later, are
-    prefetched block by block while dx is written, as normalize_row_range does.
+    caller adds them with add_parameter_terms); dx is written with streaming stores through `writer` if
+    `stream` (the caller flushes it and fences them, see normalize_row_range).  `next_dy` and `next_x`, a row
+    the thread takes later, are prefetched block by block while dx is written, as normalize_row_range does.
 
     With dx NULL, only the row's sum(g) and sum(g * xhat), into `sums` (long_rows_backward's pieces), so that
     gradient_sums keeps one caller, which GCC inlines (a second made it a call, and rows of 32 values 1.2x
@@ -2384,7 +2511,7 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
             add_row_range_terms(dy + block, x + block, end - block, mean_hi, mean_lo, rs, terms_weight + block,
                                 terms_bias + block)
         if stream:
-            stream_copy(dx + block, buffer, end - block)
+            stream_put(writer, dx + block, buffer, end - block)
         block = end
 
 
@@ -2396,7 +2523,7 @@ cdef inline void short_rows_backward(const floating* dy, const floating* x,   # 
                                      Py_ssize_t stat_stride, bint centered,
                                      floating* dweight_run, floating* dbias_run,        # INOUT (length,)
                                      double* dweight_partial, double* dbias_partial,    # INOUT (length,)
-                                     bint stream) noexcept nogil:
+                                     bint stream, cynorm_stream_writer* writer) noexcept nogil:
     """backward_row for `count` <= ROW_BLOCK rows of at most SHORT_BACKWARD_ROW values, one element per channel:
     the rows' gradient sums and dx computed together, a row per vector lane (as block_moments), dx streamed in
     one piece when the rows are consecutive.  The parameter terms are added row after row and flushed after
@@ -2427,7 +2554,7 @@ cdef inline void short_rows_backward(const floating* dy, const floating* x,   # 
         cynorm_rows16_backward_float(dy, x, out, row_stride, out_stride, weight, mean_hi, mean_lo, rs, rstd,
                                      stat_stride, centered, dweight_run, dbias_run, dweight_partial, dbias_partial)
         if streamed:
-            stream_copy(dx, out, count * length)
+            stream_put(writer, dx, out, count * length)
         return
     for k in range(ROW_BLOCK):
         zeros[k] = 0
@@ -2466,7 +2593,7 @@ cdef inline void short_rows_backward(const floating* dy, const floating* x,   # 
             for j in range(length):
                 out[k * out_stride + j] = lanes_g[j * ROW_BLOCK + k]
     if streamed:
-        stream_copy(dx, out, count * length)
+        stream_put(writer, dx, out, count * length)
 
 
 cdef inline void input_gradient_range(const floating* dy, const floating* x, floating* dx,   # one row
@@ -2526,7 +2653,7 @@ cdef void long_rows_backward(const floating* dy, const floating* x, const double
             start = (u % chunks) * CHUNK
             backward_row(&dy[r * length + start], &x[r * length + start], NULL, min(<Py_ssize_t>CHUNK, length - start),
                          1, &weight[(r % groups) * length + start], mean[r] if mean != NULL else 0, rstd[r], centered,
-                         NULL, NULL, False, NULL, NULL, &sums[2 * u], NULL, NULL)
+                         NULL, NULL, False, NULL, NULL, &sums[2 * u], NULL, NULL, NULL)
     with nogil:
         # each row's coefficients, as backward_row computes them
         for r in range(n_rows):
@@ -2599,7 +2726,7 @@ cdef void few_rows_backward(const floating* dy, const floating* x, const double*
             backward_row(&dy[r * length + start], &x[r * length + start], NULL, m, m,
                          &weight[(r % groups) * chans_per_group + c], mean[r] if mean != NULL else 0, rstd[r],
                          centered, &piece_sums[2 * u + 1], &piece_sums[2 * u], False, NULL, NULL, unused, NULL,
-                         NULL)
+                         NULL, NULL)
     with nogil:
         # each row's weighted sums in channel order, and its coefficients, as backward_row adds and computes them
         for r in range(n_rows):
@@ -2664,17 +2791,20 @@ def backward_rows(size_t dy,        # IN  (n_rows * length,)
 cdef inline void rows4_backward(const floating* dy, const floating* x, floating* dx, Py_ssize_t row_stride,
                                Py_ssize_t length, const floating* weight, const double* mean, const double* rstd,
                                Py_ssize_t stat_stride, bint centered, floating* dweight_run,
-                               floating* dbias_run, bint stream) noexcept nogil:
+                               floating* dbias_run, bint stream,
+                               cynorm_stream_writer* writer) noexcept nogil:   # the thread's, if `stream`
     """Four rows' dx and parameter terms (float only: rows_backward takes double rows one at a time).  With
     `stream`, dx goes out with streaming stores: straight where its vectors are whole lines, else (four
-    consecutive rows of at most QUAD_STREAMED_ROW values) through a buffer."""
+    consecutive rows of at most QUAD_STREAMED_ROW values) through a buffer and `writer`."""
     cdef floating buffer[4 * QUAD_STREAMED_ROW]
     if floating is float:
         if stream and (<size_t>dx) % CYNORM_LINE_BYTES != 0:
             cynorm_rows4_backward_float(dy, x, buffer, row_stride, length, weight, mean, rstd, stat_stride,
                                         centered, dweight_run, dbias_run, False)
-            stream_copy(dx, buffer, 4 * length)
+            stream_put(writer, dx, buffer, 4 * length)
         else:
+            if stream:   # (nothing is pending where dx and every row start lines, but the order must hold)
+                stream_flush(writer, dx)
             cynorm_rows4_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride, centered,
                                         dweight_run, dbias_run, stream)
 
@@ -2732,6 +2862,10 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef bint fused_terms = inner == 1 and length >= FUSED_TERMS_ROW
     # per thread: float running sums of dweight and dbias terms (one element per channel only), on lines of its own
     cdef Py_ssize_t run_stride = whole_lines((2 * length if inner == 1 else 2) * sizeof(floating)) // sizeof(floating)
+    # per thread: the writer of its streamed dx, which takes its rows one after the other
+    cdef Py_ssize_t writer_stride = whole_lines(sizeof(cynorm_stream_writer))
+    cdef char* writers
+    cdef cynorm_stream_writer* writer
     cdef Scratch memory
     cdef double* partials
     cdef double* totals
@@ -2757,11 +2891,15 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     blocks = (n_samples * groups * length + BLOCK_ELEMS - 1) // BLOCK_ELEMS
     blocks = min(n_samples, (blocks + TILE_MULTIPLE - 1) // TILE_MULTIPLE * TILE_MULTIPLE)
     open_scratch(&memory, whole_lines(2 * blocks * channels * sizeof(double))
-                 + whole_lines(2 * channels * sizeof(double)) + num_threads * run_stride * sizeof(floating))
+                 + whole_lines(2 * channels * sizeof(double)) + num_threads * run_stride * sizeof(floating)
+                 + num_threads * writer_stride)
     partials = <double*>scratch_piece(&memory, 2 * blocks * channels * sizeof(double), True)
     totals = <double*>scratch_piece(&memory, 2 * channels * sizeof(double), True)
     running = <floating*>scratch_piece(&memory, num_threads * run_stride * sizeof(floating), True)
+    writers = <char*>scratch_piece(&memory, num_threads * writer_stride, False)
     with nogil, parallel(num_threads=num_threads):
+        writer = <cynorm_stream_writer*>(writers + threadid() * writer_stride)
+        cynorm_stream_writer_open(writer)
         for u in prange(blocks * groups, schedule="static"):
             block = u // groups
             g = u % groups
@@ -2779,7 +2917,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
                     short_rows_backward(&dy[r * length], &x[r * length], &dx[r * length], groups * length,
                                         min(<Py_ssize_t>ROW_BLOCK, last - n), length, &weight[g * chans_per_group],
                                         &mean[r] if mean != NULL else NULL, &rstd[r], groups, centered, weight_run,
-                                        bias_run, weight_partial, bias_partial, stream)
+                                        bias_run, weight_partial, bias_partial, stream, writer)
                 continue
             n = first
             while quads and n + 4 <= last:
@@ -2791,7 +2929,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
                         cynorm_prefetch_lines(&x[next_row * length], length * sizeof(floating))
                 rows4_backward(&dy[r * length], &x[r * length], &dx[r * length], groups * length, length,
                                &weight[g * chans_per_group], &mean[r] if mean != NULL else NULL, &rstd[r], groups,
-                               centered, weight_run, bias_run, quad_stream)
+                               centered, weight_run, bias_run, quad_stream, writer)
                 n += 4
                 # (the flushes of add_row_terms, which takes the rows left)
                 if (n - first) % ROWS_PER_FLUSH == 0 or n == last:
@@ -2812,7 +2950,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
                              weight_partial, bias_partial, row_stream,
                              &dy[next_row * length] if prefetch and next_row < n_rows else NULL,
                              &x[next_row * length] if prefetch and next_row < n_rows else NULL, NULL,
-                             weight_run if fused_terms else NULL, bias_run if fused_terms else NULL)
+                             weight_run if fused_terms else NULL, bias_run if fused_terms else NULL, writer)
                 if fused_terms:   # (as add_row_terms flushes)
                     if (n + 1 - first) % ROWS_PER_FLUSH == 0 or n == last - 1:
                         flush_parameter_terms(weight_run, bias_run, weight_partial, bias_partial, length)
@@ -2821,6 +2959,7 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
                                   last - first, length, &mean[block_row] if mean != NULL else NULL,
                                   &rstd[block_row], groups, weight_run, bias_run, weight_partial, bias_partial)
         if stream:
+            stream_flush(writer, dx)
             cynorm_store_fence()
     with nogil:
         # the blocks in order, every channel at once (a channel at a time, the strided sums took 5% of a layer

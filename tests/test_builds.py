@@ -17,13 +17,25 @@ def _module(name):
     return importlib.import_module(f"cynorm._kernels_{name}")
 
 
-def _run_all_kernels(module, dtype, stream, output_phase=0):
+_GUARD = 0xA5
+
+
+def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
     """Forward and backward of thirteen rows cases and a columns case, with adversarial data, as raw kernel
     calls; `stream`: the forward and the backward write their outputs with streaming stores and prefetch their
     input (the kernels' paths for arrays that outgrow the cache); `output_phase`: where the outputs y and dx start
-    in a cache line (kernels stream lines straight where the output starts one, through a buffer elsewhere)."""
+    in a cache line (kernels stream lines straight where the output starts one, the lines at either end of a
+    thread's values with ordinary stores).  With a list `guards`, each output lies between two lines of _GUARD
+    bytes, and (memory, start, end) of each goes into the list."""
     def output_like(x):
-        return empty_past_cache_line(x.shape, x.dtype, output_phase)
+        if guards is None:
+            return empty_past_cache_line(x.shape, x.dtype, output_phase)
+        memory = np.full(x.nbytes + 192, _GUARD, np.uint8)
+        start = -memory.ctypes.data % 64 + 64 + output_phase
+        guards.append((memory, start, start + x.nbytes))
+        out = memory[start:start + x.nbytes].view(x.dtype)
+        out[...] = 0
+        return out
 
     rng = np.random.default_rng(7)
     results = []
@@ -141,13 +153,17 @@ def test_builds_give_identical_bits(build, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("build", BUILDS)
-@pytest.mark.parametrize("output_phase", [0, 16])
+@pytest.mark.parametrize("output_phase", [0, 4, 16, 52])   # (52: float64 values not on 8-byte boundaries)
 def test_streamed_stores_give_identical_bits(build, dtype, output_phase):
-    # each build has its own vector width of streaming stores
+    # each build has its own vector width of streaming stores, and AVX-512 builds carry a thread's partial lines
+    # from row to row; nothing is written outside the outputs
     reference = _run_all_kernels(_module(build), dtype, stream=False)
-    for got, expected in zip(_run_all_kernels(_module(build), dtype, stream=True, output_phase=output_phase),
-                             reference):
+    guards = []
+    for got, expected in zip(_run_all_kernels(_module(build), dtype, stream=True, output_phase=output_phase,
+                                              guards=guards), reference):
         np.testing.assert_array_equal(got, expected)
+    for memory, start, end in guards:
+        assert (memory[:start] == _GUARD).all() and (memory[end:] == _GUARD).all()
 
 
 @pytest.mark.skipif(not _kernels.HAVE_FLOAT16, reason="built without _Float16")

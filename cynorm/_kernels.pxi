@@ -1022,6 +1022,9 @@ cdef extern from *:
     unsigned short cynorm_float_to_half(float value) noexcept nogil
 
 cdef enum:
+    # Rows backward: the parameter gradients' partial sums of the blocks are added up this many columns at a time
+    # (in a local array), a range of columns per task.
+    REDUCE_COLUMNS = 256
     # Independent partial sums per reduction: the compiler vectorizes across them, the order stays fixed.
     # lanes_total spells out the tree for exactly 32.
     LANES = 32
@@ -2868,7 +2871,6 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef cynorm_stream_writer* writer
     cdef Scratch memory
     cdef double* partials
-    cdef double* totals
     cdef floating* running
     cdef floating* weight_run
     cdef floating* bias_run
@@ -2891,10 +2893,9 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     blocks = (n_samples * groups * length + BLOCK_ELEMS - 1) // BLOCK_ELEMS
     blocks = min(n_samples, (blocks + TILE_MULTIPLE - 1) // TILE_MULTIPLE * TILE_MULTIPLE)
     open_scratch(&memory, whole_lines(2 * blocks * channels * sizeof(double))
-                 + whole_lines(2 * channels * sizeof(double)) + num_threads * run_stride * sizeof(floating)
-                 + num_threads * writer_stride)
-    partials = <double*>scratch_piece(&memory, 2 * blocks * channels * sizeof(double), True)
-    totals = <double*>scratch_piece(&memory, 2 * channels * sizeof(double), True)
+                 + num_threads * run_stride * sizeof(floating) + num_threads * writer_stride)
+    # (each task clears its own: cleared here, by one thread, they took 2-3 % of a layer norm backward)
+    partials = <double*>scratch_piece(&memory, 2 * blocks * channels * sizeof(double), False)
     running = <floating*>scratch_piece(&memory, num_threads * run_stride * sizeof(floating), True)
     writers = <char*>scratch_piece(&memory, num_threads * writer_stride, False)
     with nogil, parallel(num_threads=num_threads):
@@ -2905,6 +2906,8 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
             g = u % groups
             weight_partial = &partials[2 * block * channels + g * chans_per_group]
             bias_partial = &partials[(2 * block + 1) * channels + g * chans_per_group]
+            memset(weight_partial, 0, chans_per_group * sizeof(double))
+            memset(bias_partial, 0, chans_per_group * sizeof(double))
             weight_run = &running[threadid() * run_stride]
             bias_run = weight_run + (length if inner == 1 else 1)
             first = block * n_samples // blocks
@@ -2961,16 +2964,31 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
         if stream:
             stream_flush(writer, dx)
             cynorm_store_fence()
-    with nogil:
-        # the blocks in order, every channel at once (a channel at a time, the strided sums took 5% of a layer
-        # norm backward)
-        for block in range(blocks):
-            for c in range(2 * channels):
-                totals[c] += partials[2 * block * channels + c]
-        for c in range(channels):
-            dweight[c] = <floating>totals[c]
-            dbias[c] = <floating>totals[channels + c]
+        # (after the tasks' barrier) the blocks' partials added up, a range of columns per task
+        for c in prange((2 * channels + REDUCE_COLUMNS - 1) // REDUCE_COLUMNS, schedule="static"):
+            add_block_partials(partials, blocks, channels, c * REDUCE_COLUMNS,
+                               min((c + 1) * REDUCE_COLUMNS, 2 * channels), dweight, dbias)
     free(memory.memory)
+
+
+cdef inline void add_block_partials(const double* partials,   # IN (blocks, 2 * channels): dweight's, dbias's
+                                    Py_ssize_t blocks, Py_ssize_t channels, Py_ssize_t start, Py_ssize_t stop,
+                                    floating* dweight, floating* dbias) noexcept nogil:   # OUT (channels,) each
+    """Columns [start, stop) of the partials' sums over the blocks, in block order, every column at once (a
+    column at a time, the strided sums took 5 % of a layer norm backward); columns past `channels` are
+    dbias's."""
+    cdef double totals[REDUCE_COLUMNS]
+    cdef Py_ssize_t block, c
+    for c in range(stop - start):
+        totals[c] = 0
+    for block in range(blocks):
+        for c in range(stop - start):
+            totals[c] += partials[2 * block * channels + start + c]
+    for c in range(start, stop):
+        if c < channels:
+            dweight[c] = <floating>totals[c - start]
+        else:
+            dbias[c - channels] = <floating>totals[c - start]
 
 
 def backward_columns(size_t dy,        # IN  (n_samples * n_rows * n_cols,)

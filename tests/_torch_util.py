@@ -1,5 +1,6 @@
 """Helpers for test_torch_adapter.py that spawned worker processes import by name (DDP training)."""
 import datetime
+import pathlib
 
 import torch
 import torch.distributed as dist
@@ -56,3 +57,9 @@ def ddp_train_worker(rank, world_size, init_method, batch_size, steps, result_pa
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    finished_marker(result_path, rank).touch()
+
+
+def finished_marker(result_path, rank):
+    """The file a rank creates once its work and its process group are done (see the DDP test)."""
+    return pathlib.Path(result_path).with_name(f"rank{rank}.finished")

@@ -1595,8 +1595,8 @@ cdef inline void stream_put(cynorm_stream_writer* writer, floating* dst, const f
         cynorm_stream_writer_doubles_put(writer, dst, src, n)
 
 
-cdef inline void stream_flush(cynorm_stream_writer* writer, floating* dst_type) noexcept nogil:
-    """Writes what the writer holds (`dst_type` only picks the type)."""
+cdef inline void stream_flush(cynorm_stream_writer* writer, floating* output) noexcept nogil:
+    """Writes the values of `output` that the writer holds (where they go, it knows)."""
     if floating is float:
         cynorm_stream_writer_floats_flush(writer)
     else:
@@ -2840,6 +2840,26 @@ cdef inline void channel_rows4_backward(const floating* dy, const floating* x,  
                               rstd[k * stat_stride], <floating>row_mean, coefs[0], coefs[1])
 
 
+cdef inline void add_block_partials(const double* partials,   # IN (blocks, 2 * channels): dweight's, dbias's
+                                    Py_ssize_t blocks, Py_ssize_t channels, Py_ssize_t start, Py_ssize_t stop,
+                                    floating* dweight, floating* dbias) noexcept nogil:   # OUT (channels,) each
+    """Columns [start, stop) of the partials' sums over the blocks, in block order, every column at once (a
+    column at a time, the strided sums took 5 % of a layer norm backward); columns past `channels` are
+    dbias's."""
+    cdef double totals[REDUCE_COLUMNS]
+    cdef Py_ssize_t block, c
+    for c in range(stop - start):
+        totals[c] = 0
+    for block in range(blocks):
+        for c in range(stop - start):
+            totals[c] += partials[2 * block * channels + start + c]
+    for c in range(start, stop):
+        if c < channels:
+            dweight[c] = <floating>totals[c - start]
+        else:
+            dbias[c - channels] = <floating>totals[c - start]
+
+
 cdef void rows_backward(const floating* dy, const floating* x, const double* mean, const double* rstd,
                         const floating* weight, floating* dx, floating* dweight, floating* dbias,
                         Py_ssize_t n_rows, Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
@@ -2969,26 +2989,6 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
             add_block_partials(partials, blocks, channels, c * REDUCE_COLUMNS,
                                min((c + 1) * REDUCE_COLUMNS, 2 * channels), dweight, dbias)
     free(memory.memory)
-
-
-cdef inline void add_block_partials(const double* partials,   # IN (blocks, 2 * channels): dweight's, dbias's
-                                    Py_ssize_t blocks, Py_ssize_t channels, Py_ssize_t start, Py_ssize_t stop,
-                                    floating* dweight, floating* dbias) noexcept nogil:   # OUT (channels,) each
-    """Columns [start, stop) of the partials' sums over the blocks, in block order, every column at once (a
-    column at a time, the strided sums took 5 % of a layer norm backward); columns past `channels` are
-    dbias's."""
-    cdef double totals[REDUCE_COLUMNS]
-    cdef Py_ssize_t block, c
-    for c in range(stop - start):
-        totals[c] = 0
-    for block in range(blocks):
-        for c in range(stop - start):
-            totals[c] += partials[2 * block * channels + start + c]
-    for c in range(start, stop):
-        if c < channels:
-            dweight[c] = <floating>totals[c - start]
-        else:
-            dbias[c - channels] = <floating>totals[c - start]
 
 
 def backward_columns(size_t dy,        # IN  (n_samples * n_rows * n_cols,)

@@ -305,6 +305,20 @@ def test_asv_output_placement_runs(asv_modules):
     np.testing.assert_array_equal(benchmark.out, expected)
 
 
+def test_asv_layer_norm_output_placement_runs(asv_modules):
+    module = importlib.import_module("benchmarks.bench_output_placement")
+    benchmark = module.LayerNormOutputPlacement()
+    benchmark.setup(16)
+    workload = benchmark.workload
+    assert benchmark.out.ctypes.data % 64 == 16
+    benchmark.time_forward(16)
+    np.testing.assert_array_equal(benchmark.out, cynorm.layer_norm(workload.x, workload.weight, workload.bias))
+    benchmark.time_backward(16)
+    expected, _, _ = cynorm.layer_norm_backward(workload.dy, workload.x, benchmark.mean, benchmark.rstd,
+                                                workload.weight)
+    np.testing.assert_array_equal(benchmark.out, expected)
+
+
 def test_asv_setup_skips_missing_peers_and_cases_outside_the_table(asv_modules, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(NotImplementedError, match="torch is not installed"):

@@ -22,22 +22,29 @@ import functools
 import time
 import types
 
-import keras
 import numpy as np
-import tensorflow as tf
 
-from . import keras as cynorm_layers
+# (Keras and TensorFlow are imported where they are used: `cynorm tutorial --help` answers at once, without
+# TensorFlow's start-up and its log lines)
 
 IMAGE_SIZE = 28
 MODEL_NAMES = ("GroupNormalization", "InstanceNormalization", "LayerNormalization")
 
-# Keras 3 has no InstanceNormalization; its GroupNormalization with one group per channel computes the same.
-KERAS_LAYERS = types.SimpleNamespace(
-    GroupNormalization=keras.layers.GroupNormalization,
-    InstanceNormalization=functools.partial(keras.layers.GroupNormalization, groups=-1),
-    LayerNormalization=keras.layers.LayerNormalization,
-)
-IMPLEMENTATIONS = {"cynorm": cynorm_layers, "keras": KERAS_LAYERS}
+
+@functools.cache
+def implementations():
+    """The layers of each implementation: ``{"cynorm": cynorm.adapters.keras, "keras": Keras's layers}``."""
+    import keras
+
+    from . import keras as cynorm_layers
+
+    # Keras 3 has no InstanceNormalization; its GroupNormalization with one group per channel computes the same.
+    keras_layers = types.SimpleNamespace(
+        GroupNormalization=keras.layers.GroupNormalization,
+        InstanceNormalization=functools.partial(keras.layers.GroupNormalization, groups=-1),
+        LayerNormalization=keras.layers.LayerNormalization,
+    )
+    return {"cynorm": cynorm_layers, "keras": keras_layers}
 
 
 def load_digits(test_fraction=0.2, seed=0):
@@ -57,6 +64,8 @@ def load_digits(test_fraction=0.2, seed=0):
 
 def load_mnist():
     """keras.datasets.mnist as float32 images in [0, 1] (downloads it on first use)."""
+    import keras
+
     (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
     return (x_train.astype(np.float32) / 255.0, y_train), (x_test.astype(np.float32) / 255.0, y_test)
 
@@ -66,6 +75,8 @@ DATASETS = {"digits": load_digits, "mnist": load_mnist}
 
 def build_model(model_name, layers):
     """The tutorial's model with the normalization `model_name` taken from `layers` (a module or namespace)."""
+    import keras
+
     normalizations = {
         "GroupNormalization": lambda: layers.GroupNormalization(groups=5, axis=3),
         "InstanceNormalization": lambda: layers.InstanceNormalization(
@@ -87,17 +98,6 @@ def build_model(model_name, layers):
     return model
 
 
-class _EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-
 def train_and_evaluate(model_name, implementation, data, *, epochs=3, batch_size=32, seed=0):
     """Train one tutorial model; return its test accuracy and the median seconds per epoch.
 
@@ -106,13 +106,18 @@ def train_and_evaluate(model_name, implementation, data, *, epochs=3, batch_size
     The seed fixes the initial weights, the shuffling and dropout; TensorFlow ops should be deterministic
     (``tf.config.experimental.enable_op_determinism()``) for the accuracy to be reproducible.
     """
+    import keras
+
     (x_train, y_train), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
-    model = build_model(model_name, IMPLEMENTATIONS[implementation])
-    timer = _EpochTimer()
+    model = build_model(model_name, implementations()[implementation])
+    starts, seconds = [], []
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: starts.append(time.perf_counter()),
+        on_epoch_end=lambda epoch, logs: seconds.append(time.perf_counter() - starts[-1]))
     model.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, callbacks=[timer], verbose=0)
     _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
-    return {"accuracy": float(accuracy), "seconds_per_epoch": float(np.median(timer.seconds[1:] or timer.seconds))}
+    return {"accuracy": float(accuracy), "seconds_per_epoch": float(np.median(seconds[1:] or seconds))}
 
 
 def main(argv=None):
@@ -125,6 +130,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="default: 32")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and dropout (default: 0)")
     args = parser.parse_args(argv)
+
+    import tensorflow as tf
 
     tf.config.experimental.enable_op_determinism()
     data = DATASETS[args.dataset]()

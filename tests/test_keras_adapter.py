@@ -724,3 +724,18 @@ def test_tutorial_command_line(capsys, monkeypatch, deterministic_ops):
         # Same seed, same model and (up to rounding) the same arithmetic: the same predictions, nearly.
         assert abs(ours_accuracy - keras_accuracy) <= 0.05
         assert ours_seconds > 0 and keras_seconds > 0
+
+
+def test_tutorial_help_does_not_start_tensorflow():
+    # (TensorFlow takes seconds to import and prints its log lines before the help)
+    script = ("import sys\n"
+              "from cynorm.__main__ import main\n"
+              "try:\n"
+              "    main(['tutorial', '--help'])\n"
+              "except SystemExit as exit:\n"
+              "    assert exit.code == 0\n"
+              "print('tensorflow' in sys.modules, 'keras' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: cynorm tutorial" in result.stdout
+    assert result.stdout.splitlines()[-1] == "False False"

@@ -1581,6 +1581,9 @@ cdef inline Py_ssize_t samples_per_batch(Py_ssize_t sample_size) noexcept nogil:
 # ---------------------------------------------------------------------------------------------------------
 
 cdef inline void stream_copy(floating* dst, const floating* src, Py_ssize_t n) noexcept nogil:
+    """A piece streamed on its own: the columns view's tiles, whose blocks are assembled on the output's lines
+    (only a tile's two end lines take ordinary stores), and long rows' slabs, which no other piece of the
+    thread's continues.  Rows, which end mid-line, go through the thread's writer (stream_put)."""
     if floating is float:
         cynorm_stream_floats(dst, src, n)
     else:
@@ -1738,10 +1741,11 @@ cdef inline void short_rows_forward(const floating* x, floating* y,   # IN, OUT 
                                     Py_ssize_t groups, Py_ssize_t chans_per_group, Py_ssize_t inner,
                                     const floating* weight, const floating* bias,
                                     double* mean, double* rstd,   # OUT [first_row, first_row + count)
-                                    double eps, bint centered, bint stream) noexcept nogil:
+                                    double eps, bint centered, bint stream,
+                                    cynorm_stream_writer* writer) noexcept nogil:   # the thread's, if `stream`
     """Forward of `count` <= ROW_BLOCK consecutive rows of at most SHORT_ROW values: the statistics of all of
     them at once (block_moments), then each row normalized.  Streamed, the rows are assembled in L1 and stored
-    as one piece, since rows streamed one by one start anywhere in a cache line (see normalize_tile)."""
+    as one piece through `writer`, since rows streamed one by one start anywhere in a cache line."""
     cdef floating lanes[ROW_BLOCK * SHORT_ROW]
     cdef double lane_mean[ROW_BLOCK]
     cdef double lane_m2[ROW_BLOCK]
@@ -1767,7 +1771,7 @@ cdef inline void short_rows_forward(const floating* x, floating* y,   # IN, OUT 
         normalize_values(x + r * length, out + k * length, length, 0, inner, &weight[first_channel],
                          &bias[first_channel], lane_mean[k], lane_rstd[k])
     if stream:
-        stream_copy(y + first_row * length, lanes, count * length)
+        stream_put(writer, y + first_row * length, lanes, count * length)
 
 
 cdef inline double row_moments(const floating* x, Py_ssize_t length, bint centered,
@@ -1962,7 +1966,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef Py_ssize_t writer_stride = whole_lines(sizeof(cynorm_stream_writer))
     cdef char* writers = NULL
     cdef cynorm_stream_writer* writer
-    cdef bint by_rows
+    cdef bint by_rows, chunked
     # float rows of a multiple of 16 values four at a time (see QUAD_FORWARD_ROW)
     cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and groups == 1 and inner == 1
                        and length > SHORT_ROW and length % 16 == 0 and length <= QUAD_FORWARD_ROW
@@ -1970,14 +1974,30 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef int refused
     if n_rows == 0 or length == 0:
         return
+    by_rows = (n_rows % num_threads == 0 or n_rows >= 8 * num_threads
+               or (n_rows > num_threads and length < 8 * CHUNK))
+    chunks = (length + CHUNK - 1) // CHUNK
+    chunked = length > SHORT_ROW and not quads and not by_rows
+    if stream or chunked:
+        open_scratch(&memory, num_threads * writer_stride
+                     + (whole_lines(2 * n_rows * chunks * sizeof(double)) if chunked else 0))
+        # each thread's stream writer, which takes the thread's rows (or pieces of rows) one after the other
+        writers = <char*>scratch_piece(&memory, num_threads * writer_stride, False)
     if length <= SHORT_ROW:
         # (whatever the number of rows: a row's values must not depend on the rows around it)
         with nogil, parallel(num_threads=num_threads):
+            writer = <cynorm_stream_writer*>(writers + threadid() * writer_stride) if stream else NULL
+            if stream:
+                cynorm_stream_writer_open(writer)
             for u in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK, schedule="static"):
                 short_rows_forward(x, y, u * ROW_BLOCK, min(<Py_ssize_t>ROW_BLOCK, n_rows - u * ROW_BLOCK), length,
-                                   groups, chans_per_group, inner, weight, bias, mean, rstd, eps, centered, stream)
+                                   groups, chans_per_group, inner, weight, bias, mean, rstd, eps, centered, stream,
+                                   writer)
             if stream:
+                stream_flush(writer, y)
                 cynorm_store_fence()
+        if stream:
+            free(memory.memory)
         return
     if quads:
         # (the rows the four-row kernel leaves, and those after the last four, one at a time as below)
@@ -1993,15 +2013,9 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                         rstd[k] = inverse_std(m2, length, eps)
                         normalize_row_range(&x[k * length], &y[k * length], 0, length, inner, weight, bias, mean[k],
                                             rstd[k], False, NULL, NULL)
+        if stream:   # (the four-row kernel does not stream: QUAD_STREAMED_ROW)
+            free(memory.memory)
         return
-    by_rows = (n_rows % num_threads == 0 or n_rows >= 8 * num_threads
-               or (n_rows > num_threads and length < 8 * CHUNK))
-    chunks = (length + CHUNK - 1) // CHUNK
-    if stream or not by_rows:
-        open_scratch(&memory, num_threads * writer_stride
-                     + (0 if by_rows else whole_lines(2 * n_rows * chunks * sizeof(double))))
-        # each thread's stream writer, which takes the thread's rows (or pieces of rows) one after the other
-        writers = <char*>scratch_piece(&memory, num_threads * writer_stride, False)
     if by_rows:
         # One row per task: the row stays in cache between its statistics and its normalization.  A few long
         # rows that the threads cannot share evenly go to the chunks below, as rows much larger than L2 lose

@@ -154,6 +154,8 @@ cdef extern from *:
         double pending[CYNORM_LINE_BYTES / sizeof(double)];
     } cynorm_stream_writer;
     static inline void cynorm_stream_writer_open(cynorm_stream_writer* writer) { writer->count = 0; }
+    #define CYNORM_WRITER_BYTES ((Py_ssize_t)((sizeof(cynorm_stream_writer) + CYNORM_LINE_BYTES - 1) \
+                                              / CYNORM_LINE_BYTES * CYNORM_LINE_BYTES))   /* a writer's lines */
     #if defined(__AVX512F__)
     /* vector, mask type, lanes, and the intrinsics' suffix: ps for float, pd for double */
     #define CYNORM_DEFINE_STREAM_WRITER(name, type, vector, mask_type, lanes, sfx)                            \
@@ -970,6 +972,7 @@ cdef extern from *:
     ctypedef struct cynorm_stream_writer:
         pass
     void cynorm_stream_writer_open(cynorm_stream_writer* writer) noexcept nogil
+    Py_ssize_t WRITER_BYTES "CYNORM_WRITER_BYTES"
     void cynorm_stream_writer_floats_put(cynorm_stream_writer* writer, float* dst, const float* src,
                                          Py_ssize_t n) noexcept nogil
     void cynorm_stream_writer_doubles_put(cynorm_stream_writer* writer, double* dst, const double* src,
@@ -1599,6 +1602,13 @@ cdef inline void stream_put(cynorm_stream_writer* writer, floating* dst, const f
         cynorm_stream_writer_doubles_put(writer, dst, src, n)
 
 
+cdef inline cynorm_stream_writer* thread_writer(char* writers, int thread) noexcept nogil:
+    """Thread `thread`'s writer, emptied, among `writers` (WRITER_BYTES each, on lines of their own)."""
+    cdef cynorm_stream_writer* writer = <cynorm_stream_writer*>(writers + thread * WRITER_BYTES)
+    cynorm_stream_writer_open(writer)
+    return writer
+
+
 cdef inline void stream_flush(cynorm_stream_writer* writer, floating* output) noexcept nogil:
     """Writes the values of `output` that the writer holds (where they go, it knows)."""
     if floating is float:
@@ -1963,7 +1973,6 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef double* chunk_stats
     cdef Scratch memory
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
-    cdef Py_ssize_t writer_stride = whole_lines(sizeof(cynorm_stream_writer))
     cdef char* writers = NULL
     cdef cynorm_stream_writer* writer
     cdef bint by_rows, chunked
@@ -1979,16 +1988,14 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     chunks = (length + CHUNK - 1) // CHUNK
     chunked = length > SHORT_ROW and not quads and not by_rows
     if stream or chunked:
-        open_scratch(&memory, num_threads * writer_stride
+        open_scratch(&memory, num_threads * WRITER_BYTES
                      + (whole_lines(2 * n_rows * chunks * sizeof(double)) if chunked else 0))
         # each thread's stream writer, which takes the thread's rows (or pieces of rows) one after the other
-        writers = <char*>scratch_piece(&memory, num_threads * writer_stride, False)
+        writers = <char*>scratch_piece(&memory, num_threads * WRITER_BYTES, False)
     if length <= SHORT_ROW:
         # (whatever the number of rows: a row's values must not depend on the rows around it)
         with nogil, parallel(num_threads=num_threads):
-            writer = <cynorm_stream_writer*>(writers + threadid() * writer_stride) if stream else NULL
-            if stream:
-                cynorm_stream_writer_open(writer)
+            writer = thread_writer(writers, threadid()) if stream else NULL
             for u in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK, schedule="static"):
                 short_rows_forward(x, y, u * ROW_BLOCK, min(<Py_ssize_t>ROW_BLOCK, n_rows - u * ROW_BLOCK), length,
                                    groups, chans_per_group, inner, weight, bias, mean, rstd, eps, centered, stream,
@@ -2021,9 +2028,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
         # rows that the threads cannot share evenly go to the chunks below, as rows much larger than L2 lose
         # nothing there (3 rows of 2**15-2**20 values 1.2-1.7x, 9 of 2**16 1.16x).
         with nogil, parallel(num_threads=num_threads):
-            writer = <cynorm_stream_writer*>(writers + threadid() * writer_stride) if stream else NULL
-            if stream:
-                cynorm_stream_writer_open(writer)
+            writer = thread_writer(writers, threadid()) if stream else NULL
             for r in prange(n_rows, schedule="static"):
                 m2 = row_moments(&x[r * length], length, centered, &mean[r])
                 rstd[r] = inverse_std(m2, length, eps)
@@ -2058,8 +2063,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
             mean[r] = running_mean
             rstd[r] = inverse_std(m2, length, eps)
     with nogil, parallel(num_threads=num_threads):
-        writer = <cynorm_stream_writer*>(writers + threadid() * writer_stride)
-        cynorm_stream_writer_open(writer)
+        writer = thread_writer(writers, threadid())
         for u in prange(n_rows * chunks, schedule="static"):
             r = u // chunks
             start = (u % chunks) * CHUNK
@@ -2901,7 +2905,6 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     # per thread: float running sums of dweight and dbias terms (one element per channel only), on lines of its own
     cdef Py_ssize_t run_stride = whole_lines((2 * length if inner == 1 else 2) * sizeof(floating)) // sizeof(floating)
     # per thread: the writer of its streamed dx, which takes its rows one after the other
-    cdef Py_ssize_t writer_stride = whole_lines(sizeof(cynorm_stream_writer))
     cdef char* writers
     cdef cynorm_stream_writer* writer
     cdef Scratch memory
@@ -2928,15 +2931,14 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     blocks = (n_samples * groups * length + BLOCK_ELEMS - 1) // BLOCK_ELEMS
     blocks = min(n_samples, (blocks + TILE_MULTIPLE - 1) // TILE_MULTIPLE * TILE_MULTIPLE)
     open_scratch(&memory, whole_lines(2 * blocks * channels * sizeof(double))
-                 + num_threads * run_stride * sizeof(floating) + num_threads * writer_stride)
+                 + num_threads * run_stride * sizeof(floating) + num_threads * WRITER_BYTES)
     # (each task clears its own, and the sums over the blocks are shared out after the tasks: one thread did both
     # around the parallel loop, and layer norm backwards ran 1.01-1.03x slower)
     partials = <double*>scratch_piece(&memory, 2 * blocks * channels * sizeof(double), False)
     running = <floating*>scratch_piece(&memory, num_threads * run_stride * sizeof(floating), True)
-    writers = <char*>scratch_piece(&memory, num_threads * writer_stride, False)
+    writers = <char*>scratch_piece(&memory, num_threads * WRITER_BYTES, False)
     with nogil, parallel(num_threads=num_threads):
-        writer = <cynorm_stream_writer*>(writers + threadid() * writer_stride)
-        cynorm_stream_writer_open(writer)
+        writer = thread_writer(writers, threadid())
         for u in prange(blocks * groups, schedule="static"):
             block = u // groups
             g = u % groups

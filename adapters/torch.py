@@ -25,6 +25,7 @@ import logging
 import math
 from typing import List, NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -124,7 +125,12 @@ def _array(tensor):
     return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
 
 
-def _stats_like(input, shape):
+def _stats_like(input, shape, real):
+    """Empty float64 statistics of ``shape`` for ``input``: NumPy's memory as a tensor where the kernels fill
+    them (``real``: 0.6 µs, against 1.1 µs for torch's allocation, and 2.2 µs after a kernel had swept the
+    caches), else torch's, which gives fake tensors (torch.compile, the meta device) fake statistics."""
+    if real:
+        return torch.from_numpy(np.empty(shape))
     return input.new_empty(shape, dtype=torch.float64)
 
 
@@ -166,11 +172,12 @@ def _in_place_layout(dim, num_axes):
     return _TrailingLayout(None, tuple(range(dim - num_axes, dim)), None)
 
 
-def _trailing_norm_stats(input, layout):
-    """Empty float64 statistics of the leading axes' logical shape, their memory in the kernels' order."""
+def _trailing_norm_stats(input, layout, real):
+    """Empty float64 statistics of the leading axes' logical shape, their memory in the kernels' order (``real``
+    as for _stats_like)."""
     if layout.leading is None:
-        return _stats_like(input, input.shape[:input.dim() - len(layout.axes)])
-    return _stats_to_logical(_stats_like(input, [input.shape[axis] for axis in layout.leading]), layout)
+        return _stats_like(input, input.shape[:input.dim() - len(layout.axes)], real)
+    return _stats_to_logical(_stats_like(input, [input.shape[axis] for axis in layout.leading], real), layout)
 
 
 def _stats_to_logical(memory, layout):
@@ -309,8 +316,9 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
     stats_shape = (input.shape[0], num_groups)
     if trusted:
         shape = _memory_shape(input, order)
-        return (output,) + _trusted_forward(_input_in_order(input, order), output, _stats_like(input, stats_shape),
-                                            _stats_like(input, stats_shape), weight, bias, eps,
+        return (output,) + _trusted_forward(_input_in_order(input, order), output,
+                                            _stats_like(input, stats_shape, real=True),
+                                            _stats_like(input, stats_shape, real=True), weight, bias, eps,
                                             _api._group_geometry(shape, axis, num_groups), shape[axis],
                                             centered=True)
     _, *stats = cynorm.group_norm(_in_memory_order(input, order), num_groups, _array(weight), _array(bias),
@@ -336,7 +344,8 @@ def _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted):
 
 def _fake_channel_norm(input, num_groups):
     stats_shape = (input.shape[0], num_groups)
-    return _channel_norm_output(input)[0], _stats_like(input, stats_shape), _stats_like(input, stats_shape)
+    return (_channel_norm_output(input)[0], _stats_like(input, stats_shape, real=False),
+            _stats_like(input, stats_shape, real=False))
 
 
 def _fake_channel_norm_backward(input):
@@ -351,7 +360,8 @@ def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted
     shape = _memory_shape(input, layout.order)
     if trusted:
         mean, rstd = _trusted_forward(_input_in_order(input, layout.order), output,
-                                      _trailing_norm_stats(input, layout), _trailing_norm_stats(input, layout),
+                                      _trailing_norm_stats(input, layout, real=True),
+                                      _trailing_norm_stats(input, layout, real=True),
                                       weight, bias, eps, _api._layer_geometry(shape, layout.axes),
                                       math.prod(normalized_shape), centered)
         return output, mean if centered else None, rstd
@@ -452,8 +462,8 @@ _layer_norm_op = torch.library.custom_op("cynorm::layer_norm", _layer_norm_kerne
 @_layer_norm_op.register_fake
 def _(input, normalized_shape, weight, bias, eps):
     layout = _trailing_layout(input, len(normalized_shape))
-    return (_empty(input, layout.order, cached=False), _trailing_norm_stats(input, layout),
-            _trailing_norm_stats(input, layout))
+    return (_empty(input, layout.order, cached=False), _trailing_norm_stats(input, layout, real=False),
+            _trailing_norm_stats(input, layout, real=False))
 
 
 def _layer_norm_backward_kernels(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
@@ -484,7 +494,7 @@ _rms_norm_op = torch.library.custom_op("cynorm::rms_norm", _rms_norm_kernels, mu
 @_rms_norm_op.register_fake
 def _(input, normalized_shape, weight, eps):
     layout = _trailing_layout(input, len(normalized_shape))
-    return _empty(input, layout.order, cached=False), _trailing_norm_stats(input, layout)
+    return _empty(input, layout.order, cached=False), _trailing_norm_stats(input, layout, real=False)
 
 
 def _rms_norm_backward_kernels(grad_output: Tensor, input: Tensor, rstd: Tensor,

@@ -238,10 +238,14 @@ cdef extern from *:
     static inline float cynorm_mean_rest(double mean, float mean_hi) {
         return (float)cynorm_mean_beyond_float(mean, mean_hi);
     }
-    /* Asks for the lines of [p, p + nbytes) to be brought into L2 (prefetcht1), without waiting for them. */
+    /* Asks for the lines of [p, p + nbytes) to be brought into L2 (prefetcht1), without waiting for them: every
+       line the range touches, so a range that does not start a line (NumPy's large arrays start 16 bytes into
+       one) gets its last line too. */
     static inline void cynorm_prefetch_lines(const void* p, Py_ssize_t nbytes) {
     #if defined(__GNUC__)
-        for (Py_ssize_t i = 0; i < nbytes; i += CYNORM_LINE_BYTES) __builtin_prefetch((const char*)p + i, 0, 2);
+        if (nbytes <= 0) return;
+        const char* line = (const char*)((uintptr_t)p & ~(uintptr_t)(CYNORM_LINE_BYTES - 1));
+        for (; line < (const char*)p + nbytes; line += CYNORM_LINE_BYTES) __builtin_prefetch(line, 0, 2);
     #else
         (void)p; (void)nbytes;
     #endif
@@ -749,6 +753,8 @@ cdef extern from *:
                 cynorm_float_vector mh = cynorm_broadcast_float(mean_hi);
                 cynorm_float_vector ml = cynorm_broadcast_float(cynorm_mean_rest(mean[k], mean_hi));
                 cynorm_float_vector rs = cynorm_broadcast_float((float)rstd[k]);
+                if (next_x)   /* the line of the row's last value, which a row that does not start a line adds */
+                    __builtin_prefetch(next_x + (k + 1) * length - 1, 0, 3);
                 for (Py_ssize_t i = 0; i < length; i += 16) {
                     cynorm_float_vector v = *(const cynorm_float_vector*)(x + k * length + i);
                     if (next_x)   /* (a line for each line written: the memory keeps busy) */

@@ -1059,6 +1059,9 @@ cdef enum:
     # Columns view: samples are processed in batches of about this many elements, small enough that a batch
     # read for its statistics is still in the last-level cache when it is normalized.
     BATCH_ELEMS = 1048576
+    # Columns view, whole samples per thread: odd threads run a sample ahead of even ones from samples of this
+    # many bytes (see columns_forward); L2's size on the development machine.
+    STAGGER_FROM_BYTES = 1048576
     # Rows backward: samples are grouped into blocks of at most about this many elements for dweight/dbias.
     BLOCK_ELEMS = 65536
     # Rows backward with one element per channel (layer/RMS norm): each element's dweight/dbias terms are
@@ -1583,6 +1586,11 @@ cdef inline Py_ssize_t rows_per_tile(Py_ssize_t n_rows, Py_ssize_t n_cols) noexc
 
 cdef inline Py_ssize_t samples_per_batch(Py_ssize_t sample_size) noexcept nogil:
     return max(1, BATCH_ELEMS // max(sample_size, 1))
+
+
+cdef inline Py_ssize_t samples_ahead(Py_ssize_t sample_bytes, Py_ssize_t stagger_from_bytes) noexcept nogil:
+    """How many samples odd threads run ahead of even ones, when each takes whole samples (see columns_forward)."""
+    return 1 if sample_bytes >= stagger_from_bytes else 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -2190,7 +2198,7 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
-    cdef Py_ssize_t batch_index, first, batch_size, u, n, s
+    cdef Py_ssize_t batch_index, first, batch_size, u, n, s, part, part_first, part_end, lead, part_lead
     # a tile's rows are taken `fold` at a time (see WIDE_ROW)
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef Py_ssize_t stats_bytes = 2 * n_samples * tiles * groups * sizeof(double)
@@ -2213,22 +2221,37 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     column_shift = <floating*>scratch_piece(&memory, column_bytes, False)
     scratch = <double*>scratch_piece(&memory, num_threads * scratch_stride * sizeof(double), True)
     if n_samples % num_threads == 0 or n_samples >= 8 * num_threads:
-        # Whole samples per thread, evenly shared, and no waiting on each other: each thread's sample is read
-        # for its statistics, then normalized while it is still in the last-level cache.
+        # Whole samples per thread, a run of consecutive ones each, and no waiting on each other: each sample is
+        # read for its statistics, then normalized while it is still in the last-level cache.  A pass that only
+        # reads and one that mostly writes: in step, the threads would read together, then write together.
+        # Odd threads run a sample ahead instead (read sample n+1, then write sample n), so that one thread's
+        # reads meet the other's writes, when a sample outgrows L2 (smaller ones are normalized from L2, which
+        # the sample read in between would evict).  The order of a sample's sums is unchanged: the same bits.
+        # Channels-last GroupNorm forward A/B, in runs where memory was slow (a copy 2.5x its usual time):
+        # (8,3136,256) 1.03-1.15x, (6,3136,256) 1.06-1.14x, (16,1024,256) 1.12x, (4,8192,256) 1.07-1.08x,
+        # InstanceNorm (8,16384,64) 1.06x; where it was fast, 0.97-1.0x.  Samples of 256 KiB ran 0.96-0.98x.
+        lead = samples_ahead(n_rows * n_cols * sizeof(floating), STAGGER_FROM_BYTES)
         with nogil, parallel(num_threads=num_threads):
-            for n in prange(n_samples, schedule="static"):
-                for u in range(n * tiles, (n + 1) * tiles):
-                    columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, fold, centered, prefetch,
-                                         &scratch[threadid() * scratch_stride], tile_stats)
-                for s in range(n * groups, (n + 1) * groups):
-                    columns_group_constants(tile_stats, s, tiles, tile_rows, n_rows, n_cols, groups,
-                                            cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
-                                            &mean[0], &rstd[0], fold, column_mean_hi, column_scale,
-                                            column_shift)
-                for u in range(n * tiles, (n + 1) * tiles):
-                    columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, fold,
-                                           column_mean_hi, column_scale, column_shift,
-                                           affine_per_row, &weight[0], &bias[0], stream)
+            for part in prange(num_threads, schedule="static", chunksize=1):
+                part_first = n_samples * part // num_threads
+                part_end = n_samples * (part + 1) // num_threads
+                part_lead = lead if part % 2 == 1 else 0
+                for n in range(part_first, part_end + part_lead):
+                    if n < part_end:
+                        for u in range(n * tiles, (n + 1) * tiles):
+                            columns_tile_moments(&x[0], u, tiles, tile_rows, n_rows, n_cols, groups, fold,
+                                                 centered, prefetch, &scratch[threadid() * scratch_stride],
+                                                 tile_stats)
+                        for s in range(n * groups, (n + 1) * groups):
+                            columns_group_constants(tile_stats, s, tiles, tile_rows, n_rows, n_cols, groups,
+                                                    cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
+                                                    &mean[0], &rstd[0], fold, column_mean_hi, column_scale,
+                                                    column_shift)
+                    if n - part_lead >= part_first:
+                        for u in range((n - part_lead) * tiles, (n - part_lead + 1) * tiles):
+                            columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, fold,
+                                                   column_mean_hi, column_scale, column_shift,
+                                                   affine_per_row, &weight[0], &bias[0], stream)
             if stream:
                 cynorm_store_fence()
         free(memory.memory)
@@ -3015,6 +3038,85 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     free(memory.memory)
 
 
+# The steps of the columns-view backward, each on one unit (as columns_forward's): the statistics of group s
+# (group s % groups of sample s // groups), the gradient sums of tile u (tile u % tiles of sample u // tiles),
+# the dx coefficients of sample n, the dx of tile u.
+
+cdef inline void columns_group_statistics(const double* mean,   # IN  (n_samples * groups,), or NULL for zeros
+                                          const double* rstd,   # IN  (n_samples * groups,)
+                                          Py_ssize_t s, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t fold,
+                                          floating* mean_hi, floating* mean_lo,
+                                          floating* column_rstd) noexcept nogil:   # OUT (n_samples, fold * n_cols)
+    """The statistics of group s % groups of sample s // groups, in each of its columns, `fold` times."""
+    cdef Py_ssize_t cols_per_group = n_cols // groups, col, k
+    cdef Py_ssize_t first = (s // groups) * fold * n_cols + (s % groups) * cols_per_group
+    cdef double group_mean = mean[s] if mean != NULL else 0
+    cdef floating hi = <floating>group_mean
+    cdef floating lo = <floating>mean_beyond(group_mean, hi)
+    for k in range(fold):
+        for col in range(first + k * n_cols, first + k * n_cols + cols_per_group):
+            mean_hi[col] = hi
+            mean_lo[col] = lo
+            column_rstd[col] = <floating>rstd[s]
+
+
+cdef inline void columns_tile_gradient_sums(const floating* dy, const floating* x,   # IN (n_samples, n_rows, n_cols)
+                                            Py_ssize_t u, Py_ssize_t tiles, Py_ssize_t tile_rows,
+                                            Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t fold,
+                                            const floating* mean_hi, const floating* mean_lo,
+                                            const floating* column_rstd,   # IN  (n_samples, fold * n_cols)
+                                            bint affine_per_row, const floating* weight,
+                                            bint prefetch,   # ask for the rows ahead, up to the sample's end
+                                            floating* scratch,   # 2 * fold * n_cols
+                                            double* tile_sums,   # OUT [u]: (2, n_cols)
+                                            double* row_sums) noexcept nogil:  # OUT the tile's, if affine_per_row
+    cdef Py_ssize_t n = u // tiles, a0 = (u % tiles) * tile_rows, wide = fold * n_cols
+    cdef Py_ssize_t offset = (n * n_rows + a0) * n_cols
+    columns_gradient_sums(dy + offset, x + offset, min(tile_rows, n_rows - a0), n_cols, fold, mean_hi + n * wide,
+                          mean_lo + n * wide, column_rstd + n * wide, affine_per_row,
+                          weight + a0 if affine_per_row else weight, n_rows - a0 if prefetch else 0, scratch,
+                          tile_sums + 2 * u * n_cols,
+                          row_sums + 2 * n * n_rows + a0 if affine_per_row else row_sums,
+                          row_sums + (2 * n + 1) * n_rows + a0 if affine_per_row else row_sums + 1)
+
+
+cdef inline void columns_sample_coefficients(const double* tile_sums,   # IN  (n_samples, tiles, 2, n_cols)
+                                             Py_ssize_t n, Py_ssize_t tiles, Py_ssize_t n_cols, Py_ssize_t groups,
+                                             Py_ssize_t cols_per_channel, Py_ssize_t group_size,
+                                             const double* rstd, const floating* weight, bint affine_per_row,
+                                             bint centered, Py_ssize_t fold,
+                                             const floating* mean_lo,   # IN  (n_samples, fold * n_cols)
+                                             double* column_sums,       # OUT (n_samples, 2, n_cols), zeroed
+                                             double* channel_sums,      # OUT (n_samples, 2, channels), zeroed
+                                             floating* scale, floating* coef_x,
+                                             floating* coef_0) noexcept nogil:   # OUT (n_samples, fold * n_cols)
+    cdef Py_ssize_t wide = fold * n_cols
+    sample_input_gradient_coefficients(tile_sums + 2 * n * tiles * n_cols, tiles, n_cols, groups, cols_per_channel,
+                                       group_size, rstd + n * groups, weight, mean_lo + n * wide, affine_per_row,
+                                       centered, column_sums + 2 * n * n_cols,
+                                       channel_sums + 2 * n * (n_cols // cols_per_channel), scale + n * wide,
+                                       coef_x + n * wide, coef_0 + n * wide)
+    repeat_columns(scale + n * wide, n_cols, wide)
+    repeat_columns(coef_x + n * wide, n_cols, wide)
+    repeat_columns(coef_0 + n * wide, n_cols, wide)
+
+
+cdef inline void columns_tile_input_gradient(const floating* dy, const floating* x,   # IN  (n_samples, n_rows, n_cols)
+                                             floating* dx,                            # OUT same
+                                             Py_ssize_t u, Py_ssize_t tiles, Py_ssize_t tile_rows,
+                                             Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t fold,
+                                             const floating* mean_hi, const floating* scale,
+                                             const floating* coef_x,
+                                             const floating* coef_0,   # IN  (n_samples, fold * n_cols)
+                                             bint affine_per_row, const floating* weight,
+                                             bint stream) noexcept nogil:
+    cdef Py_ssize_t n = u // tiles, a0 = (u % tiles) * tile_rows, wide = fold * n_cols
+    cdef Py_ssize_t offset = (n * n_rows + a0) * n_cols
+    columns_input_gradient(dy + offset, x + offset, dx + offset, min(tile_rows, n_rows - a0) * n_cols, wide,
+                           mean_hi + n * wide, scale + n * wide, coef_x + n * wide, coef_0 + n * wide, affine_per_row,
+                           weight + a0 if affine_per_row else weight, stream)
+
+
 def backward_columns(size_t dy,        # IN  (n_samples * n_rows * n_cols,)
                      size_t x,         # IN  same
                      size_t mean,      # IN  (n_samples * groups,) float64, or 0 for zeros (not centered)
@@ -3050,7 +3152,7 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t group_size = n_rows * cols_per_group
     cdef Py_ssize_t batch = samples_per_batch(2 * n_rows * n_cols)
-    cdef Py_ssize_t batch_index, first, batch_size, u, n, s, a, col, channel, a0, offset, j
+    cdef Py_ssize_t batch_index, first, batch_size, u, n, a, part, part_first, part_end, lead, part_lead
     # a tile's rows `fold` at a time, as rows of `wide` columns (see WIDE_ROW); the column arrays hold `wide`
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef Py_ssize_t wide = fold * n_cols
@@ -3095,49 +3197,65 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
     column_coef_x = <floating*>scratch_piece(&memory, column_bytes, False)
     column_coef_0 = <floating*>scratch_piece(&memory, column_bytes, False)
     scratch = <floating*>scratch_piece(&memory, num_threads * scratch_stride * sizeof(floating), True)
-    with nogil, parallel(num_threads=num_threads):
-        for batch_index in range((n_samples + batch - 1) // batch):
-            first = batch_index * batch
-            batch_size = min(batch, n_samples - first)
-            for u in prange(first * wide, (first + batch_size) * wide, schedule="static"):
-                n = u // wide
-                j = u % wide
-                s = n * groups + (j % n_cols) // cols_per_group
-                column_mean_hi[n * wide + j] = <floating>(mean[s] if mean != NULL else 0)
-                column_mean_lo[n * wide + j] = <floating>mean_beyond(mean[s] if mean != NULL else 0,
-                                                                     column_mean_hi[n * wide + j])
-                column_rstd[n * wide + j] = <floating>rstd[s]
-            for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
-                n = u // tiles
-                a0 = (u % tiles) * tile_rows
-                offset = (n * n_rows + a0) * n_cols
-                columns_gradient_sums(&dy[offset], &x[offset], min(tile_rows, n_rows - a0), n_cols, fold,
-                                      &column_mean_hi[n * wide], &column_mean_lo[n * wide], &column_rstd[n * wide],
-                                      affine_per_row, &weight[a0] if affine_per_row else &weight[0],
-                                      n_rows - a0 if prefetch else 0, &scratch[threadid() * scratch_stride],
-                                      &tile_sums[2 * u * n_cols],
-                                      &row_sums[2 * n * n_rows + a0] if affine_per_row else &row_sums[0],
-                                      &row_sums[(2 * n + 1) * n_rows + a0] if affine_per_row else &row_sums[1])
-            for n in prange(first, first + batch_size, schedule="static"):
-                sample_input_gradient_coefficients(
-                    &tile_sums[2 * n * tiles * n_cols], tiles, n_cols, groups, cols_per_channel, group_size,
-                    &rstd[n * groups], &weight[0], &column_mean_lo[n * wide], affine_per_row, centered,
-                    &column_sums[2 * n * n_cols],
-                    &channel_sums[2 * n * channels], &column_scale[n * wide], &column_coef_x[n * wide],
-                    &column_coef_0[n * wide])
-                repeat_columns(&column_scale[n * wide], n_cols, wide)
-                repeat_columns(&column_coef_x[n * wide], n_cols, wide)
-                repeat_columns(&column_coef_0[n * wide], n_cols, wide)
-            for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
-                n = u // tiles
-                a0 = (u % tiles) * tile_rows
-                offset = (n * n_rows + a0) * n_cols
-                columns_input_gradient(&dy[offset], &x[offset], &dx[offset], min(tile_rows, n_rows - a0) * n_cols, wide,
-                                       &column_mean_hi[n * wide], &column_scale[n * wide], &column_coef_x[n * wide],
-                                       &column_coef_0[n * wide], affine_per_row,
-                                       &weight[a0] if affine_per_row else &weight[0], stream)
-        if stream:
-            cynorm_store_fence()
+    if n_samples % num_threads == 0 or n_samples >= 8 * num_threads:
+        # Whole samples per thread, as in columns_forward (odd threads a sample ahead from samples of dy and x
+        # of STAGGER_FROM_BYTES): each sample's dy and x are read for its sums, then for its dx while they are
+        # still in cache, with no waiting between threads.  The sums of a sample are the same, in the same
+        # order: the same bits.  Channels-last GroupNorm backward A/B, against every thread on each step of a
+        # batch: (128,64,128) 1.14-1.27x, (32,676,10) 1.12-1.15x, (32,256,256) 1.06-1.25x, (16,1024,256)
+        # 1.04-1.10x, (8,3136,256) 1.02-1.14x; InstanceNorm (8,16384,64) 0.96-1.05x.  On (8,3136,256) the
+        # sample ahead gained 1.08-1.10x where memory was fast and lost 5-11 % where it was slow.
+        lead = samples_ahead(2 * n_rows * n_cols * sizeof(floating), STAGGER_FROM_BYTES)
+        with nogil, parallel(num_threads=num_threads):
+            for part in prange(num_threads, schedule="static", chunksize=1):
+                part_first = n_samples * part // num_threads
+                part_end = n_samples * (part + 1) // num_threads
+                part_lead = lead if part % 2 == 1 else 0
+                for n in range(part_first, part_end + part_lead):
+                    if n < part_end:
+                        for u in range(n * groups, (n + 1) * groups):
+                            columns_group_statistics(mean, rstd, u, n_cols, groups, fold, column_mean_hi,
+                                                     column_mean_lo, column_rstd)
+                        for u in range(n * tiles, (n + 1) * tiles):
+                            columns_tile_gradient_sums(dy, x, u, tiles, tile_rows, n_rows, n_cols, fold,
+                                                       column_mean_hi, column_mean_lo, column_rstd, affine_per_row,
+                                                       weight, prefetch, &scratch[threadid() * scratch_stride],
+                                                       tile_sums, row_sums)
+                        columns_sample_coefficients(tile_sums, n, tiles, n_cols, groups, cols_per_channel,
+                                                    group_size, rstd, weight, affine_per_row, centered, fold,
+                                                    column_mean_lo, column_sums, channel_sums, column_scale,
+                                                    column_coef_x, column_coef_0)
+                    if n - part_lead >= part_first:
+                        for u in range((n - part_lead) * tiles, (n - part_lead + 1) * tiles):
+                            columns_tile_input_gradient(dy, x, dx, u, tiles, tile_rows, n_rows, n_cols, fold,
+                                                        column_mean_hi, column_scale, column_coef_x, column_coef_0,
+                                                        affine_per_row, weight, stream)
+            if stream:
+                cynorm_store_fence()
+    else:
+        with nogil, parallel(num_threads=num_threads):
+            # A batch of samples at a time, every thread on each step of it (see columns_forward)
+            for batch_index in range((n_samples + batch - 1) // batch):
+                first = batch_index * batch
+                batch_size = min(batch, n_samples - first)
+                for u in prange(first * groups, (first + batch_size) * groups, schedule="static"):
+                    columns_group_statistics(mean, rstd, u, n_cols, groups, fold, column_mean_hi, column_mean_lo,
+                                             column_rstd)
+                for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
+                    columns_tile_gradient_sums(dy, x, u, tiles, tile_rows, n_rows, n_cols, fold, column_mean_hi,
+                                               column_mean_lo, column_rstd, affine_per_row, weight, prefetch,
+                                               &scratch[threadid() * scratch_stride], tile_sums, row_sums)
+                for n in prange(first, first + batch_size, schedule="static"):
+                    columns_sample_coefficients(tile_sums, n, tiles, n_cols, groups, cols_per_channel, group_size,
+                                                rstd, weight, affine_per_row, centered, fold, column_mean_lo,
+                                                column_sums, channel_sums, column_scale, column_coef_x,
+                                                column_coef_0)
+                for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
+                    columns_tile_input_gradient(dy, x, dx, u, tiles, tile_rows, n_rows, n_cols, fold,
+                                                column_mean_hi, column_scale, column_coef_x, column_coef_0,
+                                                affine_per_row, weight, stream)
+            if stream:
+                cynorm_store_fence()
     with nogil:
         # parameter gradients: samples summed in order
         for a in range(n_params):

@@ -27,6 +27,8 @@ THREADED_CASES = (
     NormCase("layer", (6001, 20), -1),  # short rows, 16 at a time, and a partial block
     NormCase("rms", (3001, 50), -1),
     NormCase("group", (3001, 32, 1), 1, 8),
+    # channels-last samples of over 1 MiB, two or more per thread: odd threads run a sample ahead
+    NormCase("group", (6, 64, 64, 72), -1, 8),
 ) + SPLIT_CASES + NARROW_COLUMN_CASES
 
 

@@ -3207,7 +3207,7 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
         # still in cache, with no waiting between threads.  The sums of a sample are the same, in the same
         # order: the same bits.  Channels-last GroupNorm backward A/B, against every thread on each step of a
         # batch: (128,64,128) 1.14-1.27x, (32,676,10) 1.12-1.15x, (32,256,256) 1.06-1.25x, (16,1024,256)
-        # 1.04-1.10x, (8,3136,256) 1.02-1.14x; InstanceNorm (8,16384,64) 0.96-1.05x.  On (8,3136,256) the
+        # 1.04-1.10x, (8,3136,256) 1.01-1.14x; InstanceNorm (8,16384,64) 0.96-1.05x.  On (8,3136,256) the
         # sample ahead gained 1.08-1.10x where memory was fast and lost 5-11 % where it was slow.
         lead = samples_ahead(2 * n_rows * n_cols * sizeof(floating), STAGGER_FROM_BYTES)
         with nogil, parallel(num_threads=num_threads):

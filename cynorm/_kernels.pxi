@@ -1064,7 +1064,7 @@ cdef enum:
     # read for its statistics is still in the last-level cache when it is normalized.
     BATCH_ELEMS = 1048576
     # Columns view, whole samples per thread: odd threads run a sample ahead of even ones from samples of this
-    # many bytes (see columns_forward); L2's size on the development machine.
+    # many bytes (see samples_ahead); L2's size on the development machine.
     STAGGER_FROM_BYTES = 1048576
     # Rows backward: samples are grouped into blocks of at most about this many elements for dweight/dbias.
     BLOCK_ELEMS = 65536
@@ -1592,9 +1592,15 @@ cdef inline Py_ssize_t samples_per_batch(Py_ssize_t sample_size) noexcept nogil:
     return max(1, BATCH_ELEMS // max(sample_size, 1))
 
 
-cdef inline Py_ssize_t samples_ahead(Py_ssize_t sample_bytes, Py_ssize_t stagger_from_bytes) noexcept nogil:
-    """How many samples odd threads run ahead of even ones, when each takes whole samples (see columns_forward)."""
-    return 1 if sample_bytes >= stagger_from_bytes else 0
+cdef inline Py_ssize_t first_sample_of(Py_ssize_t part, Py_ssize_t n_samples, Py_ssize_t parts) noexcept nogil:
+    """The first of the consecutive samples of part `part` of `parts` (a thread's, see columns_forward)."""
+    return n_samples * part // parts
+
+
+cdef inline Py_ssize_t samples_ahead(Py_ssize_t part, Py_ssize_t sample_bytes) noexcept nogil:
+    """How many samples part `part` reads ahead of those it writes: one in odd parts once a sample (the arrays a
+    pass reads of it) outgrows STAGGER_FROM_BYTES, else none (see columns_forward)."""
+    return 1 if part % 2 == 1 and sample_bytes >= STAGGER_FROM_BYTES else 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -2202,7 +2208,7 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     cdef Py_ssize_t tile_rows = rows_per_tile(n_rows, n_cols)
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
-    cdef Py_ssize_t batch_index, first, batch_size, u, n, s, part, part_first, part_end, lead, part_lead
+    cdef Py_ssize_t batch_index, first, batch_size, u, n, s, part, part_first, part_end, part_lead
     # a tile's rows are taken `fold` at a time (see WIDE_ROW)
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef Py_ssize_t stats_bytes = 2 * n_samples * tiles * groups * sizeof(double)
@@ -2233,13 +2239,12 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
         # the sample read in between would evict).  The order of a sample's sums is unchanged: the same bits.
         # Channels-last GroupNorm forward A/B, in runs where memory was slow (a copy 2.5x its usual time):
         # (8,3136,256) 1.03-1.15x, (6,3136,256) 1.06-1.14x, (16,1024,256) 1.12x, (4,8192,256) 1.07-1.08x,
-        # InstanceNorm (8,16384,64) 1.06x; where it was fast, 0.97-1.0x.  Samples of 256 KiB ran 0.96-0.98x.
-        lead = samples_ahead(n_rows * n_cols * sizeof(floating), STAGGER_FROM_BYTES)
+        # InstanceNorm (8,16384,64) 1.06x; where it was fast, 0.98-1.0x.  Samples of 256 KiB ran 0.96-0.98x.
         with nogil, parallel(num_threads=num_threads):
             for part in prange(num_threads, schedule="static", chunksize=1):
-                part_first = n_samples * part // num_threads
-                part_end = n_samples * (part + 1) // num_threads
-                part_lead = lead if part % 2 == 1 else 0
+                part_first = first_sample_of(part, n_samples, num_threads)
+                part_end = first_sample_of(part + 1, n_samples, num_threads)
+                part_lead = samples_ahead(part, n_rows * n_cols * sizeof(floating))
                 for n in range(part_first, part_end + part_lead):
                     if n < part_end:
                         for u in range(n * tiles, (n + 1) * tiles):
@@ -3156,7 +3161,7 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t group_size = n_rows * cols_per_group
     cdef Py_ssize_t batch = samples_per_batch(2 * n_rows * n_cols)
-    cdef Py_ssize_t batch_index, first, batch_size, u, n, a, part, part_first, part_end, lead, part_lead
+    cdef Py_ssize_t batch_index, first, batch_size, u, n, a, part, part_first, part_end, part_lead
     # a tile's rows `fold` at a time, as rows of `wide` columns (see WIDE_ROW); the column arrays hold `wide`
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef Py_ssize_t wide = fold * n_cols
@@ -3209,12 +3214,11 @@ cdef void columns_backward(const floating* dy, const floating* x, const double* 
         # batch: (128,64,128) 1.14-1.27x, (32,676,10) 1.12-1.15x, (32,256,256) 1.06-1.25x, (16,1024,256)
         # 1.04-1.10x, (8,3136,256) 1.01-1.14x; InstanceNorm (8,16384,64) 0.96-1.05x.  On (8,3136,256) the
         # sample ahead gained 1.08-1.10x where memory was fast and lost 5-11 % where it was slow.
-        lead = samples_ahead(2 * n_rows * n_cols * sizeof(floating), STAGGER_FROM_BYTES)
         with nogil, parallel(num_threads=num_threads):
             for part in prange(num_threads, schedule="static", chunksize=1):
-                part_first = n_samples * part // num_threads
-                part_end = n_samples * (part + 1) // num_threads
-                part_lead = lead if part % 2 == 1 else 0
+                part_first = first_sample_of(part, n_samples, num_threads)
+                part_end = first_sample_of(part + 1, n_samples, num_threads)
+                part_lead = samples_ahead(part, 2 * n_rows * n_cols * sizeof(floating))
                 for n in range(part_first, part_end + part_lead):
                     if n < part_end:
                         for u in range(n * groups, (n + 1) * groups):

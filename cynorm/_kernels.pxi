@@ -538,6 +538,42 @@ cdef extern from *:
             *(cynorm_float_vector*)(dbias_run + i) = tb;
         }
     }
+    /* Rows backward, one element per channel, a float row of a multiple of 16 values: its dx and its terms of
+       dweight and dbias, added into the running sums, in one pass, with the operations of input_gradient_values
+       and add_row_range_terms (the same bits).  dx is written with streaming stores if `stream` (it then starts
+       a line).  The lines of next_dy and next_x (NULL: none), a row the thread takes later, are asked for
+       along the way.  backward_row had computed dx 256 values at a time into a buffer, copied it out through
+       the thread's stream writer, and added the terms in a loop of its own: layer norm backward (4096,768) with
+       a 64-byte aligned dx ran 1.43-1.48x faster this way, (4096,1024) 1.43x, (2048,2048) 1.24x. */
+    static inline void cynorm_row_input_gradient_float(
+            const float* dy, const float* x, float* dx, Py_ssize_t length, const float* weight,
+            float rs, float mean_hi, float mean_lo, float coef_x, float coef_0,
+            float* dweight_run, float* dbias_run, int stream, const float* next_dy, const float* next_x) {
+        const cynorm_float_vector r = cynorm_broadcast_float(rs), mh = cynorm_broadcast_float(mean_hi);
+        const cynorm_float_vector ml = cynorm_broadcast_float(mean_lo), cx = cynorm_broadcast_float(coef_x);
+        const cynorm_float_vector c0 = cynorm_broadcast_float(coef_0);
+        for (Py_ssize_t i = 0; i < length; i += 16) {
+            if (next_x) {
+                __builtin_prefetch(next_dy + i, 0, 2);
+                __builtin_prefetch(next_x + i, 0, 2);
+            }
+            cynorm_float_vector w = *(const cynorm_float_vector*)(weight + i);
+            cynorm_float_vector g = *(const cynorm_float_vector*)(dy + i);
+            cynorm_float_vector v = *(const cynorm_float_vector*)(x + i);
+            cynorm_float_vector value = (((r * w) * g) + (cx * (v - mh))) + c0;
+            if (stream)
+                _mm512_stream_ps(dx + i, (__m512)value);
+            else
+                *(cynorm_float_vector*)(dx + i) = value;
+            *(cynorm_float_vector*)(dweight_run + i) = *(cynorm_float_vector*)(dweight_run + i)
+                                                       + g * (((v - mh) - ml) * r);
+            *(cynorm_float_vector*)(dbias_run + i) = *(cynorm_float_vector*)(dbias_run + i) + g;
+        }
+        if (next_x) {   /* (the last line, where the rows do not start lines) */
+            cynorm_prefetch_lines(next_dy + length - 1, 1);
+            cynorm_prefetch_lines(next_x + length - 1, 1);
+        }
+    }
     /* Rows backward, several elements per channel (channels-first group and instance norm): the gradient sums
        of four channels of `inner` < CHUNK values each, `stride` values from each other, each with its row's
        mean and rstd in float parts (mean_hi, mean_lo, rs), as gradient_sums computes them without a weight: the
@@ -841,6 +877,13 @@ cdef extern from *:
     }
     #else
     #define CYNORM_HAVE_ROW_QUADS 0
+    static inline void cynorm_row_input_gradient_float(
+            const float* dy, const float* x, float* dx, Py_ssize_t length, const float* weight,
+            float rs, float mean_hi, float mean_lo, float coef_x, float coef_0,
+            float* dweight_run, float* dbias_run, int stream, const float* next_dy, const float* next_x) {
+        (void)dy; (void)x; (void)dx; (void)length; (void)weight; (void)rs; (void)mean_hi; (void)mean_lo;
+        (void)coef_x; (void)coef_0; (void)dweight_run; (void)dbias_run; (void)stream; (void)next_dy; (void)next_x;
+    }
     static inline void cynorm_rows4_backward_float(const float* dy, const float* x, float* dx,
             Py_ssize_t row_stride, Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
             Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run, int stream) {
@@ -1025,6 +1068,10 @@ cdef extern from *:
                                      Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
                                      Py_ssize_t stat_stride, bint centered, float* dweight_run,
                                      float* dbias_run, bint stream) noexcept nogil
+    void cynorm_row_input_gradient_float(const float* dy, const float* x, float* dx, Py_ssize_t length,
+                                         const float* weight, float rs, float mean_hi, float mean_lo, float coef_x,
+                                         float coef_0, float* dweight_run, float* dbias_run, bint stream,
+                                         const float* next_dy, const float* next_x) noexcept nogil
     int CYNORM_LINE_BYTES
     bint cynorm_has_untouched_pages(size_t address, size_t nbytes) noexcept nogil
     void cynorm_advise_huge_pages(size_t address, size_t nbytes) noexcept nogil
@@ -2554,6 +2601,13 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
     input_gradient_coefficients(sum_g, sum_g_xhat, length, mean, rstd, centered, coefs)
     coef_x = coefs[0]
     coef_0 = coefs[1]
+    # (a float row of whole vectors in one loop, dx streamed straight where it starts a line, see
+    # cynorm_row_input_gradient_float; where it does not, the blocks below carry partial lines from row to row)
+    if (floating is float and CYNORM_HAVE_ROW_QUADS and inner == 1 and terms_weight != NULL and length % 16 == 0
+            and (not stream or (<size_t>dx) % CYNORM_LINE_BYTES == 0)):
+        cynorm_row_input_gradient_float(dy, x, dx, length, weight, rs, mean_hi, mean_lo, coef_x, coef_0,
+                                        terms_weight, terms_bias, stream, next_dy, next_x)
+        return
     if not stream and next_x == NULL:
         input_gradient_values(dy, x, dx, length, 0, inner, weight, rstd, mean_hi, coef_x, coef_0)
         if terms_weight != NULL:

@@ -20,7 +20,7 @@ _GUARD = 0xA5
 
 
 def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
-    """Forward and backward of thirteen rows cases and a columns case, with adversarial data, as raw kernel
+    """Forward and backward of fifteen rows cases and a columns case, with adversarial data, as raw kernel
     calls; `stream`: the forward and the backward write their outputs with streaming stores and prefetch their
     input (the kernels' paths for arrays that outgrow the cache); `output_phase`: where the outputs y and dx start
     in a cache line (kernels stream lines straight where the output starts one, the lines at either end of a
@@ -57,9 +57,11 @@ def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
     # over.  Among the rows of 256, two whose first 32 values are far from the rest (the forward's centre is
     # refused) and one whose float squares overflow: those the four-row kernel leaves to the row path.  And
     # rows of 16, whose backward those builds take sixteen at a time, centered and not, in 1 and 2 groups (each
-    # of the backward's 4 blocks of samples has a full sixteen and some left).
+    # of the backward's 4 blocks of samples has a full sixteen and some left).  Rows of 528 values, centered and
+    # not: a row at a time, dx and the parameter terms in one pass (cynorm_row_input_gradient_float).
     for rows, groups, length, centered in ((45, 1, 48, True), (23, 1, 80, True), (13, 1, 256, True),
-                                           (22, 2, 96, False), (70, 1, 16, True), (70, 2, 16, False)):
+                                           (22, 2, 96, False), (70, 1, 16, True), (70, 2, 16, False),
+                                           (9, 1, 528, True), (6, 2, 528, False)):
         x = (-3e3 + rng.standard_normal(rows * groups * length)).astype(dtype)
         if length == 256:
             x[5 * length:5 * length + 32] += 1e3

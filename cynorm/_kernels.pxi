@@ -540,35 +540,78 @@ cdef extern from *:
     }
     /* Rows backward, one element per channel, a float row of a multiple of 16 values: its dx and its terms of
        dweight and dbias, added into the running sums, in one pass, with the operations of input_gradient_values
-       and add_row_range_terms (the same bits).  dx is written with streaming stores if `stream` (it then starts
-       a line).  The lines of next_dy and next_x (NULL: none), a row the thread takes later, are asked for
-       along the way.  backward_row had computed dx 256 values at a time into a buffer, copied it out through
-       the thread's stream writer, and added the terms in a loop of its own: layer norm backward (4096,768) with
-       a 64-byte aligned dx ran 1.43-1.48x faster this way, (4096,1024) 1.43x, (2048,2048) 1.24x. */
+       and add_row_range_terms (the same bits).  With `stream`, dx is written a line at a time with streaming
+       stores: where the rows do not start lines, each line joins the end of one vector of values to the start
+       of the next, and the values the row leaves in its last line wait in the thread's writer for its next row
+       (see cynorm_stream_writer).  The lines of next_dy and next_x (NULL: none), a row the thread takes later,
+       are asked for along the way.  backward_row had computed dx 256 values at a time into a buffer, copied it
+       out through the writer, and added the terms in a loop of their own: layer norm backward (4096,768) with
+       a 64-byte aligned dx ran 1.43-1.48x faster this way, (4096,1024) 1.43x, (2048,2048) 1.24x; with every
+       array 16 bytes into a line, 1.17x, (16384,256) 1.38x. */
+    static inline __attribute__((always_inline)) __m512 cynorm_input_gradient_vector_float(
+            const float* dy, const float* x, const float* weight, float* dweight_run, float* dbias_run,
+            const float* next_dy, const float* next_x, cynorm_float_vector r, cynorm_float_vector mh,
+            cynorm_float_vector ml, cynorm_float_vector cx, cynorm_float_vector c0) {
+        if (next_x) {
+            __builtin_prefetch(next_dy, 0, 2);
+            __builtin_prefetch(next_x, 0, 2);
+        }
+        cynorm_float_vector w = *(const cynorm_float_vector*)weight;
+        cynorm_float_vector g = *(const cynorm_float_vector*)dy;
+        cynorm_float_vector v = *(const cynorm_float_vector*)x;
+        *(cynorm_float_vector*)dweight_run = *(cynorm_float_vector*)dweight_run + g * (((v - mh) - ml) * r);
+        *(cynorm_float_vector*)dbias_run = *(cynorm_float_vector*)dbias_run + g;
+        return (__m512)((((r * w) * g) + (cx * (v - mh))) + c0);
+    }
     static inline void cynorm_row_input_gradient_float(
             const float* dy, const float* x, float* dx, Py_ssize_t length, const float* weight,
             float rs, float mean_hi, float mean_lo, float coef_x, float coef_0,
-            float* dweight_run, float* dbias_run, int stream, const float* next_dy, const float* next_x) {
+            float* dweight_run, float* dbias_run, int stream, cynorm_stream_writer* writer,
+            const float* next_dy, const float* next_x) {
         const cynorm_float_vector r = cynorm_broadcast_float(rs), mh = cynorm_broadcast_float(mean_hi);
         const cynorm_float_vector ml = cynorm_broadcast_float(mean_lo), cx = cynorm_broadcast_float(coef_x);
         const cynorm_float_vector c0 = cynorm_broadcast_float(coef_0);
-        for (Py_ssize_t i = 0; i < length; i += 16) {
-            if (next_x) {
-                __builtin_prefetch(next_dy + i, 0, 2);
-                __builtin_prefetch(next_x + i, 0, 2);
+        /* dx's values before its first line boundary, and the lanes that pick a line out of two vectors */
+        const int past = stream ? (int)cynorm_values_past_line(dx, sizeof(float)) : 0;
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __m512i joined = _mm512_add_epi32(lane, _mm512_set1_epi32(16 - past));   /* a's last `past`, b */
+        const __mmask16 before = (__mmask16)((1u << past) - 1);
+        __m512 value, previous;
+        Py_ssize_t i;
+        #define CYNORM_NEXT_VALUE(i)                                                                           \
+            cynorm_input_gradient_vector_float(dy + (i), x + (i), weight + (i), dweight_run + (i),             \
+                                               dbias_run + (i), next_x ? next_dy + (i) : NULL,                  \
+                                               next_x ? next_x + (i) : NULL,                                    \
+                                               r, mh, ml, cx, c0)
+        if (!stream) {
+            for (i = 0; i < length; i += 16)
+                _mm512_storeu_ps(dx + i, CYNORM_NEXT_VALUE(i));
+        } else if (!past) {
+            for (i = 0; i < length; i += 16)
+                _mm512_stream_ps(dx + i, CYNORM_NEXT_VALUE(i));
+        } else {
+            previous = CYNORM_NEXT_VALUE(0);
+            if (writer->count && (float*)writer->dst + writer->count == dx) {
+                /* the line the thread's previous row left unfinished: its values, then this row's */
+                _mm512_stream_ps(dx - past, _mm512_permutex2var_ps(_mm512_loadu_ps((const float*)writer->pending),
+                                                                   _mm512_mask_blend_epi32(before, joined, lane),
+                                                                   previous));
+                writer->count = 0;
+            } else {   /* the first line of a run, shared with values that are not the thread's: ordinary stores */
+                cynorm_stream_writer_floats_flush(writer);
+                _mm512_mask_storeu_ps(dx - past, (__mmask16)~before, _mm512_permutexvar_ps(joined, previous));
             }
-            cynorm_float_vector w = *(const cynorm_float_vector*)(weight + i);
-            cynorm_float_vector g = *(const cynorm_float_vector*)(dy + i);
-            cynorm_float_vector v = *(const cynorm_float_vector*)(x + i);
-            cynorm_float_vector value = (((r * w) * g) + (cx * (v - mh))) + c0;
-            if (stream)
-                _mm512_stream_ps(dx + i, (__m512)value);
-            else
-                *(cynorm_float_vector*)(dx + i) = value;
-            *(cynorm_float_vector*)(dweight_run + i) = *(cynorm_float_vector*)(dweight_run + i)
-                                                       + g * (((v - mh) - ml) * r);
-            *(cynorm_float_vector*)(dbias_run + i) = *(cynorm_float_vector*)(dbias_run + i) + g;
+            for (i = 16; i < length; i += 16) {
+                value = CYNORM_NEXT_VALUE(i);
+                _mm512_stream_ps(dx + i - past, _mm512_permutex2var_ps(previous, joined, value));
+                previous = value;
+            }
+            /* the row's last values wait in the writer for the rest of their line */
+            writer->dst = (char*)(dx + length - past);
+            writer->count = past;
+            _mm512_storeu_ps((float*)writer->pending, _mm512_permutexvar_ps(joined, previous));
         }
+        #undef CYNORM_NEXT_VALUE
         if (next_x) {   /* (the last line, where the rows do not start lines) */
             cynorm_prefetch_lines(next_dy + length - 1, 1);
             cynorm_prefetch_lines(next_x + length - 1, 1);
@@ -880,9 +923,11 @@ cdef extern from *:
     static inline void cynorm_row_input_gradient_float(
             const float* dy, const float* x, float* dx, Py_ssize_t length, const float* weight,
             float rs, float mean_hi, float mean_lo, float coef_x, float coef_0,
-            float* dweight_run, float* dbias_run, int stream, const float* next_dy, const float* next_x) {
+            float* dweight_run, float* dbias_run, int stream, cynorm_stream_writer* writer,
+            const float* next_dy, const float* next_x) {
         (void)dy; (void)x; (void)dx; (void)length; (void)weight; (void)rs; (void)mean_hi; (void)mean_lo;
-        (void)coef_x; (void)coef_0; (void)dweight_run; (void)dbias_run; (void)stream; (void)next_dy; (void)next_x;
+        (void)coef_x; (void)coef_0; (void)dweight_run; (void)dbias_run; (void)stream; (void)writer; (void)next_dy;
+        (void)next_x;
     }
     static inline void cynorm_rows4_backward_float(const float* dy, const float* x, float* dx,
             Py_ssize_t row_stride, Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
@@ -1071,7 +1116,8 @@ cdef extern from *:
     void cynorm_row_input_gradient_float(const float* dy, const float* x, float* dx, Py_ssize_t length,
                                          const float* weight, float rs, float mean_hi, float mean_lo, float coef_x,
                                          float coef_0, float* dweight_run, float* dbias_run, bint stream,
-                                         const float* next_dy, const float* next_x) noexcept nogil
+                                         cynorm_stream_writer* writer, const float* next_dy,
+                                         const float* next_x) noexcept nogil
     int CYNORM_LINE_BYTES
     bint cynorm_has_untouched_pages(size_t address, size_t nbytes) noexcept nogil
     void cynorm_advise_huge_pages(size_t address, size_t nbytes) noexcept nogil
@@ -2601,12 +2647,11 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
     input_gradient_coefficients(sum_g, sum_g_xhat, length, mean, rstd, centered, coefs)
     coef_x = coefs[0]
     coef_0 = coefs[1]
-    # (a float row of whole vectors in one loop, dx streamed straight where it starts a line, see
-    # cynorm_row_input_gradient_float; where it does not, the blocks below carry partial lines from row to row)
+    # (a float row of whole vectors in one loop: see cynorm_row_input_gradient_float)
     if (floating is float and CYNORM_HAVE_ROW_QUADS and inner == 1 and terms_weight != NULL and length % 16 == 0
-            and (not stream or (<size_t>dx) % CYNORM_LINE_BYTES == 0)):
+            and (<size_t>dx) % sizeof(float) == 0):
         cynorm_row_input_gradient_float(dy, x, dx, length, weight, rs, mean_hi, mean_lo, coef_x, coef_0,
-                                        terms_weight, terms_bias, stream, next_dy, next_x)
+                                        terms_weight, terms_bias, stream, writer, next_dy, next_x)
         return
     if not stream and next_x == NULL:
         input_gradient_values(dy, x, dx, length, 0, inner, weight, rstd, mean_hi, coef_x, coef_0)

@@ -545,9 +545,10 @@ cdef extern from *:
        of the next, and the values the row leaves in its last line wait in the thread's writer for its next row
        (see cynorm_stream_writer).  The lines of next_dy and next_x (NULL: none), a row the thread takes later,
        are asked for along the way.  backward_row had computed dx 256 values at a time into a buffer, copied it
-       out through the writer, and added the terms in a loop of their own: layer norm backward (4096,768) with
-       a 64-byte aligned dx ran 1.43-1.48x faster this way, (4096,1024) 1.43x, (2048,2048) 1.24x; with every
-       array 16 bytes into a line, 1.17x, (16384,256) 1.38x. */
+       out through the writer, and added the terms in a loop of their own: with dy and x in L3, layer norm
+       backward (4096,768) with a 64-byte aligned dx ran 1.43-1.48x faster this way, (4096,1024) 1.43x,
+       (2048,2048) 1.24x; with every array 16 bytes into a line, 1.17x, (16384,256) 1.38x; from memory,
+       1.06-1.12x. */
     static inline __attribute__((always_inline)) __m512 cynorm_input_gradient_vector_float(
             const float* dy, const float* x, const float* weight, float* dweight_run, float* dbias_run,
             const float* next_dy, const float* next_x, cynorm_float_vector r, cynorm_float_vector mh,

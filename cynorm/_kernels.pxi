@@ -453,15 +453,15 @@ cdef extern from *:
             rs[k] = (float)rstd[k * stride];
         }
     }
-    static inline void cynorm_rows4_backward_float(
-            const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
+    /* Four rows' statistics in float parts and their dx coefficients (see cynorm_rows4_backward_float) */
+    static inline __attribute__((always_inline)) void cynorm_rows4_coefficients_float(
+            const float* dy, const float* x,                    /* rows k at k * row_stride */
             Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
             const double* mean, const double* rstd,            /* rows k at k * stat_stride; mean NULL: zeros */
-            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run,
-            int stream) {                                       /* dx with streaming stores, a line each */
+            Py_ssize_t stat_stride, int centered,
+            float mean_hi[4], float mean_lo[4], float rs_f[4], float coef_x_f[4], float coef_0_f[4]) {  /* OUT */
         const Py_ssize_t body = length - length % 32;           /* summed in 32 lanes, the 16 left in 8 */
         cynorm_float_vector mh[4], ml[4], rs[4], s1[4][2], s2[4][2], tail_g[2], tail_gx[2];
-        float mean_hi[4], mean_lo[4], rs_f[4];
         cynorm_four_row_statistics(mean, rstd, stat_stride, mean_hi, mean_lo, rs_f);
         for (int k = 0; k < 4; k++) {
             mh[k] = cynorm_broadcast_float(mean_hi[k]);
@@ -511,8 +511,28 @@ cdef extern from *:
         cynorm_double_4 coef_x = ((-r) * r) * k2;
         cynorm_double_4 coef_0 = ((-r) * k1) + (((r * r) * k2) * lo);
         for (int k = 0; k < 4; k++) {
-            cynorm_float_vector cx = cynorm_broadcast_float((float)coef_x[k]);
-            cynorm_float_vector c0 = cynorm_broadcast_float((float)coef_0[k]);
+            coef_x_f[k] = (float)coef_x[k];
+            coef_0_f[k] = (float)coef_0[k];
+        }
+    }
+    static inline void cynorm_rows4_backward_float(
+            const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
+            Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
+            const double* mean, const double* rstd,            /* rows k at k * stat_stride; mean NULL: zeros */
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run,
+            int stream) {                                       /* dx with streaming stores, a line each */
+        cynorm_float_vector mh[4], ml[4], rs[4];
+        float mean_hi[4], mean_lo[4], rs_f[4], coef_x[4], coef_0[4];
+        cynorm_rows4_coefficients_float(dy, x, row_stride, length, weight, mean, rstd, stat_stride, centered,
+                                        mean_hi, mean_lo, rs_f, coef_x, coef_0);
+        for (int k = 0; k < 4; k++) {
+            mh[k] = cynorm_broadcast_float(mean_hi[k]);
+            ml[k] = cynorm_broadcast_float(mean_lo[k]);
+            rs[k] = cynorm_broadcast_float(rs_f[k]);
+        }
+        for (int k = 0; k < 4; k++) {
+            cynorm_float_vector cx = cynorm_broadcast_float(coef_x[k]);
+            cynorm_float_vector c0 = cynorm_broadcast_float(coef_0[k]);
             for (Py_ssize_t i = 0; i < length; i += 16) {
                 cynorm_float_vector w = *(const cynorm_float_vector*)(weight + i);
                 cynorm_float_vector g = *(const cynorm_float_vector*)(dy + k * row_stride + i);
@@ -617,6 +637,23 @@ cdef extern from *:
             cynorm_prefetch_lines(next_dy + length - 1, 1);
             cynorm_prefetch_lines(next_x + length - 1, 1);
         }
+    }
+    /* Rows backward, one element per channel, four float rows of a multiple of 16 values, not streamed: their
+       sums and coefficients taken together, as cynorm_rows4_backward_float takes them, then each row's dx and
+       parameter terms in one loop, as cynorm_row_input_gradient_float writes them (the same bits).  See
+       QUAD_ROW. */
+    static inline void cynorm_rows4_row_loops_backward_float(
+            const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
+            Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
+            const double* mean, const double* rstd,            /* rows k at k * stat_stride; mean NULL: zeros */
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+        float mean_hi[4], mean_lo[4], rs[4], coef_x[4], coef_0[4];
+        cynorm_rows4_coefficients_float(dy, x, row_stride, length, weight, mean, rstd, stat_stride, centered,
+                                        mean_hi, mean_lo, rs, coef_x, coef_0);
+        for (int k = 0; k < 4; k++)
+            cynorm_row_input_gradient_float(dy + k * row_stride, x + k * row_stride, dx + k * row_stride, length,
+                                            weight, rs[k], mean_hi[k], mean_lo[k], coef_x[k], coef_0[k],
+                                            dweight_run, dbias_run, 0, NULL, NULL, NULL);
     }
     /* Rows backward, several elements per channel (channels-first group and instance norm): the gradient sums
        of four channels of `inner` < CHUNK values each, `stride` values from each other, each with its row's
@@ -921,6 +958,12 @@ cdef extern from *:
     }
     #else
     #define CYNORM_HAVE_ROW_QUADS 0
+    static inline void cynorm_rows4_row_loops_backward_float(const float* dy, const float* x, float* dx,
+            Py_ssize_t row_stride, Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+        (void)dy; (void)x; (void)dx; (void)row_stride; (void)length; (void)weight; (void)mean; (void)rstd;
+        (void)stat_stride; (void)centered; (void)dweight_run; (void)dbias_run;
+    }
     static inline void cynorm_row_input_gradient_float(
             const float* dy, const float* x, float* dx, Py_ssize_t length, const float* weight,
             float rs, float mean_hi, float mean_lo, float coef_x, float coef_0,
@@ -1119,6 +1162,10 @@ cdef extern from *:
                                          float coef_0, float* dweight_run, float* dbias_run, bint stream,
                                          cynorm_stream_writer* writer, const float* next_dy,
                                          const float* next_x) noexcept nogil
+    void cynorm_rows4_row_loops_backward_float(const float* dy, const float* x, float* dx, Py_ssize_t row_stride,
+                                               Py_ssize_t length, const float* weight, const double* mean,
+                                               const double* rstd, Py_ssize_t stat_stride, bint centered,
+                                               float* dweight_run, float* dbias_run) noexcept nogil
     int CYNORM_LINE_BYTES
     bint cynorm_has_untouched_pages(size_t address, size_t nbytes) noexcept nogil
     void cynorm_advise_huge_pages(size_t address, size_t nbytes) noexcept nogil
@@ -1203,17 +1250,21 @@ cdef enum:
     # take 16 float rows of 16 values with a row in each vector instead (cynorm_rows16_backward_float, the
     # same operations in the same order): 3.0-3.2x on 4-16 MiB.
     SHORT_BACKWARD_ROW = 20
-    # Rows backward, one element per channel (layer and RMS norm), float rows of a multiple of 16 values and of
-    # at most QUAD_ROW, longer than SHORT_BACKWARD_ROW: four rows at a time (cynorm_rows4_backward_float; the same
+    # Rows backward, one element per channel (layer and RMS norm), float rows of a multiple of 16 values and of at
+    # most QUAD_ROW, longer than SHORT_BACKWARD_ROW: four rows at a time (cynorm_rows4_backward_float; the same
     # bits).  Layer norm backward on 2**18 values, A/B in one process: rows of 32 1.5-1.7x, 48 1.9x, 64 1.3-1.4x,
-    # 80-112 1.6x, 128 1.2x, 192-512 1.05-1.16x, 768 1.0x, 1024 0.93x.  Rows of at most QUAD_STREAMED_ROW take
-    # them also on large arrays, where dx streams: on 16 MiB, rows of 32-128 ran 1.15-2.0x faster than a row
-    # at a time (256: 0.75x, so longer rows go a row at a time), and 1.13-1.47x faster again with streaming
-    # stores than with ordinary ones (a dx 16 bytes past a line, through a buffer: 1.08-1.61x).  (Rows of 16
-    # ran 2.0x faster this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes'
-    # sums are added in another order: every build gives the same bits.  They have a kernel of their own, in
-    # the lanes' order.)
-    QUAD_ROW = 512
+    # 80-112 1.6x, 128 1.2x, 192-512 1.05-1.16x, 768 1.0x, 1024 0.93x.  Rows longer than QUAD_STREAMED_ROW take only
+    # the four rows' sums and coefficients together, then each row's dx and terms in one loop
+    # (cynorm_rows4_row_loops_backward_float): on 2**18-2**19 values, 1.14x faster than the four-row kernel on rows
+    # of 144 values, 1.28x on 192, 1.20x on 256, 1.27x on 384, 1.04x on 448, 0.99-1.02x on 512 (1.13x 16 bytes into
+    # a line), and than a row at a time 1.12x on 576, 1.12-1.15x on 768, 1.19x on 1024.  Rows of at most
+    # QUAD_STREAMED_ROW take them also on large arrays, where dx streams: on 16 MiB, rows of 32-128 ran 1.15-2.0x
+    # faster than a row at a time (256: 0.75x, so longer rows go a row at a time), and 1.13-1.47x faster again with
+    # streaming stores than with ordinary ones (a dx 16 bytes past a line, through a buffer: 1.08-1.61x).  (Rows of
+    # 16 ran 2.0x faster this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes'
+    # sums are added in another order: every build gives the same bits.  They have a kernel of their own, in the
+    # lanes' order.)
+    QUAD_ROW = 1024
     QUAD_STREAMED_ROW = 128
     # Rows forward, the same rows longer than SHORT_ROW and of at most QUAD_FORWARD_ROW values, output not
     # streamed: four rows at a time (cynorm_rows4_forward_float; the same bits), each four asking for the next
@@ -2974,6 +3025,10 @@ cdef inline void rows4_backward(const floating* dy, const floating* x, floating*
     consecutive rows of at most QUAD_STREAMED_ROW values) through a buffer and `writer`."""
     cdef floating buffer[4 * QUAD_STREAMED_ROW]
     if floating is float:
+        if length > QUAD_STREAMED_ROW:   # (never streamed: see QUAD_ROW)
+            cynorm_rows4_row_loops_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride,
+                                                  centered, dweight_run, dbias_run)
+            return
         if stream and (<size_t>dx) % CYNORM_LINE_BYTES != 0:
             cynorm_rows4_backward_float(dy, x, buffer, row_stride, length, weight, mean, rstd, stat_stride,
                                         centered, dweight_run, dbias_run, False)

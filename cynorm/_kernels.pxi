@@ -2720,8 +2720,9 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
             if next_x != NULL:
                 cynorm_prefetch_lines(next_dy + c * inner, block * inner * sizeof(floating))
                 cynorm_prefetch_lines(next_x + c * inner, block * inner * sizeof(floating))
-            cynorm_channels_input_gradient_float(dy + c * inner, x + c * inner, &buffer[0] if stream else dx + c * inner,
-                                                 inner, block, weight + c, rstd, mean_hi, coef_x, coef_0)
+            cynorm_channels_input_gradient_float(dy + c * inner, x + c * inner,
+                                                 &buffer[0] if stream else dx + c * inner, inner, block, weight + c,
+                                                 rstd, mean_hi, coef_x, coef_0)
             if stream:
                 stream_put(writer, dx + c * inner, buffer, block * inner)
             c += block

@@ -2716,16 +2716,16 @@ cdef inline void backward_row(const floating* dy, const floating* x, floating* d
         # below took one by one, and (64,512,7,7) ran 1.11x slower
         c = 0
         while c < channels:
-            block = min(max(1, STREAM_BLOCK // inner), channels - c)
+            end = min(c + max(1, STREAM_BLOCK // inner), channels)   # (channels [c, end) this time)
             if next_x != NULL:
-                cynorm_prefetch_lines(next_dy + c * inner, block * inner * sizeof(floating))
-                cynorm_prefetch_lines(next_x + c * inner, block * inner * sizeof(floating))
+                cynorm_prefetch_lines(next_dy + c * inner, (end - c) * inner * sizeof(floating))
+                cynorm_prefetch_lines(next_x + c * inner, (end - c) * inner * sizeof(floating))
             cynorm_channels_input_gradient_float(dy + c * inner, x + c * inner,
-                                                 &buffer[0] if stream else dx + c * inner, inner, block, weight + c,
-                                                 rstd, mean_hi, coef_x, coef_0)
+                                                 &buffer[0] if stream else dx + c * inner, inner, end - c,
+                                                 weight + c, rstd, mean_hi, coef_x, coef_0)
             if stream:
-                stream_put(writer, dx + c * inner, buffer, block * inner)
-            c += block
+                stream_put(writer, dx + c * inner, buffer, (end - c) * inner)
+            c = end
         return
     block = 0
     while block < length:

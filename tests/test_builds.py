@@ -58,7 +58,8 @@ def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
     # refused) and one whose float squares overflow: those the four-row kernel leaves to the row path.  And
     # rows of 16, whose backward those builds take sixteen at a time, centered and not, in 1 and 2 groups (each
     # of the backward's 4 blocks of samples has a full sixteen and some left).  Rows of 528 values, centered and
-    # not: a row at a time, dx and the parameter terms in one pass (cynorm_row_input_gradient_float).
+    # not, whose backward writes dx and adds the parameter terms in one loop a row at a time (streamed:
+    # cynorm_row_input_gradient_float), after four rows' sums at a time where not streamed.
     for rows, groups, length, centered in ((45, 1, 48, True), (23, 1, 80, True), (13, 1, 256, True),
                                            (22, 2, 96, False), (70, 1, 16, True), (70, 2, 16, False),
                                            (9, 1, 528, True), (6, 2, 528, False)):

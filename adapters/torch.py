@@ -686,8 +686,9 @@ def _kernels_apply(input, *tensors):
 # call and 16 µs a training step more than torch's (a (1,768) layer norm: 10 µs against 2.3 µs), which their
 # speed per value wins back only on larger inputs, and sooner on short rows, on which torch spends more per row.
 # For each norm, (elements, rows) below both of which torch's function runs: without a gradient to record, then
-# with one (rows: None, no limit).  Crossovers measured on the development machine (2 threads, float32,
-# interleaved, the adapter against torch.nn.functional, forward then training step): layer norm over rows of 768
+# with one (rows: None, no limit).  Crossovers measured on the development machine (a Zen 5, the x86-64-v4
+# build; 2 threads, float32, interleaved, the adapter against torch.nn.functional, forward then training step):
+# layer norm over rows of 768
 # values at 98-196K and 196-393K elements, of 256 values at 33-131K and over 131K, of 16 at 33-131K and 131K, of
 # 10 at 8-32K and 32-216K, of 4 at 2-8K and under 2K; RMS norm over rows of 4096 at 4-33K and none (faster at
 # every size in steps); channels-first group norm (N,64,32,32) at 65-262K and 262K, (8,256,7,7) faster in
@@ -706,7 +707,7 @@ def _kernels_apply(input, *tensors):
 # 0.84x and 0.90x on maps of 9 at 295K and 590K, 0.76x and 0.99x on maps of 16 at 131K and 2**20, 0.85-0.92x on
 # (16,512,7,7) (401K), 0.90-0.94x on (32,256,8,8) (2**19), 0.98-1.04x on (32,512,7,7) (803K), 0.97-1.08x from
 # 2**20 ((64,256,8,8), (16,2048,7,7)).
-_TORCH_FASTER_BELOW = {
+_TORCH_FASTER_BELOW_AVX512 = {
     "layer_norm": ((2 ** 17, 2 ** 11), (3 * 2 ** 17, 2 ** 12)),
     "rms_norm": ((2 ** 14, 2 ** 11), (0, 0)),
     # channels-first (contiguous) group norm: on maps of up to _TINY_MAP values, of up to _SMALL_MAP, and larger
@@ -715,6 +716,19 @@ _TORCH_FASTER_BELOW = {
     "group_norm": ((2 ** 17, None), (2 ** 18, None)),
     "channels_last_group_norm": ((2 ** 15, None), (2 ** 15, None)),
 }
+# The crossovers move with the instruction set, on torch's side as on ours.  Measured again with the x86-64-v3
+# (AVX2) build on a 2-core Zen 3, against torch's AVX2 kernels, the adapter's layer norm ran 0.68-0.93x torch's on
+# 2**18-2**19 values in rows of 64-1024 (forwards 1.02-1.11x from 2**20 on rows of 512-1024; 1.04-2.7x on rows
+# of 4-32 from 4096 rows), training steps on rows of 16-1024 0.51-0.84x up to 2**18 (rows of 4 3.2x); channels-first
+# group norm on maps of 100-1024 values 0.79-0.99x up to 2**19 values, 1.06-1.28x from 2**20.  Builds without
+# AVX-512 send those calls to torch.  The other limits stay: RMS norm's and channels-last group norm's calls won
+# there from the limits on, and maps of 7x7 and 8x8 values lost or won by torch's own uneven speed (steps
+# 2.5-2.9x on 7x7 maps from 401K values, 0.65-0.67x on 8x8 maps at 2**19-2**20).
+_TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
+                                          layer_norm=((2 ** 20, 2 ** 12), (2 ** 20, 2 ** 16)),
+                                          group_norm=((2 ** 20, None), (2 ** 20, None)))
+_TORCH_FASTER_BELOW = (_TORCH_FASTER_BELOW_AVX512 if _kernels.BUILD == "x86_64_v4"
+                       else _TORCH_FASTER_BELOW_WITHOUT_AVX512)
 _TINY_MAP, _SMALL_MAP = 4, 64
 _small_inputs_to_torch = True
 
@@ -725,8 +739,8 @@ def use_torch_for_small_inputs(enabled):
 
     Group, layer and RMS norm pay the adapter's fixed cost in Python on every call, where torch's calls cost
     2-5 µs: below the sizes in ``_TORCH_FASTER_BELOW`` (elements and rows, by layout and by whether the call
-    records a gradient, measured on a 2-core x86-64 machine) torch's function is faster, so those calls run it,
-    with torch's results.  ``False`` sends every call the kernels take to the kernels.
+    records a gradient, measured on 2-core x86-64 machines for builds with and without AVX-512) torch's function
+    is faster, so those calls run it, with torch's results.  ``False`` sends every call the kernels take to the kernels.
     """
     global _small_inputs_to_torch
     if not isinstance(enabled, bool):

@@ -729,6 +729,13 @@ _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
                                           group_norm=((2 ** 20, None), (2 ** 20, None)))
 _TORCH_FASTER_BELOW = (_TORCH_FASTER_BELOW_AVX512 if _kernels.BUILD == "x86_64_v4"
                        else _TORCH_FASTER_BELOW_WITHOUT_AVX512)
+# Rows of these lengths (the shortest, the longest) run torch's function at every size, without a gradient to
+# record, then with one.  Builds without AVX-512 have no four-row kernels: each row's sums end in a tree of lanes
+# and a few divisions of its own, which rows of 16-256 values do not pay back.  On the Zen 3, at 2**20-2**22
+# values, the kernels' layer norm steps on rows of 16-128 values ran 0.64-0.91x torch's (the NumPy API's backward
+# alone 0.48-0.80x; rows of 256 0.87-1.05x, of 512 0.95-2.8x), forwards on rows of 64-256 values 0.62-1.02x (rows
+# of 4-32 1.1-2.9x, of 512 0.96-1.39x).
+_TORCH_FASTER_ON_ROWS = {} if _kernels.BUILD == "x86_64_v4" else {"layer_norm": ((64, 256), (16, 256))}
 _TINY_MAP, _SMALL_MAP = 4, 64
 _small_inputs_to_torch = True
 
@@ -750,10 +757,10 @@ def use_torch_for_small_inputs(enabled):
 
 
 def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
-    """Whether ``norm`` of ``input`` (over ``normalized_shape``, layer and RMS norm) is small enough for torch's
-    own function to be the faster (see _TORCH_FASTER_BELOW).  Asked before the other checks, being cheaper:
-    torch's function has torch's semantics for any tensor.  Inputs of other layouts than those measured (a
-    layer norm's permuted view, which torch would copy) go to the kernels."""
+    """Whether ``norm`` of ``input`` (over ``normalized_shape``, layer and RMS norm) is small enough, or its rows
+    of a length, for torch's own function to be the faster (see _TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS).  Asked
+    before the other checks, being cheaper: torch's function has torch's semantics for any tensor.  Inputs of
+    other layouts than those measured (a layer norm's permuted view, which torch would copy) go to the kernels."""
     if not _small_inputs_to_torch or not isinstance(input, Tensor):
         return False
     contiguous = input.is_contiguous()
@@ -767,17 +774,23 @@ def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
             norm = "group_norm_on_tiny_maps" if map_size <= _TINY_MAP else "group_norm_on_small_maps"
     size = input.numel()
     limits = _TORCH_FASTER_BELOW[norm]
-    if size >= limits[0][0] and size >= limits[1][0]:
+    row_lengths = _TORCH_FASTER_ON_ROWS.get(norm)
+    if size >= limits[0][0] and size >= limits[1][0] and row_lengths is None:
         return False
     records_grad = torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                                 or (bias is not None and bias.requires_grad))
     elements, rows = limits[1 if records_grad else 0]
-    if size >= elements:
+    if size >= elements and row_lengths is None:
         return False
     try:
-        return rows is None or size < rows * math.prod(normalized_shape)
+        row_length = math.prod(normalized_shape)
     except TypeError:   # a shape torch refuses, with its own error
         return True
+    if row_lengths is not None:
+        shortest, longest = row_lengths[1 if records_grad else 0]
+        if shortest <= row_length <= longest:
+            return True
+    return size < elements and (rows is None or size < rows * row_length)
 
 
 def _run(op, *args):

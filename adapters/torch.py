@@ -727,15 +727,16 @@ _TORCH_FASTER_BELOW_AVX512 = {
 _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
                                           layer_norm=((2 ** 20, 2 ** 12), (2 ** 20, 2 ** 16)),
                                           group_norm=((2 ** 20, None), (2 ** 20, None)))
-_TORCH_FASTER_BELOW = (_TORCH_FASTER_BELOW_AVX512 if _kernels.BUILD == "x86_64_v4"
-                       else _TORCH_FASTER_BELOW_WITHOUT_AVX512)
 # Rows of these lengths (the shortest, the longest) run torch's function at every size, without a gradient to
 # record, then with one.  Builds without AVX-512 have no four-row kernels: each row's sums end in a tree of lanes
 # and a few divisions of its own, which rows of 16-256 values do not pay back.  On the Zen 3, at 2**20-2**22
 # values, the kernels' layer norm steps on rows of 16-128 values ran 0.64-0.91x torch's (the NumPy API's backward
 # alone 0.48-0.80x; rows of 256 0.87-1.05x, of 512 0.95-2.8x), forwards on rows of 64-256 values 0.62-1.02x (rows
 # of 4-32 1.1-2.9x, of 512 0.96-1.39x).
-_TORCH_FASTER_ON_ROWS = {} if _kernels.BUILD == "x86_64_v4" else {"layer_norm": ((64, 256), (16, 256))}
+_TORCH_FASTER_ON_ROWS_WITHOUT_AVX512 = {"layer_norm": ((64, 256), (16, 256))}
+_TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS = ((_TORCH_FASTER_BELOW_AVX512, {}) if _kernels.BUILD == "x86_64_v4"
+                                              else (_TORCH_FASTER_BELOW_WITHOUT_AVX512,
+                                                    _TORCH_FASTER_ON_ROWS_WITHOUT_AVX512))
 _TINY_MAP, _SMALL_MAP = 4, 64
 _small_inputs_to_torch = True
 
@@ -775,12 +776,12 @@ def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
     size = input.numel()
     limits = _TORCH_FASTER_BELOW[norm]
     row_lengths = _TORCH_FASTER_ON_ROWS.get(norm)
-    if size >= limits[0][0] and size >= limits[1][0] and row_lengths is None:
+    if row_lengths is None and size >= limits[0][0] and size >= limits[1][0]:
         return False
     records_grad = torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                                 or (bias is not None and bias.requires_grad))
     elements, rows = limits[1 if records_grad else 0]
-    if size >= elements and row_lengths is None:
+    if row_lengths is None and size >= elements:   # (before the shape, which the kernels' checks refuse)
         return False
     try:
         row_length = math.prod(normalized_shape)

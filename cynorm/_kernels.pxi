@@ -2047,6 +2047,7 @@ cdef inline void normalize_tile_rows(const floating* x, floating* y,   # IN, OUT
     cdef floating sc[COLUMN_BLOCK]
     cdef floating sh[COLUMN_BLOCK]
     cdef Py_ssize_t blk, c0, block_width, col, quad, a
+    cdef Py_ssize_t quads = rows // 4 if CYNORM_NORMALIZE_ROW_QUADS else 0   # fours of rows taken together
     cdef const floating* x0
     cdef floating* y0
     for blk in range((width + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
@@ -2056,7 +2057,7 @@ cdef inline void normalize_tile_rows(const floating* x, floating* y,   # IN, OUT
             m[col] = mean_hi[c0 + col]
             sc[col] = scale[c0 + col]
             sh[col] = shift[c0 + col]
-        for quad in range(rows // 4 if CYNORM_NORMALIZE_ROW_QUADS else 0):
+        for quad in range(quads):
             x0 = x + 4 * quad * width + c0
             y0 = y + 4 * quad * width + c0
             for col in range(block_width):
@@ -2064,7 +2065,7 @@ cdef inline void normalize_tile_rows(const floating* x, floating* y,   # IN, OUT
                 y0[width + col] = (x0[width + col] - m[col]) * sc[col] + sh[col]
                 y0[2 * width + col] = (x0[2 * width + col] - m[col]) * sc[col] + sh[col]
                 y0[3 * width + col] = (x0[3 * width + col] - m[col]) * sc[col] + sh[col]
-        for a in range(rows // 4 * 4 if CYNORM_NORMALIZE_ROW_QUADS else 0, rows):
+        for a in range(4 * quads, rows):
             normalize_tile_row(x + a * width + c0, y + a * width + c0, block_width, m, sc, sh, False, 1, 0)
 
 

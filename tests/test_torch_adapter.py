@@ -570,6 +570,9 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("layer_norm", (1024, 1024), "contiguous", True, "kernels"),       # 2**20 elements, recording
     ("layer_norm", (8192, 16), "contiguous", True, ("kernels", "torch")),    # 2**17 elements, 8192 short rows
     ("layer_norm", (65536, 4), "contiguous", True, "kernels"),         # 2**18 elements, 65536 rows of 4
+    ("layer_norm", (32, 26, 26, 10), "contiguous", True, "kernels"),   # the tutorial's 21632 rows of 10
+    ("layer_norm", (4096, 8), "contiguous", True, ("kernels", "torch")),  # 4096 rows of 8, recording
+    ("layer_norm", (8192, 4), "contiguous", True, "kernels"),          # 8192 rows of 4, recording
     ("layer_norm", (16384, 64), "contiguous", False, ("kernels", "torch")),  # 2**20 elements in rows of 64
     ("layer_norm", (32768, 64), "contiguous", True, ("kernels", "torch")),   # 2**21 elements in rows of 64
     ("layer_norm", (32768, 32), "contiguous", False, "kernels"),       # 2**20 elements in rows of 32

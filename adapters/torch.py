@@ -44,7 +44,13 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+# torch's queries that every eager call makes, bound once (each lookup through torch's modules cost up to a µs
+# after a kernel had swept the caches)
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_tracing_state = torch._C._get_tracing_state
+_dispatch_mode_count = torch._C._len_torch_dispatch_stack
+_storage_use_count = torch._C._storage_Use_Count
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,11 +102,10 @@ def _dense_in_order(tensor, order):
     return tensor if permuted.is_contiguous() else permuted.contiguous()
 
 
-def _input_in_order(input, order):
-    """:func:`_dense_in_order` for the order :func:`_memory_order` gave for ``input``, without checking again:
-    ``input`` itself when that is an order (the input is dense in it) or the input is contiguous.  (The check
-    cost 15-20 µs a call after a kernel had swept the caches.)"""
-    return input if order is not None or input.is_contiguous() else input.contiguous()
+def _input_in_order(input, plan):
+    """:func:`_dense_in_order` for the order of ``input``'s plan, without checking again: ``input`` itself when
+    its memory is dense in that order.  (The check cost 15-20 µs a call after a kernel had swept the caches.)"""
+    return input if plan.dense else input.contiguous()
 
 
 def _memory_shape(tensor, order):
@@ -175,16 +180,83 @@ def _in_place_layout(dim, num_axes):
 def _trailing_norm_stats(input, layout, real):
     """Empty float64 statistics of the leading axes' logical shape, their memory in the kernels' order (``real``
     as for _stats_like)."""
+    return _new_stats(input, _stats_memory_shape(input, layout), _logical_order(layout), real)
+
+
+def _stats_memory_shape(input, layout):
+    """The shape of a trailing norm's statistics with their axes in the kernels' order (the leading axes as they
+    lie in memory)."""
     if layout.leading is None:
-        return _stats_like(input, input.shape[:input.dim() - len(layout.axes)], real)
-    return _stats_to_logical(_stats_like(input, [input.shape[axis] for axis in layout.leading], real), layout)
+        return tuple(input.shape[:input.dim() - len(layout.axes)])
+    return tuple(input.shape[axis] for axis in layout.leading)
+
+
+def _logical_order(layout):
+    """The permutation from the kernels' order of the statistics' axes to the logical one (None: the same)."""
+    return None if layout.leading is None else [layout.leading.index(axis) for axis in range(len(layout.leading))]
+
+
+def _new_stats(input, shape, logical_order, real):
+    """Empty statistics of ``shape`` (see _stats_like) as the view of their axes in ``logical_order``."""
+    stats = _stats_like(input, shape, real)
+    return stats if logical_order is None else stats.permute(logical_order)
 
 
 def _stats_to_logical(memory, layout):
     """Statistics in the kernels' order (the leading axes as they lie in memory) as the logical axes' view."""
-    if layout.leading is None:
-        return memory
-    return memory.permute([layout.leading.index(axis) for axis in range(len(layout.leading))])
+    return memory if layout.leading is None else memory.permute(_logical_order(layout))
+
+
+class _Plan(NamedTuple):
+    """How the eager paths hand an input of one shape and strides to the kernels, for a channel norm of some
+    number of groups or a norm over some number of trailing axes (see :func:`_plan`)."""
+    order: tuple | None       # the memory order of the input, and of the output (see _memory_order)
+    dense: bool               # whether the input's memory holds it C-contiguously in that order
+    geometry: tuple           # the kernels' view (cynorm._api._Geometry)
+    param_shape: tuple        # of weight and bias, and of their gradients
+    num_params: int
+    stats_shape: tuple        # of the statistics, their axes in memory order
+    stats_order: list | None  # the permutation from that order to the logical one (None: the same)
+
+
+_PLANS_HELD = 256
+_plans = {}
+
+
+def _plan(input, num_groups=None, num_axes=None):
+    """The :class:`_Plan` of a channel norm of ``num_groups`` groups, or of a norm over the last ``num_axes``
+    axes, for tensors of ``input``'s shape and strides: worked out from the tensor once and kept, as all of it
+    follows from those (the memory order, shapes and geometry took 6 µs of a call after a kernel had swept
+    the caches, against 1-2 µs for the look-up)."""
+    key = (input.shape, input.stride(), num_groups, num_axes)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _PLANS_HELD:
+            _plans.clear()
+        plan = _plans[key] = (_channel_plan(input, num_groups) if num_axes is None
+                              else _trailing_plan(input, num_axes))
+    return plan
+
+
+def _channel_plan(input, num_groups):
+    order = _memory_order(input)
+    shape = _memory_shape(input, order)
+    axis = _channel_axis(order)
+    return _Plan(order, order is not None or input.is_contiguous(), _api._group_geometry(shape, axis, num_groups),
+                 (shape[axis],), shape[axis], (shape[0], num_groups), None)
+
+
+def _trailing_plan(input, num_axes):
+    layout = _trailing_layout(input, num_axes)
+    param_shape = tuple(input.shape[input.dim() - num_axes:])
+    return _Plan(layout.order, layout.order is not None or input.is_contiguous(),
+                 _api._layer_geometry(_memory_shape(input, layout.order), layout.axes), param_shape,
+                 math.prod(param_shape), _stats_memory_shape(input, layout), _logical_order(layout))
+
+
+def _plan_stats(input, plan):
+    """Empty float64 statistics for the kernels to fill, as the logical axes' view."""
+    return _new_stats(input, plan.stats_shape, plan.stats_order, real=True)
 
 
 def _empty(input, order, cached):
@@ -206,8 +278,7 @@ def _new_output_cache(limit):
     one (outputs, their views, the autograd graph and NumPy arrays made from them all hold it).  Channels-last
     InstanceNorm2d (8,64,128,128) measured 6.5 ms a call with reused memory against 11-12 ms with fresh memory.
     (NumPy memory that gave itself back from __del__ cost 7.2-7.8 µs a take and give-back, warm, against 5.0 µs.)"""
-    return BlockPool(limit, allocate=_new_block,
-                     is_free=lambda storage: torch._C._storage_Use_Count(storage._cdata) == 1)
+    return BlockPool(limit, allocate=_new_block, is_free=lambda storage: _storage_use_count(storage._cdata) == 1)
 
 
 def _new_block(nbytes):
@@ -224,9 +295,12 @@ def _cached_empty(like, contiguous):
     """An empty tensor of ``like``'s shape and dtype, C-contiguous or with ``like``'s strides (``like`` being
     dense), on the output cache's memory; None when the cache has no room.  A tensor of its own, not a view, so
     in-place operations on it behave as on any output."""
-    stride = () if contiguous else like.stride()
-    return _output_cache.take(like.nbytes,
-                              lambda storage: like.new_empty(0).set_(storage, 0, like.shape, stride))
+    return _output_cache.take(like.nbytes, _tensor_on, like, () if contiguous else like.stride())
+
+
+def _tensor_on(storage, like, stride):
+    """An empty tensor of ``like``'s shape and dtype with ``stride`` (() for C-contiguous) on ``storage``."""
+    return like.new_empty(0).set_(storage, 0, like.shape, stride)
 
 
 # Outputs from 1 MiB on: with the C library's heap in some states (depending on what the process allocated
@@ -275,27 +349,27 @@ def _kernel_param(tensor, size, dtype, default):
 # The kernels take every tensor by address (data_ptr), so the eager paths make no NumPy arrays: a conversion
 # either way cost 7-20 µs once a kernel had swept the caches, and a training step made nine of them.
 
-def _trusted_forward(x, y, mean, rstd, weight, bias, eps, geometry, num_params, centered):
-    """The forward kernel of ``geometry`` on checked tensors whose memory is C-contiguous in the geometry's order
-    (y fresh), into the statistics ``mean`` and ``rstd`` (fresh float64 tensors, their memory in the kernels'
+def _trusted_forward(x, y, mean, rstd, weight, bias, eps, plan, centered):
+    """The forward kernel of ``plan`` on checked tensors whose memory is C-contiguous in the plan's order (y
+    fresh), into the statistics ``mean`` and ``rstd`` (fresh float64 tensors, their memory in the kernels'
     order); returns (mean, rstd)."""
-    weight = _kernel_param(weight, num_params, x.dtype, 1.0)
-    bias = _kernel_param(bias, num_params, x.dtype, 0.0)
+    weight = _kernel_param(weight, plan.num_params, x.dtype, 1.0)
+    bias = _kernel_param(bias, plan.num_params, x.dtype, 0.0)
     _api._run_forward(x.data_ptr(), y.data_ptr(), x.numel(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(),
-                      rstd.data_ptr(), x.dtype == torch.float64, geometry, float(eps), centered)
+                      rstd.data_ptr(), x.dtype == torch.float64, plan.geometry, float(eps), centered)
     return mean, rstd
 
 
-def _trusted_backward(dy, x, mean, rstd, weight, dx, geometry, param_shape, centered):
+def _trusted_backward(dy, x, mean, rstd, weight, dx, plan, centered):
     """The backward kernel on checked tensors laid out as for _trusted_forward (dx fresh) and the statistics it
     returned (mean unused unless ``centered``); returns the parameter gradients, tensors of x's dtype and of
-    shape ``param_shape``."""
-    dweight = x.new_empty(param_shape)
-    dbias = x.new_empty(param_shape)
-    weight = _kernel_param(weight, dweight.numel(), x.dtype, 1.0)
+    the plan's parameter shape."""
+    dweight = x.new_empty(plan.param_shape)
+    dbias = x.new_empty(plan.param_shape)
+    weight = _kernel_param(weight, plan.num_params, x.dtype, 1.0)
     _api._run_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), mean.data_ptr() if centered else 0,
                        rstd.data_ptr(), weight.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
-                       x.dtype == torch.float64, geometry, centered)
+                       x.dtype == torch.float64, plan.geometry, centered)
     return dweight, dbias
 
 
@@ -311,35 +385,30 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
     The kernel sees the memory as it is: a channels-last tensor is a C-contiguous (N, *spatial, C) array, with
     the channel axis last.
     """
-    output, order = _channel_norm_output(input, cached=True)
-    axis = _channel_axis(order)
-    stats_shape = (input.shape[0], num_groups)
     if trusted:
-        shape = _memory_shape(input, order)
-        return (output,) + _trusted_forward(_input_in_order(input, order), output,
-                                            _stats_like(input, stats_shape, real=True),
-                                            _stats_like(input, stats_shape, real=True), weight, bias, eps,
-                                            _api._group_geometry(shape, axis, num_groups), shape[axis],
-                                            centered=True)
+        plan = _plan(input, num_groups=num_groups)
+        output = _empty(input, plan.order, cached=True)
+        return (output,) + _trusted_forward(_input_in_order(input, plan), output, _plan_stats(input, plan),
+                                            _plan_stats(input, plan), weight, bias, eps, plan, centered=True)
+    output, order = _channel_norm_output(input, cached=True)
     _, *stats = cynorm.group_norm(_in_memory_order(input, order), num_groups, _array(weight), _array(bias),
-                                  axis=axis, eps=eps, out=_in_memory_order(output, order), return_stats=True)
-    return (output,) + _stats_tensors(stats_shape, *stats)
+                                  axis=_channel_axis(order), eps=eps, out=_in_memory_order(output, order),
+                                  return_stats=True)
+    return (output,) + _stats_tensors((input.shape[0], num_groups), *stats)
 
 
 def _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted):
-    grad_input, order = _channel_norm_output(input, cached=True)
-    axis = _channel_axis(order)
     if trusted:
-        shape = _memory_shape(input, order)
-        param_grads = _trusted_backward(_dense_in_order(grad_output, order), _input_in_order(input, order), mean,
-                                        rstd, weight, grad_input, _api._group_geometry(shape, axis, mean.shape[1]),
-                                        shape[axis:axis + 1], centered=True)
-    else:
-        dy, x, dx = (_in_memory_order(t, order) for t in (grad_output, input, grad_input))
-        _, *param_grads = cynorm.group_norm_backward(dy, x, _array(mean), _array(rstd), _array(weight), axis=axis,
-                                                     out=dx)
-        param_grads = [torch.from_numpy(grad) for grad in param_grads]
-    return (grad_input, *param_grads)
+        plan = _plan(input, num_groups=mean.shape[1])
+        grad_input = _empty(input, plan.order, cached=True)
+        return (grad_input,) + _trusted_backward(_dense_in_order(grad_output, plan.order),
+                                                 _input_in_order(input, plan), mean, rstd, weight, grad_input, plan,
+                                                 centered=True)
+    grad_input, order = _channel_norm_output(input, cached=True)
+    dy, x, dx = (_in_memory_order(t, order) for t in (grad_output, input, grad_input))
+    _, *param_grads = cynorm.group_norm_backward(dy, x, _array(mean), _array(rstd), _array(weight),
+                                                 axis=_channel_axis(order), out=dx)
+    return (grad_input, *(torch.from_numpy(grad) for grad in param_grads))
 
 
 def _fake_channel_norm(input, num_groups):
@@ -355,16 +424,14 @@ def _fake_channel_norm_backward(input):
 def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted):
     """Layer norm (RMS norm unless ``centered``) over the trailing ``normalized_shape``; returns (y, mean,
     rstd), mean None for RMS norm."""
+    if trusted:
+        plan = _plan(input, num_axes=len(normalized_shape))
+        output = _empty(input, plan.order, cached=True)
+        mean, rstd = _trusted_forward(_input_in_order(input, plan), output, _plan_stats(input, plan),
+                                      _plan_stats(input, plan), weight, bias, eps, plan, centered)
+        return output, mean if centered else None, rstd
     layout = _trailing_layout(input, len(normalized_shape))
     output = _empty(input, layout.order, cached=True)
-    shape = _memory_shape(input, layout.order)
-    if trusted:
-        mean, rstd = _trusted_forward(_input_in_order(input, layout.order), output,
-                                      _trailing_norm_stats(input, layout, real=True),
-                                      _trailing_norm_stats(input, layout, real=True),
-                                      weight, bias, eps, _api._layer_geometry(shape, layout.axes),
-                                      math.prod(normalized_shape), centered)
-        return output, mean if centered else None, rstd
     x, y = _in_memory_order(input, layout.order), _in_memory_order(output, layout.order)
     if centered:
         _, mean, rstd = cynorm.layer_norm(x, _array(weight), _array(bias), axis=layout.axes, eps=eps, out=y,
@@ -385,16 +452,15 @@ def _stats_in_memory_order(stat, layout):
 
 def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     """Gradients of _trailing_norm (of RMS norm when ``mean`` is None)."""
-    layout = _trailing_layout(input, input.dim() - rstd.dim())
-    grad_input = _empty(input, layout.order, cached=True)
-    shape = _memory_shape(input, layout.order)
     centered = mean is not None
     if trusted:   # the statistics are those _trailing_norm made, their memory in the kernels' order
-        param_grads = _trusted_backward(_dense_in_order(grad_output, layout.order),
-                                        _input_in_order(input, layout.order), mean, rstd, weight, grad_input,
-                                        _api._layer_geometry(shape, layout.axes), input.shape[rstd.dim():],
-                                        centered)
-        return (grad_input, *param_grads)
+        plan = _plan(input, num_axes=input.dim() - rstd.dim())
+        grad_input = _empty(input, plan.order, cached=True)
+        return (grad_input,) + _trusted_backward(_dense_in_order(grad_output, plan.order),
+                                                 _input_in_order(input, plan), mean, rstd, weight, grad_input, plan,
+                                                 centered)
+    layout = _trailing_layout(input, input.dim() - rstd.dim())
+    grad_input = _empty(input, layout.order, cached=True)
     dy, x, dx = (_in_memory_order(t, layout.order) for t in (grad_output, input, grad_input))
     mean, rstd = (_stats_in_memory_order(stat, layout) for stat in (mean, rstd))
     if centered:
@@ -665,8 +731,7 @@ def _kernels_apply(input, *tensors):
     always reach).
     """
     # (written with the cheapest torch queries: this runs on every call, half as long as with device objects)
-    if (torch._C._get_tracing_state() is not None or has_torch_function_variadic(input, *tensors)
-            or torch._C._are_functorch_transforms_active()):
+    if _tracing_state() is not None or has_torch_function_variadic(input, *tensors) or _functorch_transforms_active():
         return False
     dtype = input.dtype
     if not input.is_cpu or dtype not in _KERNEL_DTYPES or input.layout != torch.strided:
@@ -804,7 +869,7 @@ def _run(op, *args):
     autograd about 0.6 ms more a training step.  Other eager calls skip it: those that record a gradient run
     the eager autograd Function, the others the kernels alone.
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling() or _dispatch_mode_count() > 0:
         return op(*args)
     if torch.is_grad_enabled():
         for arg in args:   # (a loop: any() over a generator cost 1.4 µs of a 10 µs call)

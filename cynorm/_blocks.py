@@ -23,23 +23,26 @@ class BlockPool:
         self._bytes = 0     # held in all
         self._lock = threading.Lock()
 
-    def take(self, nbytes, claim):
-        """``claim(block)`` on a free block of ``nbytes``, or on a new one if the limit leaves room (after
+    def take(self, nbytes, claim, *args):
+        """``claim(block, *args)`` on a free block of ``nbytes``, or on a new one if the limit leaves room (after
         dropping free blocks of other sizes); None if it does not.  ``claim`` must return something that
         references the block, which marks it in use: it runs under the pool's lock, so that no other caller takes
-        the same block meanwhile."""
+        the same block meanwhile.  (Arguments rather than a closure: the adapters call this on every large output,
+        from caches a kernel has just swept.)"""
         with self._lock:
-            blocks = self._blocks.setdefault(nbytes, [])
+            blocks = self._blocks.get(nbytes)
+            if blocks is None:
+                blocks = self._blocks[nbytes] = []
             for block in blocks:
                 if self._is_free(block):
-                    return claim(block)
+                    return claim(block, *args)
             self._drop(self._bytes + nbytes - self.limit, only_free=True)
             if self._bytes + nbytes > self.limit:
                 return None
             block = self._allocate(nbytes)
             blocks.append(block)
             self._bytes += nbytes
-            return claim(block)
+            return claim(block, *args)
 
     def _drop(self, nbytes, only_free):
         """Lets go of at least ``nbytes`` of blocks if there are enough: free ones only, or any (a block in use

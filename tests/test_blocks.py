@@ -28,6 +28,12 @@ def test_a_block_is_reused_only_once_free():
     assert pool.take(10, claim) is first and pool.held_bytes == 20
 
 
+def test_take_hands_its_arguments_to_claim():
+    pool = new_pool(limit=100)
+    block, label = pool.take(10, lambda block, label: (claim(block), label), "output")
+    assert label == "output" and block.users == 1 and pool.blocks_of(10) == 1
+
+
 def test_the_limit_drops_free_blocks_of_other_sizes_then_refuses():
     pool = new_pool(limit=30)
     small = pool.take(10, claim)

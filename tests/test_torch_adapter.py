@@ -550,6 +550,25 @@ def test_output_cache_limit(every_output_cached):
             ct.set_output_cache_limit(bad)
 
 
+def test_inputs_of_one_shape_in_other_layouts_get_their_own_plans():
+    """The eager paths keep what they work out from an input's shape and strides (its plan): inputs of one shape
+    in other layouts, one after the other and then again, each get theirs."""
+    x = random_tensor((2, 6, 5, 3))
+    layouts = [x, x.contiguous(memory_format=torch.channels_last), in_layout(x, "strided"),
+               x.transpose(0, 1).contiguous().transpose(0, 1)]   # (the batch axis inside the channel axis)
+    norms = [(lambda t: ct.group_norm(t, 3), lambda t: F.group_norm(t, 3)),
+             (lambda t: ct.layer_norm(t, (5, 3)), lambda t: F.layer_norm(t, (5, 3)))]
+    grad_output = random_tensor(x.shape, seed=1)
+    for _ in range(2):
+        for layout in layouts:
+            for ours, theirs in norms:
+                inputs = [layout.detach().requires_grad_() for _ in range(2)]
+                y, expected = ours(inputs[0]), theirs(inputs[1])
+                assert_close_scaled(y, expected, TOLERANCES[torch.float64])
+                grads = [torch.autograd.grad(out, input, grad_output)[0] for out, input in zip((y, expected), inputs)]
+                assert_close_scaled(grads[0], grads[1], TOLERANCES[torch.float64])
+
+
 # --------------------------------------------------------------------------------------------------------
 # Small inputs: torch's own function, where it is faster
 # --------------------------------------------------------------------------------------------------------

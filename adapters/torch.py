@@ -108,6 +108,15 @@ def _input_in_order(input, plan):
     return input if plan.dense else input.contiguous()
 
 
+def _gradient_in_order(grad_output, plan):
+    """``grad_output`` laid out as _input_in_order lays out the input of ``plan``: itself when it has the input's
+    strides (as the outputs have: the usual case, answered without asking torch about its layout), else as
+    :func:`_dense_in_order` makes it."""
+    if plan.dense and grad_output.stride() == plan.strides:
+        return grad_output
+    return _dense_in_order(grad_output, plan.order)
+
+
 def _memory_shape(tensor, order):
     return tuple(tensor.shape) if order is None else tuple(tensor.shape[axis] for axis in order)
 
@@ -210,6 +219,7 @@ def _stats_to_logical(memory, layout):
 class _Plan(NamedTuple):
     """How the eager paths hand an input of one shape and strides to the kernels, for a channel norm of some
     number of groups or a norm over some number of trailing axes (see :func:`_plan`)."""
+    strides: tuple            # of the input
     order: tuple | None       # the memory order of the input, and of the output (see _memory_order)
     dense: bool               # whether the input's memory holds it C-contiguously in that order
     geometry: tuple           # the kernels' view (cynorm._api._Geometry)
@@ -242,14 +252,15 @@ def _channel_plan(input, num_groups):
     order = _memory_order(input)
     shape = _memory_shape(input, order)
     axis = _channel_axis(order)
-    return _Plan(order, order is not None or input.is_contiguous(), _api._group_geometry(shape, axis, num_groups),
-                 (shape[axis],), shape[axis], (shape[0], num_groups), None)
+    return _Plan(input.stride(), order, order is not None or input.is_contiguous(),
+                 _api._group_geometry(shape, axis, num_groups), (shape[axis],), shape[axis], (shape[0], num_groups),
+                 None)
 
 
 def _trailing_plan(input, num_axes):
     layout = _trailing_layout(input, num_axes)
     param_shape = tuple(input.shape[input.dim() - num_axes:])
-    return _Plan(layout.order, layout.order is not None or input.is_contiguous(),
+    return _Plan(input.stride(), layout.order, layout.order is not None or input.is_contiguous(),
                  _api._layer_geometry(_memory_shape(input, layout.order), layout.axes), param_shape,
                  math.prod(param_shape), _stats_memory_shape(input, layout), _logical_order(layout))
 
@@ -401,7 +412,7 @@ def _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     if trusted:
         plan = _plan(input, num_groups=mean.shape[1])
         grad_input = _empty(input, plan.order, cached=True)
-        return (grad_input,) + _trusted_backward(_dense_in_order(grad_output, plan.order),
+        return (grad_input,) + _trusted_backward(_gradient_in_order(grad_output, plan),
                                                  _input_in_order(input, plan), mean, rstd, weight, grad_input, plan,
                                                  centered=True)
     grad_input, order = _channel_norm_output(input, cached=True)
@@ -456,7 +467,7 @@ def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     if trusted:   # the statistics are those _trailing_norm made, their memory in the kernels' order
         plan = _plan(input, num_axes=input.dim() - rstd.dim())
         grad_input = _empty(input, plan.order, cached=True)
-        return (grad_input,) + _trusted_backward(_dense_in_order(grad_output, plan.order),
+        return (grad_input,) + _trusted_backward(_gradient_in_order(grad_output, plan),
                                                  _input_in_order(input, plan), mean, rstd, weight, grad_input, plan,
                                                  centered)
     layout = _trailing_layout(input, input.dim() - rstd.dim())

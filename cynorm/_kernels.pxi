@@ -1863,11 +1863,11 @@ cdef inline floating* staged_block(floating* space,   # STREAM_BLOCK + STAGING_S
                                    Py_ssize_t start, Py_ssize_t stop, Py_ssize_t width) noexcept nogil:
     """Where in `space` the columns view assembles the streamed block [start, stop) of a tile of rows of `width`
     values: placed so that the rows starting in the block start on a vector boundary, where their vectorized
-    loops store (else the block's start).  The block starts on a line of the output, and when the rows do not
-    (an output 16 bytes past a line, as NumPy's large arrays are, and rows of a multiple of 8 values), their
-    stores straddled the buffer's lines: in some processes, where the stack put the buffer there, a
-    channels-last GroupNorm (8,3136,256) forward ran 2.2-2.6 ms against 0.9-1.4 into an output that starts a
-    line; placed, 1.0-1.4 ms in the same processes."""
+    loops store (else the block's start).  The block starts on a line of the output; the rows do not when the
+    output starts 16 bytes past a line, as NumPy's large arrays do, and then their vector stores fell across the
+    buffer's vector boundaries.  In about one process in five, a channels-last GroupNorm (8,3136,256) forward
+    into such an output ran 2.2-2.6 ms against 0.9-1.4 ms into one that starts a line; placed, 1.0-1.4 ms in
+    those processes."""
     cdef Py_ssize_t first_row = (width - start % width) % width
     return space + cynorm_values_to_vector(space + (first_row if first_row < stop - start else 0), sizeof(floating))
 

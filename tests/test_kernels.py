@@ -279,6 +279,7 @@ def _stream_large_outputs(monkeypatch, stream):
 STREAM_CASES = (
     NormCase("group", (3, 6, 5, 37), 1, 3),      # rows, one row per task, several channels per row
     NormCase("layer", (3, 700), -1),             # rows, one element per channel, rows of several blocks
+    NormCase("layer", (6, 528), -1),             # rows of a multiple of 16 values: the one-loop backward
     NormCase("layer", (1, 70001), -1),           # rows, one row split into chunks across threads
     NormCase("layer", (5, 3), -1),               # rows shorter than a vector
     NormCase("group", (2, 9, 9, 12), -1, 4),     # columns, several narrow rows per streamed block

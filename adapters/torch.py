@@ -265,11 +265,6 @@ def _trailing_plan(input, num_axes):
                  math.prod(param_shape), _stats_memory_shape(input, layout), _logical_order(layout))
 
 
-def _plan_stats(input, plan):
-    """Empty float64 statistics for the kernels to fill, as the logical axes' view."""
-    return _new_stats(input, plan.stats_shape, plan.stats_order, real=True)
-
-
 def _empty(input, order, cached):
     """An empty tensor of ``input``'s shape, dtype and device whose memory holds the axes in ``order`` (None:
     C-contiguous; else ``input`` is dense in that order).  ``cached``: a large one comes from the output cache
@@ -360,28 +355,33 @@ def _kernel_param(tensor, size, dtype, default):
 # The kernels take every tensor by address (data_ptr), so the eager paths make no NumPy arrays: a conversion
 # either way cost 7-20 µs once a kernel had swept the caches, and a training step made nine of them.
 
-def _trusted_forward(x, y, mean, rstd, weight, bias, eps, plan, centered):
-    """The forward kernel of ``plan`` on checked tensors whose memory is C-contiguous in the plan's order (y
-    fresh), into the statistics ``mean`` and ``rstd`` (fresh float64 tensors, their memory in the kernels'
-    order); returns (mean, rstd)."""
+def _trusted_forward(input, plan, weight, bias, eps, centered):
+    """The forward kernel of ``input``'s ``plan`` on checked arguments; returns (y, mean, rstd): y laid out in
+    memory as the input, the statistics fresh float64 tensors whose memory is in the kernels' order."""
+    x = _input_in_order(input, plan)
+    y = _empty(input, plan.order, cached=True)
+    mean = _new_stats(input, plan.stats_shape, plan.stats_order, real=True)
+    rstd = _new_stats(input, plan.stats_shape, plan.stats_order, real=True)
     weight = _kernel_param(weight, plan.num_params, x.dtype, 1.0)
     bias = _kernel_param(bias, plan.num_params, x.dtype, 0.0)
     _api._run_forward(x.data_ptr(), y.data_ptr(), x.numel(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(),
                       rstd.data_ptr(), x.dtype == torch.float64, plan.geometry, float(eps), centered)
-    return mean, rstd
+    return y, mean, rstd
 
 
-def _trusted_backward(dy, x, mean, rstd, weight, dx, plan, centered):
-    """The backward kernel on checked tensors laid out as for _trusted_forward (dx fresh) and the statistics it
-    returned (mean unused unless ``centered``); returns the parameter gradients, tensors of x's dtype and of
-    the plan's parameter shape."""
+def _trusted_backward(grad_output, input, mean, rstd, weight, plan, centered):
+    """The backward kernel of ``input``'s ``plan`` on checked arguments and the statistics _trusted_forward
+    returned (mean unused unless ``centered``); returns (grad_input, grad_weight, grad_bias), the parameter
+    gradients of the input's dtype and of the plan's parameter shape."""
+    dy, x = _gradient_in_order(grad_output, plan), _input_in_order(input, plan)
+    dx = _empty(input, plan.order, cached=True)
     dweight = x.new_empty(plan.param_shape)
     dbias = x.new_empty(plan.param_shape)
     weight = _kernel_param(weight, plan.num_params, x.dtype, 1.0)
     _api._run_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), mean.data_ptr() if centered else 0,
                        rstd.data_ptr(), weight.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
                        x.dtype == torch.float64, plan.geometry, centered)
-    return dweight, dbias
+    return dx, dweight, dbias
 
 
 def _stats_tensors(shape, *stats):
@@ -397,10 +397,7 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
     the channel axis last.
     """
     if trusted:
-        plan = _plan(input, num_groups=num_groups)
-        output = _empty(input, plan.order, cached=True)
-        return (output,) + _trusted_forward(_input_in_order(input, plan), output, _plan_stats(input, plan),
-                                            _plan_stats(input, plan), weight, bias, eps, plan, centered=True)
+        return _trusted_forward(input, _plan(input, num_groups=num_groups), weight, bias, eps, centered=True)
     output, order = _channel_norm_output(input, cached=True)
     _, *stats = cynorm.group_norm(_in_memory_order(input, order), num_groups, _array(weight), _array(bias),
                                   axis=_channel_axis(order), eps=eps, out=_in_memory_order(output, order),
@@ -410,11 +407,8 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
 
 def _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     if trusted:
-        plan = _plan(input, num_groups=mean.shape[1])
-        grad_input = _empty(input, plan.order, cached=True)
-        return (grad_input,) + _trusted_backward(_gradient_in_order(grad_output, plan),
-                                                 _input_in_order(input, plan), mean, rstd, weight, grad_input, plan,
-                                                 centered=True)
+        return _trusted_backward(grad_output, input, mean, rstd, weight, _plan(input, num_groups=mean.shape[1]),
+                                 centered=True)
     grad_input, order = _channel_norm_output(input, cached=True)
     dy, x, dx = (_in_memory_order(t, order) for t in (grad_output, input, grad_input))
     _, *param_grads = cynorm.group_norm_backward(dy, x, _array(mean), _array(rstd), _array(weight),
@@ -436,10 +430,8 @@ def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted
     """Layer norm (RMS norm unless ``centered``) over the trailing ``normalized_shape``; returns (y, mean,
     rstd), mean None for RMS norm."""
     if trusted:
-        plan = _plan(input, num_axes=len(normalized_shape))
-        output = _empty(input, plan.order, cached=True)
-        mean, rstd = _trusted_forward(_input_in_order(input, plan), output, _plan_stats(input, plan),
-                                      _plan_stats(input, plan), weight, bias, eps, plan, centered)
+        output, mean, rstd = _trusted_forward(input, _plan(input, num_axes=len(normalized_shape)), weight, bias, eps,
+                                              centered)
         return output, mean if centered else None, rstd
     layout = _trailing_layout(input, len(normalized_shape))
     output = _empty(input, layout.order, cached=True)
@@ -466,10 +458,7 @@ def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     centered = mean is not None
     if trusted:   # the statistics are those _trailing_norm made, their memory in the kernels' order
         plan = _plan(input, num_axes=input.dim() - rstd.dim())
-        grad_input = _empty(input, plan.order, cached=True)
-        return (grad_input,) + _trusted_backward(_gradient_in_order(grad_output, plan),
-                                                 _input_in_order(input, plan), mean, rstd, weight, grad_input, plan,
-                                                 centered)
+        return _trusted_backward(grad_output, input, mean, rstd, weight, plan, centered)
     layout = _trailing_layout(input, input.dim() - rstd.dim())
     grad_input = _empty(input, layout.order, cached=True)
     dy, x, dx = (_in_memory_order(t, layout.order) for t in (grad_output, input, grad_input))

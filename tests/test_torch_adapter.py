@@ -587,6 +587,8 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("layer_norm", (64, 4096), "contiguous", True, "torch"),           # 262K elements, recording
     ("layer_norm", (512, 768), "contiguous", True, ("kernels", "torch")),    # 3 * 2**17 elements, recording
     ("layer_norm", (1024, 1024), "contiguous", True, "kernels"),       # 2**20 elements, recording
+    ("layer_norm", (1024, 512), "contiguous", False, "kernels"),       # 2**19 elements
+    ("layer_norm", (640, 768), "contiguous", False, ("kernels", "torch")),   # 491K elements
     ("layer_norm", (8192, 16), "contiguous", True, ("kernels", "torch")),    # 2**17 elements, 8192 short rows
     ("layer_norm", (65536, 4), "contiguous", True, "kernels"),         # 2**18 elements, 65536 rows of 4
     ("layer_norm", (32, 26, 26, 10), "contiguous", True, "kernels"),   # the tutorial's 21632 rows of 10

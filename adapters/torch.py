@@ -789,14 +789,15 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # 1.7-4.0x from 16384 (the tutorial's (32,26,26,10) 1.72-1.87x).  With the adapter's plans (stop 28), layer norm
 # forwards on rows of 512-4096 values ran 0.82-0.97x torch's at 2**17-491K values, 1.02-1.08x at 2**19 and
 # 1.10-1.13x at 786K, steps 0.94-1.03x at 2**19 (rows of 4096: torch's own 2.0-2.2 ms, erratic) and 1.01x at 786K;
-# channels-first
+# channels-first group norm forwards on maps of 256-1024 values 0.76-0.92x at 2**18, 1.05-1.09x at 2**19 and
+# 1.15-1.18x at 655-786K, steps 0.88-1.12x at 2**19.  Before the plans: channels-first
 # group norm on maps of 100-1024 values 0.79-0.99x up to 2**19 values, 1.06-1.28x from 2**20.  Builds without
 # AVX-512 send those calls to torch.  The other limits stay: RMS norm's and channels-last group norm's calls won
 # there from the limits on, and maps of 7x7 and 8x8 values lost or won by torch's own uneven speed (steps
 # 2.5-2.9x on 7x7 maps from 401K values, 0.65-0.67x on 8x8 maps at 2**19-2**20).
 _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
                                           layer_norm=((2 ** 19, 2 ** 12), (2 ** 20, 2 ** 13)),
-                                          group_norm=((2 ** 20, None), (2 ** 20, None)))
+                                          group_norm=((2 ** 19, None), (2 ** 20, None)))
 # Rows of these lengths (the shortest, the longest) run torch's function at every size, without a gradient to
 # record, then with one.  Builds without AVX-512 have no four-row kernels: each row's sums end in a tree of lanes
 # and a few divisions of its own, which rows of 16-256 values do not pay back.  On the Zen 3, at 2**20-2**22

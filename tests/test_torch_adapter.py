@@ -604,6 +604,8 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("rms_norm", (2, 4096), "contiguous", True, "kernels"),            # RMS norm steps are faster at every size
     ("group_norm", (2, 64, 16, 16), "contiguous", True, "torch"),      # 32K elements
     ("group_norm", (4, 64, 32, 32), "contiguous", True, ("kernels", "torch")),   # 262K elements
+    ("group_norm", (8, 64, 32, 32), "contiguous", False, "kernels"),   # 2**19 elements
+    ("group_norm", (8, 64, 32, 32), "contiguous", True, ("kernels", "torch")),   # 2**19 elements, recording
     ("group_norm", (16, 64, 32, 32), "contiguous", False, "kernels"),  # 2**20 elements
     ("group_norm", (16, 512, 7, 7), "contiguous", True, "torch"),      # 401K elements on maps of 49
     ("group_norm", (16, 512, 8, 8), "contiguous", True, "torch"),      # 2**19 elements on maps of 64

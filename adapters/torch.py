@@ -224,7 +224,6 @@ class _Plan(NamedTuple):
     dense: bool               # whether the input's memory holds it C-contiguously in that order
     geometry: tuple           # the kernels' view (cynorm._api._Geometry)
     param_shape: tuple        # of weight and bias, and of their gradients
-    num_params: int
     stats_shape: tuple        # of the statistics, their axes in memory order
     stats_order: list | None  # the permutation from that order to the logical one (None: the same)
 
@@ -243,26 +242,24 @@ def _plan(input, num_groups=None, num_axes=None):
     if plan is None:
         if len(_plans) >= _PLANS_HELD:
             _plans.clear()
-        plan = _plans[key] = (_channel_plan(input, num_groups) if num_axes is None
-                              else _trailing_plan(input, num_axes))
+        order, *rest = (_channel_plan(input, num_groups) if num_axes is None else _trailing_plan(input, num_axes))
+        plan = _plans[key] = _Plan(key[1], order, order is not None or input.is_contiguous(), *rest)
     return plan
 
 
 def _channel_plan(input, num_groups):
+    """The fields of a channel norm's _Plan from ``order`` on."""
     order = _memory_order(input)
     shape = _memory_shape(input, order)
     axis = _channel_axis(order)
-    return _Plan(input.stride(), order, order is not None or input.is_contiguous(),
-                 _api._group_geometry(shape, axis, num_groups), (shape[axis],), shape[axis], (shape[0], num_groups),
-                 None)
+    return order, _api._group_geometry(shape, axis, num_groups), (shape[axis],), (shape[0], num_groups), None
 
 
 def _trailing_plan(input, num_axes):
+    """The fields of a trailing norm's _Plan from ``order`` on."""
     layout = _trailing_layout(input, num_axes)
-    param_shape = tuple(input.shape[input.dim() - num_axes:])
-    return _Plan(input.stride(), layout.order, layout.order is not None or input.is_contiguous(),
-                 _api._layer_geometry(_memory_shape(input, layout.order), layout.axes), param_shape,
-                 math.prod(param_shape), _stats_memory_shape(input, layout), _logical_order(layout))
+    return (layout.order, _api._layer_geometry(_memory_shape(input, layout.order), layout.axes),
+            tuple(input.shape[input.dim() - num_axes:]), _stats_memory_shape(input, layout), _logical_order(layout))
 
 
 def _empty(input, order, cached):
@@ -362,8 +359,9 @@ def _trusted_forward(input, plan, weight, bias, eps, centered):
     y = _empty(input, plan.order, cached=True)
     mean = _new_stats(input, plan.stats_shape, plan.stats_order, real=True)
     rstd = _new_stats(input, plan.stats_shape, plan.stats_order, real=True)
-    weight = _kernel_param(weight, plan.num_params, x.dtype, 1.0)
-    bias = _kernel_param(bias, plan.num_params, x.dtype, 0.0)
+    num_params = math.prod(plan.param_shape)
+    weight = _kernel_param(weight, num_params, x.dtype, 1.0)
+    bias = _kernel_param(bias, num_params, x.dtype, 0.0)
     _api._run_forward(x.data_ptr(), y.data_ptr(), x.numel(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(),
                       rstd.data_ptr(), x.dtype == torch.float64, plan.geometry, float(eps), centered)
     return y, mean, rstd
@@ -377,7 +375,7 @@ def _trusted_backward(grad_output, input, mean, rstd, weight, plan, centered):
     dx = _empty(input, plan.order, cached=True)
     dweight = x.new_empty(plan.param_shape)
     dbias = x.new_empty(plan.param_shape)
-    weight = _kernel_param(weight, plan.num_params, x.dtype, 1.0)
+    weight = _kernel_param(weight, math.prod(plan.param_shape), x.dtype, 1.0)
     _api._run_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), mean.data_ptr() if centered else 0,
                        rstd.data_ptr(), weight.data_ptr(), dweight.data_ptr(), dbias.data_ptr(),
                        x.dtype == torch.float64, plan.geometry, centered)

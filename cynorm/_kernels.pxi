@@ -386,8 +386,37 @@ cdef extern from *:
        and add_parameter_terms: the same bits.  What changes is that the four rows' trees and coefficients are
        taken together, in vectors, where a row at a time spent most of a row of 32-128 values on them. */
     #include <math.h>
+    /* The four-row forward kernels' statistics of one row from its centred sums t1 and t2, as moments_in_lanes
+       and merge_moments compute them for a row of a single chunk and inverse_std its rstd (the same bits).
+       Returns 1 where the row needs more than that (a centre far from its mean, or float sums that overflowed),
+       for the caller to compute it again; else writes its mean and rstd and returns 0. */
+    static inline int cynorm_single_chunk_statistics(double t1, double t2, float centre, Py_ssize_t length,
+                                                     double eps, int centered, double* mean, double* rstd) {
+        const double inverse_m = 1.0 / (double)length;
+        double chunk_mean = 0, chunk_m2 = t2, total, delta, m2;
+        if (centered) {
+            if (t1 * t1 > 0.75 * (double)length * t2)
+                return 1;
+            chunk_mean = (double)centre + t1 * inverse_m;
+            chunk_m2 = t2 - t1 * t1 * inverse_m;
+            if (chunk_m2 < 0)
+                chunk_m2 = 0;
+        }
+        if (!(isfinite(chunk_mean) && isfinite(chunk_m2)))
+            return 1;
+        total = 0.0 + (double)length;   /* merged into empty moments */
+        delta = chunk_mean - 0.0;
+        *mean = 0.0 + delta * ((double)length / total);
+        m2 = 0.0 + (chunk_m2 + delta * delta * (0.0 * (double)length / total));
+        *rstd = 1.0 / sqrt(m2 / (double)length + eps);
+        return 0;
+    }
     #if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && defined(__AVX512F__)
     #define CYNORM_HAVE_ROW_QUADS 1
+    /* Rows forward: the four-row kernel's longest rows, and the largest arrays it takes beyond rows of
+       QUAD_STREAMED_ROW values (see rows_forward) */
+    #define CYNORM_FORWARD_QUAD_ROW 1024
+    #define CYNORM_FORWARD_QUAD_VALUES PY_SSIZE_T_MAX
     typedef float cynorm_float_8 __attribute__((vector_size(32)));
     typedef float cynorm_float_8u __attribute__((vector_size(32), aligned(sizeof(float)), may_alias));
     typedef double cynorm_double_8 __attribute__((vector_size(64)));
@@ -813,7 +842,6 @@ cdef extern from *:
             double* mean, double* rstd,                                     /* OUT rows k at k */
             const float* next_x) {              /* the next four rows, prefetched meanwhile, or NULL */
         const Py_ssize_t body = length - length % 32;
-        const double inverse_m = 1.0 / (double)length;
         cynorm_float_vector c[4], s1[4][2], s2[4][2], tail_1[2], tail_2[2];
         float centre[4];
         int refused = 0;
@@ -855,26 +883,11 @@ cdef extern from *:
         }
         cynorm_double_8 sums = cynorm_four_totals(s1, s2, body, tail_1, tail_2, (cynorm_float_8){0});
         for (int k = 0; k < 4; k++) {
-            double t1 = sums[k], t2 = sums[4 + k], chunk_mean = 0, chunk_m2 = t2, total, delta, m2;
-            if (centered) {
-                if (t1 * t1 > 0.75 * (double)length * t2) {
-                    refused |= 1 << k;
-                    continue;
-                }
-                chunk_mean = (double)centre[k] + t1 * inverse_m;
-                chunk_m2 = t2 - t1 * t1 * inverse_m;
-                if (chunk_m2 < 0)
-                    chunk_m2 = 0;
-            }
-            if (!(isfinite(chunk_mean) && isfinite(chunk_m2))) {
+            if (cynorm_single_chunk_statistics(sums[k], sums[4 + k], centre[k], length, eps, centered, &mean[k],
+                                               &rstd[k])) {
                 refused |= 1 << k;
                 continue;
             }
-            total = 0.0 + (double)length;   /* merged into empty moments */
-            delta = chunk_mean - 0.0;
-            mean[k] = 0.0 + delta * ((double)length / total);
-            m2 = 0.0 + (chunk_m2 + delta * delta * (0.0 * (double)length / total));
-            rstd[k] = 1.0 / sqrt(m2 / (double)length + eps);
             {
                 float mean_hi = (float)mean[k];
                 cynorm_float_vector mh = cynorm_broadcast_float(mean_hi);
@@ -1021,9 +1034,127 @@ cdef extern from *:
             cynorm_prefetch_lines(next_x + length - 1, 1);
         }
     }
+    /* Rows forward: cynorm_rows4_forward_float of the AVX-512 builds in 8-value vectors, with the same
+       operations in the same order (the same bits): each row's 32 lanes in registers of its own, then the four
+       rows' head means and the ends of their lane trees taken together.  Layer norm forward on a Zen 3, A/B in
+       one process against a row at a time: up to 7.5 MiB, rows of 80 1.9x, 96-128 1.6x, 192 1.5x, 256 1.3-1.5x,
+       384 1.1-1.4x, 512 1.1-1.3x, 576-1024 1.0x; at 8-14 MiB, rows of 128 1.2-1.6x, of 256 0.86-1.27x, of
+       384-512 0.84-1.13x: hence these builds' smaller limits. */
+    #define CYNORM_FORWARD_QUAD_ROW 512
+    #define CYNORM_FORWARD_QUAD_VALUES ((Py_ssize_t)1 << 21)   /* 8 MiB of float */
+    static inline int cynorm_rows4_forward_float(const float* x, float* y,   /* rows k at k * length */
+            Py_ssize_t length, const float* weight, const float* bias, double eps, int centered,
+            double* mean, double* rstd,                                     /* OUT rows k at k */
+            const float* next_x) {              /* the next four rows, prefetched meanwhile, or NULL */
+        typedef float vector __attribute__((vector_size(32)));
+        typedef double doubles __attribute__((vector_size(32)));
+        const Py_ssize_t body = length - length % 32;
+        vector lanes_1[4], lanes_2[4], tails_1[4], tails_2[4];   /* each row's lanes after lanes_total's first
+                                                                    two steps, and its 8 tail lanes */
+        float centre[4];
+        int refused = 0;
+        for (int k = 0; k < 4; k++) {   /* head_mean: the first 32 values in 8 double lanes, 4 in each half */
+            centre[k] = 0.0f;
+            if (centered) {
+                doubles low = (doubles){0}, high = (doubles){0};
+                for (int step = 0; step < 4; step++) {
+                    vector v = *(const cynorm_float_8u*)(x + k * length + 8 * step);
+                    low += __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), doubles);
+                    high += __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), doubles);
+                }
+                doubles p = low + high;   /* lanes j + (j + 4) */
+                centre[k] = (float)((((p[0] + p[2]) + (p[1] + p[3])) + 0.0) * (1.0 / 32));
+            }
+        }
+        for (int k = 0; k < 4; k++) {   /* centred_sums: the first 32 values set the lanes */
+            const float* row = x + k * length;
+            const vector c = (vector)_mm256_set1_ps(centre[k]);
+            vector s1[4], s2[4];
+            for (int h = 0; h < 4; h++) {
+                vector d = *(const cynorm_float_8u*)(row + 8 * h) - c;
+                s1[h] = d;
+                s2[h] = d * d;
+            }
+            for (Py_ssize_t i = 32; i < body; i += 32) {
+                for (int h = 0; h < 4; h++) {
+                    vector d = *(const cynorm_float_8u*)(row + i + 8 * h) - c;
+                    s1[h] += d;
+                    s2[h] += d * d;
+                }
+            }
+            lanes_1[k] = (s1[0] + s1[2]) + (s1[1] + s1[3]);   /* lanes j += j + 16, then j += j + 8 */
+            lanes_2[k] = (s2[0] + s2[2]) + (s2[1] + s2[3]);
+            tails_1[k] = tails_2[k] = (vector){0};
+            for (Py_ssize_t i = body; i < length; i += 8) {   /* (16 values, or none) */
+                vector d = *(const cynorm_float_8u*)(row + i) - c;
+                tails_1[k] += d;
+                tails_2[k] += d * d;
+            }
+        }
+        /* Rows k and k + 1 in one vector: lanes j += j + 4 (lanes_total), the tails' q_j + q_(j+4) */
+        vector halves[4], tail_halves[4];
+        #define CYNORM_ROW_PAIR_HALVES(a, b) (__builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) \
+                                              + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15))
+        for (int k = 0; k < 4; k += 2) {
+            halves[k / 2] = CYNORM_ROW_PAIR_HALVES(lanes_1[k], lanes_1[k + 1]);
+            halves[2 + k / 2] = CYNORM_ROW_PAIR_HALVES(lanes_2[k], lanes_2[k + 1]);
+            tail_halves[k / 2] = CYNORM_ROW_PAIR_HALVES(tails_1[k], tails_1[k + 1]);
+            tail_halves[2 + k / 2] = CYNORM_ROW_PAIR_HALVES(tails_2[k], tails_2[k + 1]);
+        }
+        #undef CYNORM_ROW_PAIR_HALVES
+        double totals[8];   /* the four rows' first sums, then their second sums */
+        for (int a = 0; a < 2; a++) {
+            /* lanes j += j + 2 (lanes_total); the tails' (q0 + q4 + q2 + q6) + (q1 + q5 + q3 + q7) + rest 0 */
+            vector pairs = __builtin_shufflevector(halves[2 * a], halves[2 * a + 1], 0, 1, 4, 5, 8, 9, 12, 13)
+                           + __builtin_shufflevector(halves[2 * a], halves[2 * a + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+            vector tail_pairs = __builtin_shufflevector(tail_halves[2 * a], tail_halves[2 * a + 1],
+                                                        0, 1, 4, 5, 8, 9, 12, 13)
+                                + __builtin_shufflevector(tail_halves[2 * a], tail_halves[2 * a + 1],
+                                                          2, 3, 6, 7, 10, 11, 14, 15);
+            vector tails = (__builtin_shufflevector(tail_pairs, tail_pairs, 0, 2, 4, 6, 0, 2, 4, 6)
+                            + __builtin_shufflevector(tail_pairs, tail_pairs, 1, 3, 5, 7, 1, 3, 5, 7)) + (vector){0};
+            doubles sums = (__builtin_convertvector(__builtin_shufflevector(pairs, pairs, 0, 2, 4, 6), doubles)
+                            + __builtin_convertvector(__builtin_shufflevector(pairs, pairs, 1, 3, 5, 7), doubles))
+                           + __builtin_convertvector(__builtin_shufflevector(tails, tails, 0, 1, 2, 3), doubles);
+            for (int j = 0; j < 4; j++)
+                totals[4 * a + j] = sums[j];
+        }
+        for (int k = 0; k < 4; k++)
+            refused |= cynorm_single_chunk_statistics(totals[k], totals[4 + k], centre[k], length, eps, centered,
+                                                      &mean[k], &rstd[k]) << k;
+        for (int k = 0; k < 4; k++) {
+            if (refused & (1 << k))
+                continue;
+            const float mean_hi = (float)mean[k];
+            const vector mh = (vector)_mm256_set1_ps(mean_hi);
+            const vector ml = (vector)_mm256_set1_ps(cynorm_mean_rest(mean[k], mean_hi));
+            const vector rs = (vector)_mm256_set1_ps((float)rstd[k]);
+            if (next_x)   /* the line of the row's last value, which a row that does not start a line adds */
+                __builtin_prefetch(next_x + (k + 1) * length - 1, 0, 3);
+            for (Py_ssize_t i = 0; i < length; i += 16) {
+                if (next_x)   /* (a line for each line written: the memory keeps busy) */
+                    __builtin_prefetch(next_x + k * length + i, 0, 3);
+                for (int h = 0; h < 16; h += 8) {
+                    vector v = *(const cynorm_float_8u*)(x + k * length + i + h);
+                    *(cynorm_float_8u*)(y + k * length + i + h) =
+                        ((((v - mh) - ml) * rs) * *(const cynorm_float_8u*)(weight + i + h))
+                        + *(const cynorm_float_8u*)(bias + i + h);
+                }
+            }
+        }
+        return refused;
+    }
     #else
     #define CYNORM_HAVE_ROW_LOOP 0
     #define CYNORM_ROW_LOOP_JOINS_LINES 0
+    #define CYNORM_FORWARD_QUAD_ROW 0
+    #define CYNORM_FORWARD_QUAD_VALUES 0
+    static inline int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
+            const float* bias, double eps, int centered, double* mean, double* rstd, const float* next_x) {
+        (void)x; (void)y; (void)length; (void)weight; (void)bias; (void)eps; (void)centered; (void)mean;
+        (void)rstd; (void)next_x;
+        return 15;
+    }
     static inline void cynorm_row_input_gradient_float(
             const float* dy, const float* x, float* dx, Py_ssize_t length, const float* weight,
             float rs, float mean_hi, float mean_lo, float coef_x, float coef_0,
@@ -1058,12 +1189,6 @@ cdef extern from *:
             double* sum_dy, double* sum_dy_xhat) {
         (void)dy; (void)x; (void)row_stride; (void)inner; (void)mean; (void)rstd; (void)stat_stride; (void)sum_dy;
         (void)sum_dy_xhat;
-    }
-    static inline int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
-            const float* bias, double eps, int centered, double* mean, double* rstd, const float* next_x) {
-        (void)x; (void)y; (void)length; (void)weight; (void)bias; (void)eps; (void)centered; (void)mean;
-        (void)rstd; (void)next_x;
-        return 15;
     }
     static inline void cynorm_rows16_backward_float(const float* dy, const float* x, float* out,
             Py_ssize_t row_stride, Py_ssize_t out_stride, const float* weight, const float* mean_hi,
@@ -1195,6 +1320,8 @@ cdef extern from *:
     Py_ssize_t cynorm_values_past_line(const void* p, Py_ssize_t itemsize) noexcept nogil
     Py_ssize_t cynorm_values_to_vector(const void* p, Py_ssize_t itemsize) noexcept nogil
     bint CYNORM_HAVE_ROW_QUADS
+    Py_ssize_t CYNORM_FORWARD_QUAD_ROW
+    Py_ssize_t CYNORM_FORWARD_QUAD_VALUES
     bint CYNORM_HAVE_ROW_LOOP
     bint CYNORM_NORMALIZE_ROW_QUADS
     bint CYNORM_ROW_LOOP_JOINS_LINES
@@ -1336,14 +1463,15 @@ cdef enum:
     # lanes' order.)
     QUAD_ROW = 1024
     QUAD_STREAMED_ROW = 128
-    # Rows forward, the same rows longer than SHORT_ROW and of at most QUAD_FORWARD_ROW values, output not
-    # streamed: four rows at a time (cynorm_rows4_forward_float; the same bits), each four asking for the next
-    # four while they are written (without that, arrays of 12-16 MiB ran 0.84-1.0x).  Layer norm forward on
-    # 2**18 values, A/B in one process: rows of 80 1.9x, 96 1.6x, 128 1.5x, 192-384 1.4x, 512 1.13-1.25x,
-    # 640-1024 1.06-1.15x, 2048 0.95x; on 12 MiB, rows of 768 1.13x, 1024 1.0x.  Rows of at most QUAD_STREAMED_ROW
-    # take them also where the output would stream, with ordinary stores: on 16-64 MiB, rows of 80 1.9x, 96 1.5x,
-    # 128 1.14-1.58x faster than a row at a time streamed (256: 0.93-1.38x, 384 0.89x, so longer rows stream).
-    QUAD_FORWARD_ROW = 1024
+    # Rows forward, the same rows longer than SHORT_ROW and of at most CYNORM_FORWARD_QUAD_ROW values (1024 in
+    # AVX-512 builds, 512 in AVX2 builds, none in others), output not streamed, arrays of fewer than
+    # CYNORM_FORWARD_QUAD_VALUES (AVX2 builds: 8 MiB): four rows at a time (cynorm_rows4_forward_float; the same bits),
+    # each four asking for the next four while they are written (without that, arrays of 12-16 MiB ran 0.84-1.0x).
+    # Layer norm forward on 2**18 values, A/B in one process on a Zen 5: rows of 80 1.9x, 96 1.6x, 128 1.5x, 192-384
+    # 1.4x, 512 1.13-1.25x, 640-1024 1.06-1.15x, 2048 0.95x; on 12 MiB, rows of 768 1.13x, 1024 1.0x (the AVX2
+    # kernel's figures are with it).  Rows of at most QUAD_STREAMED_ROW take them at every size, also where the output
+    # would stream, with ordinary stores: on 16-64 MiB, rows of 80 1.9x, 96 1.5x, 128 1.14-1.58x faster than a row at
+    # a time streamed (256: 0.93-1.38x, 384 0.89x, so longer rows stream); with AVX2 on a Zen 3, rows of 96-128 1.35x.
     # Rows backward, several elements per channel (channels-first group norm), float channels of fewer than
     # CHANNEL_QUAD_INNER values: the gradient sums four channels at a time and dx a channel at a time in vectors,
     # the last values under a mask (cynorm_channel_quads_gradient_sums_float, cynorm_channels_input_gradient_float;
@@ -2233,10 +2361,11 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef char* writers = NULL
     cdef cynorm_stream_writer* writer
     cdef bint by_rows, chunked
-    # float rows of a multiple of 16 values four at a time (see QUAD_FORWARD_ROW)
-    cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and groups == 1 and inner == 1
-                       and length > SHORT_ROW and length % 16 == 0 and length <= QUAD_FORWARD_ROW
-                       and (not stream or length <= QUAD_STREAMED_ROW))
+    # float rows of a multiple of 16 values four at a time (see CYNORM_FORWARD_QUAD_ROW)
+    cdef bint quads = (floating is float and groups == 1 and inner == 1
+                       and length > SHORT_ROW and length % 16 == 0 and length <= CYNORM_FORWARD_QUAD_ROW
+                       and (length <= QUAD_STREAMED_ROW
+                            or (not stream and n_rows * length < CYNORM_FORWARD_QUAD_VALUES)))
     cdef int refused
     if n_rows == 0 or length == 0:
         return

@@ -386,6 +386,37 @@ cdef extern from *:
        and add_parameter_terms: the same bits.  What changes is that the four rows' trees and coefficients are
        taken together, in vectors, where a row at a time spent most of a row of 32-128 values on them. */
     #include <math.h>
+    #if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && (defined(__AVX512F__) || defined(__AVX2__))
+    /* Pieces of the four-row kernels of AVX-512 and AVX2 builds. */
+    typedef double cynorm_double_4 __attribute__((vector_size(32)));
+    /* Four rows' statistics, k at k * stride (mean NULL: zeros), in the float parts the kernels take */
+    static inline __attribute__((always_inline)) void cynorm_four_row_statistics(
+            const double* mean, const double* rstd, Py_ssize_t stride,
+            float mean_hi[4], float mean_lo[4], float rs[4]) {                      /* OUT */
+        for (int k = 0; k < 4; k++) {
+            double row_mean = mean ? mean[k * stride] : 0.0;
+            mean_hi[k] = (float)row_mean;
+            mean_lo[k] = cynorm_mean_rest(row_mean, mean_hi[k]);
+            rs[k] = (float)rstd[k * stride];
+        }
+    }
+    /* Four rows' dx coefficients from their gradient sums (k at k), the operations of input_gradient_coefficients
+       (rstd k at k * stat_stride) */
+    static inline __attribute__((always_inline)) void cynorm_four_coefficients(
+            cynorm_double_4 sum_g, cynorm_double_4 sum_gx, const double* rstd, Py_ssize_t stat_stride,
+            const float mean_lo[4], Py_ssize_t length, int centered,
+            float coef_x_f[4], float coef_0_f[4]) {                                  /* OUT */
+        cynorm_double_4 r = {rstd[0], rstd[stat_stride], rstd[2 * stat_stride], rstd[3 * stat_stride]};
+        cynorm_double_4 lo = {(double)mean_lo[0], (double)mean_lo[1], (double)mean_lo[2], (double)mean_lo[3]};
+        cynorm_double_4 k1 = centered ? sum_g / (double)length : (cynorm_double_4){0};
+        cynorm_double_4 k2 = sum_gx / (double)length;
+        cynorm_double_4 coef_x = ((-r) * r) * k2;
+        cynorm_double_4 coef_0 = ((-r) * k1) + (((r * r) * k2) * lo);
+        for (int k = 0; k < 4; k++) {
+            coef_x_f[k] = (float)coef_x[k];
+            coef_0_f[k] = (float)coef_0[k];
+        }
+    }
     /* The four-row forward kernels' statistics of one row from its centred sums t1 and t2, as moments_in_lanes
        and merge_moments compute them for a row of a single chunk and inverse_std its rstd (the same bits).
        Returns 1 where the row needs more than that (a centre far from its mean, or float sums that overflowed),
@@ -411,16 +442,18 @@ cdef extern from *:
         *rstd = 1.0 / sqrt(m2 / (double)length + eps);
         return 0;
     }
+    #endif
     #if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && defined(__AVX512F__)
     #define CYNORM_HAVE_ROW_QUADS 1
     /* Rows forward: the four-row kernel's longest rows, and the largest arrays it takes beyond rows of
        QUAD_STREAMED_ROW values (see rows_forward) */
     #define CYNORM_FORWARD_QUAD_ROW 1024
     #define CYNORM_FORWARD_QUAD_VALUES PY_SSIZE_T_MAX
+    /* Rows backward: the longest rows the four rows' coefficients take together (see rows_backward) */
+    #define CYNORM_BACKWARD_QUAD_ROW 1024
     typedef float cynorm_float_8 __attribute__((vector_size(32)));
     typedef float cynorm_float_8u __attribute__((vector_size(32), aligned(sizeof(float)), may_alias));
     typedef double cynorm_double_8 __attribute__((vector_size(64)));
-    typedef double cynorm_double_4 __attribute__((vector_size(32)));
     static inline __attribute__((always_inline)) cynorm_float_vector cynorm_broadcast_float(float value) {
         return (cynorm_float_vector)_mm512_set1_ps(value);
     }
@@ -481,17 +514,6 @@ cdef extern from *:
         }
         return totals;
     }
-    /* Four rows' statistics, k at k * stride (mean NULL: zeros), in the float parts the kernels take */
-    static inline __attribute__((always_inline)) void cynorm_four_row_statistics(
-            const double* mean, const double* rstd, Py_ssize_t stride,
-            float mean_hi[4], float mean_lo[4], float rs[4]) {                      /* OUT */
-        for (int k = 0; k < 4; k++) {
-            double row_mean = mean ? mean[k * stride] : 0.0;
-            mean_hi[k] = (float)row_mean;
-            mean_lo[k] = cynorm_mean_rest(row_mean, mean_hi[k]);
-            rs[k] = (float)rstd[k * stride];
-        }
-    }
     /* Four rows' statistics in float parts and their dx coefficients (see cynorm_rows4_backward_float) */
     static inline __attribute__((always_inline)) void cynorm_rows4_coefficients_float(
             const float* dy, const float* x,                    /* rows k at k * row_stride */
@@ -541,18 +563,9 @@ cdef extern from *:
         /* (no values are left one by one: rest 0) */
         cynorm_double_8 sums = cynorm_four_totals(s1, s2, body, tail_g, tail_gx, (cynorm_float_8){0});
         sums = 0.0 + sums;   /* (each row's sums start from 0.0) */
-        cynorm_double_4 sum_g = __builtin_shufflevector(sums, sums, 0, 1, 2, 3);
-        cynorm_double_4 sum_gx = __builtin_shufflevector(sums, sums, 4, 5, 6, 7);
-        cynorm_double_4 r = {rstd[0], rstd[stat_stride], rstd[2 * stat_stride], rstd[3 * stat_stride]};
-        cynorm_double_4 lo = {(double)mean_lo[0], (double)mean_lo[1], (double)mean_lo[2], (double)mean_lo[3]};
-        cynorm_double_4 k1 = centered ? sum_g / (double)length : (cynorm_double_4){0};
-        cynorm_double_4 k2 = sum_gx / (double)length;
-        cynorm_double_4 coef_x = ((-r) * r) * k2;
-        cynorm_double_4 coef_0 = ((-r) * k1) + (((r * r) * k2) * lo);
-        for (int k = 0; k < 4; k++) {
-            coef_x_f[k] = (float)coef_x[k];
-            coef_0_f[k] = (float)coef_0[k];
-        }
+        cynorm_four_coefficients(__builtin_shufflevector(sums, sums, 0, 1, 2, 3),
+                                 __builtin_shufflevector(sums, sums, 4, 5, 6, 7), rstd, stat_stride, mean_lo, length,
+                                 centered, coef_x_f, coef_0_f);
     }
     static inline void cynorm_rows4_backward_float(
             const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
@@ -676,23 +689,6 @@ cdef extern from *:
             cynorm_prefetch_lines(next_dy + length - 1, 1);
             cynorm_prefetch_lines(next_x + length - 1, 1);
         }
-    }
-    /* Rows backward, one element per channel, four float rows of a multiple of 16 values, not streamed: their
-       sums and coefficients taken together, as cynorm_rows4_backward_float takes them, then each row's dx and
-       parameter terms in one loop, as cynorm_row_input_gradient_float writes them (the same bits).  See
-       QUAD_ROW. */
-    static inline void cynorm_rows4_row_loops_backward_float(
-            const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
-            Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
-            const double* mean, const double* rstd,            /* rows k at k * stat_stride; mean NULL: zeros */
-            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
-        float mean_hi[4], mean_lo[4], rs[4], coef_x[4], coef_0[4];
-        cynorm_rows4_coefficients_float(dy, x, row_stride, length, weight, mean, rstd, stat_stride, centered,
-                                        mean_hi, mean_lo, rs, coef_x, coef_0);
-        for (int k = 0; k < 4; k++)
-            cynorm_row_input_gradient_float(dy + k * row_stride, x + k * row_stride, dx + k * row_stride, length,
-                                            weight, rs[k], mean_hi[k], mean_lo[k], coef_x[k], coef_0[k],
-                                            dweight_run, dbias_run, 0, NULL, NULL, NULL);
     }
     /* Rows backward, several elements per channel (channels-first group and instance norm): the gradient sums
        of four channels of `inner` < CHUNK values each, `stride` values from each other, each with its row's
@@ -985,12 +981,6 @@ cdef extern from *:
     #else
     #define CYNORM_HAVE_ROW_QUADS 0
     #define CYNORM_NORMALIZE_ROW_QUADS 0
-    static inline void cynorm_rows4_row_loops_backward_float(const float* dy, const float* x, float* dx,
-            Py_ssize_t row_stride, Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
-            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
-        (void)dy; (void)x; (void)dx; (void)row_stride; (void)length; (void)weight; (void)mean; (void)rstd;
-        (void)stat_stride; (void)centered; (void)dweight_run; (void)dbias_run;
-    }
     #if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)) && defined(__AVX2__)
     /* AVX2 builds: the one-row loop of the AVX-512 builds in 8-value vectors, the same operations in the same
        order (the same bits).  dx streams only where it starts a line (every row then starts one): the others
@@ -999,6 +989,7 @@ cdef extern from *:
        (1024,768) 1.01x. */
     #define CYNORM_HAVE_ROW_LOOP 1
     #define CYNORM_ROW_LOOP_JOINS_LINES 0
+    typedef float cynorm_float_8 __attribute__((vector_size(32)));
     typedef float cynorm_float_8u __attribute__((vector_size(32), aligned(sizeof(float)), may_alias));
     static inline void cynorm_row_input_gradient_float(
             const float* dy, const float* x, float* dx, Py_ssize_t length, const float* weight,
@@ -1034,6 +1025,44 @@ cdef extern from *:
             cynorm_prefetch_lines(next_x + length - 1, 1);
         }
     }
+    /* The ends of four rows' two lane trees, rows k and k + 1 in one vector: lanes_total's from its third step,
+       on each row's 32 lanes already added down to 8 (lanes_1, lanes_2), and tail_lanes_total's with rest 0 on
+       its 8 tail lanes (tails_1, tails_2); totals[k] and totals[4 + k] are row k's two sums. */
+    static inline __attribute__((always_inline)) void cynorm_four_rows_totals_8(
+            const cynorm_float_8 lanes_1[4], const cynorm_float_8 lanes_2[4],
+            const cynorm_float_8 tails_1[4], const cynorm_float_8 tails_2[4], double totals[8]) {  /* OUT */
+        cynorm_float_8 halves[4], tail_halves[4];   /* lanes j += j + 4 (lanes_total), the tails' q_j + q_(j+4) */
+        #define CYNORM_ROW_PAIR_HALVES(a, b) (__builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) \
+                                              + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15))
+        for (int k = 0; k < 4; k += 2) {
+            halves[k / 2] = CYNORM_ROW_PAIR_HALVES(lanes_1[k], lanes_1[k + 1]);
+            halves[2 + k / 2] = CYNORM_ROW_PAIR_HALVES(lanes_2[k], lanes_2[k + 1]);
+            tail_halves[k / 2] = CYNORM_ROW_PAIR_HALVES(tails_1[k], tails_1[k + 1]);
+            tail_halves[2 + k / 2] = CYNORM_ROW_PAIR_HALVES(tails_2[k], tails_2[k + 1]);
+        }
+        #undef CYNORM_ROW_PAIR_HALVES
+        for (int a = 0; a < 2; a++) {
+            /* lanes j += j + 2 (lanes_total); the tails' (q0 + q4 + q2 + q6) + (q1 + q5 + q3 + q7) + rest 0 */
+            cynorm_float_8 pairs = __builtin_shufflevector(halves[2 * a], halves[2 * a + 1], 0, 1, 4, 5, 8, 9, 12, 13)
+                                   + __builtin_shufflevector(halves[2 * a], halves[2 * a + 1],
+                                                             2, 3, 6, 7, 10, 11, 14, 15);
+            cynorm_float_8 tail_pairs = __builtin_shufflevector(tail_halves[2 * a], tail_halves[2 * a + 1],
+                                                                0, 1, 4, 5, 8, 9, 12, 13)
+                                        + __builtin_shufflevector(tail_halves[2 * a], tail_halves[2 * a + 1],
+                                                                  2, 3, 6, 7, 10, 11, 14, 15);
+            cynorm_float_8 tails = (__builtin_shufflevector(tail_pairs, tail_pairs, 0, 2, 4, 6, 0, 2, 4, 6)
+                                    + __builtin_shufflevector(tail_pairs, tail_pairs, 1, 3, 5, 7, 1, 3, 5, 7))
+                                   + (cynorm_float_8){0};
+            cynorm_double_4 sums = (__builtin_convertvector(__builtin_shufflevector(pairs, pairs, 0, 2, 4, 6),
+                                                            cynorm_double_4)
+                                    + __builtin_convertvector(__builtin_shufflevector(pairs, pairs, 1, 3, 5, 7),
+                                                              cynorm_double_4))
+                                   + __builtin_convertvector(__builtin_shufflevector(tails, tails, 0, 1, 2, 3),
+                                                             cynorm_double_4);
+            for (int j = 0; j < 4; j++)
+                totals[4 * a + j] = sums[j];
+        }
+    }
     /* Rows forward: cynorm_rows4_forward_float of the AVX-512 builds in 8-value vectors, with the same
        operations in the same order (the same bits): each row's 32 lanes in registers of its own, then the four
        rows' head means and the ends of their lane trees taken together.  Layer norm forward on a Zen 3, A/B in
@@ -1046,8 +1075,8 @@ cdef extern from *:
             Py_ssize_t length, const float* weight, const float* bias, double eps, int centered,
             double* mean, double* rstd,                                     /* OUT rows k at k */
             const float* next_x) {              /* the next four rows, prefetched meanwhile, or NULL */
-        typedef float vector __attribute__((vector_size(32)));
-        typedef double doubles __attribute__((vector_size(32)));
+        typedef cynorm_float_8 vector;
+        typedef cynorm_double_4 doubles;
         const Py_ssize_t body = length - length % 32;
         vector lanes_1[4], lanes_2[4], tails_1[4], tails_2[4];   /* each row's lanes after lanes_total's first
                                                                     two steps, and its 8 tail lanes */
@@ -1091,34 +1120,8 @@ cdef extern from *:
                 tails_2[k] += d * d;
             }
         }
-        /* Rows k and k + 1 in one vector: lanes j += j + 4 (lanes_total), the tails' q_j + q_(j+4) */
-        vector halves[4], tail_halves[4];
-        #define CYNORM_ROW_PAIR_HALVES(a, b) (__builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) \
-                                              + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15))
-        for (int k = 0; k < 4; k += 2) {
-            halves[k / 2] = CYNORM_ROW_PAIR_HALVES(lanes_1[k], lanes_1[k + 1]);
-            halves[2 + k / 2] = CYNORM_ROW_PAIR_HALVES(lanes_2[k], lanes_2[k + 1]);
-            tail_halves[k / 2] = CYNORM_ROW_PAIR_HALVES(tails_1[k], tails_1[k + 1]);
-            tail_halves[2 + k / 2] = CYNORM_ROW_PAIR_HALVES(tails_2[k], tails_2[k + 1]);
-        }
-        #undef CYNORM_ROW_PAIR_HALVES
         double totals[8];   /* the four rows' first sums, then their second sums */
-        for (int a = 0; a < 2; a++) {
-            /* lanes j += j + 2 (lanes_total); the tails' (q0 + q4 + q2 + q6) + (q1 + q5 + q3 + q7) + rest 0 */
-            vector pairs = __builtin_shufflevector(halves[2 * a], halves[2 * a + 1], 0, 1, 4, 5, 8, 9, 12, 13)
-                           + __builtin_shufflevector(halves[2 * a], halves[2 * a + 1], 2, 3, 6, 7, 10, 11, 14, 15);
-            vector tail_pairs = __builtin_shufflevector(tail_halves[2 * a], tail_halves[2 * a + 1],
-                                                        0, 1, 4, 5, 8, 9, 12, 13)
-                                + __builtin_shufflevector(tail_halves[2 * a], tail_halves[2 * a + 1],
-                                                          2, 3, 6, 7, 10, 11, 14, 15);
-            vector tails = (__builtin_shufflevector(tail_pairs, tail_pairs, 0, 2, 4, 6, 0, 2, 4, 6)
-                            + __builtin_shufflevector(tail_pairs, tail_pairs, 1, 3, 5, 7, 1, 3, 5, 7)) + (vector){0};
-            doubles sums = (__builtin_convertvector(__builtin_shufflevector(pairs, pairs, 0, 2, 4, 6), doubles)
-                            + __builtin_convertvector(__builtin_shufflevector(pairs, pairs, 1, 3, 5, 7), doubles))
-                           + __builtin_convertvector(__builtin_shufflevector(tails, tails, 0, 1, 2, 3), doubles);
-            for (int j = 0; j < 4; j++)
-                totals[4 * a + j] = sums[j];
-        }
+        cynorm_four_rows_totals_8(lanes_1, lanes_2, tails_1, tails_2, totals);
         for (int k = 0; k < 4; k++)
             refused |= cynorm_single_chunk_statistics(totals[k], totals[4 + k], centre[k], length, eps, centered,
                                                       &mean[k], &rstd[k]) << k;
@@ -1144,9 +1147,67 @@ cdef extern from *:
         }
         return refused;
     }
+    /* Rows backward: cynorm_rows4_coefficients_float of the AVX-512 builds in 8-value vectors (the same bits),
+       each row's gradient sums in registers of its own, the ends of the four rows' trees and their coefficients
+       taken together; the rows' dx and parameter terms then go a row at a time (see
+       cynorm_rows4_row_loops_backward_float).  Layer norm backward on a Zen 3, A/B in one process against a row
+       at a time, not streamed (1-4 MiB): rows of 32 2.2x, 48 2.9x, 64 1.7x, 80 2.2x, 96 1.6x, 112 2.0x, 128
+       1.5x, 144 1.8x, 192 1.3x, 256 1.1-1.2x, 384-1024 0.92-1.1x. */
+    #define CYNORM_BACKWARD_QUAD_ROW 256
+    static inline __attribute__((always_inline)) void cynorm_rows4_coefficients_float(
+            const float* dy, const float* x,                    /* rows k at k * row_stride */
+            Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
+            const double* mean, const double* rstd,            /* rows k at k * stat_stride; mean NULL: zeros */
+            Py_ssize_t stat_stride, int centered,
+            float mean_hi[4], float mean_lo[4], float rs_f[4], float coef_x_f[4], float coef_0_f[4]) {  /* OUT */
+        typedef cynorm_float_8 vector;
+        const Py_ssize_t body = length - length % 32;           /* summed in 32 lanes, the 16 left in 8 */
+        vector lanes_g[4], lanes_gx[4], tails_g[4], tails_gx[4];
+        double totals[8];
+        cynorm_four_row_statistics(mean, rstd, stat_stride, mean_hi, mean_lo, rs_f);
+        for (int k = 0; k < 4; k++) {
+            const float* g_row = dy + k * row_stride;
+            const float* x_row = x + k * row_stride;
+            const vector mh = (vector)_mm256_set1_ps(mean_hi[k]), ml = (vector)_mm256_set1_ps(mean_lo[k]);
+            const vector rs = (vector)_mm256_set1_ps(rs_f[k]);
+            vector s1[4], s2[4];
+            /* the row's g = weight * dy and g * xhat at i, 8 values */
+            #define CYNORM_ROW_TERMS(i, g, gx)                                                                   \
+                vector g = *(const cynorm_float_8u*)(weight + (i)) * *(const cynorm_float_8u*)(g_row + (i)); \
+                vector gx = g * (((*(const cynorm_float_8u*)(x_row + (i)) - mh) - ml) * rs);
+            for (int h = 0; h < 4; h++) {   /* the first 32 values set the lanes */
+                CYNORM_ROW_TERMS(8 * h, g, gx)
+                s1[h] = g;
+                s2[h] = gx;
+            }
+            for (Py_ssize_t i = 32; i < body; i += 32) {
+                for (int h = 0; h < 4; h++) {
+                    CYNORM_ROW_TERMS(i + 8 * h, g, gx)
+                    s1[h] += g;
+                    s2[h] += gx;
+                }
+            }
+            lanes_g[k] = (s1[0] + s1[2]) + (s1[1] + s1[3]);   /* lanes j += j + 16, then j += j + 8 */
+            lanes_gx[k] = (s2[0] + s2[2]) + (s2[1] + s2[3]);
+            tails_g[k] = tails_gx[k] = (vector){0};
+            for (Py_ssize_t i = body; i < length; i += 8) {   /* (16 values, or none) */
+                CYNORM_ROW_TERMS(i, g, gx)
+                tails_g[k] += g;
+                tails_gx[k] += gx;
+            }
+            #undef CYNORM_ROW_TERMS
+        }
+        cynorm_four_rows_totals_8(lanes_g, lanes_gx, tails_g, tails_gx, totals);
+        cynorm_double_4 sum_g = {totals[0], totals[1], totals[2], totals[3]};
+        cynorm_double_4 sum_gx = {totals[4], totals[5], totals[6], totals[7]};
+        /* (each row's sums start from 0.0) */
+        cynorm_four_coefficients(0.0 + sum_g, 0.0 + sum_gx, rstd, stat_stride, mean_lo, length, centered, coef_x_f,
+                                 coef_0_f);
+    }
     #else
     #define CYNORM_HAVE_ROW_LOOP 0
     #define CYNORM_ROW_LOOP_JOINS_LINES 0
+    #define CYNORM_BACKWARD_QUAD_ROW 0
     #define CYNORM_FORWARD_QUAD_ROW 0
     #define CYNORM_FORWARD_QUAD_VALUES 0
     static inline int cynorm_rows4_forward_float(const float* x, float* y, Py_ssize_t length, const float* weight,
@@ -1197,6 +1258,32 @@ cdef extern from *:
         (void)dy; (void)x; (void)out; (void)row_stride; (void)out_stride; (void)weight; (void)mean_hi;
         (void)mean_lo; (void)rs; (void)rstd; (void)stat_stride; (void)centered; (void)dweight_run;
         (void)dbias_run; (void)dweight_partial; (void)dbias_partial;
+    }
+    #endif
+    #if CYNORM_BACKWARD_QUAD_ROW
+    /* Rows backward, one element per channel, four float rows of a multiple of 16 values, not streamed: their
+       sums and coefficients taken together, as cynorm_rows4_backward_float takes them, then each row's dx and
+       parameter terms in one loop, as cynorm_row_input_gradient_float writes them (the same bits).  See
+       CYNORM_BACKWARD_QUAD_ROW. */
+    static inline void cynorm_rows4_row_loops_backward_float(
+            const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
+            Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
+            const double* mean, const double* rstd,            /* rows k at k * stat_stride; mean NULL: zeros */
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+        float mean_hi[4], mean_lo[4], rs[4], coef_x[4], coef_0[4];
+        cynorm_rows4_coefficients_float(dy, x, row_stride, length, weight, mean, rstd, stat_stride, centered,
+                                        mean_hi, mean_lo, rs, coef_x, coef_0);
+        for (int k = 0; k < 4; k++)
+            cynorm_row_input_gradient_float(dy + k * row_stride, x + k * row_stride, dx + k * row_stride, length,
+                                            weight, rs[k], mean_hi[k], mean_lo[k], coef_x[k], coef_0[k],
+                                            dweight_run, dbias_run, 0, NULL, NULL, NULL);
+    }
+    #else
+    static inline void cynorm_rows4_row_loops_backward_float(const float* dy, const float* x, float* dx,
+            Py_ssize_t row_stride, Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+        (void)dy; (void)x; (void)dx; (void)row_stride; (void)length; (void)weight; (void)mean; (void)rstd;
+        (void)stat_stride; (void)centered; (void)dweight_run; (void)dbias_run;
     }
     #endif
 
@@ -1321,6 +1408,7 @@ cdef extern from *:
     Py_ssize_t cynorm_values_to_vector(const void* p, Py_ssize_t itemsize) noexcept nogil
     bint CYNORM_HAVE_ROW_QUADS
     Py_ssize_t CYNORM_FORWARD_QUAD_ROW
+    Py_ssize_t CYNORM_BACKWARD_QUAD_ROW
     Py_ssize_t CYNORM_FORWARD_QUAD_VALUES
     bint CYNORM_HAVE_ROW_LOOP
     bint CYNORM_NORMALIZE_ROW_QUADS
@@ -1448,20 +1536,20 @@ cdef enum:
     # same operations in the same order): 3.0-3.2x on 4-16 MiB.
     SHORT_BACKWARD_ROW = 20
     # Rows backward, one element per channel (layer and RMS norm), float rows of a multiple of 16 values and of at
-    # most QUAD_ROW, longer than SHORT_BACKWARD_ROW: four rows at a time (cynorm_rows4_backward_float; the same
-    # bits).  Layer norm backward on 2**18 values, A/B in one process: rows of 32 1.5-1.7x, 48 1.9x, 64 1.3-1.4x,
-    # 80-112 1.6x, 128 1.2x, 192-512 1.05-1.16x, 768 1.0x, 1024 0.93x.  Rows longer than QUAD_STREAMED_ROW take only
-    # the four rows' sums and coefficients together, then each row's dx and terms in one loop
-    # (cynorm_rows4_row_loops_backward_float): on 2**18-2**19 values, 1.14x faster than the four-row kernel on rows
-    # of 144 values, 1.28x on 192, 1.20x on 256, 1.27x on 384, 1.04x on 448, 0.99-1.02x on 512 (1.13x 16 bytes into
-    # a line), and than a row at a time 1.12x on 576, 1.12-1.15x on 768, 1.19x on 1024.  Rows of at most
+    # most CYNORM_BACKWARD_QUAD_ROW (1024 in AVX-512 builds), longer than SHORT_BACKWARD_ROW: four rows at a time
+    # (cynorm_rows4_backward_float; the same bits).  Layer norm backward on 2**18 values, A/B in one process: rows of
+    # 32 1.5-1.7x, 48 1.9x, 64 1.3-1.4x, 80-112 1.6x, 128 1.2x, 192-512 1.05-1.16x, 768 1.0x, 1024 0.93x.  Rows longer
+    # than QUAD_STREAMED_ROW take only the four rows' sums and coefficients together, then each row's dx and terms in
+    # one loop (cynorm_rows4_row_loops_backward_float): on 2**18-2**19 values, 1.14x faster than the four-row kernel on
+    # rows of 144 values, 1.28x on 192, 1.20x on 256, 1.27x on 384, 1.04x on 448, 0.99-1.02x on 512 (1.13x 16 bytes
+    # into a line), and than a row at a time 1.12x on 576, 1.12-1.15x on 768, 1.19x on 1024.  Rows of at most
     # QUAD_STREAMED_ROW take them also on large arrays, where dx streams: on 16 MiB, rows of 32-128 ran 1.15-2.0x
     # faster than a row at a time (256: 0.75x, so longer rows go a row at a time), and 1.13-1.47x faster again with
-    # streaming stores than with ordinary ones (a dx 16 bytes past a line, through a buffer: 1.08-1.61x).  (Rows of
-    # 16 ran 2.0x faster this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes'
-    # sums are added in another order: every build gives the same bits.  They have a kernel of their own, in the
-    # lanes' order.)
-    QUAD_ROW = 1024
+    # streaming stores than with ordinary ones (a dx 16 bytes past a line, through a buffer: 1.08-1.61x).  (Rows of 16
+    # ran 2.0x faster this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes' sums are
+    # added in another order: every build gives the same bits.  They have a kernel of their own, in the lanes' order.)
+    # AVX2 builds take rows of up to CYNORM_BACKWARD_QUAD_ROW = 256 values, only where dx does not stream, all of them
+    # the way rows longer than QUAD_STREAMED_ROW go (the figures are with their cynorm_rows4_coefficients_float).
     QUAD_STREAMED_ROW = 128
     # Rows forward, the same rows longer than SHORT_ROW and of at most CYNORM_FORWARD_QUAD_ROW values (1024 in
     # AVX-512 builds, 512 in AVX2 builds, none in others), output not streamed, arrays of fewer than
@@ -3262,7 +3350,7 @@ cdef inline void rows4_backward(const floating* dy, const floating* x, floating*
     consecutive rows of at most QUAD_STREAMED_ROW values) through a buffer and `writer`."""
     cdef floating buffer[4 * QUAD_STREAMED_ROW]
     if floating is float:
-        if length > QUAD_STREAMED_ROW:   # (never streamed: see QUAD_ROW)
+        if length > QUAD_STREAMED_ROW or not CYNORM_HAVE_ROW_QUADS:   # (never streamed: see QUAD_STREAMED_ROW)
             cynorm_rows4_row_loops_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride,
                                                   centered, dweight_run, dbias_run)
             return
@@ -3335,12 +3423,12 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef Py_ssize_t blocks, u, block, g, n, r, c, first, last, block_row, next_row, sub
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     cdef bint short_rows = length <= SHORT_BACKWARD_ROW and inner == 1
-    # float rows of a multiple of 16 values four at a time (see QUAD_ROW); where dx streams, rows of at most
-    # QUAD_STREAMED_ROW only, and with streaming stores where dx starts a line (every row then starts one) or
-    # the rows are consecutive (rows4_backward)
-    cdef bint quads = (floating is float and CYNORM_HAVE_ROW_QUADS and inner == 1 and not short_rows
-                       and length % 16 == 0
-                       and (length <= QUAD_STREAMED_ROW or (length <= QUAD_ROW and not stream and not prefetch)))
+    # float rows of a multiple of 16 values four at a time (see CYNORM_BACKWARD_QUAD_ROW); where dx streams, rows
+    # of at most QUAD_STREAMED_ROW only, in AVX-512 builds, and with streaming stores where dx starts a line
+    # (every row then starts one) or the rows are consecutive (rows4_backward)
+    cdef bint quads = (floating is float and inner == 1 and not short_rows and length % 16 == 0
+                       and ((CYNORM_HAVE_ROW_QUADS and length <= QUAD_STREAMED_ROW)
+                            or (length <= CYNORM_BACKWARD_QUAD_ROW and not stream and not prefetch)))
     cdef bint quad_stream = quads and stream and ((<size_t>dx) % CYNORM_LINE_BYTES == 0 or groups == 1)
     # groups of one channel of a few values four rows at a time (see CHANNEL_ROWS_INNER)
     cdef bint channel_rows = (floating is float and CYNORM_HAVE_ROW_QUADS and chans_per_group == 1 and inner > 1

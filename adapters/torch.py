@@ -797,16 +797,27 @@ _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
                                           layer_norm=((2 ** 19, 2 ** 12), (2 ** 20, 2 ** 13)),
                                           group_norm=((2 ** 19, None), (2 ** 20, None)))
 # Rows of these lengths (the shortest, the longest) run torch's function at every size, without a gradient to
-# record, then with one.  Builds without AVX-512 have no four-row kernels: each row's sums end in a tree of lanes
-# and a few divisions of its own, which rows of 16-256 values do not pay back.  On the Zen 3, at 2**20-2**22
-# values, the kernels' layer norm steps on rows of 16-128 values ran 0.64-0.91x torch's (the NumPy API's backward
-# alone 0.48-0.80x; rows of 256 0.87-1.05x, of 512 0.95-2.8x), forwards on rows of 64-256 values 0.62-1.02x (rows
-# of 4-32 1.1-2.9x, of 512 0.96-1.39x).
+# record, then with one; forwards of the rows that the four-row kernel takes excepted (see _four_row_forward).
+# Builds without AVX-512 take the other rows one at a time: each row's sums end in a tree of lanes and a few
+# divisions of its own, which rows of 16-256 values do not pay back.  On the Zen 3, at 2**20-2**22 values, the
+# kernels' layer norm steps on rows of 16-128 values ran 0.64-0.91x torch's (the NumPy API's backward alone
+# 0.48-0.80x; rows of 256 0.87-1.05x, of 512 0.95-2.8x), forwards on rows of 64-256 values 0.62-1.02x (rows of 4-32
+# 1.1-2.9x, of 512 0.96-1.39x).  With the AVX2 builds' four-row kernels (stop 29), forwards through the adapter on
+# the rows of 80-256 values that they take ran 1.03-1.50x torch's from 2**19 values (2048 rows of 128 1.12x, 1024
+# rows of 256 0.92x at 2**18; rows of 64 0.92-1.07x and of 100 0.92-1.02x, which go a row at a time), and steps
+# on rows of 32-256 values, their backward 1.2-2.9x faster, still 0.73-1.12x: the adapter's autograd costs more
+# than the kernels save there.
 _TORCH_FASTER_ON_ROWS_WITHOUT_AVX512 = {"layer_norm": ((64, 256), (16, 256))}
 _TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS = ((_TORCH_FASTER_BELOW_AVX512, {}) if _kernels.BUILD == "x86_64_v4"
                                               else (_TORCH_FASTER_BELOW_WITHOUT_AVX512,
                                                     _TORCH_FASTER_ON_ROWS_WITHOUT_AVX512))
 _TINY_MAP, _SMALL_MAP = 4, 64
+
+
+def _four_row_forward(row_length):
+    """Whether a float forward on rows of ``row_length`` values (one norm over them) runs four rows at a time, up to
+    the build's limits: rows of a multiple of 16 values longer than 64."""
+    return row_length > 64 and row_length % 16 == 0
 _small_inputs_to_torch = True
 
 
@@ -858,7 +869,7 @@ def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
         return True
     if row_lengths is not None:
         shortest, longest = row_lengths[1 if records_grad else 0]
-        if shortest <= row_length <= longest:
+        if shortest <= row_length <= longest and (records_grad or not _four_row_forward(row_length)):
             return True
     return size < elements and (rows is None or size < rows * row_length)
 

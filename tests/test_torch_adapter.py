@@ -595,6 +595,10 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("layer_norm", (4096, 8), "contiguous", True, ("kernels", "torch")),  # 4096 rows of 8, recording
     ("layer_norm", (8192, 4), "contiguous", True, "kernels"),          # 8192 rows of 4, recording
     ("layer_norm", (16384, 64), "contiguous", False, ("kernels", "torch")),  # 2**20 elements in rows of 64
+    ("layer_norm", (4096, 128), "contiguous", False, "kernels"),       # 2**19 elements in rows taken four at a time
+    ("layer_norm", (4096, 128), "contiguous", True, ("kernels", "torch")),   # the same, recording
+    ("layer_norm", (2048, 256), "contiguous", False, "kernels"),       # 2**19 elements in rows taken four at a time
+    ("layer_norm", (8192, 100), "contiguous", False, ("kernels", "torch")),  # 819K elements in rows of 100
     ("layer_norm", (32768, 64), "contiguous", True, ("kernels", "torch")),   # 2**21 elements in rows of 64
     ("layer_norm", (32768, 32), "contiguous", False, "kernels"),       # 2**20 elements in rows of 32
     ("layer_norm", (4096, 512), "contiguous", True, "kernels"),        # 2**21 elements in rows of 512

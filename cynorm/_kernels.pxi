@@ -1152,7 +1152,8 @@ cdef extern from *:
        taken together; the rows' dx and parameter terms then go a row at a time (see
        cynorm_rows4_row_loops_backward_float).  Layer norm backward on a Zen 3, A/B in one process against a row
        at a time, not streamed (1-4 MiB): rows of 32 2.2x, 48 2.9x, 64 1.7x, 80 2.2x, 96 1.6x, 112 2.0x, 128
-       1.5x, 144 1.8x, 192 1.3x, 256 1.1-1.2x, 384-1024 0.92-1.1x. */
+       1.5x, 144 1.8x, 192 1.3x, 256 1.1-1.2x, 384-1024 0.92-1.1x; streamed (6-16 MiB): rows of 32 2.2x, 48 2.7x,
+       64 1.6x, 96 1.3x, 128 1.1-1.3x (256: 1.0x). */
     #define CYNORM_BACKWARD_QUAD_ROW 256
     static inline __attribute__((always_inline)) void cynorm_rows4_coefficients_float(
             const float* dy, const float* x,                    /* rows k at k * row_stride */
@@ -1261,29 +1262,29 @@ cdef extern from *:
     }
     #endif
     #if CYNORM_BACKWARD_QUAD_ROW
-    /* Rows backward, one element per channel, four float rows of a multiple of 16 values, not streamed: their
-       sums and coefficients taken together, as cynorm_rows4_backward_float takes them, then each row's dx and
-       parameter terms in one loop, as cynorm_row_input_gradient_float writes them (the same bits).  See
-       CYNORM_BACKWARD_QUAD_ROW. */
+    /* Rows backward, one element per channel, four float rows of a multiple of 16 values: their sums and
+       coefficients taken together, as cynorm_rows4_backward_float takes them, then each row's dx and parameter
+       terms in one loop, as cynorm_row_input_gradient_float writes them (the same bits), with streaming stores
+       if `stream` (AVX2 builds only, dx starting a line).  See CYNORM_BACKWARD_QUAD_ROW. */
     static inline void cynorm_rows4_row_loops_backward_float(
             const float* dy, const float* x, float* dx,        /* rows k at k * row_stride */
             Py_ssize_t row_stride, Py_ssize_t length, const float* weight,
             const double* mean, const double* rstd,            /* rows k at k * stat_stride; mean NULL: zeros */
-            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run, int stream) {
         float mean_hi[4], mean_lo[4], rs[4], coef_x[4], coef_0[4];
         cynorm_rows4_coefficients_float(dy, x, row_stride, length, weight, mean, rstd, stat_stride, centered,
                                         mean_hi, mean_lo, rs, coef_x, coef_0);
         for (int k = 0; k < 4; k++)
             cynorm_row_input_gradient_float(dy + k * row_stride, x + k * row_stride, dx + k * row_stride, length,
                                             weight, rs[k], mean_hi[k], mean_lo[k], coef_x[k], coef_0[k],
-                                            dweight_run, dbias_run, 0, NULL, NULL, NULL);
+                                            dweight_run, dbias_run, stream, NULL, NULL, NULL);
     }
     #else
     static inline void cynorm_rows4_row_loops_backward_float(const float* dy, const float* x, float* dx,
             Py_ssize_t row_stride, Py_ssize_t length, const float* weight, const double* mean, const double* rstd,
-            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run) {
+            Py_ssize_t stat_stride, int centered, float* dweight_run, float* dbias_run, int stream) {
         (void)dy; (void)x; (void)dx; (void)row_stride; (void)length; (void)weight; (void)mean; (void)rstd;
-        (void)stat_stride; (void)centered; (void)dweight_run; (void)dbias_run;
+        (void)stat_stride; (void)centered; (void)dweight_run; (void)dbias_run; (void)stream;
     }
     #endif
 
@@ -1445,7 +1446,7 @@ cdef extern from *:
     void cynorm_rows4_row_loops_backward_float(const float* dy, const float* x, float* dx, Py_ssize_t row_stride,
                                                Py_ssize_t length, const float* weight, const double* mean,
                                                const double* rstd, Py_ssize_t stat_stride, bint centered,
-                                               float* dweight_run, float* dbias_run) noexcept nogil
+                                               float* dweight_run, float* dbias_run, bint stream) noexcept nogil
     int CYNORM_LINE_BYTES
     bint cynorm_has_untouched_pages(size_t address, size_t nbytes) noexcept nogil
     void cynorm_advise_huge_pages(size_t address, size_t nbytes) noexcept nogil
@@ -1548,8 +1549,9 @@ cdef enum:
     # streaming stores than with ordinary ones (a dx 16 bytes past a line, through a buffer: 1.08-1.61x).  (Rows of 16
     # ran 2.0x faster this way than in lanes, but only AVX-512 builds have the four-row kernel, and the lanes' sums are
     # added in another order: every build gives the same bits.  They have a kernel of their own, in the lanes' order.)
-    # AVX2 builds take rows of up to CYNORM_BACKWARD_QUAD_ROW = 256 values, only where dx does not stream, all of them
-    # the way rows longer than QUAD_STREAMED_ROW go (the figures are with their cynorm_rows4_coefficients_float).
+    # AVX2 builds take rows of up to CYNORM_BACKWARD_QUAD_ROW = 256 values where dx does not stream, and of up to
+    # QUAD_STREAMED_ROW where it does and starts a line, all of them the way rows longer than QUAD_STREAMED_ROW go
+    # (the figures are with their cynorm_rows4_coefficients_float).
     QUAD_STREAMED_ROW = 128
     # Rows forward, the same rows longer than SHORT_ROW and of at most CYNORM_FORWARD_QUAD_ROW values (1024 in
     # AVX-512 builds, 512 in AVX2 builds, none in others), output not streamed, arrays of fewer than
@@ -3347,12 +3349,14 @@ cdef inline void rows4_backward(const floating* dy, const floating* x, floating*
                                cynorm_stream_writer* writer) noexcept nogil:   # the thread's, if `stream`
     """Four rows' dx and parameter terms (float only: rows_backward takes double rows one at a time).  With
     `stream`, dx goes out with streaming stores: straight where its vectors are whole lines, else (four
-    consecutive rows of at most QUAD_STREAMED_ROW values) through a buffer and `writer`."""
+    consecutive rows of at most QUAD_STREAMED_ROW values, AVX-512 builds) through a buffer and `writer`."""
     cdef floating buffer[4 * QUAD_STREAMED_ROW]
     if floating is float:
-        if length > QUAD_STREAMED_ROW or not CYNORM_HAVE_ROW_QUADS:   # (never streamed: see QUAD_STREAMED_ROW)
+        if length > QUAD_STREAMED_ROW or not CYNORM_HAVE_ROW_QUADS:
+            if stream:   # (as below)
+                stream_flush(writer, dx)
             cynorm_rows4_row_loops_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride,
-                                                  centered, dweight_run, dbias_run)
+                                                  centered, dweight_run, dbias_run, stream)
             return
         if stream and (<size_t>dx) % CYNORM_LINE_BYTES != 0:
             cynorm_rows4_backward_float(dy, x, buffer, row_stride, length, weight, mean, rstd, stat_stride,
@@ -3424,11 +3428,13 @@ cdef void rows_backward(const floating* dy, const floating* x, const double* mea
     cdef Py_ssize_t ahead = rows_ahead(length * sizeof(floating), ROWS_AHEAD_BYTES)
     cdef bint short_rows = length <= SHORT_BACKWARD_ROW and inner == 1
     # float rows of a multiple of 16 values four at a time (see CYNORM_BACKWARD_QUAD_ROW); where dx streams, rows
-    # of at most QUAD_STREAMED_ROW only, in AVX-512 builds, and with streaming stores where dx starts a line
-    # (every row then starts one) or the rows are consecutive (rows4_backward)
+    # of at most QUAD_STREAMED_ROW only, with streaming stores where dx starts a line (every row then starts one)
+    # or, in AVX-512 builds, the rows are consecutive (rows4_backward)
     cdef bint quads = (floating is float and inner == 1 and not short_rows and length % 16 == 0
                        and ((CYNORM_HAVE_ROW_QUADS and length <= QUAD_STREAMED_ROW)
-                            or (length <= CYNORM_BACKWARD_QUAD_ROW and not stream and not prefetch)))
+                            or (length <= CYNORM_BACKWARD_QUAD_ROW and not stream and not prefetch)
+                            or (length <= min(<Py_ssize_t>QUAD_STREAMED_ROW, CYNORM_BACKWARD_QUAD_ROW)
+                                and (<size_t>dx) % CYNORM_LINE_BYTES == 0)))
     cdef bint quad_stream = quads and stream and ((<size_t>dx) % CYNORM_LINE_BYTES == 0 or groups == 1)
     # groups of one channel of a few values four rows at a time (see CHANNEL_ROWS_INNER)
     cdef bint channel_rows = (floating is float and CYNORM_HAVE_ROW_QUADS and chans_per_group == 1 and inner > 1

@@ -52,11 +52,11 @@ def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
                          rows, 1, length, 1, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
 
-    # Rows that AVX-512 builds take four at a time: rows of 48 (the backward's, 32 lanes and 16 more), of 80 and
-    # of 256 values (both passes'), centered, and rows of 96 in 2 groups, not centered (RMS norm); rows left
+    # Rows that AVX-512 and AVX2 builds take four at a time: rows of 48 (the backward's, 32 lanes and 16 more), of
+    # 80 and of 256 values (both passes'), centered, and rows of 96 in 2 groups, not centered (RMS norm); rows left
     # over.  Among the rows of 256, two whose first 32 values are far from the rest (the forward's centre is
     # refused) and one whose float squares overflow: those the four-row kernel leaves to the row path.  And
-    # rows of 16, whose backward those builds take sixteen at a time, centered and not, in 1 and 2 groups (each
+    # rows of 16, whose backward AVX-512 builds take sixteen at a time, centered and not, in 1 and 2 groups (each
     # of the backward's 4 blocks of samples has a full sixteen and some left).  Rows of 528 values, centered and
     # not, whose backward writes dx and adds the parameter terms in one loop a row at a time (streamed:
     # cynorm_row_input_gradient_float), after four rows' sums at a time where not streamed.
@@ -79,8 +79,8 @@ def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
                              rows * groups, groups, length, 1, centered, stream, stream, 2)
         results += [y, mean, rstd, dx, dweight, dbias]
 
-    # channels-first groups of 9 channels of 7, 20 and 49 values (AVX-512 builds sum four channels at a time in
-    # the backward: values left one by one, 8 lanes, 32 lanes), a channel left over; and groups of one channel
+    # channels-first groups of 9 channels of 7, 20 and 49 values (AVX-512 and AVX2 builds sum four channels at a
+    # time in the backward: values left one by one, 8 lanes, 32 lanes), a channel left over; and groups of one channel
     # of 20 and 64 values (instance norm: four samples' rows of a channel at a time, rows left over; the
     # backward's 4 blocks of samples need 4 samples each)
     for samples, groups, chans_per_group, inner in ((3, 4, 9, 49), (2, 3, 9, 20), (4, 2, 9, 7), (19, 3, 1, 20),

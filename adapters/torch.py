@@ -790,12 +790,17 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # channels-first group norm forwards on maps of 256-1024 values 0.76-0.92x at 2**18, 1.05-1.09x at 2**19 and
 # 1.15-1.18x at 655-786K, steps 0.88-1.12x at 2**19.  Before the plans: channels-first
 # group norm on maps of 100-1024 values 0.79-0.99x up to 2**19 values, 1.06-1.28x from 2**20.  Builds without
-# AVX-512 send those calls to torch.  The other limits stay: RMS norm's and channels-last group norm's calls won
-# there from the limits on, and maps of 7x7 and 8x8 values lost or won by torch's own uneven speed (steps
-# 2.5-2.9x on 7x7 maps from 401K values, 0.65-0.67x on 8x8 maps at 2**19-2**20).
+# AVX-512 send those calls to torch.  RMS norm's and channels-last group norm's calls won there from the limits
+# on, which stay.  Steps on maps of 5-64 values run torch's at every size: measured with keep_freed_memory
+# (torch's own steps steadier than without), steps on 7x7 and 8x8 maps ran 0.59-0.77x torch's from 401K to 1.6M
+# values, and 0.74-0.94x from 401K to 3.2M once these builds' backward took four channels at a time (1.2-2.4x
+# faster; (32,1024,8,8) 1.06x), on maps of 8-32 values 0.57-0.82x at 2**17-2**19.  Forwards keep their limit:
+# 1.38-1.65x on maps of 8 and 16 at 2**17-2**18 (7x7 and 8x8: 0.89-0.97x at 200-401K, 1.04-1.33x from 2**19).
+# Maps of 196-784 values: steps 0.93-1.04x from 1.6M, forwards 1.06-1.22x.
 _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
                                           layer_norm=((2 ** 19, 2 ** 12), (2 ** 20, 2 ** 13)),
-                                          group_norm=((2 ** 19, None), (2 ** 20, None)))
+                                          group_norm=((2 ** 19, None), (2 ** 20, None)),
+                                          group_norm_on_small_maps=((2 ** 17, None), (math.inf, None)))
 # Rows of these lengths (the shortest, the longest) run torch's function at every size, without a gradient to
 # record, then with one; forwards of the rows that the four-row kernel takes excepted (see _four_row_forward).
 # Builds without AVX-512 take the other rows one at a time: each row's sums end in a tree of lanes and a few

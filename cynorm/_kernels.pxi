@@ -1027,8 +1027,8 @@ cdef extern from *:
         }
     }
     /* Rows forward: cynorm_rows4_forward_float of the AVX-512 builds in 8-value vectors, with the same
-       operations in the same order (the same bits): each row's 32 lanes in registers of its own, then the four
-       rows' head means and the ends of their lane trees taken together.  Layer norm forward on a Zen 3, A/B in
+       operations in the same order (the same bits): the four rows' head means, each row's 32 lanes in registers
+       of its own, then the ends of the four rows' lane trees taken together.  Layer norm forward on a Zen 3, A/B in
        one process against a row at a time: up to 7.5 MiB, rows of 80 1.9x, 96-128 1.6x, 192 1.5x, 256 1.3-1.5x,
        384 1.1-1.4x, 512 1.1-1.3x, 576-1024 1.0x; at 8-14 MiB, rows of 128 1.2-1.6x, of 256 0.86-1.27x, of
        384-512 0.84-1.13x: hence these builds' smaller limits. */
@@ -1202,7 +1202,8 @@ cdef extern from *:
                 rest[k] += g[i];
                 rest[4 + k] += g[i] * (((v[i] - mean_hi[k]) - mean_lo[k]) * rs[k]);
             }
-            if (body == 0)
+            lanes_1[k] = lanes_2[k] = (vector){0};
+            if (body == 0)   /* (no lanes: cynorm_four_rows_totals_8 leaves them out) */
                 continue;
             for (int h = 0; h < 4; h++) {   /* the first 32 values set the lanes */
                 CYNORM_CHANNEL_TERMS(8 * h, gi, gx)

@@ -817,13 +817,13 @@ _TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS = ((_TORCH_FASTER_BELOW_AVX512, {}) i
                                               else (_TORCH_FASTER_BELOW_WITHOUT_AVX512,
                                                     _TORCH_FASTER_ON_ROWS_WITHOUT_AVX512))
 _TINY_MAP, _SMALL_MAP = 4, 64
+_small_inputs_to_torch = True
 
 
 def _four_row_forward(row_length):
-    """Whether a float forward on rows of ``row_length`` values (one norm over them) runs four rows at a time, up to
-    the build's limits: rows of a multiple of 16 values longer than 64."""
-    return row_length > 64 and row_length % 16 == 0
-_small_inputs_to_torch = True
+    """Whether the build's kernels take a float forward on rows of ``row_length`` values (one norm over them) four
+    rows at a time, up to their limits: rows of a multiple of 16 values longer than 64, in AVX2 and AVX-512 builds."""
+    return 64 < row_length <= _kernels.FORWARD_QUAD_ROW and row_length % 16 == 0
 
 
 def use_torch_for_small_inputs(enabled):

@@ -1684,6 +1684,9 @@ HAVE_OPENMP = bool(CYNORM_HAVE_OPENMP)
 HAVE_FLOAT16 = bool(CYNORM_HAVE_FLOAT16)
 # Whether the `stream` argument of the forward kernels uses non-temporal stores (else it only costs a copy).
 HAVE_STREAM = bool(CYNORM_HAVE_STREAM)
+# The longest float rows (of a multiple of 16 values, longer than SHORT_ROW) whose forward this build takes four
+# rows at a time (0: none; see CYNORM_FORWARD_QUAD_ROW).
+FORWARD_QUAD_ROW = CYNORM_FORWARD_QUAD_ROW
 
 
 def half_to_float(const unsigned short[::1] half_bits,   # IN  float16 values, as their bits

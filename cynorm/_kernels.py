@@ -49,6 +49,7 @@ max_threads = _module.max_threads
 HAVE_OPENMP = _module.HAVE_OPENMP
 HAVE_FLOAT16 = _module.HAVE_FLOAT16
 HAVE_STREAM = _module.HAVE_STREAM
+FORWARD_QUAD_ROW = _module.FORWARD_QUAD_ROW
 address_of = _module.address_of
 has_untouched_pages = _module.has_untouched_pages
 advise_huge_pages = _module.advise_huge_pages

@@ -595,9 +595,9 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("layer_norm", (4096, 8), "contiguous", True, ("kernels", "torch")),  # 4096 rows of 8, recording
     ("layer_norm", (8192, 4), "contiguous", True, "kernels"),          # 8192 rows of 4, recording
     ("layer_norm", (16384, 64), "contiguous", False, ("kernels", "torch")),  # 2**20 elements in rows of 64
-    ("layer_norm", (4096, 128), "contiguous", False, "kernels"),       # 2**19 elements in rows taken four at a time
+    ("layer_norm", (4096, 128), "contiguous", False, "four rows"),     # 2**19 elements in rows taken four at a time
     ("layer_norm", (4096, 128), "contiguous", True, ("kernels", "torch")),   # the same, recording
-    ("layer_norm", (2048, 256), "contiguous", False, "kernels"),       # 2**19 elements in rows taken four at a time
+    ("layer_norm", (2048, 256), "contiguous", False, "four rows"),     # 2**19 elements in rows taken four at a time
     ("layer_norm", (8192, 100), "contiguous", False, ("kernels", "torch")),  # 819K elements in rows of 100
     ("layer_norm", (32768, 64), "contiguous", True, ("kernels", "torch")),   # 2**21 elements in rows of 64
     ("layer_norm", (32768, 32), "contiguous", False, "kernels"),       # 2**20 elements in rows of 32
@@ -629,9 +629,12 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
 ])
 def test_small_inputs_run_torch(norm, shape, layout, requires_grad, runs, kernel_calls):
     """Small inputs run torch's function (torch's very bits and gradient function), others the kernels; where the
-    limits differ by build, `runs` gives what runs with the AVX-512 build, then with the others."""
+    limits differ by build, `runs` gives what runs with the AVX-512 build, then with the others ("four rows": the
+    kernels where the build takes the rows' forward four at a time, else torch)."""
     if isinstance(runs, tuple):
         runs = runs[0] if ct._kernels.BUILD == "x86_64_v4" else runs[1]
+    if runs == "four rows":
+        runs = "kernels" if ct._kernels.BUILD == "x86_64_v4" or ct._four_row_forward(shape[-1]) else "torch"
     ours, theirs = SMALL_INPUT_NORMS[norm]
     x = random_tensor(shape, torch.float32)
     # (permuted: the view's last axis is the middle one in memory)

@@ -986,6 +986,54 @@ cdef extern from *:
             cynorm_prefetch_lines(next_x + length - 1, 1);
         }
     }
+    /* A row's two sums in 8-value vectors, as the four-row kernels take them: over its first `body` values in
+       32 lanes, the first 32 values setting them, added down to 8 as lanes_total's first two steps do (zeros if
+       `body` is 0), and over its values from `body` to `tail_end` in 8 tail lanes from 0.  The terms at i are
+       centred_sums' d = x - a and d * d (kind CYNORM_CENTRED), or gradient_sums' g and g * xhat with
+       xhat = ((x - a) - b) * r and g = weight * dy (CYNORM_WEIGHTED) or dy (CYNORM_UNWEIGHTED).  `kind` is a
+       constant at every call, so each inlined copy keeps one kind of terms. */
+    enum { CYNORM_CENTRED, CYNORM_WEIGHTED, CYNORM_UNWEIGHTED };
+    static inline __attribute__((always_inline)) void cynorm_row_lanes_8(
+            int kind, const float* x, const float* dy, const float* weight, Py_ssize_t body, Py_ssize_t tail_end,
+            cynorm_float_8 a, cynorm_float_8 b, cynorm_float_8 r,
+            cynorm_float_8* lanes_1, cynorm_float_8* lanes_2, cynorm_float_8* tails_1, cynorm_float_8* tails_2) {
+        cynorm_float_8 s1[4], s2[4];
+        #define CYNORM_TERMS_AT(i, t1, t2)                                                                     \
+            cynorm_float_8 t1, t2;                                                                            \
+            if (kind == CYNORM_CENTRED) {                                                                     \
+                t1 = *(const cynorm_float_8u*)(x + (i)) - a;                                                  \
+                t2 = t1 * t1;                                                                                 \
+            } else {                                                                                          \
+                t1 = *(const cynorm_float_8u*)(dy + (i));                                                     \
+                if (kind == CYNORM_WEIGHTED)                                                                  \
+                    t1 = *(const cynorm_float_8u*)(weight + (i)) * t1;                                        \
+                t2 = t1 * (((*(const cynorm_float_8u*)(x + (i)) - a) - b) * r);                               \
+            }
+        *lanes_1 = *lanes_2 = (cynorm_float_8){0};
+        if (body > 0) {
+            for (int h = 0; h < 4; h++) {
+                CYNORM_TERMS_AT(8 * h, t1, t2)
+                s1[h] = t1;
+                s2[h] = t2;
+            }
+            for (Py_ssize_t i = 32; i < body; i += 32) {
+                for (int h = 0; h < 4; h++) {
+                    CYNORM_TERMS_AT(i + 8 * h, t1, t2)
+                    s1[h] += t1;
+                    s2[h] += t2;
+                }
+            }
+            *lanes_1 = (s1[0] + s1[2]) + (s1[1] + s1[3]);   /* lanes j += j + 16, then j += j + 8 */
+            *lanes_2 = (s2[0] + s2[2]) + (s2[1] + s2[3]);
+        }
+        *tails_1 = *tails_2 = (cynorm_float_8){0};
+        for (Py_ssize_t i = body; i < tail_end; i += 8) {
+            CYNORM_TERMS_AT(i, t1, t2)
+            *tails_1 += t1;
+            *tails_2 += t2;
+        }
+        #undef CYNORM_TERMS_AT
+    }
     /* The ends of four rows' two lane trees, rows k and k + 1 in one vector: lanes_total's from its third step,
        on each row's 32 lanes already added down to 8 (lanes_1, lanes_2; none if `body` is 0), and
        tail_lanes_total's on its 8 tail lanes (tails_1, tails_2) with the values left one by one (rest[k],
@@ -1058,31 +1106,10 @@ cdef extern from *:
                 centre[k] = (float)((((p[0] + p[2]) + (p[1] + p[3])) + 0.0) * (1.0 / 32));
             }
         }
-        for (int k = 0; k < 4; k++) {   /* centred_sums: the first 32 values set the lanes */
-            const float* row = x + k * length;
-            const vector c = (vector)_mm256_set1_ps(centre[k]);
-            vector s1[4], s2[4];
-            for (int h = 0; h < 4; h++) {
-                vector d = *(const cynorm_float_8u*)(row + 8 * h) - c;
-                s1[h] = d;
-                s2[h] = d * d;
-            }
-            for (Py_ssize_t i = 32; i < body; i += 32) {
-                for (int h = 0; h < 4; h++) {
-                    vector d = *(const cynorm_float_8u*)(row + i + 8 * h) - c;
-                    s1[h] += d;
-                    s2[h] += d * d;
-                }
-            }
-            lanes_1[k] = (s1[0] + s1[2]) + (s1[1] + s1[3]);   /* lanes j += j + 16, then j += j + 8 */
-            lanes_2[k] = (s2[0] + s2[2]) + (s2[1] + s2[3]);
-            tails_1[k] = tails_2[k] = (vector){0};
-            for (Py_ssize_t i = body; i < length; i += 8) {   /* (16 values, or none) */
-                vector d = *(const cynorm_float_8u*)(row + i) - c;
-                tails_1[k] += d;
-                tails_2[k] += d * d;
-            }
-        }
+        for (int k = 0; k < 4; k++)   /* centred_sums (the values after the 32 lanes: 16, or none) */
+            cynorm_row_lanes_8(CYNORM_CENTRED, x + k * length, NULL, NULL, body, length,
+                               (vector)_mm256_set1_ps(centre[k]), (vector){0}, (vector){0},
+                               &lanes_1[k], &lanes_2[k], &tails_1[k], &tails_2[k]);
         double totals[8];   /* the four rows' first sums, then their second sums */
         cynorm_four_rows_totals_8(lanes_1, lanes_2, tails_1, tails_2, body, (const float[8]){0}, totals);
         for (int k = 0; k < 4; k++)
@@ -1129,38 +1156,10 @@ cdef extern from *:
         vector lanes_g[4], lanes_gx[4], tails_g[4], tails_gx[4];
         double totals[8];
         cynorm_four_row_statistics(mean, rstd, stat_stride, mean_hi, mean_lo, rs_f);
-        for (int k = 0; k < 4; k++) {
-            const float* g_row = dy + k * row_stride;
-            const float* x_row = x + k * row_stride;
-            const vector mh = (vector)_mm256_set1_ps(mean_hi[k]), ml = (vector)_mm256_set1_ps(mean_lo[k]);
-            const vector rs = (vector)_mm256_set1_ps(rs_f[k]);
-            vector s1[4], s2[4];
-            /* the row's g = weight * dy and g * xhat at i, 8 values */
-            #define CYNORM_ROW_TERMS(i, g, gx)                                                                   \
-                vector g = *(const cynorm_float_8u*)(weight + (i)) * *(const cynorm_float_8u*)(g_row + (i)); \
-                vector gx = g * (((*(const cynorm_float_8u*)(x_row + (i)) - mh) - ml) * rs);
-            for (int h = 0; h < 4; h++) {   /* the first 32 values set the lanes */
-                CYNORM_ROW_TERMS(8 * h, g, gx)
-                s1[h] = g;
-                s2[h] = gx;
-            }
-            for (Py_ssize_t i = 32; i < body; i += 32) {
-                for (int h = 0; h < 4; h++) {
-                    CYNORM_ROW_TERMS(i + 8 * h, g, gx)
-                    s1[h] += g;
-                    s2[h] += gx;
-                }
-            }
-            lanes_g[k] = (s1[0] + s1[2]) + (s1[1] + s1[3]);   /* lanes j += j + 16, then j += j + 8 */
-            lanes_gx[k] = (s2[0] + s2[2]) + (s2[1] + s2[3]);
-            tails_g[k] = tails_gx[k] = (vector){0};
-            for (Py_ssize_t i = body; i < length; i += 8) {   /* (16 values, or none) */
-                CYNORM_ROW_TERMS(i, g, gx)
-                tails_g[k] += g;
-                tails_gx[k] += gx;
-            }
-            #undef CYNORM_ROW_TERMS
-        }
+        for (int k = 0; k < 4; k++)   /* gradient_sums with the weight */
+            cynorm_row_lanes_8(CYNORM_WEIGHTED, x + k * row_stride, dy + k * row_stride, weight, body, length,
+                               (vector)_mm256_set1_ps(mean_hi[k]), (vector)_mm256_set1_ps(mean_lo[k]),
+                               (vector)_mm256_set1_ps(rs_f[k]), &lanes_g[k], &lanes_gx[k], &tails_g[k], &tails_gx[k]);
         cynorm_four_rows_totals_8(lanes_g, lanes_gx, tails_g, tails_gx, body, (const float[8]){0}, totals);
         cynorm_double_4 sum_g = {totals[0], totals[1], totals[2], totals[3]};
         cynorm_double_4 sum_gx = {totals[4], totals[5], totals[6], totals[7]};
@@ -1182,44 +1181,17 @@ cdef extern from *:
         vector lanes_1[4], lanes_2[4], tails_1[4], tails_2[4];
         float rest[8];
         double totals[8];
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k < 4; k++) {   /* gradient_sums without a weight, the values left one by one */
             const float* g = dy + k * stride;
             const float* v = x + k * stride;
-            const vector mh = (vector)_mm256_set1_ps(mean_hi[k]), ml = (vector)_mm256_set1_ps(mean_lo[k]);
-            const vector r = (vector)_mm256_set1_ps(rs[k]);
-            vector s1[4], s2[4];
-            #define CYNORM_CHANNEL_TERMS(i, gi, gx)                                           \
-                vector gi = *(const cynorm_float_8u*)(g + (i));                            \
-                vector gx = gi * (((*(const cynorm_float_8u*)(v + (i)) - mh) - ml) * r);
-            tails_1[k] = tails_2[k] = (vector){0};
-            for (Py_ssize_t i = body; i < tail_body; i += 8) {   /* the 8 tail lanes */
-                CYNORM_CHANNEL_TERMS(i, gi, gx)
-                tails_1[k] += gi;
-                tails_2[k] += gx;
-            }
+            cynorm_row_lanes_8(CYNORM_UNWEIGHTED, v, g, NULL, body, tail_body, (vector)_mm256_set1_ps(mean_hi[k]),
+                               (vector)_mm256_set1_ps(mean_lo[k]), (vector)_mm256_set1_ps(rs[k]),
+                               &lanes_1[k], &lanes_2[k], &tails_1[k], &tails_2[k]);
             rest[k] = rest[4 + k] = 0.0f;
-            for (Py_ssize_t i = tail_body; i < inner; i++) {   /* then the values left one by one */
+            for (Py_ssize_t i = tail_body; i < inner; i++) {
                 rest[k] += g[i];
                 rest[4 + k] += g[i] * (((v[i] - mean_hi[k]) - mean_lo[k]) * rs[k]);
             }
-            lanes_1[k] = lanes_2[k] = (vector){0};
-            if (body == 0)   /* (no lanes: cynorm_four_rows_totals_8 leaves them out) */
-                continue;
-            for (int h = 0; h < 4; h++) {   /* the first 32 values set the lanes */
-                CYNORM_CHANNEL_TERMS(8 * h, gi, gx)
-                s1[h] = gi;
-                s2[h] = gx;
-            }
-            for (Py_ssize_t i = 32; i < body; i += 32) {
-                for (int h = 0; h < 4; h++) {
-                    CYNORM_CHANNEL_TERMS(i + 8 * h, gi, gx)
-                    s1[h] += gi;
-                    s2[h] += gx;
-                }
-            }
-            #undef CYNORM_CHANNEL_TERMS
-            lanes_1[k] = (s1[0] + s1[2]) + (s1[1] + s1[3]);   /* lanes j += j + 16, then j += j + 8 */
-            lanes_2[k] = (s2[0] + s2[2]) + (s2[1] + s2[3]);
         }
         cynorm_four_rows_totals_8(lanes_1, lanes_2, tails_1, tails_2, body, rest, totals);
         for (int k = 0; k < 4; k++) {   /* (each channel's sums start from 0.0) */

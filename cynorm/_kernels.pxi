@@ -3418,19 +3418,17 @@ cdef inline void rows4_backward(const floating* dy, const floating* x, floating*
     consecutive rows of at most QUAD_STREAMED_ROW values, AVX-512 builds) through a buffer and `writer`."""
     cdef floating buffer[4 * QUAD_STREAMED_ROW]
     if floating is float:
-        if length > QUAD_STREAMED_ROW or not CYNORM_HAVE_ROW_QUADS:
-            if stream:   # (as below)
-                stream_flush(writer, dx)
-            cynorm_rows4_row_loops_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride,
-                                                  centered, dweight_run, dbias_run, stream)
-            return
-        if stream and (<size_t>dx) % CYNORM_LINE_BYTES != 0:
+        if stream and (<size_t>dx) % CYNORM_LINE_BYTES != 0:   # (AVX-512 builds' rows of QUAD_STREAMED_ROW or less)
             cynorm_rows4_backward_float(dy, x, buffer, row_stride, length, weight, mean, rstd, stat_stride,
                                         centered, dweight_run, dbias_run, False)
             stream_put(writer, dx, buffer, 4 * length)
+            return
+        if stream:   # (nothing is pending where dx and every row start lines, but the order must hold)
+            stream_flush(writer, dx)
+        if length > QUAD_STREAMED_ROW or not CYNORM_HAVE_ROW_QUADS:
+            cynorm_rows4_row_loops_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride,
+                                                  centered, dweight_run, dbias_run, stream)
         else:
-            if stream:   # (nothing is pending where dx and every row start lines, but the order must hold)
-                stream_flush(writer, dx)
             cynorm_rows4_backward_float(dy, x, dx, row_stride, length, weight, mean, rstd, stat_stride, centered,
                                         dweight_run, dbias_run, stream)
 

@@ -51,6 +51,7 @@ _functorch_transforms_active = torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state
 _dispatch_mode_count = torch._C._len_torch_dispatch_stack
 _storage_use_count = torch._C._storage_Use_Count
+_inference_mode_enabled = torch.is_inference_mode_enabled
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,33 +278,55 @@ def _empty(input, order, cached):
 
 
 def _new_output_cache(limit):
-    """The memory of large kernel outputs (see cynorm._blocks): torch storages, free when the cache alone holds
-    one (outputs, their views, the autograd graph and NumPy arrays made from them all hold it).  Channels-last
-    InstanceNorm2d (8,64,128,128) measured 6.5 ms a call with reused memory against 11-12 ms with fresh memory.
-    (NumPy memory that gave itself back from __del__ cost 7.2-7.8 µs a take and give-back, warm, against 5.0 µs.)"""
-    return BlockPool(limit, allocate=_new_block, is_free=lambda storage: _storage_use_count(storage._cdata) == 1)
+    """The memory of large kernel outputs (see cynorm._blocks): :class:`_Block` s of torch storage, free when
+    nothing but the cache holds one (outputs, their views, the autograd graph and NumPy arrays made from them all
+    hold it).  Channels-last InstanceNorm2d (8,64,128,128) measured 6.5 ms a call with reused memory against
+    11-12 ms with fresh memory.  (NumPy memory that gave itself back from __del__ cost 7.2-7.8 µs a take and
+    give-back, warm, against 5.0 µs.)"""
+    return BlockPool(limit, allocate=_Block, is_free=_Block.is_free)
 
 
-def _new_block(nbytes):
-    """A block of the output cache, offered to Linux as transparent huge pages before its first write, as NumPy
-    does with its large arrays: the block lives as long as the cache, and every pass over it then takes fewer
-    TLB misses (in one process, with and without: forwards 1.02-1.07x, training steps 1.00-1.11x faster, for
-    GroupNorm, InstanceNorm and LayerNorm of 8-26 MB)."""
-    storage = torch.UntypedStorage(nbytes, device="cpu")
-    _kernels.advise_huge_pages(storage.data_ptr(), nbytes)
-    return storage
+class _Block:
+    """A block of the output cache: its storage, and a tensor on it for each shape, strides, dtype and inference
+    mode asked for so far (a template, never handed out).  Each output is a detached alias of its template: a
+    tensor of its own, not a view.  Once the caches had been swept, as by a kernel between two calls, detaching
+    took 10-12 µs against 29-34 µs for setting a new tensor on the storage (its shape and strides parsed again)."""
+    __slots__ = ("storage", "templates")
+
+    def __init__(self, nbytes):
+        # offered to Linux as transparent huge pages before its first write, as NumPy does with its large
+        # arrays: the block lives as long as the cache, and every pass over it then takes fewer TLB misses (in
+        # one process, with and without: forwards 1.02-1.07x, training steps 1.00-1.11x faster, for GroupNorm,
+        # InstanceNorm and LayerNorm of 8-26 MB)
+        self.storage = torch.UntypedStorage(nbytes, device="cpu")
+        _kernels.advise_huge_pages(self.storage.data_ptr(), nbytes)
+        self.templates = {}
+
+    def is_free(self):
+        """Whether only the block references its storage: the storage object and each template."""
+        return _storage_use_count(self.storage._cdata) == 1 + len(self.templates)
+
+    def tensor(self, like, stride):
+        """An empty tensor of ``like``'s shape and dtype with ``stride`` (() for C-contiguous) on the storage,
+        an inference tensor in inference mode as torch's outputs are."""
+        key = (like.shape, stride, like.dtype, _inference_mode_enabled())
+        template = self.templates.get(key)
+        if template is None:
+            if len(self.templates) >= _TEMPLATES_HELD:
+                self.templates.clear()
+            template = self.templates[key] = like.new_empty(0).set_(self.storage, 0, like.shape, stride)
+        return template.detach()
+
+
+# A block's templates: a model's layers ask for few layouts of one size.
+_TEMPLATES_HELD = 8
 
 
 def _cached_empty(like, contiguous):
     """An empty tensor of ``like``'s shape and dtype, C-contiguous or with ``like``'s strides (``like`` being
     dense), on the output cache's memory; None when the cache has no room.  A tensor of its own, not a view, so
     in-place operations on it behave as on any output."""
-    return _output_cache.take(like.nbytes, _tensor_on, like, () if contiguous else like.stride())
-
-
-def _tensor_on(storage, like, stride):
-    """An empty tensor of ``like``'s shape and dtype with ``stride`` (() for C-contiguous) on ``storage``."""
-    return like.new_empty(0).set_(storage, 0, like.shape, stride)
+    return _output_cache.take(like.nbytes, _Block.tensor, like, () if contiguous else like.stride())
 
 
 # Outputs from 1 MiB on: with the C library's heap in some states (depending on what the process allocated

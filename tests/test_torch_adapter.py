@@ -508,6 +508,28 @@ def test_cached_outputs_take_in_place_operations(every_output_cached):
     assert every_output_cached.free_bytes > 0
 
 
+def test_a_cache_block_serves_other_layouts_dtypes_and_inference_mode(every_output_cached, monkeypatch):
+    """A block's outputs take the shape, strides and dtype each call asks for, and are inference tensors exactly
+    when torch's would be; a block keeps a bounded number of the tensors it makes them from."""
+    monkeypatch.setattr(ct, "_TEMPLATES_HELD", 3)
+    x = random_tensor((2, 8, 6, 4), torch.float64)
+    calls = [(x.float(), torch.no_grad), (x.float().contiguous(memory_format=torch.channels_last), torch.no_grad),
+             (x.float(), torch.inference_mode), (x[:1], torch.no_grad), (x.float().transpose(2, 3).contiguous(),
+             torch.no_grad), (x.float(), torch.no_grad)]
+    addresses = set()
+    for input, grad_mode in calls:   # each output freed before the next call: all of them on one block
+        with grad_mode():
+            output, expected = ct.group_norm(input, 4), F.group_norm(input, 4)
+        assert output.stride() == input.stride() and output.dtype == input.dtype
+        assert output.is_inference() == expected.is_inference() and not output._is_view()
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+        addresses.add(output.data_ptr())
+        del output
+    assert len(addresses) == 1 and every_output_cached.blocks_of(x.nbytes // 2) == 1
+    (block,) = every_output_cached._blocks[x.nbytes // 2]
+    assert 0 < len(block.templates) <= 3 and block.is_free()
+
+
 def test_cached_outputs_under_concurrent_steps(every_output_cached):
     """Steps from several Python threads at once (the kernels release the GIL, as in a server's thread pool) each
     get cache blocks of their own: the bits of the same steps made one at a time."""

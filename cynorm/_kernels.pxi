@@ -23,7 +23,7 @@ dtype (`float64` says which), the statistics in float64.
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
-from libc.math cimport isfinite, sqrt
+from libc.math cimport INFINITY, NAN, isfinite, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -1905,6 +1905,10 @@ cdef inline double mean_beyond(double mean, floating mean_hi) noexcept nogil:
 
 
 cdef inline double inverse_std(double m2, double count, double eps) noexcept nogil:
+    # M2 past the float64 range (float64 values beyond ~1e154 from their mean) leaves no rstd to compute: NaN,
+    # as torch gives, where 1/sqrt(inf) would silently make the group's outputs zeros
+    if m2 == INFINITY:
+        return NAN
     return 1.0 / sqrt(m2 / count + eps)
 
 

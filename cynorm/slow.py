@@ -23,6 +23,13 @@ def _grouped(x, num_groups, axis):
     return moved, moved.reshape(moved.shape[0], num_groups, -1)
 
 
+def _inverse_std(var, eps):
+    """1 / sqrt(var + eps); NaN where the variance is past the float64 range (values beyond ~1e154 from their
+    mean), as torch gives, rather than 0."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isposinf(var), np.nan, 1.0 / np.sqrt(var + eps))
+
+
 def _channel_param(param, moved_shape):
     """A per-channel parameter broadcast against the channel-second array."""
     return np.asarray(param, dtype=np.float64).reshape((1, -1) + (1,) * (len(moved_shape) - 2))
@@ -32,7 +39,7 @@ def group_norm(x, num_groups, weight=None, bias=None, *, axis=1, eps=1e-5, retur
     moved, grouped = _grouped(x, num_groups, axis)
     mean = grouped.mean(axis=2)
     var = ((grouped - mean[:, :, None]) ** 2).mean(axis=2)
-    rstd = 1.0 / np.sqrt(var + eps)
+    rstd = _inverse_std(var, eps)
     y = ((grouped - mean[:, :, None]) * rstd[:, :, None]).reshape(moved.shape)
     if weight is not None:
         y = y * _channel_param(weight, moved.shape)
@@ -65,7 +72,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, return_stats=Fal
     rows, kept_shape, axes, kept = _rows(x, axis)
     mean = rows.mean(axis=-1)
     var = ((rows - mean[..., None]) ** 2).mean(axis=-1)
-    rstd = 1.0 / np.sqrt(var + eps)
+    rstd = _inverse_std(var, eps)
     y = (rows - mean[..., None]) * rstd[..., None]
     if weight is not None:
         y = y * np.asarray(weight, dtype=np.float64).reshape(-1)
@@ -77,7 +84,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, return_stats=Fal
 
 def rms_norm(x, weight=None, *, axis=-1, eps=1e-6, return_stats=False):
     rows, kept_shape, axes, kept = _rows(x, axis)
-    rstd = 1.0 / np.sqrt((rows ** 2).mean(axis=-1) + eps)
+    rstd = _inverse_std((rows ** 2).mean(axis=-1), eps)
     y = rows * rstd[..., None]
     if weight is not None:
         y = y * np.asarray(weight, dtype=np.float64).reshape(-1)

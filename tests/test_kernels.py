@@ -229,6 +229,22 @@ def test_non_finite_value_is_confined_to_its_group(case, dtype, bad_value):
     assert_close(y, expected)  # including where the NaNs are
 
 
+@pytest.mark.parametrize("case", LAYOUT_CASES + (NormCase("group", (1, 4, 300, 100), 1, 2),
+                                                NormCase("layer", (37, 10), -1)), ids=str)
+def test_float64_variance_past_the_float64_range_is_nan_in_its_group(case):
+    """A float64 group whose squared deviations sum past the float64 range (one value of 1e200) has no finite
+    rstd: its outputs are NaN, as torch's are, not the zeros of 1/sqrt(inf)."""
+    x, weight, bias = _forward_inputs(case, np.float64)
+    x.flat[x.size // 2 + 1] = np.nan
+    with np.errstate(invalid="ignore"):
+        poisoned_group = np.isnan(case.forward(slow, x, weight, bias))
+    x.flat[x.size // 2 + 1] = 1e200
+    y = case.forward(cynorm, x, weight, bias)
+    assert np.array_equal(np.isnan(y), poisoned_group)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert_close(y, case.forward(slow, x, weight, bias))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Memory layouts, out=, empty batches, inputs left alone.
 

@@ -2,6 +2,7 @@
 
 Nothing reaches the compiled kernels before it has been checked here: they run without bounds checks.
 """
+import ctypes
 import functools
 import math
 import numbers
@@ -344,6 +345,9 @@ def _run_backward(dy, x, dx, size, mean, rstd, weight, dweight, dbias, float64, 
     """The backward kernel of `geometry` on checked arguments given by address as for _run_forward: dy, x and
     dx (OUT) `size` values, mean and rstd as the forward wrote them (mean 0 when not centered: zeros), weight,
     dweight and dbias (OUT) of the parameter size."""
+    if not float64 and not _kernels.float_coefficients_hold(rstd, _stats_count(geometry, size)):
+        _backward_in_float64(dy, x, dx, size, mean, rstd, weight, dweight, dbias, geometry, centered)
+        return
     threads, stream, prefetch = _launch(dx, size, float64, temporary_output, _BACKWARD_STREAM_FROM_BYTES)
     if geometry.rows:
         _kernels.backward_rows(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, _units(geometry, size),
@@ -353,6 +357,39 @@ def _run_backward(dy, x, dx, size, mean, rstd, weight, dweight, dbias, float64, 
         _kernels.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, _units(geometry, size),
                                   geometry.n_rows, geometry.n_cols, geometry.groups, geometry.cols_per_channel,
                                   geometry.affine_per_row, centered, stream, prefetch, threads)
+
+
+def _backward_in_float64(dy, x, dx, size, mean, rstd, weight, dweight, dbias, geometry, centered):
+    """_run_backward of float32 arrays computed in float64, for groups of a spread the float32 kernels cannot
+    take (see _kernels.float_coefficients_hold): copies in, the float64 kernels, the results rounded back."""
+    params = _param_count(geometry)
+    dy64, x64 = (_values_at(address, size, np.float32).astype(np.float64) for address in (dy, x))
+    weight64 = _values_at(weight, params, np.float32).astype(np.float64)
+    dx64, dweight64, dbias64 = np.empty(size), np.empty(params), np.empty(params)
+    at = _kernels.address_of
+    _run_backward(at(dy64), at(x64), at(dx64), size, mean, rstd, at(weight64), at(dweight64), at(dbias64), True,
+                  geometry, centered, temporary_output=True)
+    for address, values in ((dx, dx64), (dweight, dweight64), (dbias, dbias64)):
+        _values_at(address, values.size, np.float32)[...] = values
+
+
+def _values_at(address, count, dtype):
+    """A NumPy view of the `count` values of `dtype` at `address`, memory the caller holds."""
+    if count == 0:
+        return np.empty(0, dtype)
+    return np.frombuffer((ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(address), dtype)
+
+
+def _stats_count(geometry, size):
+    """How many groups (statistics) `size` values of `geometry` make."""
+    return _units(geometry, size) * (1 if geometry.rows else geometry.groups)
+
+
+def _param_count(geometry):
+    """How many values weight, bias and their gradients of `geometry` hold."""
+    if geometry.rows:
+        return geometry.groups * geometry.chans_per_group
+    return geometry.n_rows if geometry.affine_per_row else geometry.n_cols // geometry.cols_per_channel
 
 
 def _grouped_input(x, axis, name):

@@ -1696,6 +1696,24 @@ def address_of(values):
     return address
 
 
+# Below this rstd (standard deviations past ~1.2e18) a float32 backward's coefficient of x - mean falls toward
+# float32's subnormal range: layer norm gradients on values of std 1e19 were within 1.2e-7 of float64's, on std
+# 1e20 5.5e-6 off, on std 1e30 9% off (torch's own float32 kernels: all wrong from std 1e19, NaN beyond).
+cdef double SMALLEST_FLOAT_RSTD = 2.0 ** -60
+
+
+def float_coefficients_hold(size_t rstd, Py_ssize_t count):
+    """Whether a float32 backward keeps its precision with these `count` rstd values (float64, at `rstd`): its
+    coefficient of x - mean, -rstd**2 * mean(g * xhat), is stored in float32, which holds it only while rstd is
+    above SMALLEST_FLOAT_RSTD.  (NaN rstd values hold: NaN stays NaN either way.)"""
+    cdef const double* values = <const double*>rstd
+    cdef Py_ssize_t k
+    for k in range(count):
+        if values[k] < SMALLEST_FLOAT_RSTD:
+            return False
+    return True
+
+
 def has_untouched_pages(size_t address, size_t nbytes):
     """Whether [address, address + nbytes) starts or ends on a page never written since it was mapped (a fresh
     allocation)."""
@@ -1904,10 +1922,11 @@ cdef inline double mean_beyond(double mean, floating mean_hi) noexcept nogil:
     return mean - mean_hi
 
 
-cdef inline double inverse_std(double m2, double count, double eps) noexcept nogil:
-    # M2 past the float64 range (float64 values beyond ~1e154 from their mean) leaves no rstd to compute: NaN,
-    # as torch gives, where 1/sqrt(inf) would silently make the group's outputs zeros
-    if m2 == INFINITY:
+cdef inline double inverse_std(double m2, double count, double eps, bint centered) noexcept nogil:
+    # A centred M2 past the float64 range (float64 values beyond ~1e154 from their mean; an infinite input makes
+    # it NaN) leaves no rstd to compute: NaN, as torch gives, where 1/sqrt(inf) would silently make the group's
+    # outputs zeros.  (An RMS norm's sum of squares is infinite with an infinite input too: 0, as in torch.)
+    if centered and m2 == INFINITY:
         return NAN
     return 1.0 / sqrt(m2 / count + eps)
 
@@ -2311,7 +2330,7 @@ cdef inline void short_rows_forward(const floating* x, floating* y,   # IN, OUT 
             if not (isfinite(lane_mean[k]) and isfinite(lane_m2[k])):
                 lane_m2[k] = row_moments(x + (first_row + k) * length, length, centered, &lane_mean[k])
     for k in range(ROW_BLOCK):
-        lane_rstd[k] = inverse_std(lane_m2[k], length, eps)
+        lane_rstd[k] = inverse_std(lane_m2[k], length, eps, centered)
     out = &lanes[0] if stream else y + first_row * length   # (the lanes are free again)
     for k in range(count):
         r = first_row + k
@@ -2563,7 +2582,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                 for k in range(r, min(r + 4, n_rows)):
                     if refused & (1 << (k - r)):
                         m2 = row_moments(&x[k * length], length, centered, &mean[k])
-                        rstd[k] = inverse_std(m2, length, eps)
+                        rstd[k] = inverse_std(m2, length, eps, centered)
                         normalize_row_range(&x[k * length], &y[k * length], 0, length, inner, weight, bias, mean[k],
                                             rstd[k], False, NULL, NULL)
         if stream:   # (the four-row kernel does not stream: QUAD_STREAMED_ROW)
@@ -2577,7 +2596,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
             writer = thread_writer(writers, threadid()) if stream else NULL
             for r in prange(n_rows, schedule="static"):
                 m2 = row_moments(&x[r * length], length, centered, &mean[r])
-                rstd[r] = inverse_std(m2, length, eps)
+                rstd[r] = inverse_std(m2, length, eps, centered)
                 first_channel = (r % groups) * chans_per_group
                 # (with the static schedule a thread's rows are consecutive; its last ones prefetch in vain)
                 normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
@@ -2607,7 +2626,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                 merge_moments(&count, &running_mean, &m2, min(<Py_ssize_t>CHUNK, length - k * CHUNK),
                               chunk_stats[2 * u], chunk_stats[2 * u + 1])
             mean[r] = running_mean
-            rstd[r] = inverse_std(m2, length, eps)
+            rstd[r] = inverse_std(m2, length, eps, centered)
     with nogil, parallel(num_threads=num_threads):
         writer = thread_writer(writers, threadid())
         for u in prange(n_rows * chunks, schedule="static"):
@@ -2655,7 +2674,7 @@ cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_sa
                                          Py_ssize_t s, Py_ssize_t tiles, Py_ssize_t tile_rows,
                                          Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
                                          Py_ssize_t cols_per_channel, bint affine_per_row,
-                                         const floating* weight, const floating* bias, double eps,
+                                         const floating* weight, const floating* bias, double eps, bint centered,
                                          double* mean, double* rstd,   # OUT [s]
                                          Py_ssize_t fold, floating* mean_hi, floating* scale,
                                          floating* shift) noexcept nogil:  # OUT (n_samples, fold * n_cols)
@@ -2669,7 +2688,7 @@ cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_sa
         merge_moments(&count, &running_mean, &m2, min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
                       tile_stats[2 * ((n * tiles + t) * groups + g)], tile_stats[2 * ((n * tiles + t) * groups + g) + 1])
     mean[s] = running_mean
-    rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps)
+    rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps, centered)
     for col in range(first + g * cols_per_group, first + (g + 1) * cols_per_group):
         mean_hi[col] = <floating>running_mean
         # the low part of the mean goes into the shift: y = (x - mean_hi) * scale + shift
@@ -2776,8 +2795,8 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
                         for s in range(n * groups, (n + 1) * groups):
                             columns_group_constants(tile_stats, s, tiles, tile_rows, n_rows, n_cols, groups,
                                                     cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
-                                                    &mean[0], &rstd[0], fold, column_mean_hi, column_scale,
-                                                    column_shift)
+                                                    centered, &mean[0], &rstd[0], fold, column_mean_hi,
+                                                    column_scale, column_shift)
                     if n - part_lead >= part_first:
                         for u in range((n - part_lead) * tiles, (n - part_lead + 1) * tiles):
                             columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, fold,
@@ -2798,7 +2817,7 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
                                      &scratch[threadid() * scratch_stride], tile_stats)
             for s in prange(first * groups, (first + batch_size) * groups, schedule="static"):
                 columns_group_constants(tile_stats, s, tiles, tile_rows, n_rows, n_cols, groups,
-                                        cols_per_channel, affine_per_row, &weight[0], &bias[0], eps,
+                                        cols_per_channel, affine_per_row, &weight[0], &bias[0], eps, centered,
                                         &mean[0], &rstd[0], fold, column_mean_hi, column_scale,
                                         column_shift)
             for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):

@@ -52,6 +52,7 @@ HAVE_STREAM = _module.HAVE_STREAM
 FORWARD_QUAD_ROW = _module.FORWARD_QUAD_ROW
 address_of = _module.address_of
 has_untouched_pages = _module.has_untouched_pages
+float_coefficients_hold = _module.float_coefficients_hold
 advise_huge_pages = _module.advise_huge_pages
 half_to_float = _module.half_to_float
 float_to_half = _module.float_to_half

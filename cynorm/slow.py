@@ -24,8 +24,8 @@ def _grouped(x, num_groups, axis):
 
 
 def _inverse_std(var, eps):
-    """1 / sqrt(var + eps); NaN where the variance is past the float64 range (values beyond ~1e154 from their
-    mean), as torch gives, rather than 0."""
+    """1 / sqrt(var + eps) of a centred variance; NaN where it is past the float64 range (values beyond ~1e154
+    from their mean), as torch gives, rather than 0."""
     with np.errstate(invalid="ignore"):
         return np.where(np.isposinf(var), np.nan, 1.0 / np.sqrt(var + eps))
 
@@ -84,7 +84,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, return_stats=Fal
 
 def rms_norm(x, weight=None, *, axis=-1, eps=1e-6, return_stats=False):
     rows, kept_shape, axes, kept = _rows(x, axis)
-    rstd = _inverse_std((rows ** 2).mean(axis=-1), eps)
+    rstd = 1.0 / np.sqrt((rows ** 2).mean(axis=-1) + eps)
     y = rows * rstd[..., None]
     if weight is not None:
         y = y * np.asarray(weight, dtype=np.float64).reshape(-1)

@@ -357,6 +357,11 @@ def _run_backward(dy, x, dx, size, mean, rstd, weight, dweight, dbias, float64, 
         _kernels.backward_columns(dy, x, mean, rstd, weight, dx, dweight, dbias, float64, _units(geometry, size),
                                   geometry.n_rows, geometry.n_cols, geometry.groups, geometry.cols_per_channel,
                                   geometry.affine_per_row, centered, stream, prefetch, threads)
+    if centered and size and _group_size(geometry) == 1:
+        # One value per group: y is the bias whatever x, so dx is 0 (NaN where the kernels made NaN), where their
+        # rstd * weight * dy + coef_0 leaves rounding noise of a few ulps of rstd * weight * dy (torch gives 0)
+        dx_values = _values_at(dx, size, np.float64 if float64 else np.float32)
+        np.multiply(dx_values, 0, out=dx_values)
 
 
 def _backward_in_float64(dy, x, dx, size, mean, rstd, weight, dweight, dbias, geometry, centered):
@@ -383,6 +388,13 @@ def _values_at(address, count, dtype):
 def _stats_count(geometry, size):
     """How many groups (statistics) `size` values of `geometry` make."""
     return _units(geometry, size) * (1 if geometry.rows else geometry.groups)
+
+
+def _group_size(geometry):
+    """How many values make a group (a row, or a sample's run of columns over the rows) of `geometry`."""
+    if geometry.rows:
+        return geometry.chans_per_group * geometry.inner
+    return geometry.n_rows * (geometry.n_cols // geometry.groups)
 
 
 def _param_count(geometry):

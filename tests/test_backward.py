@@ -85,6 +85,29 @@ def test_float32_backward_on_values_of_std_1e30(case):
             assert_close(gradient, reference)
 
 
+ONE_VALUE_GROUP_CASES = (
+    NormCase("group", (3, 4, 1, 1), 1, 4),
+    NormCase("group", (2, 1, 3), -1, 3),
+    NormCase("instance", (3, 7, 1), 1),
+    NormCase("layer", (5, 1), -1),
+    NormCase("layer", (2, 3, 1, 4), 2),   # a middle axis of one value (the columns view)
+)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", ONE_VALUE_GROUP_CASES, ids=str)
+def test_groups_of_one_value_have_a_zero_input_gradient(case, dtype):
+    """y is the bias whatever x: dx is 0, as torch's is, not the kernels' rounding noise (a few ulps of rstd *
+    weight * dy, 316 * weight * dy here); NaN where x is NaN."""
+    x, dy, weight, bias = _backward_inputs(case, dtype, with_weight=True)
+    x.flat[1] = np.nan
+    with np.errstate(invalid="ignore"):
+        _, stats = case.forward_with_stats(cynorm, x * 1000, weight, bias)
+        dx = case.backward(cynorm, dy, x * 1000, stats, weight)[0]
+    assert np.isnan(dx.flat[1]) and np.count_nonzero(np.isnan(dx)) == 1
+    assert np.all(np.delete(dx.ravel(), 1) == 0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Finite differences: the gradients are those of the kernels' own forward.
 

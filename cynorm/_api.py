@@ -315,7 +315,7 @@ def _launch(output, size, float64, temporary_output, outgrown_from_bytes):
 
 def _units(geometry, size):
     """How many rows (rows view) or samples (columns view) `size` values make."""
-    per_unit = geometry.chans_per_group * geometry.inner if geometry.rows else geometry.n_rows * geometry.n_cols
+    per_unit = _group_size(geometry) if geometry.rows else geometry.n_rows * geometry.n_cols
     return size // per_unit if size else 0
 
 

@@ -379,9 +379,8 @@ def _backward_in_float64(dy, x, dx, size, mean, rstd, weight, dweight, dbias, ge
 
 
 def _values_at(address, count, dtype):
-    """A NumPy view of the `count` values of `dtype` at `address`, memory the caller holds."""
-    if count == 0:
-        return np.empty(0, dtype)
+    """A NumPy view of the `count` values of `dtype` at `address`, memory the caller holds (its callers pass
+    none empty)."""
     return np.frombuffer((ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(address), dtype)
 
 

@@ -3,6 +3,9 @@
 Environment switches:
   CYNORM_DEBUG=1   turn bounds, wraparound and initialization checks back on (slow; for debugging crashes)
   CYNORM_NATIVE=1  compile for the build machine's CPU (-march=native); the default runs on any CPU of the arch
+  CYNORM_EMULATE_AVX512=1  build only the x86-64-v4 kernels, for x86-64-v3 CPUs, their AVX-512 intrinsics
+                   emulated (tests/avx512_emulation.h): for testing that build's results where the CPU has no
+                   AVX-512 (tests/test_builds.py builds it so, with --build-lib elsewhere)
 """
 import os
 import platform
@@ -17,6 +20,7 @@ from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("CYNORM_DEBUG", "0") == "1"
 NATIVE = os.environ.get("CYNORM_NATIVE", "0") == "1"
+EMULATE_AVX512 = os.environ.get("CYNORM_EMULATE_AVX512", "0") == "1"
 
 # -ffp-contract=off: a fused multiply-add chosen in one inlined copy of a routine but not in another would
 # make the row-parallel and chunk-parallel paths disagree in the last bit.  -fno-math-errno: sqrt need not set
@@ -106,6 +110,11 @@ IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 extensions = [Extension("cynorm._kernels_baseline", ["cynorm/_kernels_baseline.pyx"])]
 if IS_X86_64 and not NATIVE and sys.platform != "win32":
     extensions += [Extension(f"cynorm._kernels_{level}", [f"cynorm/_kernels_{level}.pyx"]) for level in X86_64_LEVELS]
+if EMULATE_AVX512:
+    X86_64_LEVELS["x86_64_v4"] = ["-march=x86-64-v3", "-include",
+                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests",
+                                               "avx512_emulation.h")]
+    extensions = [ext for ext in extensions if ext.name == "cynorm._kernels_x86_64_v4"]
 
 setup(
     packages=["cynorm", "cynorm.adapters"],

@@ -1,7 +1,14 @@
 """Every compiled build of the kernels (baseline, x86-64-v3, x86-64-v4) gives the same bits, and the float16
 conversions agree with NumPy's casts."""
+import functools
 import importlib
+import importlib.util
+import os
+import pathlib
 import platform
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,9 +17,36 @@ from cynorm import _kernels
 from cynorm._kernels_baseline import cpu_level
 
 BUILDS = _kernels.available_builds()
+# The x86-64-v4 build compiled for this CPU with its AVX-512 intrinsics emulated (tests/avx512_emulation.h), where
+# the CPU cannot run the real one: its code is otherwise never run on such a machine (CI's, for one).
+EMULATED_AVX512 = "x86_64_v4_emulated"
+_SOURCE_TREE = pathlib.Path(__file__).resolve().parents[1]
+if ("x86_64_v4" not in BUILDS and platform.machine().lower() in ("x86_64", "amd64") and sys.platform == "linux"
+        and (_SOURCE_TREE / "setup.py").exists()):
+    BUILDS = BUILDS + [EMULATED_AVX512]
+
+
+@functools.lru_cache(maxsize=None)
+def _emulated_avx512_module():
+    """Builds it (about 30 s) into a temporary directory, with the flags of setup.py, and loads it."""
+    build = tempfile.mkdtemp(prefix="cynorm-emulated-avx512-")
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", os.path.join(build, "lib"),
+                             "--build-temp", os.path.join(build, "temp")],
+                            cwd=_SOURCE_TREE, env=dict(os.environ, CYNORM_EMULATE_AVX512="1"), capture_output=True,
+                            text=True)
+    if "needs GCC 12 or later" in result.stdout + result.stderr:
+        pytest.skip("the C compiler does not compile the kernels' AVX-512 code")
+    assert result.returncode == 0, f"the emulated AVX-512 build failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+    library, = pathlib.Path(build, "lib", "cynorm").glob("_kernels_x86_64_v4.*")
+    spec = importlib.util.spec_from_file_location("_kernels_x86_64_v4", library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _module(name):
+    if name == EMULATED_AVX512:
+        return _emulated_avx512_module()
     return importlib.import_module(f"cynorm._kernels_{name}")
 
 

@@ -227,6 +227,7 @@ class _Plan(NamedTuple):
     param_shape: tuple        # of weight and bias, and of their gradients
     stats_shape: tuple        # of the statistics, their axes in memory order
     stats_order: list | None  # the permutation from that order to the logical one (None: the same)
+    stats_view: tuple         # (shape, strides) of the statistics the eager forward returns: the logical view
 
 
 _PLANS_HELD = 256
@@ -244,8 +245,20 @@ def _plan(input, num_groups=None, num_axes=None):
         if len(_plans) >= _PLANS_HELD:
             _plans.clear()
         order, *rest = (_channel_plan(input, num_groups) if num_axes is None else _trailing_plan(input, num_axes))
-        plan = _plans[key] = _Plan(key[1], order, order is not None or input.is_contiguous(), *rest)
+        plan = _plans[key] = _Plan(key[1], order, order is not None or input.is_contiguous(), *rest,
+                                   _logical_view(*rest[-2:]))
     return plan
+
+
+def _logical_view(memory_shape, logical_order):
+    """(shape, strides) of a C-contiguous tensor of ``memory_shape`` seen with its axes in ``logical_order``."""
+    strides, stride = [], 1
+    for size in reversed(memory_shape):
+        strides.insert(0, stride)
+        stride *= size
+    if logical_order is None:
+        return tuple(memory_shape), tuple(strides)
+    return tuple(memory_shape[axis] for axis in logical_order), tuple(strides[axis] for axis in logical_order)
 
 
 def _channel_plan(input, num_groups):
@@ -352,11 +365,13 @@ def set_output_cache_limit(nbytes):
 # ---------------------------------------------------------------------------------------------------------
 # The kernels on tensors, and the custom operators around them.  Each norm's forward and backward run either
 # on arguments this module has checked (``trusted``: the eager paths, after the functional API's checks or on
-# what its own forward returned) or through the NumPy API, which checks every argument first: the operators
-# take whatever a caller of torch.ops.cynorm passes.  Both give the same bits.  Skipping the second round of
-# checks saved about 0.4 ms a training step on tensors of 8 MB, where the Python between kernels runs on
-# caches the kernels have just swept.  Each ``register_fake`` gives the same shapes, dtypes and strides
-# without computing, for torch.compile and the meta device.
+# what its own forward returned) or through the NumPy API, which checks every argument first.  Both give the
+# same bits.  Skipping the second round of checks saved about 0.4 ms a training step on tensors of 8 MB, where
+# the Python between kernels runs on caches the kernels have just swept.  The operators take whatever a caller
+# of torch.ops.cynorm passes: they check it as the functional API does (and the statistics a backward gets),
+# take the trusted path if it passes, and leave anything else to the NumPy API, with its errors.  Each
+# ``register_fake`` gives the same shapes, dtypes and strides without computing, for torch.compile and the
+# meta device.
 # ---------------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
@@ -493,11 +508,13 @@ def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     return (grad_input, *param_grads)
 
 
-# The operators' implementations: the kernels through the NumPy API's checks.
+# The operators' implementations: the trusted path on arguments that pass the functional API's checks (see
+# _group_norm_takes), the NumPy API on any other.
 
 def _group_norm_kernels(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                         eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _channel_norm(input, weight, bias, eps, num_groups, trusted=False)
+    return _channel_norm(input, weight, bias, eps, num_groups,
+                         trusted=_group_norm_takes(input, num_groups, weight, bias, eps))
 
 
 _group_norm_op = torch.library.custom_op("cynorm::group_norm", _group_norm_kernels, mutates_args=())
@@ -512,7 +529,8 @@ def _channel_norm_backward_op(name):
     """The backward operator ``cynorm::<name>`` of a channel norm (group and instance norm share one)."""
     def kernels(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
                 weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        return _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted=False)
+        return _channel_norm_backward(grad_output, input, mean, rstd, weight,
+                                      trusted=_channel_norm_backward_takes(grad_output, input, mean, rstd, weight))
 
     op = torch.library.custom_op(f"cynorm::{name}", kernels, mutates_args=())
     op.register_fake(lambda grad_output, input, mean, rstd, weight: _fake_channel_norm_backward(input))
@@ -524,7 +542,8 @@ _group_norm_backward_op = _channel_norm_backward_op("group_norm_backward")
 
 def _instance_norm_kernels(input: Tensor, weight: Tensor | None, bias: Tensor | None,
                            eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _channel_norm(input, weight, bias, eps, input.shape[1], trusted=False)
+    return _channel_norm(input, weight, bias, eps, input.shape[1],
+                         trusted=_instance_norm_takes(input, weight, bias, eps))
 
 
 _instance_norm_op = torch.library.custom_op("cynorm::instance_norm", _instance_norm_kernels, mutates_args=())
@@ -540,7 +559,8 @@ _instance_norm_backward_op = _channel_norm_backward_op("instance_norm_backward")
 
 def _layer_norm_kernels(input: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,
                         eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _trailing_norm(input, normalized_shape, weight, bias, eps, centered=True, trusted=False)
+    trusted = _layer_norm_takes(input, tuple(normalized_shape), weight, bias, eps)
+    return _trailing_norm(input, normalized_shape, weight, bias, eps, centered=True, trusted=trusted)
 
 
 _layer_norm_op = torch.library.custom_op("cynorm::layer_norm", _layer_norm_kernels, mutates_args=())
@@ -555,7 +575,8 @@ def _(input, normalized_shape, weight, bias, eps):
 
 def _layer_norm_backward_kernels(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
                                  weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    return _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted=False)
+    trusted = _trailing_norm_backward_takes(grad_output, input, mean, rstd, weight)
+    return _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted=trusted)
 
 
 _layer_norm_backward_op = torch.library.custom_op("cynorm::layer_norm_backward", _layer_norm_backward_kernels,
@@ -571,7 +592,8 @@ def _(grad_output, input, mean, rstd, weight):
 
 def _rms_norm_kernels(input: Tensor, normalized_shape: list[int], weight: Tensor | None,
                       eps: float) -> tuple[Tensor, Tensor]:
-    output, _, rstd = _trailing_norm(input, normalized_shape, weight, None, eps, centered=False, trusted=False)
+    trusted = _rms_norm_takes(input, tuple(normalized_shape), weight, eps)
+    output, _, rstd = _trailing_norm(input, normalized_shape, weight, None, eps, centered=False, trusted=trusted)
     return output, rstd
 
 
@@ -586,7 +608,8 @@ def _(input, normalized_shape, weight, eps):
 
 def _rms_norm_backward_kernels(grad_output: Tensor, input: Tensor, rstd: Tensor,
                                weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    grad_input, grad_weight, _ = _trailing_norm_backward(grad_output, input, None, rstd, weight, trusted=False)
+    trusted = _trailing_norm_backward_takes(grad_output, input, None, rstd, weight)
+    grad_input, grad_weight, _ = _trailing_norm_backward(grad_output, input, None, rstd, weight, trusted=trusted)
     return grad_input, grad_weight
 
 
@@ -934,6 +957,60 @@ def _ends_with(input, shape):
     return 0 < len(shape) <= input.dim() and trailing == shape and input.numel() > 0
 
 
+# Whether the kernels' trusted path computes a norm of these arguments as they are: the checks of the functional
+# API (after _torch_is_faster) and of the operators.  Arguments that fail them go to torch's function from the
+# functional API, to the NumPy API (and its errors) from the operators.
+
+def _group_norm_takes(input, num_groups, weight, bias, eps):
+    return (_kernels_apply(input, weight, bias) and input.dim() >= 2 and isinstance(num_groups, int)
+            and num_groups > 0 and input.shape[1] % num_groups == 0
+            # torch refuses groups of a single value in the batch ("more than 1 value per channel")
+            and input.numel() > num_groups
+            and _is_shape(weight, input.shape[1:2]) and _is_shape(bias, input.shape[1:2]) and eps >= 0)
+
+
+def _instance_norm_takes(input, weight, bias, eps, running_mean=None, running_var=None):
+    return (_kernels_apply(input, running_mean, running_var, weight, bias) and input.dim() >= 3
+            and math.prod(input.shape[2:]) > 1 and (running_mean is None) == (running_var is None)
+            and all(_is_shape(t, input.shape[1:2]) for t in (running_mean, running_var, weight, bias)) and eps >= 0)
+
+
+def _layer_norm_takes(input, shape, weight, bias, eps):
+    """``shape``: the normalized shape, a tuple."""
+    return (_kernels_apply(input, weight, bias) and _ends_with(input, shape) and _is_shape(weight, shape)
+            and _is_shape(bias, shape) and eps >= 0)
+
+
+def _rms_norm_takes(input, shape, weight, eps):
+    """``shape``: the normalized shape, a tuple; ``eps`` may be None (the dtype's epsilon)."""
+    return (_kernels_apply(input, weight) and _ends_with(input, shape) and _is_shape(weight, shape)
+            and (eps is None or eps >= 0))
+
+
+def _statistics_fit(plan, *stats):
+    """Whether each of ``stats`` (None: RMS norm's mean) is laid out as the trusted forward of ``plan`` returns
+    it: float64 CPU values, with the plan's logical shape and strides over memory in the kernels' order."""
+    return all(stat is None or (stat.dtype == torch.float64 and stat.is_cpu and stat.layout == torch.strided
+                                and (tuple(stat.shape), stat.stride()) == plan.stats_view) for stat in stats)
+
+
+def _channel_norm_backward_takes(grad_output, input, mean, rstd, weight):
+    if not (_kernels_apply(input, grad_output, weight) and input.dim() >= 2 and grad_output.shape == input.shape
+            and _is_shape(weight, input.shape[1:2]) and rstd.dim() == 2 and rstd.shape[1] > 0
+            and input.shape[1] % rstd.shape[1] == 0):
+        return False
+    return _statistics_fit(_plan(input, num_groups=rstd.shape[1]), mean, rstd)
+
+
+def _trailing_norm_backward_takes(grad_output, input, mean, rstd, weight):
+    """(``mean`` None: RMS norm's)"""
+    num_axes = input.dim() - rstd.dim()
+    if not (_kernels_apply(input, grad_output, weight) and num_axes > 0 and grad_output.shape == input.shape
+            and _is_shape(weight, input.shape[rstd.dim():]) and input.numel() > 0):
+        return False
+    return _statistics_fit(_plan(input, num_axes=num_axes), mean, rstd)
+
+
 # Each function of the API is torch.nn.functional's under torch.jit.script: TorchScript cannot compile the
 # adapter's Python (it leaves out what follows ``if torch.jit.is_scripting(): return``), and a scripted model is
 # meant to run without it, as torch.jit.trace and torch.export record torch's operators (see _kernels_apply).
@@ -945,12 +1022,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
     if torch.jit.is_scripting():
         return F.group_norm(input, num_groups, weight, bias, eps)
-    if (not _torch_is_faster("group_norm", input, weight, bias) and _kernels_apply(input, weight, bias)
-            and input.dim() >= 2 and isinstance(num_groups, int)
-            and num_groups > 0 and input.shape[1] % num_groups == 0
-            # torch refuses groups of a single value in the batch ("more than 1 value per channel")
-            and input.numel() > num_groups
-            and _is_shape(weight, input.shape[1:2]) and _is_shape(bias, input.shape[1:2]) and eps >= 0):
+    if (not _torch_is_faster("group_norm", input, weight, bias)
+            and _group_norm_takes(input, num_groups, weight, bias, eps)):
         return _run(_group_norm_op, input, num_groups, weight, bias, eps)[0]
     return F.group_norm(input, num_groups, weight, bias, eps)
 
@@ -967,14 +1040,10 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     """
     if torch.jit.is_scripting():
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    spatial_size = math.prod(input.shape[2:])
-    if (use_input_stats and _kernels_apply(input, running_mean, running_var, weight, bias) and input.dim() >= 3
-            and spatial_size > 1 and (running_mean is None) == (running_var is None)
-            and all(_is_shape(t, input.shape[1:2]) for t in (running_mean, running_var, weight, bias))
-            and eps >= 0):
+    if use_input_stats and _instance_norm_takes(input, weight, bias, eps, running_mean, running_var):
         output, mean, rstd = _run(_instance_norm_op, input, weight, bias, eps)
         if running_mean is not None:
-            _update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, spatial_size)
+            _update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, math.prod(input.shape[2:]))
         return output
     return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
 
@@ -995,8 +1064,8 @@ def layer_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tens
     if torch.jit.is_scripting():
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _normalized_shape_tuple(normalized_shape)
-    if (not _torch_is_faster("layer_norm", input, weight, bias, shape) and _kernels_apply(input, weight, bias)
-            and _ends_with(input, shape) and _is_shape(weight, shape) and _is_shape(bias, shape) and eps >= 0):
+    if (not _torch_is_faster("layer_norm", input, weight, bias, shape)
+            and _layer_norm_takes(input, shape, weight, bias, eps)):
         return _run(_layer_norm_op, input, list(shape), weight, bias, eps)[0]
     return F.layer_norm(input, normalized_shape, weight, bias, eps)
 
@@ -1011,8 +1080,8 @@ def rms_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor
     if torch.jit.is_scripting():
         return F.rms_norm(input, normalized_shape, weight, eps)
     shape = _normalized_shape_tuple(normalized_shape)
-    if (not _torch_is_faster("rms_norm", input, weight, normalized_shape=shape) and _kernels_apply(input, weight)
-            and _ends_with(input, shape) and _is_shape(weight, shape) and (eps is None or eps >= 0)):
+    if (not _torch_is_faster("rms_norm", input, weight, normalized_shape=shape)
+            and _rms_norm_takes(input, shape, weight, eps)):
         eps = torch.finfo(input.dtype).eps if eps is None else eps
         return _run(_rms_norm_op, input, list(shape), weight, eps)[0]
     return F.rms_norm(input, normalized_shape, weight, eps)

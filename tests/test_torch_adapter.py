@@ -303,6 +303,79 @@ def test_operators_check_what_callers_of_torch_ops_pass():
         torch.ops.cynorm.rms_norm_backward(x[:1], x, torch.ops.cynorm.rms_norm(x, [3], None, 1e-5)[1], None)
 
 
+def _in_other_memory(stat):
+    """The same values, every stride doubled."""
+    return torch.stack([stat, stat], dim=-1)[..., 0]
+
+
+# name: (operator name, a function of the dtype making its forward's arguments)
+TRUSTED_OPERATOR_CASES = {
+    "group_norm": ("group_norm", lambda dtype: (random_tensor((3, 6, 5), dtype), 2, random_tensor(6, dtype, seed=1),
+                                                random_tensor(6, dtype, seed=2), 1e-5)),
+    "group_norm_channels_last": ("group_norm", lambda dtype: (
+        in_layout(random_tensor((3, 8, 2, 5), dtype), "channels_last"), 4, random_tensor(8, dtype, seed=1), None,
+        1e-3)),
+    "instance_norm_strided": ("instance_norm", lambda dtype: (
+        in_layout(random_tensor((2, 3, 4, 2), dtype), "strided"), random_tensor(3, dtype, seed=1),
+        random_tensor(3, dtype, seed=2), 1e-5)),
+    "layer_norm_permuted": ("layer_norm", lambda dtype: (
+        random_tensor((3, 4, 2, 5), dtype).permute(0, 2, 3, 1), [4], random_tensor(4, dtype, seed=1),
+        random_tensor(4, dtype, seed=2), 1e-5)),
+    "rms_norm": ("rms_norm", lambda dtype: (random_tensor((3, 2, 6), dtype), [2, 6],
+                                            random_tensor((2, 6), dtype, seed=1), 1e-5)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", TRUSTED_OPERATOR_CASES)
+def test_operators_skip_the_numpy_api_on_arguments_they_have_checked(case, dtype, monkeypatch):
+    """torch.compile's graphs call the operators: on arguments that pass the functional API's checks, and
+    statistics laid out as their forward returns them, the operators skip the NumPy API's second round of checks,
+    and give its bits; statistics of other strides take the NumPy API's path."""
+    name, make_arguments = TRUSTED_OPERATOR_CASES[case]
+    forward, backward = getattr(torch.ops.cynorm, name), getattr(torch.ops.cynorm, f"{name}_backward")
+    arguments = make_arguments(dtype)
+    input, weight = arguments[0], arguments[2 if name in ("group_norm", "layer_norm", "rms_norm") else 1]
+    grad_output = random_tensor(input.shape, dtype, seed=9)
+
+    def run(*statistics_layouts):
+        output = forward(*arguments)
+        statistics = [layout(stat) for layout, stat in zip(statistics_layouts, output[1:])]
+        return output, backward(grad_output, input, *statistics, weight)
+
+    numpy_api_calls = []
+    # (instance norm's operators call the NumPy API's group norm, with a group per channel)
+    numpy_api_functions = [f"{name}", f"{name}_backward"] if name != "instance_norm" else [
+        "group_norm", "group_norm_backward"]
+
+    def watch_numpy_api(functions):
+        for function in functions:
+            original = getattr(cynorm, function)
+            monkeypatch.setattr(cynorm, function, lambda *a, _original=original, _name=function, **k: (
+                numpy_api_calls.append(_name), _original(*a, **k))[1])
+
+    watch_numpy_api(numpy_api_functions)
+    as_returned = (lambda stat: stat,) * 2
+    outputs, grads = run(*as_returned)
+    assert numpy_api_calls == []
+    for predicate in ("_group_norm_takes", "_instance_norm_takes", "_layer_norm_takes", "_rms_norm_takes",
+                      "_channel_norm_backward_takes", "_trailing_norm_backward_takes"):
+        monkeypatch.setattr(ct, predicate, lambda *a, **k: False)
+    numpy_outputs, numpy_grads = run(*as_returned)
+    assert numpy_api_calls == numpy_api_functions
+    for got, expected in zip([*outputs, *grads], [*numpy_outputs, *numpy_grads], strict=True):
+        assert got.stride() == expected.stride()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    monkeypatch.undo()
+
+    numpy_api_calls.clear()
+    watch_numpy_api(numpy_api_functions[1:])
+    _, other_grads = run(_in_other_memory, _in_other_memory)
+    assert numpy_api_calls == numpy_api_functions[1:]
+    for got, expected in zip(other_grads, grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", ["group_norm", "instance_norm", "layer_norm", "rms_norm"])
 def test_double_backward_raises_clear_error(case):
     _, function, make_inputs = FUNCTION_CASES[case]

@@ -971,7 +971,8 @@ def _group_norm_takes(input, num_groups, weight, bias, eps):
 
 def _instance_norm_takes(input, weight, bias, eps, running_mean=None, running_var=None):
     return (_kernels_apply(input, running_mean, running_var, weight, bias) and input.dim() >= 3
-            and math.prod(input.shape[2:]) > 1 and (running_mean is None) == (running_var is None)
+            and math.prod(input.shape[2:]) > 1 and input.numel() > 0
+            and (running_mean is None) == (running_var is None)
             and all(_is_shape(t, input.shape[1:2]) for t in (running_mean, running_var, weight, bias)) and eps >= 0)
 
 
@@ -996,7 +997,7 @@ def _statistics_fit(plan, *stats):
 
 def _channel_norm_backward_takes(grad_output, input, mean, rstd, weight):
     if not (_kernels_apply(input, grad_output, weight) and input.dim() >= 2 and grad_output.shape == input.shape
-            and _is_shape(weight, input.shape[1:2]) and rstd.dim() == 2 and rstd.shape[1] > 0
+            and _is_shape(weight, input.shape[1:2]) and input.numel() > 0 and rstd.dim() == 2 and rstd.shape[1] > 0
             and input.shape[1] % rstd.shape[1] == 0):
         return False
     return _statistics_fit(_plan(input, num_groups=rstd.shape[1]), mean, rstd)

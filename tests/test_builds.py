@@ -1,11 +1,13 @@
 """Every compiled build of the kernels (baseline, x86-64-v3, x86-64-v4) gives the same bits, and the float16
 conversions agree with NumPy's casts."""
+import atexit
 import functools
 import importlib
 import importlib.util
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,7 @@ if ("x86_64_v4" not in BUILDS and platform.machine().lower() in ("x86_64", "amd6
 def _emulated_avx512_module():
     """Builds it (about 30 s) into a temporary directory, with the flags of setup.py, and loads it."""
     build = tempfile.mkdtemp(prefix="cynorm-emulated-avx512-")
+    atexit.register(shutil.rmtree, build, ignore_errors=True)
     result = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", os.path.join(build, "lib"),
                              "--build-temp", os.path.join(build, "temp")],
                             cwd=_SOURCE_TREE, env=dict(os.environ, CYNORM_EMULATE_AVX512="1"), capture_output=True,

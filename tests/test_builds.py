@@ -225,3 +225,14 @@ def test_float16_conversions_match_numpy(build):
     with np.errstate(over="ignore"):
         expected = values.astype(np.float16)
     np.testing.assert_array_equal(rounded.view(np.float16), expected)
+
+    # every length up to three vectors, from every position in one, and a length across the conversions' blocks
+    for length in list(range(25)) + [40_003]:
+        for start in range(8):
+            halves = every_half[start:start + length]
+            widened = np.full(length, np.nan, np.float32)
+            module.half_to_float(halves, widened, 2)
+            np.testing.assert_array_equal(widened, halves.view(np.float16).astype(np.float32))
+            rounded = np.zeros(length, np.uint16)
+            module.float_to_half(values[start:start + length], rounded, 2)
+            np.testing.assert_array_equal(rounded.view(np.float16), expected[start:start + length])

@@ -1,4 +1,6 @@
 """Backward kernels against the float64 reference `cynorm.slow` and against central finite differences."""
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -202,3 +204,71 @@ def test_backward_accepts_any_memory_layout(case, layout):
                                      case.backward(slow, dy, x, stats, weight)):
         if expected is not None:
             assert_close(value, expected, err_msg=name)
+
+
+# float16 data is computed in float32 buffers a chunk of samples at a time (cynorm._api._half_chunks): chunks of
+# a single sample (or row), and uneven chunks of several, on every norm and layout and the kernels' paths.
+HALF_CHUNK_CASES = LAYOUT_CASES + (
+    NormCase("group", (5, 36, 7, 7), 1, 4),      # rows of 9 channels, four channels at a time
+    NormCase("layer", (37, 48), -1),             # four rows at a time
+    NormCase("layer", (3, 7, 21), -1),           # short rows in blocks
+    NormCase("instance", (3, 7, 601), -1),       # wide columns
+    NormCase("group", (3, 37, 29, 10), -1, 5),   # narrow columns, rows taken several at a time
+)
+
+
+def _overlapping_out(x):
+    """An array of x's shape and dtype whose memory starts 3 values past x's start, inside x."""
+    memory = np.empty(x.size + 3, x.dtype)
+    memory[:x.size] = x.reshape(-1)
+    return memory[:x.size].reshape(x.shape), memory[3:].reshape(x.shape)
+
+
+@pytest.mark.skipif(not cynorm._kernels.HAVE_FLOAT16, reason="float16 widened by NumPy, whole, in this build")
+@pytest.mark.parametrize("placement", ["new", "in-place", "overlapping"])
+@pytest.mark.parametrize("chunk", ["one-sample", "uneven"])
+@pytest.mark.parametrize("case", HALF_CHUNK_CASES, ids=str)
+def test_float16_in_chunks_of_samples(case, chunk, placement, monkeypatch):
+    """The forward and dx keep the bits of a single chunk, whatever the chunks and wherever the output lies;
+    the parameter gradients, added up chunk by chunk, keep the accuracy."""
+    x, dy, weight, bias = _backward_inputs(case, np.float16, with_weight=True)
+    (y, stats), (dx, *param_grads) = (case.forward_with_stats(cynorm, x, weight, bias),
+                                      case.backward(cynorm, dy, x, case.forward_with_stats(cynorm, x, weight, bias)[1],
+                                                    weight))
+    monkeypatch.setattr(cynorm._api, "_HALF_CHUNK_VALUES", 1 if chunk == "one-sample" else x.size // 3 + 1)
+
+    x_in, out = {"new": (x, None), "in-place": (x.copy(),) * 2, "overlapping": _overlapping_out(x)}[placement]
+    chunked_y, chunked_stats = case.forward_with_stats(cynorm, x_in, weight, bias, out=out)
+    for name, got, expected in zip(("y", "mean", "rstd"), (chunked_y, *chunked_stats), (y, *stats)):
+        assert_bitwise_equal(got, expected, err_msg=name)
+
+    dy_in, out = {"new": (dy, None), "in-place": (dy.copy(),) * 2, "overlapping": _overlapping_out(dy)}[placement]
+    chunked_dx, *chunked_param_grads = case.backward(cynorm, dy_in, x, stats, weight, out=out)
+    assert_bitwise_equal(chunked_dx, dx, err_msg="dx")
+    for name, got, whole, reference in zip(("dweight", "dbias"), chunked_param_grads, param_grads,
+                                           case.backward(slow, dy, x, stats, weight)[1:]):
+        if reference is not None:
+            assert_close(got, reference, err_msg=name)
+            assert_close(got, whole, err_msg=name)
+
+
+@pytest.mark.skipif(not cynorm._kernels.HAVE_FLOAT16, reason="float16 widened by NumPy, whole, in this build")
+@pytest.mark.parametrize("case", [NormCase("group", (8, 8, 256, 256), 1, 4), NormCase("group", (8, 256, 256, 8), -1, 4),
+                                  NormCase("layer", (2048, 2048), -1)], ids=str)
+def test_float16_is_widened_a_chunk_at_a_time(case):
+    """The float32 copies of a large float16 call are buffers of a chunk each, not arrays of its size: the
+    forward's two, the backward's three."""
+    x, dy, weight, bias = _backward_inputs(case, np.float16, with_weight=True)
+    _, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    assert x.size >= 4 * cynorm._api._HALF_CHUNK_VALUES
+    chunk_bytes = 4 * cynorm._api._HALF_CHUNK_VALUES
+    out = np.empty_like(x)
+    for run, buffers in ((lambda: case.forward_with_stats(cynorm, x, weight, bias, out=out), 2),
+                         (lambda: case.backward(cynorm, dy, x, stats, weight, out=out), 3)):
+        tracemalloc.start()   # NumPy reports its data allocations to tracemalloc
+        try:
+            run()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert buffers * chunk_bytes <= peak < (buffers + 1) * chunk_bytes

@@ -8,6 +8,7 @@ import math
 import numbers
 import operator
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -226,29 +227,47 @@ def _store(result, flat):
     return result
 
 
-# float16 data is computed in float32 a chunk of whole samples at a time: each chunk is widened into float32
-# buffers with vector instructions, computed there, and its results rounded back into the float16 output, so
-# that the float32 copies stay in cache instead of making passes over whole arrays twice the size.  Whole
-# samples, since the rows view takes a sample's groups as consecutive rows of the weight's channels.  The size
-# is fixed, whatever the machine and the threads: the backward adds its parameter gradients up chunk by chunk,
-# and their bits must depend on neither.  (Compilers without _Float16, and float16 of the other byte order,
-# leave the conversions to NumPy, whole.)  On a Zen 3 (32 MiB L3), chunks of 2**17-2**20 values ran within 10 %
-# of each other on GroupNorm (8,256,56,56) and LayerNorm (4096,768) and (8,512,1024); 2**21 up to 1.4x slower,
-# 2**22 up to 3.5x; the whole arrays, in one chunk, 3-5x.
+# float16 data is computed in float32 a chunk at a time: each chunk is widened into float32 buffers with vector
+# instructions, computed there, and its results rounded back into the float16 output, so that the float32 copies
+# stay in cache instead of making passes over whole arrays twice the size.  A chunk holds whole samples, or in the
+# rows view, where a sample can be split, a run of a sample's rows (groups).  The size is fixed, whatever the
+# machine and the threads: the backward adds its parameter gradients up chunk by chunk, and their bits must depend
+# on neither.  (Compilers without _Float16, and float16 of the other byte order, leave the conversions to NumPy,
+# whole.)  On a Zen 3 (32 MiB L3), chunks of 2**17-2**20 values ran within 10 % of each other on GroupNorm
+# (8,256,56,56) and LayerNorm (4096,768) and (8,512,1024); 2**21 up to 1.4x slower, 2**22 up to 3.5x; the whole
+# arrays, in one chunk, 3-5x.
 _HALF_CHUNK_VALUES = 2 ** 19
 
 
+class _HalfChunk(NamedTuple):
+    """Values of a float16 call computed together (see _half_chunks)."""
+    first: int             # the chunk's first value
+    values: int            # how many it holds
+    first_stat: int        # its first statistic
+    geometry: _Geometry    # how the kernels see it
+    first_param: int       # the parameter its first row starts at (a run of rows), else 0
+
+
 def _half_chunks(geometry, size):
-    """(first value, values, first statistic) of each chunk of whole samples of `size` values."""
-    sample, per_chunk = _group_size(geometry) * geometry.groups, _half_chunk_values(geometry)
+    """The chunks of `size` values of `geometry`: as many whole samples as _HALF_CHUNK_VALUES holds, at least one;
+    in the rows view, samples larger than that go in runs of as many of their rows as it holds, at least one,
+    each run seen as a sample whose groups are those rows, with the weight's channels from its first row's."""
+    if size == 0:   # (groups may be of no values)
+        return
+    row = _group_size(geometry)
+    sample = row * geometry.groups
+    if geometry.rows and sample > _HALF_CHUNK_VALUES and geometry.groups > 1:
+        rows_per_run = max(1, _HALF_CHUNK_VALUES // row)
+        for first_sample in range(0, size, sample):
+            for group in range(0, geometry.groups, rows_per_run):
+                rows = min(rows_per_run, geometry.groups - group)
+                first = first_sample + group * row
+                yield _HalfChunk(first, rows * row, first // row, geometry._replace(groups=rows),
+                                 group * geometry.chans_per_group)
+        return
+    per_chunk = max(1, _HALF_CHUNK_VALUES // sample) * sample
     for first in range(0, size, per_chunk):
-        yield first, min(per_chunk, size - first), first // sample * geometry.groups
-
-
-def _half_chunk_values(geometry):
-    """How many values make a chunk: as many whole samples as _HALF_CHUNK_VALUES holds, at least one."""
-    sample = _group_size(geometry) * geometry.groups
-    return max(1, _HALF_CHUNK_VALUES // sample) * sample
+        yield _HalfChunk(first, min(per_chunk, size - first), first // sample * geometry.groups, geometry, 0)
 
 
 def _half_bits(arr, result):
@@ -261,9 +280,23 @@ def _half_bits(arr, result):
     return bits
 
 
-def _float_chunk_buffers(geometry, size, count):
-    """`count` float32 buffers, each for the largest chunk _half_chunks makes of `size` values."""
-    return [np.empty(min(size, _half_chunk_values(geometry)), np.float32) for _ in range(count)]
+def _float_chunk_buffers(chunks, count):
+    """`count` float32 buffers, each for the largest of `chunks`: the calling thread's own, kept for its next
+    calls, if that is no larger than a chunk (a sample larger than a chunk, in the columns view, gets buffers for
+    the call alone).  Buffers made afresh at each call cost their pages' faults each time wherever the C library
+    gives large freed blocks back to the OS, as glibc does by default: 950 faults and 2.5 ms of a 4.8 ms
+    GroupNorm (8,256,56,56) forward on a Zen 3."""
+    largest = max((chunk.values for chunk in chunks), default=0)
+    if largest > _HALF_CHUNK_VALUES:
+        return [np.empty(largest, np.float32) for _ in range(count)]
+    held = getattr(_held_buffers, "float32", [])
+    if len(held) < count or held[0].size < largest:
+        held = [np.empty(_HALF_CHUNK_VALUES, np.float32) for _ in range(max(count, len(held)))]
+        _held_buffers.float32 = held
+    return held[:count]
+
+
+_held_buffers = threading.local()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -324,14 +357,16 @@ def _forward_half(x, y, weight, bias, mean, rstd, geometry, eps, centered):
     """_run_forward of float16 `x` into float16 `y` (arrays), in float32 a chunk at a time (see _half_chunks);
     the other arguments as _run_forward takes them, float32 parameters."""
     x_bits, y_bits = _half_bits(x, y), y.view(np.uint16).reshape(-1)
-    x_chunk, y_chunk = _float_chunk_buffers(geometry, x.size, 2)
+    chunks = list(_half_chunks(geometry, x.size))
+    x_chunk, y_chunk = _float_chunk_buffers(chunks, 2)
     at = _kernels.address_of
-    for first, count, stat in _half_chunks(geometry, x.size):
-        threads = _thread_count(count)
-        _kernels.half_to_float(x_bits[first:first + count], x_chunk[:count], threads)
-        _run_forward(at(x_chunk), at(y_chunk), count, weight, bias, mean + 8 * stat, rstd + 8 * stat, False,
-                     geometry, eps, centered, temporary_output=True)
-        _kernels.float_to_half(y_chunk[:count], y_bits[first:first + count], threads)
+    for chunk in chunks:
+        values, threads = slice(chunk.first, chunk.first + chunk.values), _thread_count(chunk.values)
+        _kernels.half_to_float(x_bits[values], x_chunk[:chunk.values], threads)
+        _run_forward(at(x_chunk), at(y_chunk), chunk.values, weight + 4 * chunk.first_param,
+                     bias + 4 * chunk.first_param, mean + 8 * chunk.first_stat, rstd + 8 * chunk.first_stat, False,
+                     chunk.geometry, eps, centered, temporary_output=True)
+        _kernels.float_to_half(y_chunk[:chunk.values], y_bits[values], threads)
 
 
 def _run_forward(x, y, size, weight, bias, mean, rstd, float64, geometry, eps, centered, temporary_output=False):
@@ -398,20 +433,23 @@ def _backward_half(dy, x, dx, mean, rstd, weight, dweight, dbias, geometry, cent
     parameter gradients are added up in float64, in chunk order, and rounded once (one chunk's come out as the
     kernels wrote them)."""
     dy_bits, x_bits, dx_bits = _half_bits(dy, dx), _half_bits(x, dx), dx.view(np.uint16).reshape(-1)
-    dy_chunk, x_chunk, dx_chunk = _float_chunk_buffers(geometry, x.size, 3)
+    chunks = list(_half_chunks(geometry, x.size))
+    dy_chunk, x_chunk, dx_chunk = _float_chunk_buffers(chunks, 3)
     chunk_dweight, chunk_dbias = np.empty_like(dweight), np.empty_like(dbias)
     total_dweight, total_dbias = np.zeros(dweight.shape), np.zeros(dbias.shape)
     at = _kernels.address_of
-    for first, count, stat in _half_chunks(geometry, x.size):
-        threads = _thread_count(count)
-        _kernels.half_to_float(dy_bits[first:first + count], dy_chunk[:count], threads)
-        _kernels.half_to_float(x_bits[first:first + count], x_chunk[:count], threads)
-        _run_backward(at(dy_chunk), at(x_chunk), at(dx_chunk), count, mean + 8 * stat if mean else 0,
-                      rstd + 8 * stat, weight, at(chunk_dweight), at(chunk_dbias), False, geometry, centered,
-                      temporary_output=True)
-        _kernels.float_to_half(dx_chunk[:count], dx_bits[first:first + count], threads)
-        total_dweight += chunk_dweight
-        total_dbias += chunk_dbias
+    for chunk in chunks:
+        values, threads = slice(chunk.first, chunk.first + chunk.values), _thread_count(chunk.values)
+        params = slice(chunk.first_param, chunk.first_param + _param_count(chunk.geometry))
+        _kernels.half_to_float(dy_bits[values], dy_chunk[:chunk.values], threads)
+        _kernels.half_to_float(x_bits[values], x_chunk[:chunk.values], threads)
+        _run_backward(at(dy_chunk), at(x_chunk), at(dx_chunk), chunk.values,
+                      mean + 8 * chunk.first_stat if mean else 0, rstd + 8 * chunk.first_stat,
+                      weight + 4 * chunk.first_param, at(chunk_dweight), at(chunk_dbias), False, chunk.geometry,
+                      centered, temporary_output=True)
+        _kernels.float_to_half(dx_chunk[:chunk.values], dx_bits[values], threads)
+        total_dweight[params] += chunk_dweight[:params.stop - params.start]
+        total_dbias[params] += chunk_dbias[:params.stop - params.start]
     dweight[...] = total_dweight
     dbias[...] = total_dbias
 

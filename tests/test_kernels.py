@@ -495,6 +495,24 @@ def test_empty_batch(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", [NormCase("group", (2, 4, 0), 1, 2), NormCase("group", (2, 0, 4), -1, 2),
+                                  NormCase("instance", (3, 2, 0, 5), 1), NormCase("layer", (3, 0, 5), 1),
+                                  NormCase("rms", (3, 4, 0), (-2, -1))], ids=str)
+def test_groups_of_no_values(case, dtype):
+    """An empty axis other than the batch: empty outputs, NaN statistics (of no values), zero parameter
+    gradients."""
+    x, weight, bias = _forward_inputs(case, dtype)
+    y, stats = case.forward_with_stats(cynorm, x, weight, bias)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert all(s.shape == case.stats_shape and np.isnan(s).all() for s in stats)
+    dx, dweight, dbias = case.backward(cynorm, np.ones_like(x), x, stats, weight)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    np.testing.assert_array_equal(dweight, np.zeros(case.param_shape))
+    if case.has_bias:
+        np.testing.assert_array_equal(dbias, np.zeros(case.param_shape))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("case", LAYOUT_CASES + SPLIT_CASES[:1], ids=str)
 def test_inputs_are_not_modified(case, dtype):
     """No forward or backward call writes to x, weight, bias, dy, mean or rstd."""

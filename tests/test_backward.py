@@ -1,4 +1,5 @@
 """Backward kernels against the float64 reference `cynorm.slow` and against central finite differences."""
+import concurrent.futures
 import tracemalloc
 
 import numpy as np
@@ -11,7 +12,7 @@ from cynorm import slow
 
 from _core_util import (FLOAT_DTYPES, FOUR_ROW_CASES, LAYOUT_CASES, LAYOUTS, NARROW_COLUMN_CASES, SHORT_ROW_CASES,
                         SPLIT_CASES, NormCase, assert_bitwise_equal, assert_close, compute_dtype, dtype_name,
-                        norm_cases, random_array, random_params, with_layout)
+                        norm_cases, random_array, random_params, run_forward_and_backward, with_layout)
 
 ODD_SIZE_CASES = (
     NormCase("group", (3, 4, 1, 1), 1, 4),  # one element per group: dx is 0
@@ -260,7 +261,7 @@ def test_float16_in_chunks_of_samples(case, chunk, placement, monkeypatch):
 def test_float16_is_widened_a_chunk_at_a_time(case):
     """The float32 copies of a large float16 call are buffers of a chunk each, not arrays of its size: the
     forward's two, the backward's three; a sample larger than a chunk is split where the rows view allows.  The
-    calling thread keeps them for its next calls."""
+    next call takes the same buffers."""
     x, dy, weight, bias = _backward_inputs(case, np.float16, with_weight=True)
     _, stats = case.forward_with_stats(cynorm, x, weight, bias)
     assert x.size >= 4 * cynorm._api._HALF_CHUNK_VALUES
@@ -268,7 +269,7 @@ def test_float16_is_widened_a_chunk_at_a_time(case):
     out = np.empty_like(x)
     for run, buffers in ((lambda: case.forward_with_stats(cynorm, x, weight, bias, out=out), 2),
                          (lambda: case.backward(cynorm, dy, x, stats, weight, out=out), 3)):
-        vars(cynorm._api._held_buffers).clear()
+        cynorm._api._idle_buffers.clear()
         peaks = []
         for _ in range(2):
             tracemalloc.start()   # NumPy reports its data allocations to tracemalloc
@@ -279,3 +280,17 @@ def test_float16_is_widened_a_chunk_at_a_time(case):
                 tracemalloc.stop()
         assert buffers * chunk_bytes <= peaks[0] < (buffers + 1) * chunk_bytes
         assert peaks[1] < chunk_bytes // 8
+
+
+@pytest.mark.skipif(not cynorm._kernels.HAVE_FLOAT16, reason="float16 widened by NumPy, whole, in this build")
+def test_float16_calls_from_several_threads_at_once():
+    """Calls that run at once (the kernels release the GIL) each take chunk buffers of their own."""
+    case = NormCase("group", (4, 64, 48, 48), 1, 8)   # two chunks
+    inputs = [_backward_inputs(case, np.float16, with_weight=True, seed=seed) for seed in range(6)]
+    expected = [run_forward_and_backward(case, x, weight, bias, dy) for x, dy, weight, bias in inputs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda arrays: run_forward_and_backward(case, *arrays),
+                                [(x, weight, bias, dy) for x, dy, weight, bias in inputs] * 4))
+    for got, want in zip(results, expected * 4):
+        for name in want:
+            assert_bitwise_equal(got[name], want[name], err_msg=name)

@@ -53,9 +53,9 @@ cdef extern from *:
     static inline float cynorm_half_to_float(unsigned short bits) { (void)bits; return 0.0f; }
     static inline unsigned short cynorm_float_to_half(float value) { (void)value; return 0; }
     #endif
-    /* The same on n values: eight at a time with F16C's instructions where the build has them (GCC 12 leaves
-       the loops above scalar), the last few through a zero-padded vector, rounding to nearest even as NumPy
-       does; one at a time elsewhere. */
+    /* The same on n values: eight at a time with F16C's instructions where the build has them (GCC 12 left a
+       loop over the functions above a value at a time), the last few through a zero-padded vector, rounding to
+       nearest even as NumPy does; one at a time elsewhere. */
     #if defined(__F16C__)
     #include <immintrin.h>
     static inline void cynorm_halves_to_floats(const unsigned short* bits, float* out, Py_ssize_t n) {

@@ -207,8 +207,9 @@ def _output(out, like, name):
 
 
 def _flat_input(arr, dtype, result, result_is_new):
-    """arr as a flat C-contiguous array of `dtype` that the kernel may read while writing `result`: the very
-    same memory (in place) is fine, a partial overlap gets a private copy."""
+    """arr as a flat C-contiguous array of `dtype` that the kernel may read while writing `result` (or a chunk
+    loop, reading each chunk before writing it): the very same memory (in place) is fine, a partial overlap gets
+    a private copy."""
     flat = np.ascontiguousarray(arr, dtype=dtype).reshape(-1)
     if (not result_is_new and np.may_share_memory(flat, result)
             and flat.__array_interface__["data"][0] != result.__array_interface__["data"][0]):
@@ -269,16 +270,6 @@ def _half_chunks(geometry, size):
     per_chunk = max(1, _HALF_CHUNK_VALUES // sample) * sample
     for first in range(0, size, per_chunk):
         yield _HalfChunk(first, min(per_chunk, size - first), first // sample * geometry.groups, geometry, 0)
-
-
-def _half_bits(arr, result):
-    """The bits of float16 `arr`, flat and C-contiguous, which writing `result` chunk by chunk cannot change
-    before they are read: `arr`'s own memory, unless `result` overlaps it other than exactly."""
-    bits = np.ascontiguousarray(arr, dtype=np.float16).view(np.uint16).reshape(-1)
-    if (np.may_share_memory(bits, result)
-            and bits.__array_interface__["data"][0] != result.__array_interface__["data"][0]):
-        bits = bits.copy()
-    return bits
 
 
 @contextlib.contextmanager
@@ -366,7 +357,7 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
 def _forward_half(x, y, weight, bias, mean, rstd, geometry, eps, centered):
     """_run_forward of float16 `x` into float16 `y` (arrays), in float32 a chunk at a time (see _half_chunks);
     the other arguments as _run_forward takes them, float32 parameters."""
-    x_bits, y_bits = _half_bits(x, y), y.view(np.uint16).reshape(-1)
+    x_bits, y_bits = _flat_input(x, np.float16, y, False).view(np.uint16), y.view(np.uint16).reshape(-1)
     chunks = list(_half_chunks(geometry, x.size))
     at = _kernels.address_of
     with _float_chunk_buffers(chunks, 2) as (x_chunk, y_chunk):
@@ -442,7 +433,8 @@ def _backward_half(dy, x, dx, mean, rstd, weight, dweight, dbias, geometry, cent
     float32 a chunk at a time (see _half_chunks); the other arguments as _run_backward takes them.  The chunks'
     parameter gradients are added up in float64, in chunk order, and rounded once (one chunk's come out as the
     kernels wrote them)."""
-    dy_bits, x_bits, dx_bits = _half_bits(dy, dx), _half_bits(x, dx), dx.view(np.uint16).reshape(-1)
+    dy_bits, x_bits = (_flat_input(arr, np.float16, dx, False).view(np.uint16) for arr in (dy, x))
+    dx_bits = dx.view(np.uint16).reshape(-1)
     chunks = list(_half_chunks(geometry, x.size))
     chunk_dweight, chunk_dbias = np.empty_like(dweight), np.empty_like(dbias)
     total_dweight, total_dbias = np.zeros(dweight.shape), np.zeros(dbias.shape)

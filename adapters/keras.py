@@ -24,7 +24,6 @@ kernels, and its SavedModel runs only in the process that saved it. Nor can XLA 
 in a ``tf.function(jit_compile=True)`` the layers run Keras's operations too.
 """
 import math
-import sys
 import warnings
 
 import keras
@@ -45,7 +44,7 @@ except ImportError:
         return False
 
 import cynorm
-from cynorm._blocks import BlockPool
+from cynorm._blocks import numpy_block_pool
 
 __all__ = ["GroupNormalization", "InstanceNormalization", "LayerNormalization", "RMSNormalization",
            "use_keras_for_small_inputs"]
@@ -113,16 +112,9 @@ def _new_output_pool(limit):
     output came from whichever heap that was.  GroupNormalization (8,56,56,256) in tf.function, interleaved in
     one process: 6.4-7.4 ms a forward and 19.2-20.5 ms a training step with fresh outputs, 5.9-6.2 ms and
     12.6-13.8 ms with pooled ones (the same at (16,32,32,64))."""
-    return BlockPool(limit, allocate=_aligned_bytes,
-                     is_free=lambda block: _owner_references(block) == _FREE_BLOCK_OWNER_REFERENCES)
+    return numpy_block_pool(limit, allocate=_aligned_bytes)
 
 
-def _owner_references(block):
-    return sys.getrefcount(block.base)
-
-
-# (counted on a new block, the way the pool counts: the block is the owner's only referrer)
-_FREE_BLOCK_OWNER_REFERENCES = _owner_references(_aligned_bytes(1))
 _output_pool = _new_output_pool(limit=256 * 2 ** 20)
 
 

@@ -2,19 +2,18 @@
 
 Nothing reaches the compiled kernels before it has been checked here: they run without bounds checks.
 """
-import contextlib
 import ctypes
 import functools
 import math
 import numbers
 import operator
 import os
-import threading
 from typing import NamedTuple
 
 import numpy as np
 
 from . import _kernels
+from ._blocks import numpy_block_pool
 from ._threads import get_num_threads
 
 __all__ = [
@@ -272,32 +271,26 @@ def _half_chunks(geometry, size):
         yield _HalfChunk(first, min(per_chunk, size - first), first // sample * geometry.groups, geometry, 0)
 
 
-@contextlib.contextmanager
 def _float_chunk_buffers(chunks, count):
-    """`count` float32 buffers, each for the largest of `chunks`, for the duration of a call: buffers of chunk
-    size that earlier calls have given back, if any is idle (a call at a time takes a set), else new ones, kept
-    for the calls after it.  (Buffers made afresh at each call cost their pages' faults each time wherever the C
-    library gives large freed blocks back to the OS, as glibc does by default: 950 faults and 2.5 ms of a 4.8 ms
-    GroupNorm (8,256,56,56) forward on a Zen 3.)  A sample larger than a chunk, in the columns view, gets
-    buffers for the call alone."""
+    """`count` float32 buffers, each for the largest of `chunks`: views of a block of the chunk pool, in use while
+    any of them lives, if they are of chunk size and the pool has room, else arrays of their own.  (Buffers made
+    afresh at each call cost their pages' faults each time wherever the C library gives large freed blocks back
+    to the OS, as glibc does by default: 950 faults and 2.5 ms of a 4.8 ms GroupNorm (8,256,56,56) forward on a
+    Zen 3.)"""
     largest = max((chunk.values for chunk in chunks), default=0)
-    if largest > _HALF_CHUNK_VALUES:
-        yield [np.empty(largest, np.float32) for _ in range(count)]
-        return
-    with _idle_buffers_lock:
-        buffers = _idle_buffers.pop() if _idle_buffers else []
-    if len(buffers) < count or buffers[0].size < largest:
-        buffers = [np.empty(_HALF_CHUNK_VALUES, np.float32) for _ in range(max(count, len(buffers)))]
-    try:
-        yield buffers[:count]
-    finally:
-        with _idle_buffers_lock:
-            _idle_buffers.append(buffers)
+    pooled = None
+    if largest <= _HALF_CHUNK_VALUES:
+        pooled = _chunk_pool.take(count * 4 * _HALF_CHUNK_VALUES, _float32_rows, count)
+    return pooled or [np.empty(largest, np.float32) for _ in range(count)]
 
 
-# sets of float32 chunk buffers that no call is using: as many as calls have run at once
-_idle_buffers = []
-_idle_buffers_lock = threading.Lock()
+def _float32_rows(block, count):
+    """A block's memory as `count` float32 arrays of equal size."""
+    return list(block.view(np.float32).reshape(count, -1))
+
+
+# The float16 calls' chunk buffers: a block per call running at once (up to the limit), of 2 or 3 buffers.
+_chunk_pool = numpy_block_pool(limit=64 * 2 ** 20, allocate=lambda nbytes: np.empty(nbytes, np.uint8)[:])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -360,14 +353,14 @@ def _forward_half(x, y, weight, bias, mean, rstd, geometry, eps, centered):
     x_bits, y_bits = _flat_input(x, np.float16, y, False).view(np.uint16), y.view(np.uint16).reshape(-1)
     chunks = list(_half_chunks(geometry, x.size))
     at = _kernels.address_of
-    with _float_chunk_buffers(chunks, 2) as (x_chunk, y_chunk):
-        for chunk in chunks:
-            values, threads = slice(chunk.first, chunk.first + chunk.values), _thread_count(chunk.values)
-            _kernels.half_to_float(x_bits[values], x_chunk[:chunk.values], threads)
-            _run_forward(at(x_chunk), at(y_chunk), chunk.values, weight + 4 * chunk.first_param,
-                         bias + 4 * chunk.first_param, mean + 8 * chunk.first_stat, rstd + 8 * chunk.first_stat,
-                         False, chunk.geometry, eps, centered, temporary_output=True)
-            _kernels.float_to_half(y_chunk[:chunk.values], y_bits[values], threads)
+    x_chunk, y_chunk = _float_chunk_buffers(chunks, 2)
+    for chunk in chunks:
+        values, threads = slice(chunk.first, chunk.first + chunk.values), _thread_count(chunk.values)
+        _kernels.half_to_float(x_bits[values], x_chunk[:chunk.values], threads)
+        _run_forward(at(x_chunk), at(y_chunk), chunk.values, weight + 4 * chunk.first_param,
+                     bias + 4 * chunk.first_param, mean + 8 * chunk.first_stat, rstd + 8 * chunk.first_stat,
+                     False, chunk.geometry, eps, centered, temporary_output=True)
+        _kernels.float_to_half(y_chunk[:chunk.values], y_bits[values], threads)
 
 
 def _run_forward(x, y, size, weight, bias, mean, rstd, float64, geometry, eps, centered, temporary_output=False):
@@ -439,19 +432,19 @@ def _backward_half(dy, x, dx, mean, rstd, weight, dweight, dbias, geometry, cent
     chunk_dweight, chunk_dbias = np.empty_like(dweight), np.empty_like(dbias)
     total_dweight, total_dbias = np.zeros(dweight.shape), np.zeros(dbias.shape)
     at = _kernels.address_of
-    with _float_chunk_buffers(chunks, 3) as (dy_chunk, x_chunk, dx_chunk):
-        for chunk in chunks:
-            values, threads = slice(chunk.first, chunk.first + chunk.values), _thread_count(chunk.values)
-            params = slice(chunk.first_param, chunk.first_param + _param_count(chunk.geometry))
-            _kernels.half_to_float(dy_bits[values], dy_chunk[:chunk.values], threads)
-            _kernels.half_to_float(x_bits[values], x_chunk[:chunk.values], threads)
-            _run_backward(at(dy_chunk), at(x_chunk), at(dx_chunk), chunk.values,
-                          mean + 8 * chunk.first_stat if mean else 0, rstd + 8 * chunk.first_stat,
-                          weight + 4 * chunk.first_param, at(chunk_dweight), at(chunk_dbias), False,
-                          chunk.geometry, centered, temporary_output=True)
-            _kernels.float_to_half(dx_chunk[:chunk.values], dx_bits[values], threads)
-            total_dweight[params] += chunk_dweight[:params.stop - params.start]
-            total_dbias[params] += chunk_dbias[:params.stop - params.start]
+    dy_chunk, x_chunk, dx_chunk = _float_chunk_buffers(chunks, 3)
+    for chunk in chunks:
+        values, threads = slice(chunk.first, chunk.first + chunk.values), _thread_count(chunk.values)
+        params = slice(chunk.first_param, chunk.first_param + _param_count(chunk.geometry))
+        _kernels.half_to_float(dy_bits[values], dy_chunk[:chunk.values], threads)
+        _kernels.half_to_float(x_bits[values], x_chunk[:chunk.values], threads)
+        _run_backward(at(dy_chunk), at(x_chunk), at(dx_chunk), chunk.values,
+                      mean + 8 * chunk.first_stat if mean else 0, rstd + 8 * chunk.first_stat,
+                      weight + 4 * chunk.first_param, at(chunk_dweight), at(chunk_dbias), False,
+                      chunk.geometry, centered, temporary_output=True)
+        _kernels.float_to_half(dx_chunk[:chunk.values], dx_bits[values], threads)
+        total_dweight[params] += chunk_dweight[:params.stop - params.start]
+        total_dbias[params] += chunk_dbias[:params.stop - params.start]
     dweight[...] = total_dweight
     dbias[...] = total_dbias
 

@@ -1,10 +1,12 @@
-"""Blocks of memory for the adapters' large outputs, reused once nothing holds them any more.
+"""Blocks of memory for large outputs and buffers, reused once nothing holds them any more.
 
 A fresh output of tens of MB is paid for on its first writes, a page fault per page, and its pages cannot take
-streaming stores; inference and training loops ask for the same sizes call after call.  Each adapter keeps a
-:class:`BlockPool` of blocks in its framework's terms (torch storages, aligned NumPy arrays for TensorFlow) and
-tells it how to make a block and how to see that only the pool still references one.
+streaming stores; inference and training loops ask for the same sizes call after call.  Each user keeps a
+:class:`BlockPool` of blocks in its own terms (torch storages for the PyTorch adapter, NumPy arrays for the Keras
+adapter and the NumPy API's float16 buffers, see :func:`numpy_block_pool`) and tells it how to make a block and
+how to see that only the pool still references one.
 """
+import sys
 import threading
 
 
@@ -77,3 +79,16 @@ class BlockPool:
     @property
     def held_bytes(self):
         return self._bytes
+
+
+def numpy_block_pool(limit, allocate):
+    """A :class:`BlockPool` of NumPy blocks: ``allocate(nbytes)`` returns a view of memory that nothing else
+    references (the view's ``base``).  Arrays made from a block keep a reference to that memory (NumPy views of
+    views refer to the array owning it), so a block is free when it alone refers to its memory."""
+    # (counted on a new block, the way the pool counts: the block is its memory's only referrer)
+    free_references = _memory_references(allocate(1))
+    return BlockPool(limit, allocate=allocate, is_free=lambda block: _memory_references(block) == free_references)
+
+
+def _memory_references(block):
+    return sys.getrefcount(block.base)

@@ -44,7 +44,7 @@ except ImportError:
         return False
 
 import cynorm
-from cynorm._blocks import numpy_block_pool
+from cynorm._blocks import PAGE_BYTES, numpy_block_pool, placement
 
 __all__ = ["GroupNormalization", "InstanceNormalization", "LayerNormalization", "RMSNormalization",
            "use_keras_for_small_inputs"]
@@ -94,13 +94,18 @@ def _aligned_bytes(nbytes):
     return raw[start:start + nbytes]
 
 
-def _empty_aligned(shape, dtype):
-    """An uninitialized C-contiguous array whose data TensorFlow can take over without a copy, from the output
-    pool when it is large."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize   # (np.prod of a tuple cost 5 µs more a call)
-    block = _output_pool.take(nbytes, lambda block: block[:]) if nbytes >= _POOLED_OUTPUT_BYTES else None
-    return (_aligned_bytes(nbytes) if block is None else block).view(dtype).reshape(shape)
+def _empty_aligned(like):
+    """An uninitialized C-contiguous array of ``like``'s shape and dtype whose data TensorFlow can take over without
+    a copy, from the output pool when it is large, placed half a page from ``like`` (see
+    cynorm._blocks.placement)."""
+    nbytes = like.nbytes
+    block = _output_pool.take(nbytes, _placed_in, like, nbytes) if nbytes >= _POOLED_OUTPUT_BYTES else None
+    return (_aligned_bytes(nbytes) if block is None else block).view(like.dtype).reshape(like.shape)
+
+
+def _placed_in(block, like, nbytes):
+    offset = placement(block.ctypes.data, like.ctypes.data)
+    return block[offset:offset + nbytes]
 
 
 def _new_output_pool(limit):
@@ -112,7 +117,7 @@ def _new_output_pool(limit):
     output came from whichever heap that was.  GroupNormalization (8,56,56,256) in tf.function, interleaved in
     one process: 6.4-7.4 ms a forward and 19.2-20.5 ms a training step with fresh outputs, 5.9-6.2 ms and
     12.6-13.8 ms with pooled ones (the same at (16,32,32,64))."""
-    return numpy_block_pool(limit, allocate=_aligned_bytes)
+    return numpy_block_pool(limit, allocate=lambda nbytes: _aligned_bytes(nbytes + PAGE_BYTES))
 
 
 _output_pool = _new_output_pool(limit=256 * 2 ** 20)
@@ -137,12 +142,12 @@ class _ArrayKernel:
     def forward(self, x, *params):
         weight = params[0] if self.has_weight else None
         bias = params[-1] if self.has_bias else None
-        return self._forward(x, weight, bias, _empty_aligned(x.shape, x.dtype))
+        return self._forward(x, weight, bias, _empty_aligned(x))
 
     def backward(self, dy, x, *stats_and_weight):
         stats = stats_and_weight[:self.num_stats]
         weight = stats_and_weight[-1] if self.has_weight else None
-        dx, dweight, dbias = self._backward(dy, x, stats, weight, _empty_aligned(x.shape, x.dtype))
+        dx, dweight, dbias = self._backward(dy, x, stats, weight, _empty_aligned(x))
         return (dx,) + ((dweight,) if self.has_weight else ()) + ((dbias,) if self.has_bias else ())
 
 

@@ -1,5 +1,5 @@
 """The block pool behind the adapters' output caches (cynorm._blocks), on plain Python blocks."""
-from cynorm._blocks import BlockPool
+from cynorm._blocks import PAGE_BYTES, BlockPool, placement
 
 
 class Block:
@@ -54,3 +54,12 @@ def test_set_limit_lets_go_of_free_blocks_first_then_of_blocks_in_use():
     pool.set_limit(0)
     assert pool.held_bytes == 0 and in_use.users == 1   # forgotten, still its users'
     assert pool.take(40, claim) is None
+
+
+def test_outputs_are_placed_on_a_line_half_a_page_from_their_input():
+    for base in (0, 64, 4032, 12288 + 1984, 2 ** 40 + 128):   # blocks start on 64-byte lines
+        for near in (0, 4, 16, 63, 64, 2047, 2048, 2064, 4095, 8192 + 80, 2 ** 40 + 2052):
+            offset = placement(base, near)
+            output = base + offset
+            assert 0 <= offset < PAGE_BYTES and output % 64 == 0
+            assert (output - (near - near % 64)) % PAGE_BYTES == PAGE_BYTES // 2

@@ -11,6 +11,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from cynorm import slow  # noqa: E402
+from cynorm._blocks import PAGE_BYTES  # noqa: E402
 from cynorm.adapters import keras as ck  # noqa: E402
 from cynorm.adapters import keras_tutorial  # noqa: E402
 
@@ -224,6 +225,19 @@ def test_pooled_outputs_are_reused_only_once_released(every_output_pooled):
     every_output_pooled.limit = 3 * size + 64
     assert every_output_pooled.take(size + 64, lambda block: block[:]) is not None
     assert every_output_pooled.blocks_of(size) == 2 and every_output_pooled.held_bytes == 3 * size + 64
+
+
+def test_pooled_outputs_are_placed_half_a_page_from_their_input(every_output_pooled):
+    """An output starts on a line (TensorFlow's alignment asks for 64 bytes), half a page from its input's line in
+    the page (see cynorm._blocks.placement), wherever the input starts."""
+    shape = (3, 5, 6, 8)
+    memory = np.zeros(np.prod(shape) + PAGE_BYTES, np.float32)
+    for skipped in (0, 4, 16, 500, 1023):   # values of `memory` before the input's
+        x = memory[skipped:skipped + np.prod(shape)].reshape(shape)
+        output = ck._empty_aligned(x)
+        assert output.shape == x.shape and output.dtype == x.dtype and output.flags.c_contiguous
+        input_line = x.ctypes.data - x.ctypes.data % 64
+        assert output.ctypes.data % 64 == 0 and (output.ctypes.data - input_line) % PAGE_BYTES == PAGE_BYTES // 2
 
 
 @pytest.mark.parametrize("kind", sorted(PAIRS))

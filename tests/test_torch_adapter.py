@@ -1,5 +1,6 @@
 """Tests of cynorm.adapters.torch: parity with torch.nn, gradients, layouts, fallbacks, conversion, compile, DDP."""
 import logging
+import math
 import pathlib
 import pickle
 import re
@@ -17,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import cynorm  # noqa: E402
 import cynorm.adapters.torch as ct  # noqa: E402
+from cynorm._blocks import PAGE_BYTES  # noqa: E402
 
 from _torch_util import ddp_train_worker, finished_marker, small_conv_net, train, training_batch  # noqa: E402
 
@@ -499,12 +501,18 @@ def test_cache_blocks_are_offered_as_huge_pages(every_output_cached, monkeypatch
     monkeypatch.setattr(ct._kernels, "advise_huge_pages", lambda address, nbytes: advised.append((address, nbytes)))
     x = random_tensor((2, 64, 64, 64), torch.float32)   # 2 MiB
     y = ct.group_norm(x, 8)
-    assert advised == [(y.data_ptr(), y.nbytes)]
+    ((address, nbytes),) = advised   # the whole block, the output somewhere within its first page
+    assert address <= y.data_ptr() < address + PAGE_BYTES and nbytes == y.nbytes + PAGE_BYTES
     torch.testing.assert_close(y, F.group_norm(x, 8), rtol=1e-5, atol=1e-5)
     ct.group_norm(x, 8)   # a second block: y still holds the first
     del y
     ct.group_norm(x, 8)   # the first block again, not offered twice
     assert len(advised) == 2
+
+
+def _block_address(output):
+    """Where the memory of the cache block holding ``output`` starts."""
+    return output.untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("module_case, layout", [("group_norm_2d", "contiguous"), ("group_norm_2d", "channels_last"),
@@ -519,19 +527,19 @@ def test_inference_output_memory_is_reused_only_once_freed(module_case, layout, 
         first = ours(x1)
         # the layout the adapter gives without the cache: the input's for group and instance norm
         assert first.stride() == (x1.stride() if "_norm_" in module_case else expected1.stride())
-        address = first.data_ptr()
+        block = _block_address(first)
         kept_view, kept_array = first[0], first.numpy()
         del first
         # memory still in use by a view or an array is not handed out again
         second = ours(x2)
-        assert second.data_ptr() != address
+        assert _block_address(second) != block
         assert_close_scaled(kept_view, expected1[0], 1e-5)
         del kept_view
-        assert ours(x2).data_ptr() != address
+        assert _block_address(ours(x2)) != block
         assert_close_scaled(torch.from_numpy(kept_array), expected1, 1e-5)
         del kept_array
         third = ours(x2)
-    assert third.data_ptr() == address
+    assert _block_address(third) == block
     assert_close_scaled(third, expected2, 1e-5)
     assert_close_scaled(second, expected2, 1e-5)
 
@@ -558,6 +566,28 @@ def test_training_outputs_and_gradients_use_the_cache(module_case, every_output_
         ours.zero_grad(), theirs.zero_grad()
         x_theirs.grad = None
         assert every_output_cached.free_bytes == 2 * x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cached_outputs_are_placed_half_a_page_from_their_input(layout, every_output_cached):
+    """Outputs and input gradients start on a line, half a page from the input's line in the page (see
+    cynorm._blocks.placement), wherever the input starts, and give the results they would anywhere."""
+    theirs, ours = module_pair("group_norm_2d", affine=True)
+    shape = MODULE_CASES["group_norm_2d"][-1]
+    grad_output = in_layout(random_tensor(shape, torch.float32, seed=5), layout)
+    memory = torch.empty(math.prod(shape) + PAGE_BYTES)
+    for skipped in (0, 4, 16, 500, 1023):   # values of `memory` before the input's
+        x = in_layout(random_tensor(shape, torch.float32, seed=skipped), layout)
+        x = memory[skipped:skipped + x.numel()].as_strided(x.shape, x.stride()).copy_(x).requires_grad_()
+        x_theirs = x.detach().clone().requires_grad_()
+        (grad_input,) = torch.autograd.grad(output := ours(x), [x], grad_output)
+        (expected_grad,) = torch.autograd.grad(expected := theirs(x_theirs), [x_theirs], grad_output)
+        input_line = x.data_ptr() - x.data_ptr() % 64
+        for tensor in (output, grad_input):
+            assert tensor.data_ptr() % 64 == 0 and (tensor.data_ptr() - input_line) % PAGE_BYTES == PAGE_BYTES // 2
+        assert output.stride() == x.stride() and grad_input.stride() == x.stride()
+        assert_close_scaled(output, expected, 1e-5)
+        assert_close_scaled(grad_input, expected_grad, 1e-5)
 
 
 def test_cached_outputs_take_in_place_operations(every_output_cached):
@@ -596,7 +626,7 @@ def test_a_cache_block_serves_other_layouts_dtypes_and_inference_mode(every_outp
         assert output.stride() == input.stride() and output.dtype == input.dtype
         assert output.is_inference() == expected.is_inference() and not output._is_view()
         torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
-        addresses.add(output.data_ptr())
+        addresses.add(_block_address(output))
         del output
     assert len(addresses) == 1 and every_output_cached.blocks_of(x.nbytes // 2) == 1
     (block,) = every_output_cached._blocks[x.nbytes // 2]

@@ -827,6 +827,8 @@ _TORCH_FASTER_BELOW_AVX512 = {
     "group_norm_on_small_maps": ((2 ** 17, None), (2 ** 20, None)),
     "group_norm": ((2 ** 17, None), (2 ** 18, None)),
     "channels_last_group_norm": ((2 ** 15, None), (2 ** 15, None)),
+    # channels-last group norm on maps of _LARGE_CHANNELS_LAST_MAP values or more
+    "channels_last_group_norm_on_large_maps": ((2 ** 15, None), (2 ** 15, None)),
 }
 # The crossovers move with the instruction set, on torch's side as on ours.  Measured again with the x86-64-v3
 # (AVX2) build on a 2-core Zen 3, against torch's AVX2 kernels, the adapter's layer norm ran 0.68-0.93x torch's on
@@ -845,11 +847,18 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # values, and 0.74-0.94x from 401K to 3.2M once these builds' backward took four channels at a time (1.2-2.4x
 # faster; (32,1024,8,8) 1.06x), on maps of 8-32 values 0.57-0.82x at 2**17-2**19.  Forwards keep their limit:
 # 1.38-1.65x on maps of 8 and 16 at 2**17-2**18 (7x7 and 8x8: 0.89-0.97x at 200-401K, 1.04-1.33x from 2**19).
-# Maps of 196-784 values: steps 0.93-1.04x from 1.6M, forwards 1.06-1.22x.
+# Maps of 196-784 values: steps 0.93-1.04x from 1.6M, forwards 1.06-1.22x.  Channels-last group norm forwards
+# on maps of 1024 values or more, where torch parallelizes over the maps' positions (on smaller maps, over samples
+# and groups, and runs 1.4-7x slower than the kernels at 2**16-2**19 values with 4 samples), ran 0.63-0.86x
+# torch's at 2**16-2**19 values ((1,C,H,W) with 64-512 channels), 0.89-1.21x at 2**20 (1 and 4 samples, 64-512
+# channels), 0.86-1.24x at 2**21 and 1.19-1.39x from 2.5M (stop 33, the Zen 3): in cache, the kernels ran as
+# fast as torch's, and the adapter's Python around them made the difference.  Steps on (1,C,H,W) ran 1.19-4.7x
+# with 64-128 channels from 2**16, 0.69-0.99x with 256-512 up to 2**18 and 1.09-1.72x from 2**19.
 _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
                                           layer_norm=((2 ** 19, 2 ** 12), (2 ** 20, 2 ** 13)),
                                           group_norm=((2 ** 19, None), (2 ** 20, None)),
-                                          group_norm_on_small_maps=((2 ** 17, None), (math.inf, None)))
+                                          group_norm_on_small_maps=((2 ** 17, None), (math.inf, None)),
+                                          channels_last_group_norm_on_large_maps=((2 ** 21, None), (2 ** 15, None)))
 # Rows of these lengths (the shortest, the longest) run torch's function at every size, without a gradient to
 # record, then with one; forwards of the rows that the four-row kernel takes excepted (see _four_row_forward).
 # Builds without AVX-512 take the other rows one at a time: each row's sums end in a tree of lanes and a few
@@ -866,6 +875,9 @@ _TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS = ((_TORCH_FASTER_BELOW_AVX512, {}) i
                                               else (_TORCH_FASTER_BELOW_WITHOUT_AVX512,
                                                     _TORCH_FASTER_ON_ROWS_WITHOUT_AVX512))
 _TINY_MAP, _SMALL_MAP = 4, 64
+# torch's channels-last group norm parallelizes over the positions of maps of this many values or more (its
+# feature_map_threshold), else over samples and groups
+_LARGE_CHANNELS_LAST_MAP = 1024
 _small_inputs_to_torch = True
 
 
@@ -900,7 +912,8 @@ def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
         return False
     contiguous = input.is_contiguous()
     if norm == "group_norm" and not contiguous:
-        norm = "channels_last_group_norm"
+        large_maps = math.prod(input.shape[2:]) >= _LARGE_CHANNELS_LAST_MAP
+        norm = "channels_last_group_norm_on_large_maps" if large_maps else "channels_last_group_norm"
     elif not contiguous:
         return False
     elif norm == "group_norm":

@@ -751,6 +751,10 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("group_norm", (16, 512, 7, 7), "contiguous", False, "kernels"),
     ("group_norm", (2, 64, 16, 16), "channels_last", False, "kernels"),
     ("group_norm", (2, 256, 7, 7), "channels_last", False, "torch"),   # 25K elements
+    ("group_norm", (1, 256, 32, 32), "channels_last", False, ("kernels", "torch")),   # 2**18 elements, maps of 1024
+    ("group_norm", (1, 256, 32, 32), "channels_last", True, "kernels"),
+    ("group_norm", (4, 256, 16, 16), "channels_last", False, "kernels"),   # 2**18 elements on maps of 256
+    ("group_norm", (1, 256, 64, 128), "channels_last", False, "kernels"),  # 2**21 elements, maps of 8192
 ])
 def test_small_inputs_run_torch(norm, shape, layout, requires_grad, runs, kernel_calls):
     """Small inputs run torch's function (torch's very bits and gradient function), others the kernels; where the

@@ -13,7 +13,7 @@ import threading
 # load waits on an earlier store whose address agrees with its own in those 12 bits (4K aliasing), and the
 # kernels load the input a little ahead of the output they store: outputs 16-64 bytes past their input's place
 # in a page ran channels-last GroupNorm (8,56,56,256) forwards and backwards 1.1-1.2x slower, and a layer norm
-# (4096,768) backward 1.15-1.4x, than outputs half a page away (Zen 3, one process).  A torch tensor starts 64 bytes
+# (4096,768) backward 1.1-1.4x, than outputs half a page away (Zen 3, one process).  A torch tensor starts 64 bytes
 # into a page, a NumPy array 16, so an adapter's output fell a line or less past an input from the other library.
 PAGE_BYTES = 4096
 _LINE_BYTES = 64

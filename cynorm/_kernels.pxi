@@ -194,6 +194,10 @@ cdef extern from *:
        with a second load and store of each value, channels-last GroupNorm (8,3136,256) forwards ran 1.2x
        slower on a Zen 3; its normalization alone 1.35x.)  The same operations as normalize_tile_row, value by
        value: the same bits. */
+    /* y = (x - mean_hi) * scale + shift, and dx = scale * dy + coef_x * (x - mean_hi) + coef_0 as
+       input_gradient_tile_row computes it, of value i of a tile, in column col */
+    #define CYNORM_NORMALIZED(i, col) ((x[i] - mean_hi[col]) * scale[col] + shift[col])
+    #define CYNORM_INPUT_GRADIENT(i, col) (scale[col] * dy[i] + coef_x[col] * (x[i] - mean_hi[col]) + coef_0[col])
     #if CYNORM_HAVE_STREAM
     #if defined(__AVX512F__)
     #define CYNORM_STREAM_VECTOR_float(dst, v) _mm512_stream_ps(dst, (__m512)(v))
@@ -205,81 +209,64 @@ cdef extern from *:
     #define CYNORM_STREAM_VECTOR_float(dst, v) _mm_stream_ps(dst, (__m128)(v))
     #define CYNORM_STREAM_VECTOR_double(dst, v) _mm_stream_pd(dst, (__m128d)(v))
     #endif
-    #define CYNORM_DEFINE_STREAM_NORMALIZE(type)                                                                 \
-        typedef type cynorm_stream_##type##_vector __attribute__((vector_size(CYNORM_STREAM_BYTES),          \
-                                                                  aligned(sizeof(type)), may_alias));        \
-        static void cynorm_normalize_tile_streamed_##type(const type* x, type* y, Py_ssize_t values,         \
-                Py_ssize_t width, const type* mean_hi, const type* scale, const type* shift) {              \
-            typedef cynorm_stream_##type##_vector vector;                                                    \
-            const Py_ssize_t lanes = CYNORM_STREAM_BYTES / sizeof(type);                                     \
-            const Py_ssize_t line = CYNORM_LINE_BYTES / sizeof(type);                                        \
-            Py_ssize_t i = 0, col = 0, k, lines_end;                                                         \
-            if ((uintptr_t)y % sizeof(type) == 0)                                                            \
-                for (; i < values && (uintptr_t)(y + i) % CYNORM_LINE_BYTES != 0; i++) {                     \
-                    y[i] = (x[i] - mean_hi[col]) * scale[col] + shift[col];                                  \
-                    if (++col == width) col = 0;                                                             \
-                }                                                                                            \
-            lines_end = (uintptr_t)y % sizeof(type) ? i : i + (values - i) / line * line;                     \
-            for (; i < lines_end; i += line) {                                                               \
-                for (k = 0; k < line; k += lanes) {                                                          \
-                    vector v = (*(const vector*)(x + i + k) - *(const vector*)(mean_hi + col + k))           \
-                               * *(const vector*)(scale + col + k) + *(const vector*)(shift + col + k);      \
-                    CYNORM_STREAM_VECTOR_##type(y + i + k, v);                                               \
-                }                                                                                            \
-                for (col += line; col >= width; col -= width) {}                                             \
-            }                                                                                                \
-            for (; i < values; i++) {                                                                        \
-                y[i] = (x[i] - mean_hi[col]) * scale[col] + shift[col];                                      \
-                if (++col == width) col = 0;                                                                 \
-            }                                                                                                \
-        }                                                                                                    \
-        /* dx = scale * dy + coef_x * (x - mean_hi) + coef_0, as input_gradient_tile_row computes it */      \
-        static void cynorm_input_gradient_tile_streamed_##type(const type* dy, const type* x, type* dx,       \
-                Py_ssize_t values, Py_ssize_t width, const type* mean_hi, const type* scale,                 \
-                const type* coef_x, const type* coef_0) {                                                    \
-            typedef cynorm_stream_##type##_vector vector;                                                    \
-            const Py_ssize_t lanes = CYNORM_STREAM_BYTES / sizeof(type);                                     \
-            const Py_ssize_t line = CYNORM_LINE_BYTES / sizeof(type);                                        \
-            Py_ssize_t i = 0, col = 0, k, lines_end;                                                         \
-            if ((uintptr_t)dx % sizeof(type) == 0)                                                           \
-                for (; i < values && (uintptr_t)(dx + i) % CYNORM_LINE_BYTES != 0; i++) {                    \
-                    dx[i] = scale[col] * dy[i] + coef_x[col] * (x[i] - mean_hi[col]) + coef_0[col];          \
-                    if (++col == width) col = 0;                                                             \
-                }                                                                                            \
-            lines_end = (uintptr_t)dx % sizeof(type) ? i : i + (values - i) / line * line;                    \
-            for (; i < lines_end; i += line) {                                                               \
-                for (k = 0; k < line; k += lanes) {                                                          \
-                    vector v = *(const vector*)(scale + col + k) * *(const vector*)(dy + i + k)              \
-                               + *(const vector*)(coef_x + col + k)                                          \
-                                 * (*(const vector*)(x + i + k) - *(const vector*)(mean_hi + col + k))       \
-                               + *(const vector*)(coef_0 + col + k);                                         \
-                    CYNORM_STREAM_VECTOR_##type(dx + i + k, v);                                              \
-                }                                                                                            \
-                for (col += line; col >= width; col -= width) {}                                             \
-            }                                                                                                \
-            for (; i < values; i++) {                                                                        \
-                dx[i] = scale[col] * dy[i] + coef_x[col] * (x[i] - mean_hi[col]) + coef_0[col];              \
-                if (++col == width) col = 0;                                                                 \
-            }                                                                                                \
+    /* Walks the `values` outputs `out` of a tile of rows of `width` values: the values before its first line and
+       after its last with ordinary stores of VALUE(i, col), the whole lines between streamed as vectors of
+       VECTOR(i, col) (value i of the tile, in column col). */
+    #define CYNORM_STREAM_TILE(type, out, values, width, VALUE, VECTOR)                                         \
+        const Py_ssize_t lanes = CYNORM_STREAM_BYTES / sizeof(type);                                            \
+        const Py_ssize_t line = CYNORM_LINE_BYTES / sizeof(type);                                               \
+        Py_ssize_t i = 0, col = 0, k, lines_end;                                                                \
+        if ((uintptr_t)(out) % sizeof(type) == 0)                                                               \
+            for (; i < (values) && (uintptr_t)((out) + i) % CYNORM_LINE_BYTES != 0; i++) {                      \
+                (out)[i] = VALUE(i, col);                                                                       \
+                if (++col == (width)) col = 0;                                                                  \
+            }                                                                                                   \
+        lines_end = (uintptr_t)(out) % sizeof(type) ? i : i + ((values) - i) / line * line;                     \
+        for (; i < lines_end; i += line) {                                                                      \
+            for (k = 0; k < line; k += lanes)                                                                   \
+                CYNORM_STREAM_VECTOR_##type((out) + i + k, VECTOR(i + k, col + k));                             \
+            for (col += line; col >= (width); col -= (width)) {}                                                \
+        }                                                                                                       \
+        for (; i < (values); i++) {                                                                             \
+            (out)[i] = VALUE(i, col);                                                                           \
+            if (++col == (width)) col = 0;                                                                      \
         }
-    #else
-    #define CYNORM_DEFINE_STREAM_NORMALIZE(type)                                                                 \
-        static void cynorm_normalize_tile_streamed_##type(const type* x, type* y, Py_ssize_t values,         \
-                Py_ssize_t width, const type* mean_hi, const type* scale, const type* shift) {              \
-            Py_ssize_t i, col = 0;                                                                           \
-            for (i = 0; i < values; i++) {                                                                   \
-                y[i] = (x[i] - mean_hi[col]) * scale[col] + shift[col];                                      \
-                if (++col == width) col = 0;                                                                 \
-            }                                                                                                \
-        }                                                                                                    \
-        static void cynorm_input_gradient_tile_streamed_##type(const type* dy, const type* x, type* dx,       \
-                Py_ssize_t values, Py_ssize_t width, const type* mean_hi, const type* scale,                 \
-                const type* coef_x, const type* coef_0) {                                                    \
-            Py_ssize_t i, col = 0;                                                                           \
-            for (i = 0; i < values; i++) {                                                                   \
-                dx[i] = scale[col] * dy[i] + coef_x[col] * (x[i] - mean_hi[col]) + coef_0[col];              \
-                if (++col == width) col = 0;                                                                 \
-            }                                                                                                \
+    /* The same of a vector of values from value i, in columns from col */
+    #define CYNORM_NORMALIZED_VECTOR(i, col) ((*(const vector*)(x + (i)) - *(const vector*)(mean_hi + (col)))  \
+                                              * *(const vector*)(scale + (col)) + *(const vector*)(shift + (col)))
+    #define CYNORM_INPUT_GRADIENT_VECTOR(i, col) (*(const vector*)(scale + (col)) * *(const vector*)(dy + (i))   \
+        + *(const vector*)(coef_x + (col)) * (*(const vector*)(x + (i)) - *(const vector*)(mean_hi + (col)))   \
+        + *(const vector*)(coef_0 + (col)))
+    #define CYNORM_DEFINE_STREAM_NORMALIZE(type)                                                                \
+        typedef type cynorm_stream_##type##_vector __attribute__((vector_size(CYNORM_STREAM_BYTES),             \
+                                                                  aligned(sizeof(type)), may_alias));           \
+        static void cynorm_normalize_tile_streamed_##type(const type* x, type* y, Py_ssize_t values,            \
+                Py_ssize_t width, const type* mean_hi, const type* scale, const type* shift) {                  \
+            typedef cynorm_stream_##type##_vector vector;                                                       \
+            CYNORM_STREAM_TILE(type, y, values, width, CYNORM_NORMALIZED, CYNORM_NORMALIZED_VECTOR)             \
+        }                                                                                                       \
+        static void cynorm_input_gradient_tile_streamed_##type(const type* dy, const type* x, type* dx,         \
+                Py_ssize_t values, Py_ssize_t width, const type* mean_hi, const type* scale,                    \
+                const type* coef_x, const type* coef_0) {                                                       \
+            typedef cynorm_stream_##type##_vector vector;                                                       \
+            CYNORM_STREAM_TILE(type, dx, values, width, CYNORM_INPUT_GRADIENT, CYNORM_INPUT_GRADIENT_VECTOR)    \
+        }
+    #else   /* no streaming stores: the values one at a time */
+    #define CYNORM_TILE_VALUES(out, values, width, VALUE)                                                       \
+        Py_ssize_t i, col = 0;                                                                                  \
+        for (i = 0; i < (values); i++) {                                                                        \
+            (out)[i] = VALUE(i, col);                                                                           \
+            if (++col == (width)) col = 0;                                                                      \
+        }
+    #define CYNORM_DEFINE_STREAM_NORMALIZE(type)                                                                \
+        static void cynorm_normalize_tile_streamed_##type(const type* x, type* y, Py_ssize_t values,            \
+                Py_ssize_t width, const type* mean_hi, const type* scale, const type* shift) {                  \
+            CYNORM_TILE_VALUES(y, values, width, CYNORM_NORMALIZED)                                             \
+        }                                                                                                       \
+        static void cynorm_input_gradient_tile_streamed_##type(const type* dy, const type* x, type* dx,         \
+                Py_ssize_t values, Py_ssize_t width, const type* mean_hi, const type* scale,                    \
+                const type* coef_x, const type* coef_0) {                                                       \
+            CYNORM_TILE_VALUES(dx, values, width, CYNORM_INPUT_GRADIENT)                                        \
         }
     #endif
     CYNORM_DEFINE_STREAM_NORMALIZE(float)
@@ -2568,10 +2555,9 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (val
                                 bint stream) noexcept nogil:
     """Normalizes a tile, as rows of `width` values with per-column arrays of `width` values, then their first
     values again (a row of the tile, or several folded into one, see WIDE_ROW; constants_stride), with streaming
-    stores if `stream`.  The tile is contiguous
-    in y, so it is streamed a line of y at a time whatever the row length: from the registers
-    (cynorm_normalize_tile_streamed), or, with a weight per row, in blocks assembled in a buffer from the pieces
-    of the rows they span.  (Blocks that began anywhere in a line, a row or a part of a row at a time, ran
+    stores if `stream`.  The tile is contiguous in y, so it is streamed a line of y at a time whatever the row
+    length: from the registers (cynorm_normalize_tile_streamed), or, with a weight per row, in blocks assembled in
+    a buffer from the pieces of the rows they span.  (Blocks that began anywhere in a line, a row or a part of a row at a time, ran
     1.5-2.5x slower than line-aligned ones.)  The caller fences the streamed stores (see normalize_row_range)."""
     cdef floating space[STREAM_BLOCK + STAGING_SLACK]
     cdef floating* buffer

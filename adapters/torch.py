@@ -849,11 +849,11 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # 1.38-1.65x on maps of 8 and 16 at 2**17-2**18 (7x7 and 8x8: 0.89-0.97x at 200-401K, 1.04-1.33x from 2**19).
 # Maps of 196-784 values: steps 0.93-1.04x from 1.6M, forwards 1.06-1.22x.  Channels-last group norm forwards
 # on maps of 1024 values or more, where torch parallelizes over the maps' positions (on smaller maps, over samples
-# and groups, and runs 1.4-7x slower than the kernels at 2**16-2**19 values with 4 samples), ran 0.63-0.86x
+# and groups: there the kernels ran 0.71-6.9x torch's with 4 samples, faster in 12 of 14 shapes), ran 0.73-0.96x
 # torch's at 2**16-2**19 values ((1,C,H,W) with 64-512 channels), 0.89-1.21x at 2**20 (1 and 4 samples, 64-512
 # channels), 0.86-1.24x at 2**21 and 1.19-1.39x from 2.5M (stop 33, the Zen 3): in cache, the kernels ran as
-# fast as torch's, and the adapter's Python around them made the difference.  Steps on (1,C,H,W) ran 1.19-4.7x
-# with 64-128 channels from 2**16, 0.69-0.99x with 256-512 up to 2**18 and 1.09-1.72x from 2**19.
+# fast as torch's, and the adapter's Python around them made the difference.  Steps on those maps ran 0.97-4.7x
+# torch's from 2**16 ((1,C,H,W), 64-512 channels), and keep the kernels from 2**15.
 _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
                                           layer_norm=((2 ** 19, 2 ** 12), (2 ** 20, 2 ** 13)),
                                           group_norm=((2 ** 19, None), (2 ** 20, None)),

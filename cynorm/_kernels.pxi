@@ -2112,6 +2112,18 @@ cdef inline void repeat_columns(accumulator* values, Py_ssize_t n_cols,
         values[col] = values[col - n_cols]
 
 
+cdef inline void repeat_group_columns(floating* values,   # INOUT (stride,)
+                                      Py_ssize_t n_cols, Py_ssize_t stride,
+                                      Py_ssize_t first_col, Py_ssize_t count) noexcept nogil:
+    """Repeats values[first_col:first_col + count], one group's columns, every n_cols values up to `stride` (as
+    repeat_columns does with a whole row; see constants_stride)."""
+    cdef Py_ssize_t start = first_col + n_cols, col
+    while start < stride:
+        for col in range(start, min(start + count, stride)):
+            values[col] = values[col - n_cols]
+        start += n_cols
+
+
 cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
                                      Py_ssize_t fold, bint centered,
                                      const accumulator* centre,   # IN (fold * n_cols,) each column's, `fold` times
@@ -2834,9 +2846,9 @@ cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_sa
     """Merges group s's tile moments in tile order and sets its columns' normalization constants, each column's
     `fold` times, and again where the row's first values repeat (see constants_stride)."""
     cdef Py_ssize_t n = s // groups, g = s % groups
-    cdef Py_ssize_t cols_per_group = n_cols // groups, width = fold * n_cols
+    cdef Py_ssize_t cols_per_group = n_cols // groups, stride = constants_stride(fold, n_cols, sizeof(floating))
     cdef double count = 0, running_mean = 0, m2 = 0, mean_lo, column_scale
-    cdef Py_ssize_t t, col, channel, k, repeat, first = n * constants_stride(fold, n_cols, sizeof(floating))
+    cdef Py_ssize_t t, col, channel, first = n * stride
     for t in range(tiles):
         merge_moments(&count, &running_mean, &m2, min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
                       tile_stats[2 * ((n * tiles + t) * groups + g)], tile_stats[2 * ((n * tiles + t) * groups + g) + 1])
@@ -2854,13 +2866,9 @@ cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_sa
             column_scale = rstd[s] * weight[channel]
             shift[col] = <floating>(bias[channel] - mean_lo * column_scale)
         scale[col] = <floating>column_scale
-        for k in range(fold):
-            repeat = col + k * n_cols
-            while repeat - first < width + CYNORM_LINE_BYTES // sizeof(floating):
-                mean_hi[repeat] = mean_hi[col]
-                scale[repeat] = scale[col]
-                shift[repeat] = shift[col]
-                repeat += width
+    repeat_group_columns(mean_hi + first, n_cols, stride, g * cols_per_group, cols_per_group)
+    repeat_group_columns(scale + first, n_cols, stride, g * cols_per_group, cols_per_group)
+    repeat_group_columns(shift + first, n_cols, stride, g * cols_per_group, cols_per_group)
 
 
 cdef inline void columns_normalize_tile(const floating* x, floating* y,   # IN, OUT (n_samples, n_rows, n_cols)
@@ -3803,18 +3811,19 @@ cdef inline void columns_group_statistics(const double* mean,   # IN  (n_samples
                                           floating* column_rstd) noexcept nogil:   # OUT (n_samples, stride)
     """The statistics of group s % groups of sample s // groups, in each of its columns, `fold` times and
     where the row's first values repeat (see constants_stride)."""
-    cdef Py_ssize_t cols_per_group = n_cols // groups, col, start
+    cdef Py_ssize_t cols_per_group = n_cols // groups, col
     cdef Py_ssize_t stride = constants_stride(fold, n_cols, sizeof(floating)), first = (s // groups) * stride
+    cdef Py_ssize_t first_col = (s % groups) * cols_per_group
     cdef double group_mean = mean[s] if mean != NULL else 0
     cdef floating hi = <floating>group_mean
     cdef floating lo = <floating>mean_beyond(group_mean, hi)
-    start = (s % groups) * cols_per_group
-    while start < stride:
-        for col in range(first + start, first + min(start + cols_per_group, stride)):
-            mean_hi[col] = hi
-            mean_lo[col] = lo
-            column_rstd[col] = <floating>rstd[s]
-        start += n_cols
+    for col in range(first + first_col, first + first_col + cols_per_group):
+        mean_hi[col] = hi
+        mean_lo[col] = lo
+        column_rstd[col] = <floating>rstd[s]
+    repeat_group_columns(mean_hi + first, n_cols, stride, first_col, cols_per_group)
+    repeat_group_columns(mean_lo + first, n_cols, stride, first_col, cols_per_group)
+    repeat_group_columns(column_rstd + first, n_cols, stride, first_col, cols_per_group)
 
 
 cdef inline void columns_tile_gradient_sums(const floating* dy, const floating* x,   # IN (n_samples, n_rows, n_cols)

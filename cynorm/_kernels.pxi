@@ -2914,6 +2914,7 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     cdef Py_ssize_t tiles = (n_rows + tile_rows - 1) // tile_rows
     cdef Py_ssize_t batch = samples_per_batch(n_rows * n_cols)
     cdef Py_ssize_t batch_index, first, batch_size, u, n, s, part, part_first, part_end, part_lead
+    cdef Py_ssize_t part_rows = tile_rows, parts   # the normalization's parts of a sample
     # a tile's rows are taken `fold` at a time (see WIDE_ROW)
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     cdef Py_ssize_t stats_bytes = 2 * n_samples * tiles * groups * sizeof(double)
@@ -2970,6 +2971,11 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
                 cynorm_store_fence()
         free(memory.memory)
         return
+    # A sample of fewer tiles than threads is normalized in more parts, one per thread: the values do not depend
+    # on how the rows are shared, unlike the statistics' sums.
+    if tiles * min(batch, n_samples) < num_threads:
+        part_rows = (n_rows + num_threads - 1) // num_threads
+    parts = (n_rows + part_rows - 1) // part_rows
     with nogil, parallel(num_threads=num_threads):
         # A batch of samples is normalized right after its statistics, while it is still in the last-level
         # cache; every thread walks the same batches.
@@ -2984,8 +2990,8 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
                                         cols_per_channel, affine_per_row, &weight[0], &bias[0], eps, centered,
                                         &mean[0], &rstd[0], fold, column_mean_hi, column_scale,
                                         column_shift)
-            for u in prange(first * tiles, (first + batch_size) * tiles, schedule="static"):
-                columns_normalize_tile(&x[0], &y[0], u, tiles, tile_rows, n_rows, n_cols, fold, column_mean_hi,
+            for u in prange(first * parts, (first + batch_size) * parts, schedule="static"):
+                columns_normalize_tile(&x[0], &y[0], u, parts, part_rows, n_rows, n_cols, fold, column_mean_hi,
                                        column_scale, column_shift, affine_per_row, &weight[0],
                                        &bias[0], stream)
         if stream:

@@ -29,6 +29,9 @@ THREADED_CASES = (
     NormCase("group", (3001, 32, 1), 1, 8),
     # channels-last samples of over 1 MiB, two or more per thread: odd threads run a sample ahead
     NormCase("group", (6, 64, 64, 72), -1, 8),
+    # one channels-last sample of a single tile: normalized in a part per thread (rows folded in the second)
+    NormCase("group", (1, 8, 16, 512), -1, 32),
+    NormCase("group", (1, 200, 10), -1, 5),
 ) + SPLIT_CASES + NARROW_COLUMN_CASES
 
 

@@ -2972,7 +2972,8 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
         free(memory.memory)
         return
     # A sample of fewer tiles than threads is normalized in more parts, one per thread: the values do not depend
-    # on how the rows are shared, unlike the statistics' sums.
+    # on how the rows are shared, unlike the statistics' sums.  (dx in parts, the same way, measured no faster:
+    # one-sample backwards of one tile 0.98-1.05x.)
     if tiles * min(batch, n_samples) < num_threads:
         part_rows = (n_rows + num_threads - 1) // num_threads
     parts = (n_rows + part_rows - 1) // part_rows

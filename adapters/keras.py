@@ -99,13 +99,14 @@ def _empty_aligned(like):
     a copy, from the output pool when it is large, placed half a page from ``like`` (see
     cynorm._blocks.placement)."""
     nbytes = like.nbytes
-    block = _output_pool.take(nbytes, _placed_in, like, nbytes) if nbytes >= _POOLED_OUTPUT_BYTES else None
+    block = _output_pool.take(nbytes, _placed_in, like) if nbytes >= _POOLED_OUTPUT_BYTES else None
     return (_aligned_bytes(nbytes) if block is None else block).view(like.dtype).reshape(like.shape)
 
 
-def _placed_in(block, like, nbytes):
+def _placed_in(block, like):
+    """The part of a pool block that an output like ``like`` takes."""
     offset = placement(block.ctypes.data, like.ctypes.data)
-    return block[offset:offset + nbytes]
+    return block[offset:offset + like.nbytes]
 
 
 def _new_output_pool(limit):

@@ -422,8 +422,8 @@ cdef extern from *:
                                                            aligned(sizeof(type)), may_alias));              \
         typedef cynorm_##type##_vector cynorm_##type##_strip[CYNORM_STRIP_VECTORS];                         \
         static inline __attribute__((always_inline)) void cynorm_moments_strip_##type(                     \
-                const type* x, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t readable_rows, Py_ssize_t ahead, \
-                const type* centre, type* s1, type* s2, const int vectors) {                                \
+                const type* x, Py_ssize_t rows, Py_ssize_t width, Py_ssize_t stride, Py_ssize_t readable_rows, \
+                Py_ssize_t ahead, const type* centre, type* s1, type* s2, const int vectors) {              \
             const int lanes = CYNORM_STRIP_BYTES / sizeof(type);                                            \
             cynorm_##type##_strip c, a1, a2;                                                                \
             for (int v = 0; v < vectors; v++) {                                                             \
@@ -432,7 +432,7 @@ cdef extern from *:
             }                                                                                               \
             for (Py_ssize_t a = 0; a < rows; a++) {                                                         \
                 if (a + ahead < readable_rows)                                                              \
-                    cynorm_prefetch_lines(x + (a + ahead) * stride, stride * sizeof(type));                 \
+                    cynorm_prefetch_lines(x + (a + ahead) * stride, width * sizeof(type));                  \
                 for (int v = 0; v < vectors; v++) {                                                         \
                     cynorm_##type##_vector d = *(const cynorm_##type##_vector*)(x + a * stride + v * lanes)  \
                                                - c[v];                                                      \
@@ -470,12 +470,13 @@ cdef extern from *:
                 *(cynorm_##type##_vector*)(s2 + v * lanes) = a2[v];                                         \
             }                                                                                               \
         }                                                                                                   \
-        /* sums of x - centre and of its squares */                                                        \
-        static Py_ssize_t cynorm_moments_strips_##type(const type* x, Py_ssize_t rows, Py_ssize_t stride,   \
-                Py_ssize_t readable_rows, Py_ssize_t ahead, const type* centre, type* s1, type* s2) {        \
-            CYNORM_FOR_STRIPS(stride, type, cynorm_moments_strip_##type(                                    \
-                x + col, rows, stride, col ? 0 : readable_rows, ahead, centre + col, s1 + col, s2 + col,    \
-                vectors))                                                                                   \
+        /* sums of x - centre and of its squares, over rows of `width` values `stride` apart */            \
+        static Py_ssize_t cynorm_moments_strips_##type(const type* x, Py_ssize_t rows, Py_ssize_t width,    \
+                Py_ssize_t stride, Py_ssize_t readable_rows, Py_ssize_t ahead, const type* centre, type* s1, \
+                type* s2) {                                                                                 \
+            CYNORM_FOR_STRIPS(width, type, cynorm_moments_strip_##type(                                     \
+                x + col, rows, width, stride, col ? 0 : readable_rows, ahead, centre + col, s1 + col,       \
+                s2 + col, vectors))                                                                         \
         }                                                                                                   \
         /* sums of dy and of dy * (x - mean_hi) */                                                         \
         static Py_ssize_t cynorm_gradient_strips_##type(const type* dy, const type* x, Py_ssize_t rows,     \
@@ -487,10 +488,11 @@ cdef extern from *:
         }
     #else
     #define CYNORM_DEFINE_STRIPS(type)                                                                         \
-        static Py_ssize_t cynorm_moments_strips_##type(const type* x, Py_ssize_t rows, Py_ssize_t stride,   \
-                Py_ssize_t readable_rows, Py_ssize_t ahead, const type* centre, type* s1, type* s2) {        \
-            (void)x; (void)rows; (void)stride; (void)readable_rows; (void)ahead; (void)centre; (void)s1;    \
-            (void)s2; return 0;                                                                             \
+        static Py_ssize_t cynorm_moments_strips_##type(const type* x, Py_ssize_t rows, Py_ssize_t width,    \
+                Py_ssize_t stride, Py_ssize_t readable_rows, Py_ssize_t ahead, const type* centre, type* s1, \
+                type* s2) {                                                                                 \
+            (void)x; (void)rows; (void)width; (void)stride; (void)readable_rows; (void)ahead; (void)centre; \
+            (void)s1; (void)s2; return 0;                                                                   \
         }                                                                                                   \
         static Py_ssize_t cynorm_gradient_strips_##type(const type* dy, const type* x, Py_ssize_t rows,     \
                 Py_ssize_t stride, Py_ssize_t readable_rows, Py_ssize_t ahead, const type* mean_hi, type* s1, \
@@ -1591,10 +1593,10 @@ cdef extern from *:
     void cynorm_stream_writer_doubles_flush(cynorm_stream_writer* writer) noexcept nogil
     void cynorm_prefetch_lines(const void* p, Py_ssize_t nbytes) noexcept nogil
     double cynorm_mean_beyond_float(double mean, float mean_hi) noexcept nogil
-    Py_ssize_t cynorm_moments_strips_float(const float* x, Py_ssize_t rows, Py_ssize_t stride,
+    Py_ssize_t cynorm_moments_strips_float(const float* x, Py_ssize_t rows, Py_ssize_t width, Py_ssize_t stride,
                                            Py_ssize_t readable_rows, Py_ssize_t ahead, const float* centre,
                                            float* s1, float* s2) noexcept nogil
-    Py_ssize_t cynorm_moments_strips_double(const double* x, Py_ssize_t rows, Py_ssize_t stride,
+    Py_ssize_t cynorm_moments_strips_double(const double* x, Py_ssize_t rows, Py_ssize_t width, Py_ssize_t stride,
                                             Py_ssize_t readable_rows, Py_ssize_t ahead, const double* centre,
                                             double* s1, double* s2) noexcept nogil
     Py_ssize_t cynorm_gradient_strips_float(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t stride,
@@ -1681,6 +1683,16 @@ cdef enum:
     TILE_MULTIPLE = 4
     # Columns view: the rows of a tile whose mean serves as the first centre.
     HEAD_ROWS = 8
+    # Columns-view forward of samples of a single tile and many columns (channels-last maps of up to 256
+    # positions with hundreds of channels), where the samples are fewer than two a thread or outgrow L2 (from
+    # GROUP_BLOCKS_FROM_SAMPLE_BYTES): whole groups of columns are taken together over all the sample's rows, about
+    # GROUP_BLOCK_BYTES of x, their statistics then their normalization, while they are in L2 (see group_blocks).
+    # Blocks of rows narrower than GROUP_BLOCK_MIN_ROW_BYTES, or of samples of rows narrower than
+    # GROUP_BLOCKS_FROM_ROW_BYTES, were slower than whole tiles.
+    GROUP_BLOCK_BYTES = 131072
+    GROUP_BLOCK_MIN_ROW_BYTES = 1024
+    GROUP_BLOCKS_FROM_ROW_BYTES = 4096
+    GROUP_BLOCKS_FROM_SAMPLE_BYTES = 524288
     # Columns view: samples are processed in batches of about this many elements, small enough that a batch
     # read for its statistics is still in the last-level cache when it is normalized.
     BATCH_ELEMS = 1048576
@@ -2072,17 +2084,19 @@ cdef inline double inverse_std(double m2, double count, double eps, bint centere
     return 1.0 / sqrt(m2 / count + eps)
 
 
-cdef inline void set_group_centres(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
+cdef inline void set_group_centres(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t row_stride,
+                                   Py_ssize_t groups,
                                    accumulator* column_sums,   # scratch (n_cols,)
                                    accumulator* centre) noexcept nogil:  # OUT (n_cols,) its group's mean
-    """Each column's centre: the mean of its group over the first `rows` rows."""
+    """Each column's centre: the mean of its group over the first `rows` rows (`row_stride` values apart)."""
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t a, col, g
     cdef const floating* row
     cdef double total
+    cdef accumulator group_centre
     memset(column_sums, 0, n_cols * sizeof(accumulator))
     for a in range(rows):
-        row = x + a * n_cols
+        row = x + a * row_stride
         for col in range(n_cols):
             column_sums[col] += row[col]
     if cols_per_group == 1:   # a group per column (layer norm over a middle axis): the same, in one loop that
@@ -2094,8 +2108,9 @@ cdef inline void set_group_centres(const floating* x, Py_ssize_t rows, Py_ssize_
         total = 0
         for col in range(g * cols_per_group, (g + 1) * cols_per_group):
             total += column_sums[col]
+        group_centre = <accumulator>(total / (rows * cols_per_group))
         for col in range(g * cols_per_group, (g + 1) * cols_per_group):
-            centre[col] = <accumulator>(total / (rows * cols_per_group))
+            centre[col] = group_centre
 
 
 cdef inline Py_ssize_t rows_ahead(Py_ssize_t row_bytes, Py_ssize_t ahead_bytes) noexcept nogil:
@@ -2124,18 +2139,24 @@ cdef inline void repeat_group_columns(floating* values,   # INOUT (stride,)
         start += n_cols
 
 
-cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
-                                     Py_ssize_t fold, bint centered,
+cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t row_stride,
+                                     Py_ssize_t groups, Py_ssize_t fold, bint centered,
                                      const accumulator* centre,   # IN (fold * n_cols,) each column's, `fold` times
                                      accumulator* s1, accumulator* s2,          # scratch (fold * n_cols,) each
                                      Py_ssize_t readable_rows,
+                                     const unsigned char* only,   # IN (groups,): the groups to write, or NULL: all
+                                     unsigned char* inaccurate,   # OUT (groups,): whether each is, or NULL
                                      double* out) noexcept nogil:   # OUT (groups, 2)
-    """Per-group mean and M2 from sums of deviations from `centre`, as moments_in_lanes does for a chunk.
+    """Per-group mean and M2 from sums of deviations from `centre`, as moments_in_lanes does for a chunk, over
+    `rows` rows of n_cols values `row_stride` values apart (a block of a tile's columns when less than n_cols).
     Returns whether every centre was close enough to its group's mean for the result to be accurate.
     Rows ahead are prefetched up to row `readable_rows` of x (0: no prefetching).  The rows are taken `fold`
-    at a time, as rows of fold * n_cols columns (see WIDE_ROW), the rows left over one at a time."""
+    at a time, as rows of fold * n_cols columns (see WIDE_ROW; only whole rows, row_stride == n_cols, fold), the
+    rows left over one at a time.  Each column's sums are added row after row, whichever block of columns it is
+    in: a group's results depend on its own columns only."""
     cdef Py_ssize_t cols_per_group = n_cols // groups
-    cdef Py_ssize_t width = fold * n_cols, wide_rows = rows // fold, readable_wide_rows = readable_rows // fold
+    cdef Py_ssize_t width = fold * n_cols, wide_stride = fold * row_stride, wide_rows = rows // fold
+    cdef Py_ssize_t readable_wide_rows = readable_rows // fold
     cdef Py_ssize_t a, col, g, j, quad, c0, blk, block_width
     cdef Py_ssize_t ahead = rows_ahead(width * sizeof(floating), PREFETCH_AHEAD_BYTES)
     cdef accumulator b1[COLUMN_BLOCK]
@@ -2143,18 +2164,18 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
     cdef const floating* row
     cdef accumulator d, d0, d1, d2, d3
     cdef double t1, t2, count = rows * cols_per_group
-    cdef bint accurate = True
+    cdef bint accurate = True, group_accurate
     cdef Py_ssize_t done = 0
     # The whole vectors of columns in registers, a strip of them over all the rows (cynorm_moments_strips):
     # the loops below load and store each column's sums every four rows, and waited on that (the statistics
     # alone of (8,3136,256) 1.23x faster, forwards on rows of 10-256 columns 1.07-1.15x).  Float sums of double
     # input (a float input's overflow, redone) are left to the loops.
     if floating is float and accumulator is float:
-        done = cynorm_moments_strips_float(<const float*>x, wide_rows, width, readable_wide_rows, ahead,
-                                           <const float*>centre, <float*>s1, <float*>s2)
+        done = cynorm_moments_strips_float(<const float*>x, wide_rows, width, wide_stride, readable_wide_rows,
+                                           ahead, <const float*>centre, <float*>s1, <float*>s2)
     elif floating is double and accumulator is double:
-        done = cynorm_moments_strips_double(<const double*>x, wide_rows, width, readable_wide_rows, ahead,
-                                            <const double*>centre, <double*>s1, <double*>s2)
+        done = cynorm_moments_strips_double(<const double*>x, wide_rows, width, wide_stride, readable_wide_rows,
+                                            ahead, <const double*>centre, <double*>s1, <double*>s2)
     # The columns left: four rows at a time, each column's sums still taken row after row (the same bits): a
     # quarter of the loads and stores of the sums, and of the loop's start-up per row (a forward on
     # (16,1024,64) 1.12-1.31x, (1,4096,512) 1.07x).  The sums of COLUMN_BLOCK columns at a time are kept in
@@ -2167,22 +2188,22 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
             b1[col] = 0
             b2[col] = 0
         for quad in range(wide_rows // 4):
-            row = x + 4 * quad * width + c0
+            row = x + 4 * quad * wide_stride + c0
             if c0 == 0:   # (the first block asks for the rows ahead; past strips, they have asked already)
                 for a in range(4 * quad, 4 * quad + 4):
                     if a + ahead < readable_wide_rows:
-                        cynorm_prefetch_lines(x + (a + ahead) * width, width * sizeof(floating))
+                        cynorm_prefetch_lines(x + (a + ahead) * wide_stride, width * sizeof(floating))
             for col in range(block_width):
                 d0 = row[col] - centre[c0 + col]
-                d1 = row[width + col] - centre[c0 + col]
-                d2 = row[2 * width + col] - centre[c0 + col]
-                d3 = row[3 * width + col] - centre[c0 + col]
+                d1 = row[wide_stride + col] - centre[c0 + col]
+                d2 = row[2 * wide_stride + col] - centre[c0 + col]
+                d3 = row[3 * wide_stride + col] - centre[c0 + col]
                 b1[col] = (((b1[col] + d0) + d1) + d2) + d3
                 b2[col] = (((b2[col] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
         for a in range(wide_rows // 4 * 4, wide_rows):
-            row = x + a * width + c0
+            row = x + a * wide_stride + c0
             if c0 == 0 and a + ahead < readable_wide_rows:
-                cynorm_prefetch_lines(x + (a + ahead) * width, width * sizeof(floating))
+                cynorm_prefetch_lines(x + (a + ahead) * wide_stride, width * sizeof(floating))
             for col in range(block_width):
                 d = row[col] - centre[c0 + col]
                 b1[col] += d
@@ -2191,12 +2212,14 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
             s1[c0 + col] = b1[col]
             s2[c0 + col] = b2[col]
     for a in range(wide_rows * fold, rows):
-        row = x + a * n_cols
+        row = x + a * row_stride
         for col in range(n_cols):
             d = row[col] - centre[col]
             s1[col] += d
             s2[col] += d * d
     for g in range(groups):
+        if only != NULL and not only[g]:
+            continue
         t1 = 0
         t2 = 0
         for j in range(fold):
@@ -2204,7 +2227,10 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
                 t1 += s1[col]
                 t2 += s2[col]
         if centered:
-            accurate = accurate and not (t1 * t1 > 0.75 * count * t2)
+            group_accurate = not (t1 * t1 > 0.75 * count * t2)
+            accurate = accurate and group_accurate
+            if inaccurate != NULL:
+                inaccurate[g] = not group_accurate
             out[2 * g] = centre[g * cols_per_group] + t1 / count
             out[2 * g + 1] = t2 - t1 * t1 / count
             if out[2 * g + 1] < 0:
@@ -2215,44 +2241,66 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
     return accurate
 
 
-cdef inline void tile_moments_in(const floating* x,       # IN (rows, n_cols)
-                                 Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t fold,
-                                 bint centered,
+cdef inline Py_ssize_t tile_moments_scratch(Py_ssize_t fold, Py_ssize_t n_cols, Py_ssize_t groups) noexcept nogil:
+    """The doubles of scratch that tile_moments takes, in whole lines."""
+    return whole_lines((3 * fold * n_cols + 2 * groups) * sizeof(double) + 2 * groups) // sizeof(double)
+
+
+cdef inline void tile_moments_in(const floating* x,       # IN (rows, row_stride), columns [0, n_cols) of it
+                                 Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t row_stride, Py_ssize_t groups,
+                                 Py_ssize_t fold, bint centered,
                                  accumulator* scratch,     # 3 * fold * n_cols
+                                 unsigned char* redo,      # scratch (groups,)
                                  Py_ssize_t readable_rows,
                                  double* out) noexcept nogil:  # OUT (groups, 2): mean, M2 of each column group
     """Columns view: moments of each group of consecutive columns over a tile of rows, vectorized across
-    columns (`fold` rows at a time, see tile_moments_around).  Centres come from the tile's first rows, or from
-    the whole tile if those were unrepresentative.  `readable_rows` as in tile_moments_around."""
+    columns (`fold` rows at a time, see tile_moments_around).  Centres come from the tile's first rows, or, for
+    a group whose first rows were unrepresentative, from the whole tile.  `readable_rows` as in
+    tile_moments_around."""
     cdef Py_ssize_t width = fold * n_cols
     cdef accumulator* centre = scratch
     cdef accumulator* s1 = scratch + width
     cdef accumulator* s2 = scratch + 2 * width
     if not centered:
         memset(centre, 0, width * sizeof(accumulator))
-        tile_moments_around(x, rows, n_cols, groups, fold, centered, centre, s1, s2, readable_rows, out)
+        tile_moments_around(x, rows, n_cols, row_stride, groups, fold, centered, centre, s1, s2, readable_rows,
+                            NULL, NULL, out)
         return
-    set_group_centres(x, min(rows, <Py_ssize_t>HEAD_ROWS), n_cols, groups, s1, centre)
+    set_group_centres(x, min(rows, <Py_ssize_t>HEAD_ROWS), n_cols, row_stride, groups, s1, centre)
     repeat_columns(centre, n_cols, width)
-    if not tile_moments_around(x, rows, n_cols, groups, fold, centered, centre, s1, s2, readable_rows, out):
-        set_group_centres(x, rows, n_cols, groups, s1, centre)
+    if not tile_moments_around(x, rows, n_cols, row_stride, groups, fold, centered, centre, s1, s2,
+                               readable_rows, NULL, redo, out):
+        set_group_centres(x, rows, n_cols, row_stride, groups, s1, centre)
         repeat_columns(centre, n_cols, width)
-        tile_moments_around(x, rows, n_cols, groups, fold, centered, centre, s1, s2, 0, out)
+        tile_moments_around(x, rows, n_cols, row_stride, groups, fold, centered, centre, s1, s2, 0, redo, NULL,
+                            out)
 
 
-cdef inline void tile_moments(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t groups,
-                              Py_ssize_t fold, bint centered, double* scratch, Py_ssize_t readable_rows,
-                              double* out) noexcept nogil:
-    """tile_moments_in with float sums for float input, redone in double if they overflow (as chunk_moments)."""
+cdef inline void tile_moments(const floating* x, Py_ssize_t rows, Py_ssize_t n_cols, Py_ssize_t row_stride,
+                              Py_ssize_t groups, Py_ssize_t fold, bint centered,
+                              double* scratch,   # tile_moments_scratch(fold, n_cols, groups)
+                              Py_ssize_t readable_rows, double* out) noexcept nogil:
+    """tile_moments_in with float sums for float input, a group's redone in double if they overflow (as
+    chunk_moments)."""
+    cdef double* redone = scratch + 3 * fold * n_cols                    # (groups, 2)
+    cdef unsigned char* redo = <unsigned char*>(redone + 2 * groups)     # (groups,)
+    cdef unsigned char* overflowed = redo + groups                       # (groups,)
     cdef Py_ssize_t g
+    cdef bint any_overflowed = False
     if floating is double:
-        tile_moments_in(x, rows, n_cols, groups, fold, centered, scratch, readable_rows, out)
-    else:
-        tile_moments_in(x, rows, n_cols, groups, fold, centered, <float*>scratch, readable_rows, out)
-        for g in range(2 * groups):
-            if not isfinite(out[g]):
-                tile_moments_in(x, rows, n_cols, groups, fold, centered, scratch, 0, out)
-                return
+        tile_moments_in(x, rows, n_cols, row_stride, groups, fold, centered, scratch, redo, readable_rows, out)
+        return
+    tile_moments_in(x, rows, n_cols, row_stride, groups, fold, centered, <float*>scratch, redo, readable_rows,
+                    out)
+    for g in range(groups):
+        overflowed[g] = not (isfinite(out[2 * g]) and isfinite(out[2 * g + 1]))
+        any_overflowed = any_overflowed or overflowed[g]
+    if any_overflowed:
+        tile_moments_in(x, rows, n_cols, row_stride, groups, fold, centered, scratch, redo, 0, redone)
+        for g in range(groups):
+            if overflowed[g]:
+                out[2 * g] = redone[2 * g]
+                out[2 * g + 1] = redone[2 * g + 1]
 
 
 cdef inline Py_ssize_t rows_per_tile(Py_ssize_t n_rows, Py_ssize_t n_cols) noexcept nogil:
@@ -2523,8 +2571,9 @@ cdef inline void normalize_tile_row(const floating* x, floating* y, Py_ssize_t n
             y[col] = (x[col] - mean_hi[col]) * scale[col] + shift[col]
 
 
-cdef inline void normalize_tile_rows(const floating* x, floating* y,   # IN, OUT (rows, width)
-                                     Py_ssize_t rows, Py_ssize_t width,
+cdef inline void normalize_tile_rows(const floating* x, floating* y,   # IN, OUT (rows, row_stride), the first
+                                     Py_ssize_t rows, Py_ssize_t width,      # `width` values of each row
+                                     Py_ssize_t row_stride,
                                      const floating* mean_hi, const floating* scale,
                                      const floating* shift) noexcept nogil:   # IN (width,) per column
     """normalize_tile_row on whole rows, from local copies of the columns' constants that y cannot overlap; in
@@ -2547,15 +2596,16 @@ cdef inline void normalize_tile_rows(const floating* x, floating* y,   # IN, OUT
             sc[col] = scale[c0 + col]
             sh[col] = shift[c0 + col]
         for quad in range(quads):
-            x0 = x + 4 * quad * width + c0
-            y0 = y + 4 * quad * width + c0
+            x0 = x + 4 * quad * row_stride + c0
+            y0 = y + 4 * quad * row_stride + c0
             for col in range(block_width):
                 y0[col] = (x0[col] - m[col]) * sc[col] + sh[col]
-                y0[width + col] = (x0[width + col] - m[col]) * sc[col] + sh[col]
-                y0[2 * width + col] = (x0[2 * width + col] - m[col]) * sc[col] + sh[col]
-                y0[3 * width + col] = (x0[3 * width + col] - m[col]) * sc[col] + sh[col]
+                y0[row_stride + col] = (x0[row_stride + col] - m[col]) * sc[col] + sh[col]
+                y0[2 * row_stride + col] = (x0[2 * row_stride + col] - m[col]) * sc[col] + sh[col]
+                y0[3 * row_stride + col] = (x0[3 * row_stride + col] - m[col]) * sc[col] + sh[col]
         for a in range(4 * quads, rows):
-            normalize_tile_row(x + a * width + c0, y + a * width + c0, block_width, m, sc, sh, False, 1, 0)
+            normalize_tile_row(x + a * row_stride + c0, y + a * row_stride + c0, block_width, m, sc, sh, False, 1,
+                               0)
 
 
 cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (values,)
@@ -2576,7 +2626,7 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (val
     cdef Py_ssize_t a, col, n, start, stop, position
     cdef floating w = 1, b = 0
     if not stream and not affine_per_row:
-        normalize_tile_rows(x, y, values // width, width, mean_hi, scale, shift)
+        normalize_tile_rows(x, y, values // width, width, width, mean_hi, scale, shift)
         a = values // width
         normalize_tile_row(x + a * width, y + a * width, values - a * width, mean_hi, scale, shift, False, w, b)
         return
@@ -2828,11 +2878,11 @@ cdef inline void columns_tile_moments(const floating* x,        # IN  (n_samples
                                       Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups, Py_ssize_t fold,
                                       bint centered,
                                       bint prefetch,             # ask for the rows ahead, up to the sample's end
-                                      double* scratch,           # 3 * fold * n_cols
+                                      double* scratch,           # tile_moments_scratch(fold, n_cols, groups)
                                       double* tile_stats) noexcept nogil:   # OUT tile_stats[u]: (groups, 2)
     cdef Py_ssize_t a0 = (u % tiles) * tile_rows
-    tile_moments(x + ((u // tiles) * n_rows + a0) * n_cols, min(tile_rows, n_rows - a0), n_cols, groups, fold,
-                 centered, scratch, n_rows - a0 if prefetch else 0, tile_stats + 2 * u * groups)
+    tile_moments(x + ((u // tiles) * n_rows + a0) * n_cols, min(tile_rows, n_rows - a0), n_cols, n_cols, groups,
+                 fold, centered, scratch, n_rows - a0 if prefetch else 0, tile_stats + 2 * u * groups)
 
 
 cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_samples, tiles, groups, 2)
@@ -2848,24 +2898,42 @@ cdef inline void columns_group_constants(const double* tile_stats,   # IN  (n_sa
     cdef Py_ssize_t n = s // groups, g = s % groups
     cdef Py_ssize_t cols_per_group = n_cols // groups, stride = constants_stride(fold, n_cols, sizeof(floating))
     cdef double count = 0, running_mean = 0, m2 = 0, mean_lo, column_scale
-    cdef Py_ssize_t t, col, channel, first = n * stride
+    cdef Py_ssize_t t, col, first = n * stride, run_end
+    cdef Py_ssize_t start = first + g * cols_per_group, stop = start + cols_per_group
+    cdef Py_ssize_t channel = g * cols_per_group // cols_per_channel   # column start's
+    cdef floating group_mean_hi, column_shift
     for t in range(tiles):
         merge_moments(&count, &running_mean, &m2, min(tile_rows, n_rows - t * tile_rows) * cols_per_group,
                       tile_stats[2 * ((n * tiles + t) * groups + g)], tile_stats[2 * ((n * tiles + t) * groups + g) + 1])
     mean[s] = running_mean
     rstd[s] = inverse_std(m2, n_rows * cols_per_group, eps, centered)
-    for col in range(first + g * cols_per_group, first + (g + 1) * cols_per_group):
-        mean_hi[col] = <floating>running_mean
-        # the low part of the mean goes into the shift: y = (x - mean_hi) * scale + shift
-        mean_lo = mean_beyond(running_mean, mean_hi[col])
-        if affine_per_row:
-            column_scale = rstd[s]
-            shift[col] = <floating>(-mean_lo * column_scale)
-        else:
-            channel = (col - first) // cols_per_channel
-            column_scale = rstd[s] * weight[channel]
-            shift[col] = <floating>(bias[channel] - mean_lo * column_scale)
-        scale[col] = <floating>column_scale
+    group_mean_hi = <floating>running_mean
+    # the low part of the mean goes into the shift: y = (x - mean_hi) * scale + shift
+    mean_lo = mean_beyond(running_mean, group_mean_hi)
+    # (Each channel's constants are worked out once, without a division per column to find its channel: that
+    # and the double arithmetic per column took 10 µs of a channels-last GroupNorm of 2560 channels on one thread.)
+    if not affine_per_row and cols_per_channel == 1:   # a channel per column: a loop the compiler vectorizes
+        for col in range(start, stop):
+            column_scale = rstd[s] * weight[col - first]
+            mean_hi[col] = group_mean_hi
+            scale[col] = <floating>column_scale
+            shift[col] = <floating>(bias[col - first] - mean_lo * column_scale)
+    else:
+        col = start
+        while col < stop:   # a run of one channel's columns
+            run_end = min(stop, first + (channel + 1) * cols_per_channel)
+            if affine_per_row:
+                column_scale = rstd[s]
+                column_shift = <floating>(-mean_lo * column_scale)
+            else:
+                column_scale = rstd[s] * weight[channel]
+                column_shift = <floating>(bias[channel] - mean_lo * column_scale)
+            while col < run_end:
+                mean_hi[col] = group_mean_hi
+                scale[col] = <floating>column_scale
+                shift[col] = column_shift
+                col += 1
+            channel += 1
     repeat_group_columns(mean_hi + first, n_cols, stride, g * cols_per_group, cols_per_group)
     repeat_group_columns(scale + first, n_cols, stride, g * cols_per_group, cols_per_group)
     repeat_group_columns(shift + first, n_cols, stride, g * cols_per_group, cols_per_group)
@@ -2883,6 +2951,53 @@ cdef inline void columns_normalize_tile(const floating* x, floating* y,   # IN, 
     normalize_tile(x + offset, y + offset, min(tile_rows, n_rows - a0) * n_cols, fold * n_cols,
                    mean_hi + first, scale + first, shift + first, affine_per_row,
                    weight + a0 if affine_per_row else weight, bias + a0 if affine_per_row else bias, stream)
+
+
+cdef inline Py_ssize_t group_blocks(Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
+                                    Py_ssize_t itemsize, int num_threads) noexcept nogil:
+    """Into how many blocks of whole column groups the columns-view forward cuts each sample (see
+    GROUP_BLOCK_BYTES): the fewest of at most GROUP_BLOCK_BYTES, raised until the batch's blocks share out evenly
+    between the threads (a block's bits do not depend on the cut: see columns_group_block_forward); 0 for rows
+    narrower than GROUP_BLOCKS_FROM_ROW_BYTES, or where one block would hold the sample, or where a group alone
+    is larger, or a block's rows narrower than GROUP_BLOCK_MIN_ROW_BYTES."""
+    cdef Py_ssize_t cols_per_group = n_cols // groups
+    cdef Py_ssize_t most = GROUP_BLOCK_BYTES // max(n_rows * cols_per_group * itemsize, 1)   # groups a block
+    cdef Py_ssize_t blocks
+    if n_cols * itemsize < GROUP_BLOCKS_FROM_ROW_BYTES or most == 0 or most >= groups:
+        return 0
+    blocks = (groups + most - 1) // most
+    while (n_samples * blocks) % num_threads and blocks < groups:
+        blocks += 1
+    if groups // blocks * cols_per_group * itemsize < GROUP_BLOCK_MIN_ROW_BYTES:
+        return 0
+    return blocks
+
+
+cdef inline void columns_group_block_forward(const floating* x, floating* y,   # IN, OUT (n_samples, n_rows, n_cols)
+                                             Py_ssize_t u, Py_ssize_t blocks,
+                                             Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
+                                             Py_ssize_t cols_per_channel,
+                                             const floating* weight, const floating* bias, double eps,
+                                             bint centered, bint prefetch,
+                                             double* scratch,   # tile_moments_scratch(1, n_cols, groups)
+                                             double* tile_stats,   # OUT (n_samples, groups, 2): a tile a sample
+                                             double* mean, double* rstd,   # OUT (n_samples * groups,)
+                                             floating* mean_hi, floating* scale,
+                                             floating* shift) noexcept nogil:  # OUT (n_samples, constants_stride)
+    """Block u % blocks of sample u // blocks (a sample of one tile, rows not folded): its column groups
+    [g0, g1) over all the rows, their statistics, then their normalization, which finds the block in L2.  Each
+    column's sums are added row after row, and each group's statistics come from its own columns (see
+    tile_moments_around): the bits of the sample taken as a whole tile, however it is cut into blocks."""
+    cdef Py_ssize_t n = u // blocks, g0 = (u % blocks) * groups // blocks, g1 = (u % blocks + 1) * groups // blocks
+    cdef Py_ssize_t cols_per_group = n_cols // groups, c0 = g0 * cols_per_group
+    cdef Py_ssize_t offset = n * n_rows * n_cols + c0, first = n * constants_stride(1, n_cols, sizeof(floating)) + c0
+    cdef Py_ssize_t width = (g1 - g0) * cols_per_group, s
+    tile_moments(x + offset, n_rows, width, n_cols, g1 - g0, 1, centered, scratch, n_rows if prefetch else 0,
+                 tile_stats + 2 * (n * groups + g0))
+    for s in range(n * groups + g0, n * groups + g1):
+        columns_group_constants(tile_stats, s, 1, n_rows, n_rows, n_cols, groups, cols_per_channel, False,
+                                weight, bias, eps, centered, mean, rstd, 1, mean_hi, scale, shift)
+    normalize_tile_rows(x + offset, y + offset, n_rows, width, n_cols, mean_hi + first, scale + first, shift + first)
 
 
 def forward_columns(size_t x,        # IN  (n_samples * n_rows * n_cols,)
@@ -2917,10 +3032,17 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     cdef Py_ssize_t part_rows = tile_rows, parts   # the normalization's parts of a sample
     # a tile's rows are taken `fold` at a time (see WIDE_ROW)
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
+    # Blocks of column groups (see GROUP_BLOCK_BYTES), normalized a row's piece at a time, which streamed stores
+    # do not take
+    cdef Py_ssize_t blocks = (group_blocks(n_samples, n_rows, n_cols, groups, sizeof(floating), num_threads)
+                              if tiles == 1 and not (stream or affine_per_row) and (
+                                  n_samples < 2 * num_threads
+                                  or n_rows * n_cols * sizeof(floating) >= GROUP_BLOCKS_FROM_SAMPLE_BYTES)
+                              else 0)
     cdef Py_ssize_t stats_bytes = 2 * n_samples * tiles * groups * sizeof(double)
     cdef Py_ssize_t column_bytes = n_samples * constants_stride(fold, n_cols, sizeof(floating)) * sizeof(floating)
     # each thread's tile_moments scratch, with room for double sums, which float input may need
-    cdef Py_ssize_t scratch_stride = whole_lines(3 * fold * n_cols * sizeof(double)) // sizeof(double)
+    cdef Py_ssize_t scratch_stride = tile_moments_scratch(fold, n_cols, groups)
     cdef Scratch memory
     cdef double* tile_stats
     cdef floating* column_mean_hi
@@ -2936,6 +3058,18 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     column_scale = <floating*>scratch_piece(&memory, column_bytes, False)
     column_shift = <floating*>scratch_piece(&memory, column_bytes, False)
     scratch = <double*>scratch_piece(&memory, num_threads * scratch_stride * sizeof(double), True)
+    if blocks:
+        # Each block's statistics and normalization on one thread, the blocks of all samples shared out: taken
+        # as a tile, such a sample had its statistics on one thread, and was read for them from L3 and read again
+        # from L3 to be normalized once it outgrew L2.
+        with nogil, parallel(num_threads=num_threads):
+            for u in prange(n_samples * blocks, schedule="static"):
+                columns_group_block_forward(&x[0], &y[0], u, blocks, n_rows, n_cols, groups, cols_per_channel,
+                                            &weight[0], &bias[0], eps, centered, prefetch,
+                                            &scratch[threadid() * scratch_stride], tile_stats, &mean[0], &rstd[0],
+                                            column_mean_hi, column_scale, column_shift)
+        free(memory.memory)
+        return
     if n_samples % num_threads == 0 or n_samples >= 8 * num_threads:
         # Whole samples per thread, a run of consecutive ones each, and no waiting on each other: each sample is
         # read for its statistics, then normalized while it is still in the last-level cache.  A pass that only

@@ -220,6 +220,16 @@ NARROW_COLUMN_CASES = (
     NormCase("group", (2, 30, 30, 24), -1, 8),    # 2 rows of 24 as one of 48
 )
 
+# Channels-last samples of a single tile and hundreds of channels, whose forward takes blocks of whole column
+# groups over all the rows, their statistics then their normalization, where samples are too few to share out a
+# tile at a time (float32 block sizes in the comments, by thread count).
+GROUP_BLOCK_CASES = (
+    NormCase("group", (1, 8, 8, 1280), -1, 32),   # 10-11 groups on 1 and 3 threads, 8 on 2
+    NormCase("group", (2, 7, 7, 2560), -1, 32),   # a tile a sample on 1 thread, 8 groups on 2, 5-6 on 3
+    NormCase("group", (1, 8, 8, 1024), -1, 16),   # 8 groups on 1 and 2 threads, 5-6 on 3
+    NormCase("group", (3, 8, 8, 2560), -1, 32),   # 5-6
+)
+
 # Shapes that leave fewer (sample, group) blocks or rows than threads, so a multi-threaded kernel has to split
 # one block's reduction between threads; and a few long rows that 2 threads cannot share evenly, which the
 # kernels split the same way.

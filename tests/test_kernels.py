@@ -18,9 +18,9 @@ import cynorm
 from cynorm import slow
 from cynorm.benchmarks import empty_past_cache_line
 
-from _core_util import (FLOAT_DTYPES, FOUR_ROW_CASES, LAYOUT_CASES, LAYOUTS, NARROW_COLUMN_CASES, SHORT_ROW_CASES,
-                        SPLIT_CASES, NormCase, assert_bitwise_equal, assert_close, compute_dtype, dtype_name,
-                        norm_cases, random_array, random_params, run_forward_and_backward, with_layout)
+from _core_util import (FLOAT_DTYPES, FOUR_ROW_CASES, GROUP_BLOCK_CASES, LAYOUT_CASES, LAYOUTS, NARROW_COLUMN_CASES,
+                        SHORT_ROW_CASES, SPLIT_CASES, NormCase, assert_bitwise_equal, assert_close, compute_dtype,
+                        dtype_name, norm_cases, random_array, random_params, run_forward_and_backward, with_layout)
 
 ODD_SIZE_CASES = (
     NormCase("group", (3, 7, 11), 1, 7),  # prime channel count, 3-D input
@@ -47,7 +47,7 @@ ODD_SIZE_CASES = (
 )
 # every shape the accuracy tests compare against the float64 reference
 REFERENCE_CASES = (LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES + SHORT_ROW_CASES + FOUR_ROW_CASES
-                   + NARROW_COLUMN_CASES)
+                   + NARROW_COLUMN_CASES + GROUP_BLOCK_CASES)
 
 # Every element alone in its group: the normalized value is 0, so the output is the bias.
 SINGLE_ELEMENT_GROUP_CASES = (
@@ -137,6 +137,7 @@ CENTERED_ADVERSARIAL_CASES = (
     NormCase("layer", (2, 26, 26, 10), 1),
     NormCase("layer", (40, 24), -1),  # short rows, 16 at a time
     NormCase("layer", (40, 64), -1),
+    GROUP_BLOCK_CASES[0],
 )
 ADVERSARIAL_CASES = CENTERED_ADVERSARIAL_CASES + (NormCase("rms", (8, 1024), -1), NormCase("rms", (2, 10_000), -1),
                                                   NormCase("rms", (40, 24), -1))
@@ -205,6 +206,51 @@ def test_float32_input_whose_squares_sum_past_the_float32_range(case, scale):
     weight, bias = random_params(case, np.float32, seed=4)
     y = case.forward(cynorm, x, weight, bias)
     np.testing.assert_allclose(y, case.forward(slow, x, weight, bias), rtol=0, atol=CONTRACT_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A group's statistics depend on its own values only.
+
+@pytest.mark.parametrize("trouble", ["first-rows-unrepresentative", "squares-past-float32"])
+@pytest.mark.parametrize("case", [NormCase("group", (2, 300, 64), -1, 8), GROUP_BLOCK_CASES[0]], ids=str)
+def test_a_groups_bits_do_not_depend_on_another_groups_trouble(case, trouble):
+    """Channels-last statistics are taken around a centre from a tile's first rows, and in float32 sums for
+    float32 input: a group whose first rows are far from its mean is taken again around its whole mean, one whose
+    squares overflow float32 again in double.  The other groups of the tile keep their own results, bit for bit."""
+    calm = random_array(case.shape, np.float32, seed=5)
+    troubled = calm.copy()
+    group_columns = troubled.reshape(case.shape[0], -1, case.shape[-1])[..., :case.shape[-1] // case.num_groups]
+    if trouble == "first-rows-unrepresentative":
+        group_columns[:, 8:] += 1e4
+    else:   # (each column's float sums of squares overflow)
+        group_columns *= 1e19
+    weight, bias = random_params(case, np.float32, seed=4)
+    calm_y, calm_stats = case.forward_with_stats(cynorm, calm, weight, bias)
+    y, stats = case.forward_with_stats(cynorm, troubled, weight, bias)
+    others = case.broadcastable(np.arange(case.shape[-1]) >= case.shape[-1] // case.num_groups)
+    others = np.broadcast_to(others, case.shape)
+    assert_bitwise_equal(y[others], calm_y[others])
+    for name, calm_values, values in zip(("mean", "rstd"), calm_stats, stats):
+        assert_bitwise_equal(values[:, 1:], calm_values[:, 1:], err_msg=name)
+    np.testing.assert_allclose(y, case.forward(slow, troubled, weight, bias), rtol=0, atol=CONTRACT_ATOL)
+
+
+@pytest.mark.parametrize("dtype,shape", [(np.float32, (2, 8, 8, 640)), (np.float64, (2, 8, 8, 640)),
+                                         (np.float32, (2, 7, 7, 2560))], ids=str)
+def test_column_group_blocks_give_the_bits_of_whole_tiles(dtype, shape):
+    """On one thread, a batch of two of these channels-last samples is taken a tile (here a whole sample) at a
+    time, and each sample alone in blocks of its column groups, each block over all the sample's rows: the same
+    sums in the same order, the same bits."""
+    case = NormCase("group", shape, -1, 32)
+    x = random_array(shape, dtype, seed=6, loc=3.0)
+    weight, bias = random_params(case, dtype, seed=7)
+    with cynorm.num_threads(1):
+        y, stats = case.forward_with_stats(cynorm, x, weight, bias)
+        for sample in range(shape[0]):
+            alone_y, alone_stats = case.forward_with_stats(cynorm, x[sample:sample + 1], weight, bias)
+            assert_bitwise_equal(alone_y, y[sample:sample + 1])
+            for name, alone, together in zip(("mean", "rstd"), alone_stats, stats):
+                assert_bitwise_equal(alone, together[sample:sample + 1], err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

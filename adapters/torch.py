@@ -827,6 +827,12 @@ _TORCH_FASTER_BELOW_AVX512 = {
     "group_norm_on_small_maps": ((2 ** 17, None), (2 ** 20, None)),
     "group_norm": ((2 ** 17, None), (2 ** 18, None)),
     "channels_last_group_norm": ((2 ** 15, None), (2 ** 15, None)),
+    # channels-last group norm on maps of up to _SMALL_MAP values and of up to _MID_CHANNELS_LAST_MAP, in groups of
+    # fewer than _WIDE_GROUP channels or more (measured on AVX2 builds only: here as on larger maps)
+    "channels_last_group_norm_on_small_maps": ((2 ** 15, None), (2 ** 15, None)),
+    "channels_last_group_norm_on_small_maps_in_wide_groups": ((2 ** 15, None), (2 ** 15, None)),
+    "channels_last_group_norm_on_mid_maps": ((2 ** 15, None), (2 ** 15, None)),
+    "channels_last_group_norm_on_mid_maps_in_wide_groups": ((2 ** 15, None), (2 ** 15, None)),
     # channels-last group norm on maps of _LARGE_CHANNELS_LAST_MAP values or more
     "channels_last_group_norm_on_large_maps": ((2 ** 15, None), (2 ** 15, None)),
 }
@@ -853,11 +859,29 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # torch's at 2**16-2**19 values ((1,C,H,W) with 64-512 channels), 0.89-1.21x at 2**20 (1 and 4 samples, 64-512
 # channels), 0.86-1.24x at 2**21 and 1.19-1.39x from 2.5M (stop 33, the Zen 3): in cache, the kernels ran as
 # fast as torch's, and the adapter's Python around them made the difference.  Steps on those maps ran 0.97-4.7x
-# torch's from 2**16 ((1,C,H,W), 64-512 channels), and keep the kernels from 2**15.
+# torch's from 2**16 ((1,C,H,W), 64-512 channels), and keep the kernels from 2**15.  On smaller maps torch's
+# kernel takes a sample's group at a time, its channels in vectors, and runs fastest on groups of a multiple of 8
+# channels, many of them (stop 34, the Zen 3, 1-32 samples, 256-2560 channels in 32 groups, both with the adapter):
+# - maps of up to 64 values (4x4 to 8x8): training steps 0.46-0.93x torch's at every size measured, up to 2.6M
+#   values.  Forwards in groups of 8-20 channels 0.51-0.95x below 2**17 (0.86-0.92x at 131-262K on 4x4 maps),
+#   1.02-1.71x from there; in groups of 32-80, 0.49-0.94x up to 2**21 (1.06x at 1.3M on 8x8, 0.75x on 4x4), 1.10x
+#   and 1.42x from 2.6M on 8x8 maps.
+# - maps of 65-256 values (12x12, 16x16): forwards in groups of 8-20 channels 0.76-1.09x below 2**17, 1.02-1.80x
+#   from there; in groups of 32-80, 0.66-1.04x below 2**19 and 0.85-1.18x from there (1.04-1.18x from 2**20 but
+#   for 0.85x on (4,2560,12,12) at 1.5M).  Steps in either 0.71-1.00x below 2**19 (1.26x on (1,1024,16,16)),
+#   0.92-2.7x from there.
+# - maps of 257-1023 values (24x24) ran 1.12-2.3x in forwards (0.95x on (2,2560,24,24)), 0.98-2.7x in steps: the
+#   limits of larger maps.
 _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
                                           layer_norm=((2 ** 19, 2 ** 12), (2 ** 20, 2 ** 13)),
                                           group_norm=((2 ** 19, None), (2 ** 20, None)),
                                           group_norm_on_small_maps=((2 ** 17, None), (math.inf, None)),
+                                          channels_last_group_norm_on_small_maps=((2 ** 17, None), (math.inf, None)),
+                                          channels_last_group_norm_on_small_maps_in_wide_groups=(
+                                              (2 ** 21, None), (math.inf, None)),
+                                          channels_last_group_norm_on_mid_maps=((2 ** 17, None), (2 ** 19, None)),
+                                          channels_last_group_norm_on_mid_maps_in_wide_groups=(
+                                              (2 ** 19, None), (2 ** 19, None)),
                                           channels_last_group_norm_on_large_maps=((2 ** 21, None), (2 ** 15, None)))
 # Rows of these lengths (the shortest, the longest) run torch's function at every size, without a gradient to
 # record, then with one; forwards of the rows that the four-row kernel takes excepted (see _four_row_forward).
@@ -878,6 +902,8 @@ _TINY_MAP, _SMALL_MAP = 4, 64
 # torch's channels-last group norm parallelizes over the positions of maps of this many values or more (its
 # feature_map_threshold), else over samples and groups
 _LARGE_CHANNELS_LAST_MAP = 1024
+_MID_CHANNELS_LAST_MAP = 256
+_WIDE_GROUP = 32   # channels
 _small_inputs_to_torch = True
 
 
@@ -903,17 +929,19 @@ def use_torch_for_small_inputs(enabled):
     return previous
 
 
-def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
-    """Whether ``norm`` of ``input`` (over ``normalized_shape``, layer and RMS norm) is small enough, or its rows
-    of a length, for torch's own function to be the faster (see _TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS).  Asked
-    before the other checks, being cheaper: torch's function has torch's semantics for any tensor.  Inputs of
-    other layouts than those measured (a layer norm's permuted view, which torch would copy) go to the kernels."""
+def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=(), num_groups=None):
+    """Whether ``norm`` of ``input`` (over ``normalized_shape``, layer and RMS norm; in ``num_groups``, group norm) is
+    small enough, or its rows of a length, for torch's own function to be the faster (see _TORCH_FASTER_BELOW,
+    _TORCH_FASTER_ON_ROWS).  Asked before the other checks, being cheaper: torch's function has torch's semantics
+    for any tensor (and raises torch's errors).  Inputs of other layouts than those measured (a layer norm's
+    permuted view, which torch would copy) go to the kernels."""
     if not _small_inputs_to_torch or not isinstance(input, Tensor):
         return False
     contiguous = input.is_contiguous()
     if norm == "group_norm" and not contiguous:
-        large_maps = math.prod(input.shape[2:]) >= _LARGE_CHANNELS_LAST_MAP
-        norm = "channels_last_group_norm_on_large_maps" if large_maps else "channels_last_group_norm"
+        norm = _channels_last_group_norm_category(input, num_groups)
+        if norm is None:
+            return True
     elif not contiguous:
         return False
     elif norm == "group_norm":
@@ -939,6 +967,21 @@ def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=()):
         if shortest <= row_length <= longest and (records_grad or not _four_row_forward(row_length)):
             return True
     return size < elements and (rows is None or size < rows * row_length)
+
+
+def _channels_last_group_norm_category(input, num_groups):
+    """The key in _TORCH_FASTER_BELOW of a group norm of ``input`` (not contiguous) in ``num_groups``, by the size of
+    its maps and of its groups; None for a group count torch refuses."""
+    map_size = math.prod(input.shape[2:])
+    if map_size >= _LARGE_CHANNELS_LAST_MAP:
+        return "channels_last_group_norm_on_large_maps"
+    if map_size > _MID_CHANNELS_LAST_MAP:
+        return "channels_last_group_norm"
+    if type(num_groups) is not int or num_groups <= 0 or input.dim() < 2:
+        return None
+    maps = "small" if map_size <= _SMALL_MAP else "mid"
+    groups = "_in_wide_groups" if input.shape[1] // num_groups >= _WIDE_GROUP else ""
+    return f"channels_last_group_norm_on_{maps}_maps{groups}"
 
 
 def _run(op, *args):
@@ -1039,7 +1082,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
     if torch.jit.is_scripting():
         return F.group_norm(input, num_groups, weight, bias, eps)
-    if (not _torch_is_faster("group_norm", input, weight, bias)
+    if (not _torch_is_faster("group_norm", input, weight, bias, num_groups=num_groups)
             and _group_norm_takes(input, num_groups, weight, bias, eps)):
         return _run(_group_norm_op, input, num_groups, weight, bias, eps)[0]
     return F.group_norm(input, num_groups, weight, bias, eps)

@@ -749,8 +749,18 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("group_norm", (64, 64, 4), "contiguous", False, "kernels"),       # 2**14 elements
     ("group_norm", (128, 64, 4), "contiguous", True, "kernels"),       # 2**15 elements, recording
     ("group_norm", (16, 512, 7, 7), "contiguous", False, "kernels"),
-    ("group_norm", (2, 64, 16, 16), "channels_last", False, "kernels"),
+    ("group_norm", (2, 64, 16, 16), "channels_last", False, ("kernels", "torch")),   # 32K elements
     ("group_norm", (2, 256, 7, 7), "channels_last", False, "torch"),   # 25K elements
+    # channels-last maps of up to 64 values: groups of 16 channels, of 40 and 80; on maps of 256: of 40, 32 and 16
+    ("group_norm", (16, 512, 8, 8), "channels_last", False, "kernels"),                # 2**19 elements
+    ("group_norm", (16, 512, 8, 8), "channels_last", True, ("kernels", "torch")),
+    ("group_norm", (2, 1280, 8, 8), "channels_last", True, ("kernels", "torch")),      # 164K elements
+    ("group_norm", (8, 2560, 8, 8), "channels_last", False, ("kernels", "torch")),     # 1.3M elements
+    ("group_norm", (1, 1280, 16, 16), "channels_last", False, ("kernels", "torch")),   # 328K elements
+    ("group_norm", (4, 1024, 16, 16), "channels_last", False, "kernels"),              # 2**20 elements
+    ("group_norm", (2, 512, 16, 16), "channels_last", True, ("kernels", "torch")),     # 2**18 elements
+    ("group_norm", (4, 512, 16, 16), "channels_last", True, "kernels"),                # 2**19 elements
+    ("group_norm", (1, 256, 24, 24), "channels_last", True, "kernels"),                # 147K elements, maps of 576
     ("group_norm", (1, 256, 32, 32), "channels_last", False, ("kernels", "torch")),   # 2**18 elements, maps of 1024
     ("group_norm", (1, 256, 32, 32), "channels_last", True, "kernels"),
     ("group_norm", (4, 256, 16, 16), "channels_last", False, "kernels"),   # 2**18 elements on maps of 256
@@ -937,6 +947,10 @@ def test_empty_input_behaves_as_torch(shape, kernel_calls):
 # Errors for bad arguments: torch's types and messages
 # --------------------------------------------------------------------------------------------------------
 
+def _channels_last_ones(*shape):
+    return torch.ones(shape).contiguous(memory_format=torch.channels_last)
+
+
 # Each takes (functional namespace, module namespace): (torch.nn.functional, torch.nn) or (ours, ours).
 BAD_CALLS = {
     "group_norm_channels_not_divisible": lambda f, m: f.group_norm(torch.ones(2, 6, 4), 4),
@@ -944,6 +958,10 @@ BAD_CALLS = {
     "group_norm_weight_shape": lambda f, m: f.group_norm(torch.ones(2, 6, 4), 3, torch.ones(4)),
     "group_norm_bias_shape": lambda f, m: f.group_norm(torch.ones(2, 6, 4), 3, None, torch.ones(5)),
     "group_norm_single_value_groups": lambda f, m: f.group_norm(torch.ones(1, 3), 3),
+    # (channels-last maps of up to 256 values are routed by their groups' size, asked before any check)
+    "group_norm_channels_last_not_divisible": lambda f, m: f.group_norm(_channels_last_ones(2, 6, 4, 4), 4),
+    "group_norm_channels_last_no_groups": lambda f, m: f.group_norm(_channels_last_ones(2, 6, 4, 4), 0),
+    "group_norm_channels_last_float_groups": lambda f, m: f.group_norm(_channels_last_ones(2, 6, 4, 4), 2.0),
     "group_norm_module_channels": lambda f, m: m.GroupNorm(4, 6),
     "group_norm_module_input_channels": lambda f, m: m.GroupNorm(2, 6)(torch.ones(2, 4, 3)),
     "instance_norm_no_spatial": lambda f, m: f.instance_norm(torch.ones(2, 3)),

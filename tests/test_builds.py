@@ -61,12 +61,12 @@ _GUARD = 0xA5
 
 
 def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
-    """Forward and backward of fifteen rows cases and a columns case, with adversarial data, as raw kernel
-    calls; `stream`: the forward and the backward write their outputs with streaming stores and prefetch their
-    input (the kernels' paths for arrays that outgrow the cache); `output_phase`: where the outputs y and dx start
-    in a cache line (kernels stream lines straight where the output starts one, the lines at either end of a
-    thread's values with ordinary stores).  Each output lies between two lines of _GUARD bytes; with a list
-    `guards`, (memory, start, end) of each goes into it."""
+    """Forward and backward of fifteen rows cases and a columns case, and a columns forward in blocks, with
+    adversarial data, as raw kernel calls; `stream`: the forward and the backward write their outputs with
+    streaming stores and prefetch their input (the kernels' paths for arrays that outgrow the cache);
+    `output_phase`: where the outputs y and dx start in a cache line (kernels stream lines straight where the
+    output starts one, the lines at either end of a thread's values with ordinary stores).  Each output lies
+    between two lines of _GUARD bytes; with a list `guards`, (memory, start, end) of each goes into it."""
     def output_like(x):
         memory = np.full(x.nbytes + 192, _GUARD, np.uint8)
         start = -memory.ctypes.data % 64 + 64 + output_phase
@@ -164,6 +164,19 @@ def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
     module.backward_columns(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
                             samples, n_rows, n_cols, groups, 1, False, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
+
+    # a channels-last sample of one tile taken in blocks of column groups (not where streamed), 256 float32 or
+    # 128 float64 columns wide: AVX-512 builds sum them in register strips, over rows further apart than that;
+    # one group's first rows far from the rest of it
+    n_rows, n_cols, groups = 120, 1024, 16
+    x = (rng.standard_normal(n_rows * n_cols) * 2 + 300).astype(dtype)
+    x.reshape(n_rows, n_cols)[8:, 64:128] += 5e3
+    weight = rng.standard_normal(n_cols).astype(dtype)
+    bias = rng.standard_normal(n_cols).astype(dtype)
+    y, mean, rstd = output_like(x), np.empty(groups), np.empty(groups)
+    module.forward_columns(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, 1, n_rows, n_cols,
+                           groups, 1, False, 1e-5, True, stream, stream, 2)
+    results += [y, mean, rstd]
     return results
 
 

@@ -2954,16 +2954,20 @@ cdef inline void columns_normalize_tile(const floating* x, floating* y,   # IN, 
 
 
 cdef inline Py_ssize_t group_blocks(Py_ssize_t n_samples, Py_ssize_t n_rows, Py_ssize_t n_cols, Py_ssize_t groups,
-                                    Py_ssize_t itemsize, int num_threads) noexcept nogil:
+                                    Py_ssize_t tiles, Py_ssize_t itemsize, int num_threads) noexcept nogil:
     """Into how many blocks of whole column groups the columns-view forward cuts each sample (see
     GROUP_BLOCK_BYTES): the fewest of at most GROUP_BLOCK_BYTES, raised until the batch's blocks share out evenly
-    between the threads (a block's bits do not depend on the cut: see columns_group_block_forward); 0 for rows
-    narrower than GROUP_BLOCKS_FROM_ROW_BYTES, or where one block would hold the sample, or where a group alone
-    is larger, or a block's rows narrower than GROUP_BLOCK_MIN_ROW_BYTES."""
+    between the threads (a block's bits do not depend on the cut: see columns_group_block_forward).  0 (the
+    samples taken a tile at a time) for samples of several tiles, or of rows narrower than
+    GROUP_BLOCKS_FROM_ROW_BYTES, or at least two a thread and smaller than GROUP_BLOCKS_FROM_SAMPLE_BYTES; where one
+    block would hold the sample, or a group alone is larger, or a block's rows would be narrower than
+    GROUP_BLOCK_MIN_ROW_BYTES."""
     cdef Py_ssize_t cols_per_group = n_cols // groups
     cdef Py_ssize_t most = GROUP_BLOCK_BYTES // max(n_rows * cols_per_group * itemsize, 1)   # groups a block
     cdef Py_ssize_t blocks
-    if n_cols * itemsize < GROUP_BLOCKS_FROM_ROW_BYTES or most == 0 or most >= groups:
+    if (tiles > 1 or n_cols * itemsize < GROUP_BLOCKS_FROM_ROW_BYTES
+            or (n_samples >= 2 * num_threads and n_rows * n_cols * itemsize < GROUP_BLOCKS_FROM_SAMPLE_BYTES)
+            or most == 0 or most >= groups):
         return 0
     blocks = (groups + most - 1) // most
     while (n_samples * blocks) % num_threads and blocks < groups:
@@ -2990,14 +2994,16 @@ cdef inline void columns_group_block_forward(const floating* x, floating* y,   #
     tile_moments_around): the bits of the sample taken as a whole tile, however it is cut into blocks."""
     cdef Py_ssize_t n = u // blocks, g0 = (u % blocks) * groups // blocks, g1 = (u % blocks + 1) * groups // blocks
     cdef Py_ssize_t cols_per_group = n_cols // groups, c0 = g0 * cols_per_group
-    cdef Py_ssize_t offset = n * n_rows * n_cols + c0, first = n * constants_stride(1, n_cols, sizeof(floating)) + c0
+    cdef Py_ssize_t offset = n * n_rows * n_cols + c0   # of the block's first column, in x and y
+    cdef Py_ssize_t constants = n * constants_stride(1, n_cols, sizeof(floating)) + c0   # and in the constants
     cdef Py_ssize_t width = (g1 - g0) * cols_per_group, s
     tile_moments(x + offset, n_rows, width, n_cols, g1 - g0, 1, centered, scratch, n_rows if prefetch else 0,
                  tile_stats + 2 * (n * groups + g0))
     for s in range(n * groups + g0, n * groups + g1):
         columns_group_constants(tile_stats, s, 1, n_rows, n_rows, n_cols, groups, cols_per_channel, False,
                                 weight, bias, eps, centered, mean, rstd, 1, mean_hi, scale, shift)
-    normalize_tile_rows(x + offset, y + offset, n_rows, width, n_cols, mean_hi + first, scale + first, shift + first)
+    normalize_tile_rows(x + offset, y + offset, n_rows, width, n_cols, mean_hi + constants, scale + constants,
+                        shift + constants)
 
 
 def forward_columns(size_t x,        # IN  (n_samples * n_rows * n_cols,)
@@ -3034,11 +3040,9 @@ cdef void columns_forward(const floating* x, floating* y, const floating* weight
     cdef Py_ssize_t fold = 1 if affine_per_row else rows_folded(n_cols)
     # Blocks of column groups (see GROUP_BLOCK_BYTES), normalized a row's piece at a time, which streamed stores
     # do not take
-    cdef Py_ssize_t blocks = (group_blocks(n_samples, n_rows, n_cols, groups, sizeof(floating), num_threads)
-                              if tiles == 1 and not (stream or affine_per_row) and (
-                                  n_samples < 2 * num_threads
-                                  or n_rows * n_cols * sizeof(floating) >= GROUP_BLOCKS_FROM_SAMPLE_BYTES)
-                              else 0)
+    cdef Py_ssize_t blocks = (0 if stream or affine_per_row
+                              else group_blocks(n_samples, n_rows, n_cols, groups, tiles, sizeof(floating),
+                                                num_threads))
     cdef Py_ssize_t stats_bytes = 2 * n_samples * tiles * groups * sizeof(double)
     cdef Py_ssize_t column_bytes = n_samples * constants_stride(fold, n_cols, sizeof(floating)) * sizeof(floating)
     # each thread's tile_moments scratch, with room for double sums, which float input may need

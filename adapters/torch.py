@@ -828,7 +828,7 @@ _TORCH_FASTER_BELOW_AVX512 = {
     "group_norm": ((2 ** 17, None), (2 ** 18, None)),
     "channels_last_group_norm": ((2 ** 15, None), (2 ** 15, None)),
     # channels-last group norm on maps of up to _SMALL_MAP values and of up to _MID_CHANNELS_LAST_MAP, in groups of
-    # fewer than _WIDE_GROUP channels or more (measured on AVX2 builds only: here as on larger maps)
+    # fewer than _WIDE_GROUP channels or more (measured with AVX2 builds only; here the limits of larger maps)
     "channels_last_group_norm_on_small_maps": ((2 ** 15, None), (2 ** 15, None)),
     "channels_last_group_norm_on_small_maps_in_wide_groups": ((2 ** 15, None), (2 ** 15, None)),
     "channels_last_group_norm_on_mid_maps": ((2 ** 15, None), (2 ** 15, None)),
@@ -861,7 +861,7 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # fast as torch's, and the adapter's Python around them made the difference.  Steps on those maps ran 0.97-4.7x
 # torch's from 2**16 ((1,C,H,W), 64-512 channels), and keep the kernels from 2**15.  On smaller maps torch's
 # kernel takes a sample's group at a time, its channels in vectors, and runs fastest on groups of a multiple of 8
-# channels, many of them (stop 34, the Zen 3, 1-32 samples, 256-2560 channels in 32 groups, both with the adapter):
+# channels, many of them (stop 34, the Zen 3, through the adapter, 1-32 samples, 256-2560 channels in 32 groups):
 # - maps of up to 64 values (4x4 to 8x8): training steps 0.46-0.93x torch's at every size measured, up to 2.6M
 #   values.  Forwards in groups of 8-20 channels 0.51-0.95x below 2**17 (0.86-0.92x at 131-262K on 4x4 maps),
 #   1.02-1.71x from there; in groups of 32-80, 0.49-0.94x up to 2**21 (1.06x at 1.3M on 8x8, 0.75x on 4x4), 1.10x

@@ -235,7 +235,7 @@ def test_a_groups_bits_do_not_depend_on_another_groups_trouble(case, trouble):
     np.testing.assert_allclose(y, case.forward(slow, troubled, weight, bias), rtol=0, atol=CONTRACT_ATOL)
 
 
-@pytest.mark.parametrize("dtype,shape", [(np.float32, (2, 8, 8, 640)), (np.float64, (2, 8, 8, 640)),
+@pytest.mark.parametrize("dtype,shape", [(np.float32, (2, 8, 8, 1280)), (np.float64, (2, 8, 8, 640)),
                                          (np.float32, (2, 7, 7, 2560))], ids=str)
 def test_column_group_blocks_give_the_bits_of_whole_tiles(dtype, shape):
     """On one thread, a batch of two of these channels-last samples is taken a tile (here a whole sample) at a

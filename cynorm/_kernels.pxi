@@ -2619,8 +2619,9 @@ cdef inline void normalize_tile(const floating* x, floating* y,   # IN, OUT (val
     values again (a row of the tile, or several folded into one, see WIDE_ROW; constants_stride), with streaming
     stores if `stream`.  The tile is contiguous in y, so it is streamed a line of y at a time whatever the row
     length: from the registers (cynorm_normalize_tile_streamed), or, with a weight per row, in blocks assembled in
-    a buffer from the pieces of the rows they span.  (Blocks that began anywhere in a line, a row or a part of a row at a time, ran
-    1.5-2.5x slower than line-aligned ones.)  The caller fences the streamed stores (see normalize_row_range)."""
+    a buffer from the pieces of the rows they span.  (Blocks that began anywhere in a line, a row or a part of a
+    row at a time, ran 1.5-2.5x slower than line-aligned ones.)  The caller fences the streamed stores (see
+    normalize_row_range)."""
     cdef floating space[STREAM_BLOCK + STAGING_SLACK]
     cdef floating* buffer
     cdef Py_ssize_t a, col, n, start, stop, position

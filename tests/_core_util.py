@@ -228,6 +228,7 @@ GROUP_BLOCK_CASES = (
     NormCase("group", (2, 7, 7, 2560), -1, 32),   # a tile a sample on 1 thread, 8 groups on 2, 5-6 on 3
     NormCase("group", (1, 8, 8, 1024), -1, 16),   # 8 groups on 1 and 2 threads, 5-6 on 3
     NormCase("group", (3, 8, 8, 2560), -1, 32),   # 5-6
+    NormCase("instance", (1, 8, 8, 1024), -1),    # groups of one column: 512 on 1 and 2 threads, 341-342 on 3
 )
 
 # Shapes that leave fewer (sample, group) blocks or rows than threads, so a multi-threaded kernel has to split

@@ -826,15 +826,14 @@ _TORCH_FASTER_BELOW_AVX512 = {
     "group_norm_on_tiny_maps": ((2 ** 14, None), (2 ** 15, None)),
     "group_norm_on_small_maps": ((2 ** 17, None), (2 ** 20, None)),
     "group_norm": ((2 ** 17, None), (2 ** 18, None)),
-    "channels_last_group_norm": ((2 ** 15, None), (2 ** 15, None)),
-    # channels-last group norm on maps of up to _SMALL_MAP values and of up to _MID_CHANNELS_LAST_MAP, in groups of
-    # fewer than _WIDE_GROUP channels or more (measured with AVX2 builds only; here the limits of larger maps)
-    "channels_last_group_norm_on_small_maps": ((2 ** 15, None), (2 ** 15, None)),
-    "channels_last_group_norm_on_small_maps_in_wide_groups": ((2 ** 15, None), (2 ** 15, None)),
-    "channels_last_group_norm_on_mid_maps": ((2 ** 15, None), (2 ** 15, None)),
-    "channels_last_group_norm_on_mid_maps_in_wide_groups": ((2 ** 15, None), (2 ** 15, None)),
-    # channels-last group norm on maps of _LARGE_CHANNELS_LAST_MAP values or more
-    "channels_last_group_norm_on_large_maps": ((2 ** 15, None), (2 ** 15, None)),
+    # channels-last group norm (see _channels_last_group_norm_category): the same limits on maps of any size here
+    **{category: ((2 ** 15, None), (2 ** 15, None)) for category in (
+        "channels_last_group_norm_on_small_maps",                  # maps of up to _SMALL_MAP values, groups of
+        "channels_last_group_norm_on_small_maps_in_wide_groups",   # fewer than _WIDE_GROUP channels, or more
+        "channels_last_group_norm_on_mid_maps",                    # maps of up to _MID_CHANNELS_LAST_MAP
+        "channels_last_group_norm_on_mid_maps_in_wide_groups",
+        "channels_last_group_norm",                                # up to _LARGE_CHANNELS_LAST_MAP
+        "channels_last_group_norm_on_large_maps")},                # larger
 }
 # The crossovers move with the instruction set, on torch's side as on ours.  Measured again with the x86-64-v3
 # (AVX2) build on a 2-core Zen 3, against torch's AVX2 kernels, the adapter's layer norm ran 0.68-0.93x torch's on

@@ -23,6 +23,7 @@ import copy
 import functools
 import logging
 import math
+import types
 from typing import List, NamedTuple, Optional
 
 import numpy as np
@@ -52,6 +53,7 @@ _tracing_state = torch._C._get_tracing_state
 _dispatch_mode_count = torch._C._len_torch_dispatch_stack
 _storage_use_count = torch._C._storage_Use_Count
 _inference_mode_enabled = torch.is_inference_mode_enabled
+_FxProxy = torch.fx.Proxy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1146,7 +1148,8 @@ def rms_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor
     return F.rms_norm(input, normalized_shape, weight, eps)
 
 
-# torch.fx.symbolic_trace records calls to these as single nodes instead of tracing into their branches.
+# torch.fx.symbolic_trace records calls to these (from other modules than ours, which it takes whole) as single
+# nodes instead of tracing into their branches.
 torch.fx.wrap("group_norm")
 torch.fx.wrap("instance_norm")
 torch.fx.wrap("layer_norm")
@@ -1162,10 +1165,24 @@ def _drop_in_doc(torch_class):
             f"arguments, parameters, buffers and state_dict.\n\n{torch_class.__doc__ or ''}")
 
 
+# torch.fx.symbolic_trace takes torch.nn's modules whole, as call_module nodes, and traces through others: ours
+# make the same node, so a traced model has torch's graph and its norms read their state (training mode,
+# running statistics) when it runs, not when it was traced.  (Traced through, InstanceNorm's forward, which
+# checks the input's rank in Python, could not be traced at all.)  TorchScript skips the check (see group_norm).
+
+def _whole_module_node(module, input):
+    """The call_module node of ``module`` on ``input``, a proxy of torch.fx's symbolic tracer."""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+
+
 class GroupNorm(nn.GroupNorm):
     __doc__ = _drop_in_doc(nn.GroupNorm)
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(input, _FxProxy):
+                return _whole_module_node(self, input)
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -1173,6 +1190,9 @@ class LayerNorm(nn.LayerNorm):
     __doc__ = _drop_in_doc(nn.LayerNorm)
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(input, _FxProxy):
+                return _whole_module_node(self, input)
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -1180,12 +1200,33 @@ class RMSNorm(nn.RMSNorm):
     __doc__ = _drop_in_doc(nn.RMSNorm)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(x, _FxProxy):
+                return _whole_module_node(self, x)
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+def _renamed(function, name):
+    """``function`` under another ``__name__``: TorchScript compiles a method that forward calls under its
+    function's name, which must not be forward again."""
+    renamed = types.FunctionType(function.__code__, function.__globals__, name, function.__defaults__,
+                                 function.__closure__)
+    renamed.__annotations__ = function.__annotations__   # (TorchScript's types)
+    renamed.__kwdefaults__ = function.__kwdefaults__
+    return renamed
 
 
 class _InstanceNormOnKernels:
     """Replaces the one step of torch's ``_InstanceNorm.forward`` that computes; torch's forward keeps its
     input checks, unbatched-input handling and running-statistics choice."""
+
+    _torch_forward = _renamed(nn.modules.instancenorm._InstanceNorm.forward, "_torch_forward")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            if isinstance(input, _FxProxy):
+                return _whole_module_node(self, input)
+        return self._torch_forward(input)
 
     def _apply_instance_norm(self, input):
         return instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,

@@ -1166,14 +1166,34 @@ def test_torch_compile_traces_torch_functions_for_small_inputs():
         assert f"torch.ops.cynorm.{name}" not in code and f"torch.nn.functional.{name}" in code
 
 
+def test_fx_symbolic_trace_takes_our_modules_whole(kernel_calls):
+    """torch.fx.symbolic_trace gives ours the graph of torch.nn's model, a call_module node per norm (it takes
+    torch.nn's modules whole), so the traced model runs our modules in the mode they are in when it runs."""
+    theirs = _every_norm_model()
+    ours = ct.convert(theirs)
+    traced = torch.fx.symbolic_trace(ours)
+
+    def nodes(model):
+        return [(node.op, node.target) for node in model.graph.nodes]
+
+    assert nodes(traced) == nodes(torch.fx.symbolic_trace(theirs))
+    x = random_tensor((4, 3, 8, 8), torch.float32)
+    for training in (True, False):   # evaluation after training: the running statistics training moved
+        theirs.train(training)
+        traced.train(training)
+        kernel_calls.clear()
+        assert_close_scaled(traced(x), theirs(x), 1e-5)
+        assert kernel_calls
+        torch.testing.assert_close(dict(traced.named_buffers()), dict(theirs.named_buffers()))
+
+
 def test_fx_symbolic_trace_keeps_our_functions():
-    torch.manual_seed(0)
-    model = nn.Sequential(ct.GroupNorm(2, 4), ct.LayerNorm(3))
-    traced = torch.fx.symbolic_trace(model)
+    """Calls of our functions from other modules are single call_function nodes, which run the kernels."""
+    traced = torch.fx.symbolic_trace(_UsesTheFunctionalAPI())
     targets = {node.target for node in traced.graph.nodes if node.op == "call_function"}
-    assert targets == {ct.group_norm, ct.layer_norm}
-    x = random_tensor((2, 4, 3), torch.float32)
-    torch.testing.assert_close(traced(x), model(x))
+    assert {ct.group_norm, ct.instance_norm, ct.layer_norm, ct.rms_norm} <= targets
+    x = random_tensor((4, 6, 5), torch.float32)
+    torch.testing.assert_close(traced(x), _UsesTheFunctionalAPI()(x), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ _tracing_state = torch._C._get_tracing_state
 _dispatch_mode_count = torch._C._len_torch_dispatch_stack
 _storage_use_count = torch._C._storage_Use_Count
 _inference_mode_enabled = torch.is_inference_mode_enabled
+_is_exporting = torch.compiler.is_exporting
 _FxProxy = torch.fx.Proxy
 
 
@@ -774,7 +775,8 @@ def _kernels_apply(input, *tensors):
     They need a strided CPU float32/float64 input, companion tensors (parameters, running stats) of the
     same device and dtype, and no tracing: ``torch.jit.trace`` records torch's ops instead of ours, tensor
     subclasses with ``__torch_function__`` and torch function modes get torch's dispatch (``torch.export``
-    traces under such modes, and so records torch's ops too), and torch.func transforms (grad, vmap, jvp,
+    traces under such modes, and so records torch's ops too, as it does when Dynamo traces for it, with
+    ``strict=True``), and torch.func transforms (grad, vmap, jvp,
     ...) get torch's functions, which they know how to batch and differentiate, as do the tensors a transform
     has left behind (a value stored from inside ``torch.func.grad``: a wrapper whose memory the kernels cannot
     always reach).
@@ -787,7 +789,7 @@ def _kernels_apply(input, *tensors):
         return False
     # (Dynamo cannot trace the query for left-behind tensors, and a compiled graph holds none)
     eager = not torch.compiler.is_compiling()
-    if eager and _is_functorch_wrapped(input):
+    if eager and _is_functorch_wrapped(input) or not eager and _is_exporting():
         return False
     for t in tensors:   # (a loop: a generator cost a few µs a call)
         if t is not None and not (t.is_cpu and t.dtype == dtype and t.layout == torch.strided
@@ -930,12 +932,19 @@ def use_torch_for_small_inputs(enabled):
     return previous
 
 
-def _torch_is_faster(norm, input, weight, bias=None, normalized_shape=(), num_groups=None):
-    """Whether ``norm`` of ``input`` (over ``normalized_shape``, layer and RMS norm; in ``num_groups``, group norm) is
-    small enough, or its rows of a length, for torch's own function to be the faster (see _TORCH_FASTER_BELOW,
-    _TORCH_FASTER_ON_ROWS).  Asked before the other checks, being cheaper: torch's function has torch's semantics
-    for any tensor (and raises torch's errors).  Inputs of other layouts than those measured (a layer norm's
-    permuted view, which torch would copy) go to the kernels."""
+def _torch_takes(norm, input, weight, bias=None, normalized_shape=(), num_groups=None):
+    """Whether torch's own function runs ``norm`` of ``input`` (over ``normalized_shape``, layer and RMS norm; in
+    ``num_groups``, group norm): under torch.export, or where it is the faster.
+
+    torch.export makes a program for inputs of any size, of torch's operators (see _kernels_apply), so its calls
+    go to torch's function before a size is compared, which would have become a guard on the program's dynamic
+    sizes (a dynamic batch was refused: "Not all values of b ... satisfy the generated guard ... <= 127").
+    Elsewhere, inputs small enough, or of rows of a length, for torch's function to be the faster (see
+    _TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS).  Asked before the other checks, being cheaper: torch's
+    function has torch's semantics for any tensor (and raises torch's errors).  Inputs of other layouts than
+    those measured (a layer norm's permuted view, which torch would copy) go to the kernels."""
+    if _is_exporting():
+        return True
     if not _small_inputs_to_torch or not isinstance(input, Tensor):
         return False
     contiguous = input.is_contiguous()
@@ -1018,7 +1027,7 @@ def _ends_with(input, shape):
 
 
 # Whether the kernels' trusted path computes a norm of these arguments as they are: the checks of the functional
-# API (after _torch_is_faster) and of the operators.  Arguments that fail them go to torch's function from the
+# API (after _torch_takes) and of the operators.  Arguments that fail them go to torch's function from the
 # functional API, to the NumPy API (and its errors) from the operators.
 
 def _group_norm_takes(input, num_groups, weight, bias, eps):
@@ -1083,7 +1092,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
     if torch.jit.is_scripting():
         return F.group_norm(input, num_groups, weight, bias, eps)
-    if (not _torch_is_faster("group_norm", input, weight, bias, num_groups=num_groups)
+    if (not _torch_takes("group_norm", input, weight, bias, num_groups=num_groups)
             and _group_norm_takes(input, num_groups, weight, bias, eps)):
         return _run(_group_norm_op, input, num_groups, weight, bias, eps)[0]
     return F.group_norm(input, num_groups, weight, bias, eps)
@@ -1125,7 +1134,7 @@ def layer_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tens
     if torch.jit.is_scripting():
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _normalized_shape_tuple(normalized_shape)
-    if (not _torch_is_faster("layer_norm", input, weight, bias, shape)
+    if (not _torch_takes("layer_norm", input, weight, bias, shape)
             and _layer_norm_takes(input, shape, weight, bias, eps)):
         return _run(_layer_norm_op, input, list(shape), weight, bias, eps)[0]
     return F.layer_norm(input, normalized_shape, weight, bias, eps)
@@ -1141,7 +1150,7 @@ def rms_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor
     if torch.jit.is_scripting():
         return F.rms_norm(input, normalized_shape, weight, eps)
     shape = _normalized_shape_tuple(normalized_shape)
-    if (not _torch_is_faster("rms_norm", input, weight, normalized_shape=shape)
+    if (not _torch_takes("rms_norm", input, weight, normalized_shape=shape)
             and _rms_norm_takes(input, shape, weight, eps)):
         eps = torch.finfo(input.dtype).eps if eps is None else eps
         return _run(_rms_norm_op, input, list(shape), weight, eps)[0]

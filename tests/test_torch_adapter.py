@@ -920,16 +920,44 @@ def test_jit_script_of_the_functional_api(kernel_calls):
     assert not kernel_calls
 
 
-def test_torch_export_records_torch_functions(kernel_calls, tmp_path):
-    """torch.export gives a program of torch's own operators, which loads and runs without cynorm."""
+SMALL_INPUTS_TO_TORCH = pytest.mark.parametrize("small_inputs_to_torch", [False, True],
+                                                ids=["small_to_kernels", "small_to_torch"])
+
+
+@SMALL_INPUTS_TO_TORCH
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_torch_export_records_torch_functions(strict, small_inputs_to_torch, kernel_calls, tmp_path):
+    """torch.export gives a program of torch's own operators, for any batch size (the adapter's choice between
+    torch's function and the kernels by size makes no guard on it), which loads and runs without cynorm."""
+    ct.use_torch_for_small_inputs(small_inputs_to_torch)
     theirs = _every_norm_model().eval()
     x = random_tensor((4, 3, 8, 8), torch.float32)
-    exported = torch.export.export(ct.convert(theirs), (x,))
+    exported = torch.export.export(ct.convert(theirs), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                   strict=strict)
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     assert {f"aten.{op}.default" for op in ("group_norm", "instance_norm", "layer_norm", "rms_norm")} <= targets
     assert not any("cynorm" in target for target in targets)
     torch.export.save(exported, tmp_path / "exported.pt2")
-    torch.testing.assert_close(torch.export.load(tmp_path / "exported.pt2").module()(x), theirs(x), rtol=0, atol=0)
+    loaded = torch.export.load(tmp_path / "exported.pt2").module()
+    for batch in (4, 2, 1000):
+        x = random_tensor((batch, 3, 8, 8), torch.float32, seed=batch)
+        torch.testing.assert_close(loaded(x), theirs(x), rtol=0, atol=0)
+    assert not kernel_calls
+
+
+@SMALL_INPUTS_TO_TORCH
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_torch_export_with_dynamic_maps(layout, small_inputs_to_torch, kernel_calls):
+    """Group norm, whose choice between torch's function and the kernels looks at the maps' size too, exports
+    with dynamic map sizes."""
+    ct.use_torch_for_small_inputs(small_inputs_to_torch)
+    theirs = nn.Sequential(nn.GroupNorm(2, 8), nn.InstanceNorm2d(8)).eval()
+    x = in_layout(random_tensor((2, 8, 6, 6), torch.float32), layout)
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    exported = torch.export.export(ct.convert(theirs), (x,), dynamic_shapes=(dims,)).module()
+    for shape in [(2, 8, 6, 6), (3, 8, 2, 5), (16, 8, 48, 40)]:
+        x = in_layout(random_tensor(shape, torch.float32), layout)
+        torch.testing.assert_close(exported(x), theirs(x), rtol=0, atol=0)
     assert not kernel_calls
 
 

@@ -23,6 +23,7 @@ itself keeps the kernels. A ``tf.function`` that was traced before it is saved, 
 kernels, and its SavedModel runs only in the process that saved it. Nor can XLA compile a ``tf.numpy_function``:
 in a ``tf.function(jit_compile=True)`` the layers run Keras's operations too.
 """
+import functools
 import math
 import warnings
 
@@ -45,6 +46,7 @@ except ImportError:
 
 import cynorm
 from cynorm._blocks import PAGE_BYTES, numpy_block_pool, placement
+from cynorm._threads import framework_threads
 
 __all__ = ["GroupNormalization", "InstanceNormalization", "LayerNormalization", "RMSNormalization",
            "use_keras_for_small_inputs"]
@@ -124,6 +126,18 @@ def _new_output_pool(limit):
 _output_pool = _new_output_pool(limit=256 * 2 ** 20)
 
 
+@functools.cache
+def _tensorflow_threads():
+    """TensorFlow's intra-op thread count (tf.config.threading), 0 for its default.  It cannot change once
+    TensorFlow's runtime has started, as it has when a layer runs; asked anew, it cost 14 µs a call."""
+    return tf.config.threading.get_intra_op_parallelism_threads()
+
+
+# The kernels take TensorFlow's intra-op thread count where one is set, as its own ops do (cynorm.set_num_threads
+# still overrides it).  Left to OpenMP's count, they took every core on the inter-op thread that ran them.
+_following_tensorflow_threads = framework_threads(_tensorflow_threads)
+
+
 class _ArrayKernel:
     """One cynorm forward/backward pair with a layer's fixed settings, called on the arrays of tf.numpy_function.
 
@@ -140,11 +154,13 @@ class _ArrayKernel:
         self.num_stats = num_stats
         self.name = name
 
+    @_following_tensorflow_threads
     def forward(self, x, *params):
         weight = params[0] if self.has_weight else None
         bias = params[-1] if self.has_bias else None
         return self._forward(x, weight, bias, _empty_aligned(x))
 
+    @_following_tensorflow_threads
     def backward(self, dy, x, *stats_and_weight):
         stats = stats_and_weight[:self.num_stats]
         weight = stats_and_weight[-1] if self.has_weight else None

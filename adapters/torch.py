@@ -35,6 +35,7 @@ from torch.overrides import has_torch_function_variadic
 import cynorm
 from cynorm import _api, _kernels
 from cynorm._blocks import PAGE_BYTES, BlockPool, placement
+from cynorm._threads import framework_threads
 
 __all__ = [
     "group_norm", "instance_norm", "layer_norm", "rms_norm",
@@ -431,6 +432,13 @@ def _stats_tensors(shape, *stats):
     return tuple(None if stat is None else torch.from_numpy(stat.reshape(shape)) for stat in stats)
 
 
+# The kernels follow torch.set_num_threads, as torch's own ops do in every thread (cynorm.set_num_threads still
+# overrides it).  Left to OpenMP's count, which torch.set_num_threads sets in its caller's thread only, they took
+# every core in the other threads: a server's threads, each meant to compute on one, would all use them all.
+_following_torch_threads = framework_threads(torch.get_num_threads)
+
+
+@_following_torch_threads
 def _channel_norm(input, weight, bias, eps, num_groups, trusted):
     """Group norm of (N, C, *spatial), instance norm with a group per channel, in the input's own memory
     layout; returns (y, mean, rstd).
@@ -447,6 +455,7 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
     return (output,) + _stats_tensors((input.shape[0], num_groups), *stats)
 
 
+@_following_torch_threads
 def _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     if trusted:
         return _trusted_backward(grad_output, input, mean, rstd, weight, _plan(input, num_groups=mean.shape[1]),
@@ -468,6 +477,7 @@ def _fake_channel_norm_backward(input):
     return _channel_norm_output(input)[0], input.new_empty(input.shape[1]), input.new_empty(input.shape[1])
 
 
+@_following_torch_threads
 def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted):
     """Layer norm (RMS norm unless ``centered``) over the trailing ``normalized_shape``; returns (y, mean,
     rstd), mean None for RMS norm."""
@@ -495,6 +505,7 @@ def _stats_in_memory_order(stat, layout):
     return _array(stat if layout.leading is None else stat.permute(layout.leading))
 
 
+@_following_torch_threads
 def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     """Gradients of _trailing_norm (of RMS norm when ``mean`` is None)."""
     centered = mean is not None

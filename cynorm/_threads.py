@@ -2,13 +2,19 @@
 
 By default, as many as OpenMP allows now: all usable cores, or fewer under OMP_NUM_THREADS or a threadpoolctl
 limit (``threadpool_limits(n, user_api="openmp")``).  ``set_num_threads`` overrides that for the process.
+A framework's adapter may give its own count for the calls it makes (``framework_threads``), which
+``set_num_threads`` still overrides.
 """
 import contextlib
+import functools
 import operator
+import threading
 
 from . import _kernels
 
 _requested = None
+# the thread count of the framework whose adapter is making this thread's kernel calls (see framework_threads)
+_framework = threading.local()
 
 
 def _checked_count(n):
@@ -26,7 +32,7 @@ def get_num_threads():
     """The number of threads the next kernel call will use."""
     limit = max(1, _kernels.max_threads())
     if _requested is None:
-        return limit
+        return getattr(_framework, "count", None) or limit
     if _requested < 0:
         return max(1, limit + 1 + _requested)
     return _requested
@@ -49,3 +55,21 @@ def num_threads(n):
         yield
     finally:
         _requested = previous
+
+
+def framework_threads(count_of_framework):
+    """Decorates an adapter's function that calls the kernels: inside it, in its thread, they take
+    ``count_of_framework()`` threads (a framework's own setting, such as ``torch.get_num_threads``; 0 leaves
+    OpenMP's) unless ``set_num_threads`` has set a count.  OpenMP's count, which they take otherwise, is set for each thread:
+    frameworks that keep theirs for the process would see their setting ignored in other threads than the one
+    that made it."""
+    def decorate(function):
+        def run(*args, **kwargs):
+            previous = getattr(_framework, "count", None)
+            _framework.count = count_of_framework()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                _framework.count = previous
+        return functools.update_wrapper(run, function)
+    return decorate

@@ -594,6 +594,40 @@ def test_exported_model_runs_in_a_process_without_cynorm(tmp_path, kernel_calls)
     assert kernel_calls
 
 
+
+_THREADS_OF_KERNEL_CALLS = """
+import sys
+import numpy as np
+import tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+import cynorm
+from cynorm.adapters import keras as ck
+counts = []
+
+def thread_count(size):
+    counts.append(cynorm.get_num_threads())
+    return 1
+
+cynorm._api._thread_count = thread_count
+layer = ck.GroupNormalization(groups=4)
+x = tf.constant(np.random.default_rng(0).standard_normal((8, 32, 32, 16), dtype=np.float32))
+layer(x)
+with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = tf.function(layer)(x)
+tape.gradient(y, x)
+print(sorted(set(counts)), len(counts))
+"""
+
+
+def test_kernels_follow_tensorflow_intra_op_threads():
+    """tf.config.threading's intra-op thread count, where one is set, is the kernels' too, on TensorFlow's
+    inter-op threads as in eager calls (the setting must come before TensorFlow starts: another process)."""
+    result = subprocess.run([sys.executable, "-c", _THREADS_OF_KERNEL_CALLS, "1"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[1] 3"   # (thread counts, calls: forward twice, backward)
+
 def test_saved_model_save_traces_keras_operations(tmp_path):
     model = _every_layer_model()
     tf.saved_model.save(model, str(tmp_path / "saved"))

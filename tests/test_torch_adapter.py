@@ -656,6 +656,38 @@ def test_cached_outputs_under_concurrent_steps(every_output_cached):
         torch.testing.assert_close(dx, expected_dx, rtol=0, atol=0)
 
 
+
+def test_kernels_follow_torch_threads_in_every_thread(monkeypatch):
+    """torch.set_num_threads sets the kernels' thread count too, in every thread (the OpenMP count it sets is its
+    caller's thread's), for forwards and backwards of both kinds of norm, on the eager path and through the
+    operators; cynorm.set_num_threads still overrides it."""
+    counts = []
+
+    def thread_count(size):
+        counts.append(cynorm.get_num_threads())
+        return 1
+
+    monkeypatch.setattr(cynorm._api, "_thread_count", thread_count)
+    x = random_tensor((2, 8, 16, 16), torch.float32).requires_grad_()
+
+    def norms():
+        ct.group_norm(x, 2).sum().backward()
+        ct.layer_norm(x, [16, 16]).sum().backward()
+        for op, args in [(torch.ops.cynorm.group_norm, (2, None, None, 1e-5)),
+                         (torch.ops.cynorm.layer_norm, ([16, 16], None, None, 1e-5))]:
+            op(x.detach(), *args)
+
+    previous = torch.get_num_threads()
+    try:
+        for torch_threads, cynorm_threads, expected in [(1, None, 1), (3, None, 3), (1, 2, 2)]:
+            torch.set_num_threads(torch_threads)
+            counts.clear()
+            with cynorm.num_threads(cynorm_threads), ThreadPoolExecutor(1) as pool:
+                pool.submit(norms).result()
+            assert len(counts) == 6 and set(counts) == {expected}
+    finally:
+        torch.set_num_threads(previous)
+
 def test_output_cache_limit(every_output_cached):
     _, ours = module_pair("group_norm_2d", affine=True)
     x = random_tensor(MODULE_CASES["group_norm_2d"][-1], torch.float32)

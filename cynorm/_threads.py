@@ -3,11 +3,13 @@
 By default, as many as OpenMP allows now: all usable cores, or fewer under OMP_NUM_THREADS or a threadpoolctl
 limit (``threadpool_limits(n, user_api="openmp")``).  ``set_num_threads`` overrides that for the process.
 A framework's adapter may give its own count for the calls it makes (``framework_threads``), which
-``set_num_threads`` still overrides.
+``set_num_threads`` still overrides.  A process forked from another runs the kernels on one thread unless
+``set_num_threads`` is called in it (see _after_fork_in_child).
 """
 import contextlib
 import functools
 import operator
+import os
 import threading
 
 from . import _kernels
@@ -15,6 +17,20 @@ from . import _kernels
 _requested = None
 # the thread count of the framework whose adapter is making this thread's kernel calls (see framework_threads)
 _framework = threading.local()
+_forked = False   # this process was forked, maybe after OpenMP had started its threads
+
+
+def _after_fork_in_child():
+    """GNU OpenMP does not survive fork: a child whose parent had run a parallel region on several threads waits
+    forever in its first one on several (and so did torch's own ops).  One thread runs without the parent's
+    threads, as torch's DataLoader workers do; the parent's count is dropped, a count set in the child applies."""
+    global _requested, _forked
+    _requested = None
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _checked_count(n):
@@ -32,7 +48,7 @@ def get_num_threads():
     """The number of threads the next kernel call will use."""
     limit = max(1, _kernels.max_threads())
     if _requested is None:
-        return getattr(_framework, "count", None) or limit
+        return 1 if _forked else getattr(_framework, "count", None) or limit
     if _requested < 0:
         return max(1, limit + 1 + _requested)
     return _requested

@@ -1,7 +1,9 @@
 """Thread-count API, and results that do not depend on the thread count or on the batch around a sample."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -49,6 +51,36 @@ def _num_threads_in_subprocess(**environment):
                             env=env, capture_output=True, text=True, timeout=120, check=True)
     return int(result.stdout)
 
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # (fork in a process with threads, Python 3.12+)
+def test_a_forked_child_runs_the_kernels_on_one_thread(restore_thread_setting):
+    """GNU OpenMP does not survive fork: once the parent had run the kernels on two threads, a forked child's
+    first call on two waited forever.  The child runs them on one thread, with the same results, and takes a
+    count it sets itself."""
+    x = random_array((8, 64, 16, 16), "float32", seed=0)
+    cynorm.set_num_threads(2)
+    expected = cynorm.group_norm(x, 8)
+    child = os.fork()
+    if child == 0:   # (only the exit status leaves the child)
+        status = 1
+        try:
+            if cynorm.get_num_threads() == 1 and (cynorm.group_norm(x, 8) == expected).all():
+                cynorm.set_num_threads(3)
+                status = 0 if cynorm.get_num_threads() == 3 else 1
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        finished, status = os.waitpid(child, os.WNOHANG)
+        if finished:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    pytest.fail("the forked child's kernel call did not return")
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs os.sched_getaffinity")
 def test_default_is_every_usable_core():

@@ -28,6 +28,7 @@ from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import has_torch_function_variadic
@@ -790,10 +791,12 @@ def _kernels_apply(input, *tensors):
     ``strict=True``), and torch.func transforms (grad, vmap, jvp,
     ...) get torch's functions, which they know how to batch and differentiate, as do the tensors a transform
     has left behind (a value stored from inside ``torch.func.grad``: a wrapper whose memory the kernels cannot
-    always reach).
+    always reach).  So do calls inside ``torch.autograd.forward_ad.dual_level()``: our autograd Functions have no
+    forward-mode formula, and the kernels gave dual tensors' outputs no tangent.
     """
     # (written with the cheapest torch queries: this runs on every call, half as long as with device objects)
-    if _tracing_state() is not None or has_torch_function_variadic(input, *tensors) or _functorch_transforms_active():
+    if (_tracing_state() is not None or has_torch_function_variadic(input, *tensors) or _functorch_transforms_active()
+            or _forward_ad._current_level >= 0):
         return False
     dtype = input.dtype
     if not input.is_cpu or dtype not in _KERNEL_DTYPES or input.layout != torch.strided:

@@ -423,6 +423,23 @@ def test_torch_func_transforms_give_torchs_results(case, kernel_calls):
 
 
 @pytest.mark.parametrize("case", TRANSFORM_CASES)
+def test_forward_mode_dual_tensors_give_torchs_tangents(case, kernel_calls):
+    """Inside torch.autograd.forward_ad.dual_level() torch's functions run, whose outputs carry the tangent (the
+    kernels' had none)."""
+    ours, theirs = TRANSFORM_CASES[case]
+    x, tangent, weight, bias = (random_tensor(shape, seed=seed)
+                                for seed, shape in enumerate([(2, 4, 3, 3), (2, 4, 3, 3), (4,), (4,)]))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        outputs = [torch.autograd.forward_ad.unpack_dual(function(dual, weight, bias)) for function in (ours, theirs)]
+    assert outputs[1].tangent is not None
+    torch.testing.assert_close(outputs[0].primal, outputs[1].primal, rtol=0, atol=0)
+    torch.testing.assert_close(outputs[0].tangent, outputs[1].tangent, rtol=0, atol=0)
+    assert not kernel_calls
+    ours(x, weight, bias)
+    assert kernel_calls
+
+@pytest.mark.parametrize("case", TRANSFORM_CASES)
 @pytest.mark.parametrize("params_need_grad", [False, True], ids=["no_grad", "grad"])
 def test_tensors_left_behind_by_a_transform_give_torchs_results(case, params_need_grad, kernel_calls):
     """A tensor stored from inside torch.func.grad outlives the transform as a functorch wrapper, whose memory the

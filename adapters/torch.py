@@ -788,11 +788,11 @@ def _kernels_apply(input, *tensors):
     same device and dtype, and no tracing: ``torch.jit.trace`` records torch's ops instead of ours, tensor
     subclasses with ``__torch_function__`` and torch function modes get torch's dispatch (``torch.export``
     traces under such modes, and so records torch's ops too, as it does when Dynamo traces for it, with
-    ``strict=True``), and torch.func transforms (grad, vmap, jvp,
-    ...) get torch's functions, which they know how to batch and differentiate, as do the tensors a transform
-    has left behind (a value stored from inside ``torch.func.grad``: a wrapper whose memory the kernels cannot
-    always reach).  So do calls inside ``torch.autograd.forward_ad.dual_level()``: our autograd Functions have no
-    forward-mode formula, and the kernels gave dual tensors' outputs no tangent.
+    ``strict=True``), and torch.func transforms (grad, vmap, jvp, ...) get torch's functions, which they know
+    how to batch and differentiate, as do the tensors a transform has left behind (a value stored from inside
+    ``torch.func.grad``: a wrapper whose memory the kernels cannot always reach).  So do calls inside
+    ``torch.autograd.forward_ad.dual_level()``: our autograd Functions have no forward-mode formula, and the
+    kernels gave dual tensors' outputs no tangent.
     """
     # (written with the cheapest torch queries: this runs on every call, half as long as with device objects)
     if (_tracing_state() is not None or has_torch_function_variadic(input, *tensors) or _functorch_transforms_active()

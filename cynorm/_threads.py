@@ -21,9 +21,10 @@ _forked = False   # this process was forked, maybe after OpenMP had started its 
 
 
 def _after_fork_in_child():
-    """GNU OpenMP does not survive fork: a child whose parent had run a parallel region on several threads waits
-    forever in its first one on several (and so did torch's own ops).  One thread runs without the parent's
-    threads, as torch's DataLoader workers do; the parent's count is dropped, a count set in the child applies."""
+    """GNU OpenMP does not survive fork: once the parent has run a parallel region on several threads, the
+    child's first region on several waits forever for threads it does not have (torch's own ops too).  A region
+    on one thread needs none of them, as in torch's DataLoader workers.  The parent's count is dropped; a count
+    set in the child applies."""
     global _requested, _forked
     _requested = None
     _forked = True
@@ -76,9 +77,9 @@ def num_threads(n):
 def framework_threads(count_of_framework):
     """Decorates an adapter's function that calls the kernels: inside it, in its thread, they take
     ``count_of_framework()`` threads (a framework's own setting, such as ``torch.get_num_threads``; 0 leaves
-    OpenMP's) unless ``set_num_threads`` has set a count.  OpenMP's count, which they take otherwise, is set for each thread:
-    frameworks that keep theirs for the process would see their setting ignored in other threads than the one
-    that made it."""
+    OpenMP's) unless ``set_num_threads`` has set a count.  OpenMP's count, which they take otherwise, is set for
+    each thread: frameworks that keep theirs for the process would see their setting ignored in other threads
+    than the one that made it."""
     def decorate(function):
         def run(*args, **kwargs):
             previous = getattr(_framework, "count", None)

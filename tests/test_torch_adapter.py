@@ -423,6 +423,7 @@ def test_torch_func_transforms_give_torchs_results(case, kernel_calls):
 
 
 @pytest.mark.parametrize("case", TRANSFORM_CASES)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # (torch.jit.script, in torch's forward-mode formulas)
 def test_forward_mode_dual_tensors_give_torchs_tangents(case, kernel_calls):
     """Inside torch.autograd.forward_ad.dual_level() torch's functions run, whose outputs carry the tangent (the
     kernels' had none)."""

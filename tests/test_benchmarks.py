@@ -131,15 +131,22 @@ def test_roofline_copy_copies_x(monkeypatch):
 
 # --- timing and summary --------------------------------------------------------------------------------------
 
-def test_time_interleaved_rotates_the_order_and_collects_every_sample(fast_timing, monkeypatch):
+def test_time_interleaved_varies_the_order_and_collects_every_sample(fast_timing, monkeypatch):
     monkeypatch.setattr(bench, "REWARM_BELOW_SECONDS", 0.0)
     log = []
     functions = {name: (lambda name=name: log.append(name)) for name in "abc"}
-    timings = bench.time_interleaved(functions, repeat=4)
+    timings = bench.time_interleaved(functions, repeat=12)
     assert log[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up, then one call per sample
-    assert log[6:] == list("abc" "bca" "cab" "abc")
+    rounds = [log[6 + 3 * k:9 + 3 * k] for k in range(12)]
+    assert all(sorted(calls) == list("abc") for calls in rounds)
+    # each contender follows each other one, within rounds, and in the same order on every run
+    assert {(first, second) for calls in rounds for first, second in zip(calls, calls[1:])} == {
+        (first, second) for first in "abc" for second in "abc" if first != second}
+    log.clear()
+    bench.time_interleaved(functions, repeat=12)
+    assert log[6:] == [name for calls in rounds for name in calls]
     for timing in timings.values():
-        assert len(timing["samples"]) == 4 and timing["calls_per_sample"] == 1
+        assert len(timing["samples"]) == 12 and timing["calls_per_sample"] == 1
         assert timing["min"] <= timing["median"]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import cynorm  # noqa: E402
@@ -277,6 +277,21 @@ OPERATOR_CASES = {
     "layer_norm": (torch.ops.cynorm.layer_norm, lambda: (*_double((2, 3, 4))[:1], [3, 4], *_double((3, 4), (3, 4)),
                                                          1e-5)),
     "rms_norm": (torch.ops.cynorm.rms_norm, lambda: (*_double((3, 4))[:1], [4], *_double(4), 1e-5)),
+    # float16 goes through the NumPy API, whose parameter gradients are float32: the operators give float16
+    "group_norm_float16": (torch.ops.cynorm.group_norm, lambda: tuple(
+        t.half().requires_grad_() if isinstance(t, Tensor) else t
+        for t in (random_tensor((2, 4, 3, 3)), 2, random_tensor(4, seed=1), random_tensor(4, seed=2), 1e-5))),
+    "layer_norm_float16": (torch.ops.cynorm.layer_norm, lambda: tuple(
+        t.half().requires_grad_() if isinstance(t, Tensor) else t
+        for t in (random_tensor((2, 3, 4)), [4], random_tensor(4, seed=1), random_tensor(4, seed=2), 1e-5))),
+    "group_norm_backward_float16": (torch.ops.cynorm.group_norm_backward, lambda: (
+        random_tensor((2, 4, 3, 3), torch.float16, seed=3), random_tensor((2, 4, 3, 3), torch.float16),
+        *torch.ops.cynorm.group_norm(random_tensor((2, 4, 3, 3), torch.float16), 2, None, None, 1e-5)[1:],
+        random_tensor(4, torch.float16, seed=1))),
+    "layer_norm_backward_float16": (torch.ops.cynorm.layer_norm_backward, lambda: (
+        random_tensor((2, 3, 4), torch.float16, seed=3), random_tensor((2, 3, 4), torch.float16),
+        *torch.ops.cynorm.layer_norm(random_tensor((2, 3, 4), torch.float16), [4], None, None, 1e-5)[1:],
+        random_tensor(4, torch.float16, seed=1))),
 }
 
 

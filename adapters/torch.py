@@ -434,6 +434,12 @@ def _stats_tensors(shape, *stats):
     return tuple(None if stat is None else torch.from_numpy(stat.reshape(shape)) for stat in stats)
 
 
+def _on_trusted_path(input, trusted):
+    """Whether the kernels take ``input``'s memory as it is: arguments the functional API has checked
+    (``trusted``), of float32 or float64.  float16 goes through the NumPy API, which computes it in float32."""
+    return trusted and input.dtype is not torch.float16
+
+
 # The kernels follow torch.set_num_threads, as torch's own ops do in every thread (cynorm.set_num_threads still
 # overrides it).  Left to OpenMP's count, which torch.set_num_threads sets in its caller's thread only, they took
 # every core in the other threads: a server's threads, each meant to compute on one, would all use them all.
@@ -448,7 +454,7 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
     The kernel sees the memory as it is: a channels-last tensor is a C-contiguous (N, *spatial, C) array, with
     the channel axis last.
     """
-    if trusted and input.dtype is not torch.float16:
+    if _on_trusted_path(input, trusted):
         return _trusted_forward(input, _plan(input, num_groups=num_groups), weight, bias, eps, centered=True)
     output, order = _channel_norm_output(input, cached=True)
     _, *stats = cynorm.group_norm(_in_memory_order(input, order), num_groups, _array(weight), _array(bias),
@@ -459,7 +465,7 @@ def _channel_norm(input, weight, bias, eps, num_groups, trusted):
 
 @_following_torch_threads
 def _channel_norm_backward(grad_output, input, mean, rstd, weight, trusted):
-    if trusted and input.dtype is not torch.float16:
+    if _on_trusted_path(input, trusted):
         return _trusted_backward(grad_output, input, mean, rstd, weight, _plan(input, num_groups=mean.shape[1]),
                                  centered=True)
     grad_input, order = _channel_norm_output(input, cached=True)
@@ -483,7 +489,7 @@ def _fake_channel_norm_backward(input):
 def _trailing_norm(input, normalized_shape, weight, bias, eps, centered, trusted):
     """Layer norm (RMS norm unless ``centered``) over the trailing ``normalized_shape``; returns (y, mean,
     rstd), mean None for RMS norm."""
-    if trusted and input.dtype is not torch.float16:
+    if _on_trusted_path(input, trusted):
         output, mean, rstd = _trusted_forward(input, _plan(input, num_axes=len(normalized_shape)), weight, bias, eps,
                                               centered)
         return output, mean if centered else None, rstd
@@ -511,7 +517,7 @@ def _stats_in_memory_order(stat, layout):
 def _trailing_norm_backward(grad_output, input, mean, rstd, weight, trusted):
     """Gradients of _trailing_norm (of RMS norm when ``mean`` is None)."""
     centered = mean is not None
-    if trusted and input.dtype is not torch.float16:   # the statistics _trailing_norm made, in the kernels' order
+    if _on_trusted_path(input, trusted):   # the statistics _trailing_norm made, in the kernels' order
         plan = _plan(input, num_axes=input.dim() - rstd.dim())
         return _trusted_backward(grad_output, input, mean, rstd, weight, plan, centered)
     layout = _trailing_layout(input, input.dim() - rstd.dim())
@@ -792,9 +798,8 @@ def _kernels_apply(input, *tensors):
     when Dynamo traces for it, with ``strict=True``), and torch.func transforms (grad, vmap, jvp, ...) get
     torch's functions, which they know how to batch and differentiate, as do the tensors a transform has left
     behind (a value stored from inside ``torch.func.grad``: a wrapper whose memory the kernels cannot always
-    reach).  So do calls inside
-    ``torch.autograd.forward_ad.dual_level()``: our autograd Functions have no forward-mode formula, and the
-    kernels gave dual tensors' outputs no tangent.
+    reach).  So do calls inside ``torch.autograd.forward_ad.dual_level()``: our autograd Functions have no
+    forward-mode formula, and the kernels gave dual tensors' outputs no tangent.
     """
     # (written with the cheapest torch queries: this runs on every call, half as long as with device objects)
     if (_tracing_state() is not None or has_torch_function_variadic(input, *tensors) or _functorch_transforms_active()
@@ -1013,7 +1018,7 @@ def _float16_to_torch(norm, input):
     - channels-first InstanceNorm2d (8,64,128,128) 0.85x and 0.62x, LayerNorm (4096,768) 0.65x and 0.77x (and
       RMS norm, on the same rows): torch.
     """
-    if input.dtype is not torch.float16:
+    if getattr(input, "dtype", None) is not torch.float16:
         return False
     if norm == "group_norm":
         return not input.is_contiguous()
@@ -1156,7 +1161,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     """
     if torch.jit.is_scripting():
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    if (use_input_stats and not (isinstance(input, Tensor) and _float16_to_torch("instance_norm", input))
+    if (use_input_stats and not _float16_to_torch("instance_norm", input)
             and _instance_norm_takes(input, weight, bias, eps, running_mean, running_var)):
         output, mean, rstd = _run(_instance_norm_op, input, weight, bias, eps)
         if running_mean is not None:

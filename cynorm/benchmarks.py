@@ -492,9 +492,9 @@ def time_interleaved(functions, repeat):
     # A new order each round, drawn from a fixed seed, so that no contender always follows the same neighbour: a
     # call right after torch's finds the caches as torch's left them (in an A/B harness without the re-warming
     # call below, ours ran 7-15% slower there).  Rotating the order kept each one's predecessor.
-    order = random.Random(0)
+    orders = random.Random(0)
     for _ in range(repeat):
-        for name in order.sample(names, len(names)):
+        for name in orders.sample(names, len(names)):
             time.sleep(SETTLE_SECONDS)
             if per_call[name] < REWARM_BELOW_SECONDS:
                 functions[name]()

@@ -268,7 +268,12 @@ def test_gradcheck(case, kernel_calls):
     assert kernel_calls["forward"] and kernel_calls["backward"]
 
 
-# name: (operator, its float64 arguments)
+def _float16_requiring_grad(*arguments):
+    """The tensors among ``arguments`` in float16, each a leaf that requires a gradient."""
+    return tuple(a.half().requires_grad_() if isinstance(a, Tensor) else a for a in arguments)
+
+
+# name: (operator, its arguments, float64 unless named otherwise)
 OPERATOR_CASES = {
     "group_norm": (torch.ops.cynorm.group_norm, lambda: (*_double((2, 4, 3, 3))[:1], 2, *_double(4, 4), 1e-5)),
     "group_norm_channels_last": (torch.ops.cynorm.group_norm, lambda: (
@@ -278,12 +283,10 @@ OPERATOR_CASES = {
                                                          1e-5)),
     "rms_norm": (torch.ops.cynorm.rms_norm, lambda: (*_double((3, 4))[:1], [4], *_double(4), 1e-5)),
     # float16 goes through the NumPy API, whose parameter gradients are float32: the operators give float16
-    "group_norm_float16": (torch.ops.cynorm.group_norm, lambda: tuple(
-        t.half().requires_grad_() if isinstance(t, Tensor) else t
-        for t in (random_tensor((2, 4, 3, 3)), 2, random_tensor(4, seed=1), random_tensor(4, seed=2), 1e-5))),
-    "layer_norm_float16": (torch.ops.cynorm.layer_norm, lambda: tuple(
-        t.half().requires_grad_() if isinstance(t, Tensor) else t
-        for t in (random_tensor((2, 3, 4)), [4], random_tensor(4, seed=1), random_tensor(4, seed=2), 1e-5))),
+    "group_norm_float16": (torch.ops.cynorm.group_norm, lambda: _float16_requiring_grad(
+        random_tensor((2, 4, 3, 3)), 2, random_tensor(4, seed=1), random_tensor(4, seed=2), 1e-5)),
+    "layer_norm_float16": (torch.ops.cynorm.layer_norm, lambda: _float16_requiring_grad(
+        random_tensor((2, 3, 4)), [4], random_tensor(4, seed=1), random_tensor(4, seed=2), 1e-5)),
     "group_norm_backward_float16": (torch.ops.cynorm.group_norm_backward, lambda: (
         random_tensor((2, 4, 3, 3), torch.float16, seed=3), random_tensor((2, 4, 3, 3), torch.float16),
         *torch.ops.cynorm.group_norm(random_tensor((2, 4, 3, 3), torch.float16), 2, None, None, 1e-5)[1:],

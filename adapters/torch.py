@@ -955,22 +955,25 @@ def use_torch_for_small_inputs(enabled):
 
 def _torch_takes(norm, input, weight, bias=None, normalized_shape=(), num_groups=None):
     """Whether torch's own function runs ``norm`` of ``input`` (over ``normalized_shape``, layer and RMS norm; in
-    ``num_groups``, group norm): under torch.export, or where it is the faster.
+    ``num_groups``, group norm): under torch.export, for tensor subclasses and modes with ``__torch_function__``, or
+    where it is the faster.
 
     torch.export makes a program for inputs of any size, of torch's operators (see _kernels_apply), so its calls
     go to torch's function before a size is compared, which would have become a guard on the program's dynamic
     sizes (a dynamic batch was refused: "Not all values of b ... satisfy the generated guard ... <= 127").
     Elsewhere, inputs small enough, or of rows of a length, for torch's function to be the faster (see
-    _TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS).  Asked before the other checks, being cheaper: torch's
-    function has torch's semantics for any tensor (and raises torch's errors).  Inputs of other layouts than
-    those measured (a layer norm's permuted view, which torch would copy) go to the kernels."""
-    if _is_exporting():
+    _TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS; instance norm has none).  Asked before the other checks, being
+    cheaper: torch's function has torch's semantics for any tensor (and raises torch's errors).  A subclass or mode
+    is handed torch's call before the size queries below, which it would see too: it sees what torch.nn's
+    modules give it.  Inputs of other layouts than those measured (a layer norm's permuted view, which torch would
+    copy) go to the kernels."""
+    if _is_exporting() or has_torch_function_variadic(input, weight, bias):
         return True
     if not isinstance(input, Tensor):
         return False
     if _float16_to_torch(norm, input):
         return True
-    if not _small_inputs_to_torch:
+    if not _small_inputs_to_torch or norm == "instance_norm":
         return False
     contiguous = input.is_contiguous()
     if norm == "group_norm" and not contiguous:
@@ -1161,7 +1164,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_
     """
     if torch.jit.is_scripting():
         return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
-    if (use_input_stats and not _float16_to_torch("instance_norm", input)
+    if (use_input_stats and not _torch_takes("instance_norm", input, weight, bias)
             and _instance_norm_takes(input, weight, bias, eps, running_mean, running_var)):
         output, mean, rstd = _run(_instance_norm_op, input, weight, bias, eps)
         if running_mean is not None:

@@ -458,6 +458,50 @@ def test_forward_mode_dual_tensors_give_torchs_tangents(case, kernel_calls):
     ours(x, weight, bias)
     assert kernel_calls
 
+
+class _LoggedTensor(torch.Tensor):
+    """A tensor subclass that records the torch functions called on it."""
+    calls = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _LoggingMode(torch.overrides.TorchFunctionMode):
+    """A torch function mode that records the torch functions called while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", TRANSFORM_CASES)
+def test_torch_function_subclasses_and_modes_see_torchs_calls(case, kernel_calls):
+    """A tensor subclass or a mode with ``__torch_function__`` sees the calls torch's function makes and nothing
+    more (the adapter's size queries came first), and torch's function computes: torch's results and types."""
+    ours, theirs = TRANSFORM_CASES[case]
+    x, weight, bias = (random_tensor(shape, seed=seed) for seed, shape in enumerate([(2, 4, 3, 3), (4,), (4,)]))
+    outputs, subclass_calls, mode_calls = [], [], []
+    for function in (ours, theirs):
+        _LoggedTensor.calls = []
+        outputs.append(function(x.as_subclass(_LoggedTensor), weight, bias))
+        subclass_calls.append(_LoggedTensor.calls)
+        with _LoggingMode() as mode:
+            function(x, weight, bias)
+        mode_calls.append(mode.calls)
+    assert subclass_calls[0] == subclass_calls[1] and subclass_calls[0]
+    assert mode_calls[0] == mode_calls[1] and mode_calls[0]
+    assert type(outputs[0]) is type(outputs[1]) is _LoggedTensor
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert not kernel_calls
+
+
 @pytest.mark.parametrize("case", TRANSFORM_CASES)
 @pytest.mark.parametrize("params_need_grad", [False, True], ids=["no_grad", "grad"])
 def test_tensors_left_behind_by_a_transform_give_torchs_results(case, params_need_grad, kernel_calls):

@@ -1,4 +1,4 @@
-"""Keras 3 normalization layers computed by the cynorm kernels (TensorFlow backend).
+"""Keras 3 normalization layers computed by the cynorm kernels (TensorFlow and torch backends).
 
 Drop-in replacements for ``keras.layers.GroupNormalization``, ``keras.layers.LayerNormalization``,
 ``keras.layers.RMSNormalization`` and TensorFlow Addons' ``InstanceNormalization``: same arguments, defaults,
@@ -7,11 +7,17 @@ weight names and error messages, so changing an import is enough::
     from cynorm.adapters.keras import GroupNormalization
     model = keras.Sequential([..., GroupNormalization(groups=8), ...])
 
-Each layer runs the cynorm forward kernel through ``tf.numpy_function`` inside ``tf.custom_gradient``; the
-gradient runs the matching cynorm backward kernel the same way, so ``model.fit`` trains ``gamma`` and ``beta``.
-The statistics are computed in float32 (float64 for float64 inputs) and the output has the layer's compute
-dtype, as with Keras's mixed precision policies. A ``tf.numpy_function`` cannot be compiled by XLA, so the
-layers declare ``supports_jit = False`` and Keras runs models that contain them without ``jit_compile``.
+On Keras's torch backend the layers call the PyTorch adapter (``cynorm.adapters.torch``): its autograd operators,
+which ``torch.compile`` (``jit_compile=True``) takes, and its choice of torch's own function where the kernels do not
+apply or lose; half precision inputs are computed in float32, as Keras's layers do, and TensorFlow is not needed.
+On other backends (jax, numpy, openvino) the layers compute with Keras's own operations, and say so once.
+
+On TensorFlow, each layer runs the cynorm forward kernel through ``tf.numpy_function`` inside
+``tf.custom_gradient``; the gradient runs the matching cynorm backward kernel the same way, so ``model.fit`` trains
+``gamma`` and ``beta``. The statistics are computed in float32 (float64 for float64 inputs) and the output has the
+layer's compute dtype, as with Keras's mixed precision policies. A ``tf.numpy_function`` cannot be compiled by
+XLA, so there the layers declare ``supports_jit = False`` and Keras runs models that contain them without
+``jit_compile``.
 Inside ``tf.function``, inputs too small for the kernels to win run Keras's own operations instead (see
 `use_keras_for_small_inputs`).
 
@@ -23,47 +29,25 @@ itself keeps the kernels. A ``tf.function`` that was traced before it is saved, 
 kernels, and its SavedModel runs only in the process that saved it. Nor can XLA compile a ``tf.numpy_function``:
 in a ``tf.function(jit_compile=True)`` the layers run Keras's operations too.
 """
-import functools
-import math
 import warnings
 
 import keras
-import numpy as np
-import tensorflow as tf
-
-# TensorFlow's flags for the functions tf.saved_model.save traces, and for those XLA compiles (not in its
-# public API)
-try:
-    from tensorflow.python.saved_model.save_context import in_save_context as _in_save_context
-except ImportError:
-    def _in_save_context():
-        return False
-try:
-    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _graph_in_xla_context
-except ImportError:
-    def _graph_in_xla_context(graph):
-        return False
 
 import cynorm
-from cynorm._blocks import PAGE_BYTES, numpy_block_pool, placement
-from cynorm._threads import framework_threads
 
 __all__ = ["GroupNormalization", "InstanceNormalization", "LayerNormalization", "RMSNormalization",
            "use_keras_for_small_inputs"]
 
-# TensorFlow adopts an ndarray returned by tf.numpy_function without copying it only when its data is aligned
-# to EIGEN_MAX_ALIGN_BYTES (at most 64); NumPy's allocator guarantees 16.
-_TENSORFLOW_ALIGNMENT = 64
-# Outputs from 1 MiB on come from the output pool (see _new_output_pool).
-_POOLED_OUTPUT_BYTES = 2 ** 20
-_KERNEL_DTYPES = (tf.float16, tf.float32, tf.float64)
+# The backend Keras runs on, fixed when Keras is imported; only the backend's glue is imported here, so that
+# neither framework is needed where Keras runs on the other.
+_BACKEND = keras.backend.backend()
+if _BACKEND == "tensorflow":
+    from cynorm.adapters import _keras_tensorflow as _tensorflow
+elif _BACKEND == "torch":
+    import torch
 
-# Inputs of up to this many elements run Keras's own layer in tf.function (see use_keras_for_small_inputs).
-# Measured in tf.function, forward and training step, against keras.layers on a 2-core x86-64 machine: the
-# kernels lose below 2**16 elements (layer norm over rows of 10, 64 and 768 values, RMS norm over rows of 64 and
-# 4096, group norm channels-last and channels-first, instance norm: 0.63-0.94x), are about even at 2**16
-# (0.77-1.16x) and win from about 70K (1.1-1.9x at 2**17). Run eagerly, they win at every size.
-_KERAS_FASTER_UP_TO = 2 ** 16
+    from cynorm.adapters import torch as _torch_norms
+
 _small_inputs_to_keras = True
 
 
@@ -71,148 +55,23 @@ def use_keras_for_small_inputs(enabled):
     """Whether the layers run Keras's own layer on inputs too small for the kernels to win (default True);
     returns the previous setting.
 
-    In a ``tf.function`` (``model.fit``, ``predict``, ...) each kernel call goes through ``tf.numpy_function``,
-    which costs about 0.05 ms more than Keras's own operations on a small input, and 0.1 ms more in a training
-    step. Up to ``_KERAS_FASTER_UP_TO`` elements (the whole input, batch included) the layers therefore compute
+    On the TensorFlow backend, in a ``tf.function`` (``model.fit``, ``predict``, ...) each kernel call goes through
+    ``tf.numpy_function``, which costs about 0.05 ms more than Keras's own operations on a small input, and 0.1 ms
+    more in a training step. Up to 2**16 elements (the whole input, batch included) the layers therefore compute
     with the operations of the Keras layer they replace, on their own weights: Keras's results. Where the batch
     size is not known when the function is traced, a ``tf.cond`` decides when it runs, which costs 0.01-0.05 ms
     a forward and 0.03-0.06 ms a training step. Eager calls, and layers whose dtype policy is not float32 or
     float64 (mixed precision, float16, bfloat16), always run the kernels. ``False`` sends every input to the
     kernels. The setting applies where a function is traced: a ``tf.function`` traced before a change keeps the
     choice it made (the first ``fit`` traces its training function; ``model.make_train_function(force=True)``
-    traces it again).
+    traces it again). On the torch backend the layers call the PyTorch adapter, whose own setting applies
+    (``cynorm.adapters.torch.use_torch_for_small_inputs``).
     """
     global _small_inputs_to_keras
     if not isinstance(enabled, bool):
         raise TypeError(f"use_keras_for_small_inputs() expects True or False, got {enabled!r}")
     previous, _small_inputs_to_keras = _small_inputs_to_keras, enabled
     return previous
-
-
-def _aligned_bytes(nbytes):
-    """An uninitialized uint8 array of ``nbytes`` whose data TensorFlow can take over without a copy."""
-    raw = np.empty(nbytes + _TENSORFLOW_ALIGNMENT, dtype=np.uint8)
-    start = -raw.ctypes.data % _TENSORFLOW_ALIGNMENT
-    return raw[start:start + nbytes]
-
-
-def _empty_aligned(like):
-    """An uninitialized C-contiguous array of ``like``'s shape and dtype whose data TensorFlow can take over without
-    a copy, from the output pool when it is large, placed half a page from ``like`` (see
-    cynorm._blocks.placement)."""
-    nbytes = like.nbytes
-    block = _output_pool.take(nbytes, _placed_in, like) if nbytes >= _POOLED_OUTPUT_BYTES else None
-    return (_aligned_bytes(nbytes) if block is None else block).view(like.dtype).reshape(like.shape)
-
-
-def _placed_in(block, like):
-    """The part of a pool block that an output like ``like`` takes."""
-    offset = placement(block.ctypes.data, like.ctypes.data)
-    return block[offset:offset + like.nbytes]
-
-
-def _new_output_pool(limit):
-    """The memory of large kernel outputs (see cynorm._blocks): aligned uint8 arrays, each a view of an
-    allocation that only the pool and the arrays made from the block reference (NumPy views of views keep a
-    reference to the array owning the memory, and so does the tensor TensorFlow makes of an output).
-
-    TensorFlow runs a tf.numpy_function on one of its inter-op threads, each with its own C heap, so a fresh
-    output came from whichever heap that was.  GroupNormalization (8,56,56,256) in tf.function, interleaved in
-    one process: 6.4-7.4 ms a forward and 19.2-20.5 ms a training step with fresh outputs, 5.9-6.2 ms and
-    12.6-13.8 ms with pooled ones (the same at (16,32,32,64))."""
-    return numpy_block_pool(limit, allocate=lambda nbytes: _aligned_bytes(nbytes + PAGE_BYTES))
-
-
-_output_pool = _new_output_pool(limit=256 * 2 ** 20)
-
-
-@functools.cache
-def _tensorflow_threads():
-    """TensorFlow's intra-op thread count (tf.config.threading), 0 for its default.  It cannot change once
-    TensorFlow's runtime has started, as it has when a layer runs; asked anew, it cost 14 µs a call."""
-    return tf.config.threading.get_intra_op_parallelism_threads()
-
-
-# The kernels take TensorFlow's intra-op thread count where one is set, as its own ops do (cynorm.set_num_threads
-# still overrides it).  Left to OpenMP's count, they took every core on the inter-op thread that ran them.
-_following_tensorflow_threads = framework_threads(_tensorflow_threads)
-
-
-class _ArrayKernel:
-    """One cynorm forward/backward pair with a layer's fixed settings, called on the arrays of tf.numpy_function.
-
-    ``forward(x, weight, bias, out)`` returns ``(y, *stats)`` and ``backward(dy, x, stats, weight, out)``
-    returns ``(dx, dweight, dbias)``. The tensors passed through TensorFlow hold only the parameters the layer
-    has (``[weight][bias]``), so absent parameters cost neither a transfer nor a gradient.
-    """
-
-    def __init__(self, forward, backward, *, has_weight, has_bias, num_stats, name):
-        self._forward = forward
-        self._backward = backward
-        self.has_weight = has_weight
-        self.has_bias = has_bias
-        self.num_stats = num_stats
-        self.name = name
-
-    @_following_tensorflow_threads
-    def forward(self, x, *params):
-        weight = params[0] if self.has_weight else None
-        bias = params[-1] if self.has_bias else None
-        return self._forward(x, weight, bias, _empty_aligned(x))
-
-    @_following_tensorflow_threads
-    def backward(self, dy, x, *stats_and_weight):
-        stats = stats_and_weight[:self.num_stats]
-        weight = stats_and_weight[-1] if self.has_weight else None
-        dx, dweight, dbias = self._backward(dy, x, stats, weight, _empty_aligned(x))
-        return (dx,) + ((dweight,) if self.has_weight else ()) + ((dbias,) if self.has_bias else ())
-
-
-def _normalize(x, weight, bias, kernel, stats_shape):
-    """Apply `kernel` to the tensor `x` with the parameter tensors `weight`/`bias` (or None), differentiably.
-
-    `stats_shape` is the static shape of every statistic the forward kernel returns; restoring static shapes
-    after each tf.numpy_function lets the layers after this one build with known sizes.
-    """
-    # Gradients of the parameters come back in the kernels' accumulation dtype.
-    param_grad_dtype = tf.float64 if x.dtype == tf.float64 else tf.float32
-
-    @tf.custom_gradient
-    def normalize(x, *params):
-        y, *stats = tf.numpy_function(kernel.forward, [x, *params], [x.dtype] + [tf.float64] * kernel.num_stats,
-                                      stateful=False, name=kernel.name)
-        y.set_shape(x.shape)
-        for stat in stats:
-            stat.set_shape(stats_shape)
-        # The gradient keeps the float64 statistics bitcast to the dtype Keras computes x's statistics in: in a
-        # tf.cond whose other branch is Keras's computation (see _KernelNormalization.call), the tensors the
-        # two branches keep for the gradient then have the same dtype, without which TensorFlow logs a
-        # (harmless) "Type inference failed" warning.
-        stats = [tf.bitcast(stat, param_grad_dtype) for stat in stats]
-
-        def grad(dy):
-            backward_inputs = ([dy, x] + [tf.bitcast(stat, tf.float64) for stat in stats]
-                               + ([params[0]] if kernel.has_weight else []))
-            # A one-element Tout gives a bare tensor, hence the flatten.
-            dx, *param_grads = tf.nest.flatten(tf.numpy_function(
-                kernel.backward, backward_inputs, [x.dtype] + [param_grad_dtype] * len(params),
-                stateful=False, name=kernel.name + "_backward"))
-            dx.set_shape(x.shape)
-            for param_grad, param in zip(param_grads, params):
-                param_grad.set_shape(param.shape)
-            return [dx] + [tf.cast(g, p.dtype) for g, p in zip(param_grads, params)]
-
-        return y, grad
-
-    params = [tf.convert_to_tensor(p) for p in (weight, bias) if p is not None]
-    return normalize(x, *params)
-
-
-def _in_kernel_dtype(tensor):
-    """`tensor` (a tensor or variable) in a dtype the kernels take: bfloat16 has no kernel, and is computed in
-    float32 as the float16 kernels do internally."""
-    tensor = tf.convert_to_tensor(tensor)
-    return tensor if tensor.dtype in _KERNEL_DTYPES else tf.cast(tensor, tf.float32)
 
 
 def _check_not_batch_axis(axis, layer_name):
@@ -249,9 +108,10 @@ def _resolve_axes(axis, input_shape, layer_name):
 class _KernelNormalization(keras.layers.Layer):
     """Common behaviour of the cynorm layers: dtype handling, the kernel call and small inputs.
 
-    Subclasses create their weights, ``self._kernel`` (an `_ArrayKernel`) and their Keras twin (`_set_keras_twin`)
-    in `build`, and implement ``_stats_shape(input_shape)``, the static shape of the statistics the kernel
-    returns, and ``_weight_and_bias()``, the variables the kernel takes (or None).
+    Subclasses create their weights, their NumPy kernel (`_set_array_kernel`) and their Keras twin
+    (`_set_keras_twin`) in `build`, and implement ``_stats_shape(input_shape)``, the static shape of the statistics
+    the NumPy kernel returns, ``_weight_and_bias()``, the variables the kernels take (or None), and
+    ``_torch_norm(x, weight, bias)``, the norm of a torch tensor through the PyTorch adapter.
     """
 
     def __init__(self, **kwargs):
@@ -259,9 +119,16 @@ class _KernelNormalization(keras.layers.Layer):
         self.supports_masking = True
         # Parameters stay in the variable dtype (float32 under mixed precision), as in Keras's normalizations.
         self.autocast = False
-        self.supports_jit = False
+        # XLA cannot compile a tf.numpy_function; torch.compile takes the PyTorch adapter's operators.
+        self.supports_jit = _BACKEND == "torch"
         self._kernel = None
         self._keras_call = None
+        self._permutation = None
+
+    def _set_array_kernel(self, forward, backward, **settings):
+        """The NumPy kernel pair the TensorFlow backend runs (see _keras_tensorflow.ArrayKernel)."""
+        if _BACKEND == "tensorflow":
+            self._kernel = _tensorflow.ArrayKernel(forward, backward, **settings)
 
     def _set_keras_twin(self, keras_layer, input_shape, weights, **arguments):
         """Make and build a twin, the `keras_layer` this layer replaces with this layer's `arguments` and dtype
@@ -279,32 +146,42 @@ class _KernelNormalization(keras.layers.Layer):
             object.__setattr__(twin, name, weight)
         self._keras_call = twin.__call__
 
-    def call(self, inputs):
-        if not tf.executing_eagerly() and (_in_save_context()
-                                           or _graph_in_xla_context(tf.compat.v1.get_default_graph())):
-            return self._keras_call(inputs)   # a graph to be saved or compiled (see the module's docstring)
-        # Run eagerly, Keras's layers pay for each of their several operations: the kernels win at every size.
-        # Float32 and float64 policies only: under mixed precision Keras's RMSNormalization reads its scale in
-        # float16 where ours reads it in float32, and in a tf.cond the two branches of a float16 layer would
-        # keep tensors of different dtypes for the gradient (see _normalize).
-        if (not _small_inputs_to_keras or tf.executing_eagerly()
-                or self.compute_dtype not in ("float32", "float64") or self.variable_dtype != self.compute_dtype
-                or math.prod(d for d in inputs.shape if d is not None) > _KERAS_FASTER_UP_TO):
-            return self._apply_kernel(inputs, *self._weight_and_bias())
-        if inputs.shape.is_fully_defined():
-            return self._keras_call(inputs)
-        return tf.cond(tf.size(inputs, out_type=tf.int64) <= _KERAS_FASTER_UP_TO,
-                       lambda: self._keras_call(inputs),
-                       lambda: self._apply_kernel(inputs, *self._weight_and_bias()))
+    def build(self, input_shape):
+        if _BACKEND not in ("tensorflow", "torch"):
+            _warn_of_keras_operations()
+        super().build(input_shape)
 
-    def _apply_kernel(self, inputs, weight, bias):
-        x, weight, bias = (None if tensor is None else _in_kernel_dtype(tensor) for tensor in (inputs, weight, bias))
-        y = _normalize(x, weight, bias, self._kernel, self._stats_shape(x.shape))
-        return tf.cast(y, self.compute_dtype)
+    def call(self, inputs):
+        if _BACKEND == "tensorflow":
+            return _tensorflow.call(self, inputs, _small_inputs_to_keras)
+        if _BACKEND == "torch":
+            return self._torch_call(inputs)
+        return self._keras_call(inputs)
+
+    def _torch_call(self, inputs):
+        """The norm of a torch tensor through the PyTorch adapter, which runs the kernels or, where they do not
+        apply or lose, torch's own function.  As Keras's normalizations do, float16 and bfloat16 inputs are
+        computed in float32, and the output comes in the layer's compute dtype."""
+        x = inputs if inputs.dtype in (torch.float32, torch.float64) else inputs.to(torch.float32)
+        weight, bias = (None if variable is None else keras.ops.convert_to_tensor(variable).to(x.dtype)
+                        for variable in self._weight_and_bias())
+        return keras.ops.cast(self._torch_norm(x, weight, bias), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         _check_axes_in_bounds(self.axis, input_shape)
         return input_shape
+
+
+_warned_of_keras_operations = False
+
+
+def _warn_of_keras_operations():
+    global _warned_of_keras_operations
+    if not _warned_of_keras_operations:
+        _warned_of_keras_operations = True
+        warnings.warn(f"cynorm.adapters.keras: Keras runs on the {_BACKEND!r} backend, where the layers compute "
+                      "with Keras's own operations; the cynorm kernels run on the 'tensorflow' and 'torch' "
+                      "backends.", stacklevel=3)
 
 
 class _GammaBeta:
@@ -405,9 +282,10 @@ class GroupNormalization(_GammaBeta, _KernelNormalization):
                              f"({channels}).")
         self.input_spec = keras.InputSpec(ndim=len(input_shape), axes={self.axis: channels})
         self._add_affine_weights((channels,))
+        self._channel_axis = channel_axis
 
         groups, epsilon = self.groups, self.epsilon
-        self._kernel = _ArrayKernel(
+        self._set_array_kernel(
             lambda x, weight, bias, out: cynorm.group_norm(x, groups, weight, bias, axis=channel_axis,
                                                            eps=epsilon, out=out, return_stats=True),
             lambda dy, x, stats, weight, out: cynorm.group_norm_backward(dy, x, *stats, weight, axis=channel_axis,
@@ -420,6 +298,11 @@ class GroupNormalization(_GammaBeta, _KernelNormalization):
 
     def _stats_shape(self, input_shape):
         return (input_shape[0], self.groups)
+
+    def _torch_norm(self, x, weight, bias):
+        # torch's channels are axis 1: channels-last input moves there as a view, which the kernels take as it is
+        y = _torch_norms.group_norm(x.movedim(self._channel_axis, 1), self.groups, weight, bias, self.epsilon)
+        return y.movedim(1, self._channel_axis)
 
     def get_config(self):
         config = {"groups": self.groups, "axis": self.axis, "epsilon": self.epsilon, **self._affine_config()}
@@ -462,30 +345,35 @@ def _check_axis_argument(axis, layer_name):
 class _AxesNormalization(_KernelNormalization):
     """Normalization of each example over the axes in `axis` (layer and RMS normalization).
 
-    The kernels need the normalized axes next to each other; other layouts (e.g. ``axis=[1, 3]``) are
-    transposed to trailing axes around the kernel call.
+    The NumPy kernels need the normalized axes next to each other; other layouts (e.g. ``axis=[1, 3]``) are
+    transposed to trailing axes around the kernel call.  torch's functions normalize trailing axes: on the torch
+    backend, other axes are permuted there as a view (which the PyTorch adapter's kernels take without a copy).
     """
 
     def _resolve_layout(self, input_shape):
-        """Return the normalized axes; set the kernel's axes and the transposition (or None) they need."""
+        """Return the normalized axes; set the kernel's axes and the transpositions (or None) they need."""
         axes = _resolve_axes(self.axis, input_shape, type(self).__name__)
         rank = len(input_shape)
+        to_end = [a for a in range(rank) if a not in axes] + list(axes)
         if axes == tuple(range(axes[0], axes[0] + len(axes))):
             self._permutation = None
             self._kernel_axes = axes
         else:
-            self._permutation = [a for a in range(rank) if a not in axes] + list(axes)
+            self._permutation = to_end
             self._kernel_axes = tuple(range(rank - len(axes), rank))
+        self._normalized_shape = [input_shape[a] for a in axes]
+        self._trailing_permutation = None if to_end == list(range(rank)) else to_end
         return axes
+
+    def _on_trailing_axes(self, x, norm):
+        """``norm(x)`` of a torch function over the normalized axes moved to the end."""
+        if self._trailing_permutation is None:
+            return norm(x)
+        inverse = sorted(range(x.dim()), key=self._trailing_permutation.__getitem__)
+        return norm(x.permute(self._trailing_permutation)).permute(inverse)
 
     def _stats_shape(self, input_shape):
         return tuple(d for a, d in enumerate(input_shape) if a not in self._kernel_axes)
-
-    def _apply_kernel(self, inputs, weight, bias):
-        if self._permutation is None:
-            return super()._apply_kernel(inputs, weight, bias)
-        outputs = super()._apply_kernel(tf.transpose(inputs, self._permutation), weight, bias)
-        return tf.transpose(outputs, np.argsort(self._permutation))
 
 
 @keras.saving.register_keras_serializable(package="cynorm")
@@ -526,7 +414,7 @@ class LayerNormalization(_GammaBeta, _AxesNormalization):
         self._add_affine_weights(param_shape)
 
         kernel_axes, epsilon = self._kernel_axes, self.epsilon
-        self._kernel = _ArrayKernel(
+        self._set_array_kernel(
             lambda x, weight, bias, out: cynorm.layer_norm(x, weight, bias, axis=kernel_axes, eps=epsilon,
                                                            out=out, return_stats=True),
             lambda dy, x, stats, weight, out: cynorm.layer_norm_backward(dy, x, *stats, weight, axis=kernel_axes,
@@ -536,6 +424,10 @@ class LayerNormalization(_GammaBeta, _AxesNormalization):
         self._set_keras_twin(keras.layers.LayerNormalization, input_shape, {"gamma": self.gamma, "beta": self.beta},
                              axis=self.axis, epsilon=epsilon, center=self.center, scale=self.scale)
         super().build(input_shape)
+
+    def _torch_norm(self, x, weight, bias):
+        return self._on_trailing_axes(
+            x, lambda x: _torch_norms.layer_norm(x, self._normalized_shape, weight, bias, self.epsilon))
 
     def get_config(self):
         config = {"axis": self.axis, "epsilon": self.epsilon, **self._affine_config()}
@@ -567,7 +459,7 @@ class RMSNormalization(_AxesNormalization):
         self.scale = self.add_weight(name="scale", shape=tuple(input_shape[a] for a in axes), initializer="ones",
                                      autocast=False)
         kernel_axes, epsilon = self._kernel_axes, self.epsilon
-        self._kernel = _ArrayKernel(
+        self._set_array_kernel(
             lambda x, weight, bias, out: cynorm.rms_norm(x, weight, axis=kernel_axes, eps=epsilon, out=out,
                                                          return_stats=True),
             lambda dy, x, stats, weight, out: cynorm.rms_norm_backward(dy, x, *stats, weight, axis=kernel_axes,
@@ -580,6 +472,10 @@ class RMSNormalization(_AxesNormalization):
 
     def _weight_and_bias(self):
         return self.scale, None
+
+    def _torch_norm(self, x, weight, bias):
+        return self._on_trailing_axes(x, lambda x: _torch_norms.rms_norm(x, self._normalized_shape, weight,
+                                                                         self.epsilon))
 
     def get_config(self):
         return {**super().get_config(), "axis": self.axis, "epsilon": self.epsilon}

@@ -15,7 +15,8 @@ neighbour) to 24x24 and framed by a 2-pixel border: 28x28 images with the digit 
 its 20x20 digits, so the model, its (batch, 26, 26, 10) normalized tensors and its cost are the tutorial's.
 ``--dataset mnist`` uses ``keras.datasets.mnist`` where a network (or a cached copy) is available.
 
-Run it as ``python -m cynorm.adapters.keras_tutorial [--dataset {digits,mnist}] [--epochs N]``.
+Run it as ``python -m cynorm.adapters.keras_tutorial [--dataset {digits,mnist}] [--epochs N]``, on the Keras backend
+that ``KERAS_BACKEND`` names (TensorFlow by default; ``torch`` too).
 """
 import argparse
 import functools
@@ -131,11 +132,15 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and dropout (default: 0)")
     args = parser.parse_args(argv)
 
-    import tensorflow as tf
+    import keras
 
-    tf.config.experimental.enable_op_determinism()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     data = DATASETS[args.dataset]()
-    print(f"{args.dataset}: {len(data[0][1])} training and {len(data[1][1])} test images, {args.epochs} epochs")
+    print(f"{args.dataset}: {len(data[0][1])} training and {len(data[1][1])} test images, {args.epochs} epochs, "
+          f"Keras on {keras.backend.backend()}")
     print(f"{'model':<22} {'cynorm acc':>10} {'keras acc':>10} {'cynorm s/epoch':>15} {'keras s/epoch':>14}")
     for model_name in MODEL_NAMES:
         ours, theirs = (train_and_evaluate(model_name, implementation, data, epochs=args.epochs,

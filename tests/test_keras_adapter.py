@@ -12,6 +12,7 @@ keras = pytest.importorskip("keras")
 
 from cynorm import slow  # noqa: E402
 from cynorm._blocks import PAGE_BYTES  # noqa: E402
+from cynorm.adapters import _keras_tensorflow as ktf  # noqa: E402
 from cynorm.adapters import keras as ck  # noqa: E402
 from cynorm.adapters import keras_tutorial  # noqa: E402
 
@@ -81,8 +82,8 @@ def kernel_calls(monkeypatch):
             return method(kernel, *arrays)
         return run
 
-    for method in (ck._ArrayKernel.forward, ck._ArrayKernel.backward):
-        monkeypatch.setattr(ck._ArrayKernel, method.__name__, counted(method))
+    for method in (ktf.ArrayKernel.forward, ktf.ArrayKernel.backward):
+        monkeypatch.setattr(ktf.ArrayKernel, method.__name__, counted(method))
     return calls
 
 
@@ -198,9 +199,9 @@ def test_float64_and_eager_equal_tf_function():
 @pytest.fixture
 def every_output_pooled(monkeypatch):
     """An output pool of its own, used for outputs of any size."""
-    pool = ck._new_output_pool(limit=2 ** 30)
-    monkeypatch.setattr(ck, "_output_pool", pool)
-    monkeypatch.setattr(ck, "_POOLED_OUTPUT_BYTES", 0)
+    pool = ktf._new_output_pool(limit=2 ** 30)
+    monkeypatch.setattr(ktf, "_output_pool", pool)
+    monkeypatch.setattr(ktf, "_POOLED_OUTPUT_BYTES", 0)
     return pool
 
 
@@ -234,7 +235,7 @@ def test_pooled_outputs_are_placed_half_a_page_from_their_input(every_output_poo
     memory = np.zeros(np.prod(shape) + PAGE_BYTES, np.float32)
     for skipped in (0, 4, 16, 500, 1023):   # values of `memory` before the input's
         x = memory[skipped:skipped + np.prod(shape)].reshape(shape)
-        output = ck._empty_aligned(x)
+        output = ktf._empty_aligned(x)
         assert output.shape == x.shape and output.dtype == x.dtype and output.flags.c_contiguous
         input_line = x.ctypes.data - x.ctypes.data % 64
         assert output.ctypes.data % 64 == 0 and (output.ctypes.data - input_line) % PAGE_BYTES == PAGE_BYTES // 2
@@ -376,6 +377,27 @@ def test_keras_twin_stays_out_of_the_layer(tmp_path):
     ours.build((None, 4))
     assert _name_number(keras.layers.LayerNormalization()) == _name_number(first) + 2
     assert [w.name for w in ours.weights] == ["gamma", "beta"] and not ours._layers
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL_INPUT_PAIRS))
+def test_other_backends_run_keras_operations_with_a_warning(kind, monkeypatch, kernel_calls):
+    """On a backend without kernels (jax, numpy, openvino), the layers compute what Keras's do, with their
+    operations, and say so once; the torch backend has tests of its own (test_keras_torch_backend.py)."""
+    monkeypatch.setattr(ck, "_BACKEND", "jax")
+    monkeypatch.setattr(ck, "_warned_of_keras_operations", False)
+    make_ours, make_theirs = SMALL_INPUT_PAIRS[kind]
+    shape = (2,) + EXAMPLE_SHAPE
+    ours, theirs = make_ours(), make_theirs()
+    with pytest.warns(UserWarning, match="'jax' backend, where the layers compute with Keras's own operations"):
+        ours.build(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_ours().build(shape)
+    theirs.build(shape)
+    _set_same_random_weights([ours, theirs], seed=0)
+    x = tf.constant(_random(shape, 1))
+    np.testing.assert_array_equal(ours(x), theirs(x))
+    assert not kernel_calls
 
 
 def test_model_fit_with_small_and_large_batches(kernel_calls):
@@ -560,7 +582,7 @@ def _saved_model_ops(path):
     return ops
 
 
-# (a batch of 1024: above _KERAS_FASTER_UP_TO, so in this process these inputs run the kernels)
+# (a batch of 1024: above KERAS_FASTER_UP_TO, so in this process these inputs run the kernels)
 _LARGE_BATCH = (1024, 12, 12, 8)
 
 _SERVE_SAVED_MODEL = """
@@ -627,6 +649,7 @@ def test_kernels_follow_tensorflow_intra_op_threads():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[1] 3"   # (thread counts, calls: forward twice, backward)
+
 
 def test_saved_model_save_traces_keras_operations(tmp_path):
     model = _every_layer_model()

@@ -5,7 +5,8 @@ imports it too, so both measure the same thing.  Every contender runs a case thr
 timed calls:
 
 * ``forward``: inference, ``y = norm(x)``.  cynorm writes into a preallocated ``out=``; the frameworks run their
-  own op the way a user calls it (torch.nn.functional, a Keras layer inside ``tf.function``).
+  own op the way a user calls it (torch.nn.functional, a Keras layer inside ``tf.function``, or eagerly where
+  Keras runs on torch).
 * ``training_step``: one training step through the layer: a forward that keeps what the backward needs, then the
   gradients for x, weight and bias.  Keras can only take gradients of a recorded forward (``GradientTape``), so
   every contender is timed the same way.
@@ -331,31 +332,40 @@ def _import_tensorflow(threads):
     return tf
 
 
+def _keras_backend():
+    """The backend Keras runs on, with its framework imported; PeerUnavailable if either cannot be."""
+    try:
+        import keras
+    except ImportError as exc:
+        _import_tensorflow(threads=None)   # Keras's default backend, with its own message if it is what is missing
+        raise PeerUnavailable(f"keras cannot be imported ({exc})") from exc
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        _import_tensorflow(threads=None)
+    elif backend == "torch":
+        _import_torch()
+    else:
+        raise PeerUnavailable(f"Keras runs on the {backend} backend, not tensorflow or torch")
+    return backend
+
+
 class _KerasContender(_Contender):
-    """A module with keras.layers' normalization layers, run inside ``tf.function``: Keras's own or cynorm's."""
+    """A module with keras.layers' normalization layers, Keras's own or cynorm's: inside ``tf.function`` where Keras
+    runs on TensorFlow, eagerly where it runs on torch (as Keras's torch backend runs them)."""
 
     def check(self):
-        _import_tensorflow(threads=None)
+        _keras_backend()
         try:
-            import keras
             importlib.import_module(self.module_name)
         except ImportError as exc:
             raise PeerUnavailable(f"{self.module_name} cannot be imported ({exc})") from exc
-        if keras.backend.backend() != "tensorflow":
-            raise PeerUnavailable(f"Keras runs on the {keras.backend.backend()} backend, not tensorflow")
 
     def prepare(self, workload, threads):
+        if _keras_backend() == "torch":
+            return self._prepare_on_torch(workload, threads)
         tf = _import_tensorflow(threads)
-        layers = importlib.import_module(self.module_name)
-        case = workload.case
-        layer = _keras_layer(layers, case, dtype=workload.x.dtype.name)
+        layer = self._layer(workload)
         x, dy = tf.constant(workload.x), tf.constant(workload.dy)
-        layer.build(x.shape)
-        # Keras's names for the scale and the offset: the same parameters as every other contender.
-        values = {"gamma": workload.weight, "scale": workload.weight, "beta": workload.bias}
-        for variable in layer.weights:
-            if variable.name in values:
-                variable.assign(values[variable.name].reshape(variable.shape))
 
         @tf.function
         def forward(x):
@@ -369,6 +379,33 @@ class _KerasContender(_Contender):
             return tape.gradient(y, [x, *layer.trainable_weights], output_gradients=dy)
 
         return Runner(lambda: forward(x), lambda: training_step(x, dy), lambda y: y.numpy())
+
+    def _prepare_on_torch(self, workload, threads):
+        torch = _import_torch()
+        torch.set_num_threads(threads)
+        layer = self._layer(workload)
+        x, dy = torch.from_numpy(workload.x), torch.from_numpy(workload.dy)
+        inputs = [x.detach().requires_grad_()] + [w.value for w in layer.trainable_weights]
+
+        def run_forward():
+            with torch.no_grad():   # as Keras's predict runs
+                return layer(x)
+
+        def run_training_step():
+            return torch.autograd.grad(layer(inputs[0]), inputs, dy)
+
+        return Runner(run_forward, run_training_step, lambda y: y.numpy())
+
+    def _layer(self, workload):
+        """The case's layer, built, with the workload's weight and bias."""
+        layer = _keras_layer(importlib.import_module(self.module_name), workload.case, dtype=workload.x.dtype.name)
+        layer.build(workload.x.shape)
+        # Keras's names for the scale and the offset: the same parameters as every other contender.
+        values = {"gamma": workload.weight, "scale": workload.weight, "beta": workload.bias}
+        for variable in layer.weights:
+            if variable.name in values:
+                variable.assign(values[variable.name].reshape(variable.shape))
+        return layer
 
 
 def _keras_layer(layers, case, dtype):
@@ -439,11 +476,11 @@ CONTENDERS = {
     contender.name: contender for contender in (
         _KernelContender(OURS, "cynorm", "cynorm NumPy API with out=", writes_out=True),
         _TorchContender("torch", "torch.nn.functional", "torch.nn.functional"),
-        _KerasContender("keras", "keras.layers", "keras.layers in tf.function"),
+        _KerasContender("keras", "keras.layers", "keras.layers (in tf.function on TensorFlow)"),
         _TorchContender("cynorm.torch", "cynorm.adapters.torch", "cynorm.adapters.torch functional API",
                         adapts="torch"),
-        _KerasContender("cynorm.keras", "cynorm.adapters.keras", "cynorm.adapters.keras layers in tf.function",
-                        adapts="keras"),
+        _KerasContender("cynorm.keras", "cynorm.adapters.keras",
+                        "cynorm.adapters.keras layers (in tf.function on TensorFlow)", adapts="keras"),
         _KernelContender("reference", "cynorm.slow", "cynorm.slow, the float64 NumPy reference", writes_out=False),
         _CopyContender(),
     )

@@ -4,6 +4,7 @@ Keras picks its backend once, when it is first imported, and the other test modu
 in the test run this module has a single test, which runs the module again in a process whose Keras runs on torch
 (KERAS_BACKEND=torch), where it holds the tests below.
 """
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ else:
     from sklearn.datasets import load_digits
 
     import cynorm
+    from cynorm import benchmarks as bench
     from cynorm import slow
     from cynorm.adapters import keras as ck
     from cynorm.adapters import torch as ct
@@ -254,3 +256,51 @@ else:
     def test_tensorflow_is_not_imported():
         """On the torch backend the layers need torch and Keras only."""
         assert not TENSORFLOW_IMPORTED_WITH_THE_LAYERS
+
+    BENCH_CASES = (
+        bench.Case("group_norm", (2, 8, 4, 4), bench.CHANNELS_LAST, num_groups=4, quick=True),
+        bench.Case("instance_norm", (2, 3, 4, 4), bench.CHANNELS_FIRST, quick=True),
+        bench.Case("layer_norm", (3, 5, 4), bench.MIDDLE_AXIS, quick=True),
+        bench.Case("rms_norm", (4, 16), bench.LAST_AXIS, quick=True),
+    )
+    # Keras's own LayerNormalization (3.15) fails on the torch backend over axes before the last: it hands them to
+    # torch's layer_norm, which normalizes trailing axes ("Given normalized_shape=[5], expected input with shape
+    # [*, 5]").  Ours moves them to the end first.
+    KERAS_FAILS_ON = {("layer_norm", bench.MIDDLE_AXIS)}
+
+    @pytest.mark.parametrize("name", ["keras", "cynorm.keras"])
+    def test_bench_contenders_compute_the_case_operation(name, kernel_calls):
+        """`cynorm bench`'s Keras contenders run on torch here: forwards under no_grad, training steps with the
+        gradients of x and the weights."""
+        contender = bench.CONTENDERS[name]
+        contender.check()
+        for case in BENCH_CASES:
+            if name == "keras" and (case.operation, case.layout) in KERAS_FAILS_ON:
+                continue
+            workload = bench.make_workload(case, "float32")
+            runner = contender.prepare(workload, torch.get_num_threads())
+            groups = (case.num_groups,) if case.operation == "group_norm" else ()
+            params = (workload.weight,) if case.operation == "rms_norm" else (workload.weight, workload.bias)
+            expected = getattr(slow, case.operation)(workload.x, *groups, *params, axis=case.axis, eps=bench.EPS)
+            np.testing.assert_allclose(runner.to_array(runner.forward()), expected, rtol=1e-4, atol=1e-4,
+                                       err_msg=case.label)
+            assert len(runner.training_step()) == 1 + len(params)
+        assert (kernel_calls["forward"] > 0) == (name == "cynorm.keras")
+
+    def test_bench_command_with_keras_on_torch(tmp_path, monkeypatch):
+        monkeypatch.setattr(bench, "MIN_SAMPLE_SECONDS", 0.0)
+        monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.0)
+        json_path = tmp_path / "bench.json"
+        threads = torch.get_num_threads()
+        try:
+            status = bench.main(["--quick", "--repeat", "1", "--threads", "1", "--no-progress", "--peers",
+                                 "keras,cynorm.keras", "--json", str(json_path)], cases=BENCH_CASES)
+        finally:
+            torch.set_num_threads(threads)
+            cynorm.set_num_threads(None)
+        assert status == 0
+        rows = json.loads(json_path.read_text())["results"]
+        assert len(rows) == 2 * len(BENCH_CASES)
+        for row in rows:
+            assert "cynorm.keras" in row["median_ms"]
+            assert "keras" in row["median_ms"] or (row["operation"], row["layout"]) in KERAS_FAILS_ON

@@ -366,11 +366,12 @@ class _AxesNormalization(_KernelNormalization):
         return axes
 
     def _on_trailing_axes(self, x, norm):
-        """``norm(x)`` of a torch function over the normalized axes moved to the end."""
+        """``norm(x)`` of a function over trailing axes, with the normalized axes moved to the end (on torch, as
+        a view)."""
         if self._trailing_permutation is None:
             return norm(x)
-        inverse = sorted(range(x.dim()), key=self._trailing_permutation.__getitem__)
-        return norm(x.permute(self._trailing_permutation)).permute(inverse)
+        inverse = sorted(range(len(x.shape)), key=self._trailing_permutation.__getitem__)
+        return keras.ops.transpose(norm(keras.ops.transpose(x, self._trailing_permutation)), inverse)
 
     def _stats_shape(self, input_shape):
         return tuple(d for a, d in enumerate(input_shape) if a not in self._kernel_axes)
@@ -466,8 +467,15 @@ class RMSNormalization(_AxesNormalization):
                                                                        out=out),
             has_weight=True, has_bias=False, num_stats=1, name="cynorm_rms_norm",
         )
-        self._set_keras_twin(keras.layers.RMSNormalization, input_shape, {"scale": self.scale}, axis=self.axis,
-                             epsilon=epsilon)
+        # Keras's RMSNormalization broadcasts its scale over trailing axes only: over others, it raised where its
+        # twin ran (small inputs in tf.function, saved graphs), so the twin takes them moved to the end
+        permutation, rank = self._trailing_permutation, len(input_shape)
+        self._set_keras_twin(keras.layers.RMSNormalization,
+                             input_shape if permutation is None else [input_shape[a] for a in permutation],
+                             {"scale": self.scale}, epsilon=epsilon,
+                             axis=self.axis if permutation is None else list(range(rank - len(axes), rank)))
+        twin_call = self._keras_call
+        self._keras_call = lambda inputs: self._on_trailing_axes(inputs, twin_call)
         super().build(input_shape)
 
     def _weight_and_bias(self):

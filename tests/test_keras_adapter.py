@@ -137,6 +137,38 @@ def test_rms_normalization_over_leading_axes_matches_reference(axis):
     np.testing.assert_allclose(dscale, dscale_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("axis", [1, [1, 2], [1, 3]])
+def test_rms_normalization_over_leading_axes_where_keras_operations_run(axis, tmp_path, kernel_calls):
+    """Where the layers run Keras's operations (small inputs in tf.function, saved graphs), RMSNormalization over
+    these axes moves them to the end for Keras's layer, which broadcasts its scale over trailing axes only
+    (before, those calls raised)."""
+    assert ck.use_keras_for_small_inputs(True) is False
+    shape = (2, 5, 4, 3)
+    model = keras.Sequential([keras.Input(shape[1:]), ck.RMSNormalization(axis=axis)])
+    layer = model.layers[0]
+    scale = np.random.default_rng(0).uniform(0.5, 1.5, layer.scale.shape).astype("float32")
+    layer.scale.assign(scale)
+    x, upstream = _random(shape, 1), _random(shape, 2)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * upstream)
+        return y, tape.gradient(loss, [x, layer.scale])
+
+    y, (dx, dscale) = step(tf.constant(x))
+    assert not kernel_calls
+    y_ref, rstd = slow.rms_norm(x, scale, axis=axis, eps=layer.epsilon, return_stats=True)
+    dx_ref, dscale_ref, _ = slow.rms_norm_backward(upstream, x, rstd, scale, axis=axis)
+    for got, expected in ((y, y_ref), (dx, dx_ref), (dscale, dscale_ref)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    model.export(tmp_path / "exported", verbose=False)
+    loaded = tf.saved_model.load(str(tmp_path / "exported"))   # (kept: its functions need its variables alive)
+    np.testing.assert_allclose(loaded.serve(tf.constant(x)), y_ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("center, scale", [(False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("kind", ["group", "layer"])
 def test_without_center_or_scale_matches_keras(kind, center, scale):

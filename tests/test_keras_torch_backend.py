@@ -13,17 +13,45 @@ import numpy as np
 import pytest
 
 ON_TORCH_BACKEND = os.environ.get("KERAS_BACKEND") == "torch"
+# The folder of a model with every layer, saved as a .keras file by Keras on TensorFlow, with an input and its output
+SAVED_ON_TENSORFLOW = "CYNORM_TEST_SAVED_ON_TENSORFLOW"
+
+
+def _every_layer_model(keras, layers):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((8, 8, 6)),
+        keras.layers.Conv2D(6, 3, padding="same"),
+        layers.GroupNormalization(groups=3, gamma_initializer="random_uniform"),
+        layers.LayerNormalization(axis=[1, 3], beta_initializer="random_uniform"),
+        layers.RMSNormalization(axis=1),
+        layers.InstanceNormalization(gamma_initializer="random_uniform"),
+    ])
+
+
+def _save_on_tensorflow(folder):
+    import keras
+
+    from cynorm.adapters import keras as layers
+
+    model = _every_layer_model(keras, layers)
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 6)).astype("float32")
+    model.save(os.path.join(folder, "model.keras"))
+    np.save(os.path.join(folder, "x.npy"), x)
+    np.save(os.path.join(folder, "y.npy"), model.predict(x, verbose=0))
 
 if not ON_TORCH_BACKEND:
     pytest.importorskip("torch")
     pytest.importorskip("keras")
 
     @pytest.mark.slow
-    def test_keras_on_the_torch_backend():
+    def test_keras_on_the_torch_backend(tmp_path):
+        _save_on_tensorflow(tmp_path)
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                                env={**os.environ, "KERAS_BACKEND": "torch"}, capture_output=True, text=True,
-                                timeout=1200)
+                                env={**os.environ, "KERAS_BACKEND": "torch", SAVED_ON_TENSORFLOW: str(tmp_path)},
+                                capture_output=True, text=True, timeout=1200)
         assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
+        assert "skipped" not in result.stdout.strip().splitlines()[-1], result.stdout[-3000:]
 
 else:
     import keras
@@ -241,17 +269,23 @@ else:
             np.testing.assert_allclose(w_compiled, w_eager, rtol=1e-4, atol=1e-5)
 
     def test_keras_file_round_trip(tmp_path):
-        images, _ = _digits()
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((8, 8, 1)), ck.GroupNormalization(groups=1),
-                                  ck.LayerNormalization(axis=[1, 3]), ck.RMSNormalization(),
-                                  ck.InstanceNormalization()])
-        for layer in model.layers:
-            _random_weights(layer, seed=0)
+        model = _every_layer_model(keras, ck)
+        x = np.random.default_rng(0).standard_normal((4, 8, 8, 6)).astype("float32")
         model.save(tmp_path / "model.keras")
         loaded = keras.saving.load_model(tmp_path / "model.keras")
         assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in model.layers]
-        np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+        np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+    def test_keras_file_saved_on_tensorflow():
+        """A model trained on TensorFlow serves on torch: the file names our layers, which load and compute the same."""
+        folder = os.environ.get(SAVED_ON_TENSORFLOW)
+        if folder is None:
+            pytest.skip(f"{SAVED_ON_TENSORFLOW} is set by the test run on TensorFlow")
+        model = keras.saving.load_model(os.path.join(folder, "model.keras"))
+        assert [type(layer) for layer in model.layers[1:]] == [
+            ck.GroupNormalization, ck.LayerNormalization, ck.RMSNormalization, ck.InstanceNormalization]
+        np.testing.assert_allclose(model.predict(np.load(os.path.join(folder, "x.npy")), verbose=0),
+                                   np.load(os.path.join(folder, "y.npy")), rtol=1e-5, atol=1e-5)
 
     def test_tensorflow_is_not_imported():
         """On the torch backend the layers need torch and Keras only."""

@@ -191,10 +191,9 @@ def call(layer, inputs, small_inputs_to_keras):
 def _apply_kernel(layer, inputs):
     """The layer's kernel (``layer._kernel``, an ArrayKernel) on ``inputs``, their normalized axes first moved to
     the end by ``layer._permutation`` where it is not None (the kernels need them next to each other)."""
-    permutation = layer._permutation
-    if permutation is not None:
-        inputs = tf.transpose(inputs, permutation)
-    weight, bias = layer._weight_and_bias()
-    x, weight, bias = (None if tensor is None else _in_kernel_dtype(tensor) for tensor in (inputs, weight, bias))
-    y = tf.cast(_normalize(x, weight, bias, layer._kernel, layer._stats_shape(x.shape)), layer.compute_dtype)
-    return y if permutation is None else tf.transpose(y, np.argsort(permutation))
+    def kernel(inputs):
+        weight, bias = layer._weight_and_bias()
+        x, weight, bias = (None if t is None else _in_kernel_dtype(t) for t in (inputs, weight, bias))
+        return tf.cast(_normalize(x, weight, bias, layer._kernel, layer._stats_shape(x.shape)), layer.compute_dtype)
+
+    return layer._with_axes_moved(inputs, layer._permutation, kernel)

@@ -167,6 +167,15 @@ class _KernelNormalization(keras.layers.Layer):
                         for variable in self._weight_and_bias())
         return keras.ops.cast(self._torch_norm(x, weight, bias), self.compute_dtype)
 
+    @staticmethod
+    def _with_axes_moved(x, permutation, function):
+        """``function`` of ``x`` transposed by ``permutation``, its result transposed back (None: of ``x`` as it
+        is).  On torch the transpositions are views."""
+        if permutation is None:
+            return function(x)
+        inverse = sorted(range(len(permutation)), key=permutation.__getitem__)
+        return keras.ops.transpose(function(keras.ops.transpose(x, permutation)), inverse)
+
     def compute_output_shape(self, input_shape):
         _check_axes_in_bounds(self.axis, input_shape)
         return input_shape
@@ -366,12 +375,8 @@ class _AxesNormalization(_KernelNormalization):
         return axes
 
     def _on_trailing_axes(self, x, norm):
-        """``norm(x)`` of a function over trailing axes, with the normalized axes moved to the end (on torch, as
-        a view)."""
-        if self._trailing_permutation is None:
-            return norm(x)
-        inverse = sorted(range(len(x.shape)), key=self._trailing_permutation.__getitem__)
-        return keras.ops.transpose(norm(keras.ops.transpose(x, self._trailing_permutation)), inverse)
+        """``norm(x)`` of a function over trailing axes, with the normalized axes moved to the end."""
+        return self._with_axes_moved(x, self._trailing_permutation, norm)
 
     def _stats_shape(self, input_shape):
         return tuple(d for a, d in enumerate(input_shape) if a not in self._kernel_axes)

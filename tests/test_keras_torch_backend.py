@@ -40,6 +40,7 @@ def _save_on_tensorflow(folder):
     np.save(os.path.join(folder, "x.npy"), x)
     np.save(os.path.join(folder, "y.npy"), model.predict(x, verbose=0))
 
+
 if not ON_TORCH_BACKEND:
     pytest.importorskip("torch")
     pytest.importorskip("keras")

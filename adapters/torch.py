@@ -1146,10 +1146,37 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
     if torch.jit.is_scripting():
         return F.group_norm(input, num_groups, weight, bias, eps)
-    if (not _torch_takes("group_norm", input, weight, bias, num_groups=num_groups)
+    torch_crashes = _torch_group_norm_backward_crashes(input, weight, bias)
+    if ((torch_crashes or not _torch_takes("group_norm", input, weight, bias, num_groups=num_groups))
             and _group_norm_takes(input, num_groups, weight, bias, eps)):
         return _run(_group_norm_op, input, num_groups, weight, bias, eps)[0]
+    if torch_crashes:   # (bfloat16, which the kernels do not take: torch's channels-first kernel, on a copy)
+        output = F.group_norm(input.contiguous(), num_groups, weight, bias, eps)
+        return output.contiguous(memory_format=torch.channels_last if input.dim() == 4 else torch.channels_last_3d)
     return F.group_norm(input, num_groups, weight, bias, eps)
+
+
+def _torch_group_norm_backward_crashes(input, weight, bias):
+    """Whether torch's own group_norm, run eagerly on ``input``, would crash in its backward.  torch 2.13's CPU kernel
+    for channels-last input (4-D or 5-D), asked for the weight's or the bias's gradient but not the input's, writes
+    an input gradient it never allocated: a segmentation fault ((8,6,4,4) in 2 groups, (8,64,32,32) and
+    (16,64,16,16) in 32, any dtype; (8,256,56,56) passed).  That is a frozen input under trainable parameters: a
+    model's first layer, a Keras model's norm right after its input, a fine-tuned head.  Such calls run the kernels,
+    whatever their size.  Counted as channels-last: any input not contiguous (torch takes strided views of
+    channels-last memory as channels-last too), and any contiguous both ways (one channel, or maps of one value),
+    whose strides torch reads as channels-last where the channels' stride is 1 (a Keras model's first norm on
+    single-channel images, moved to axis 1 as a view)."""
+    # (a subclass or mode is asked nothing: it gets torch's call, see _torch_takes)
+    if not torch.is_grad_enabled() or has_torch_function_variadic(input, weight, bias):
+        return False
+    if not (isinstance(input, Tensor) and not input.requires_grad
+            and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))):
+        return False
+    dim = input.dim()
+    return (dim in (4, 5) and input.is_cpu
+            and (not input.is_contiguous()
+                 or input.is_contiguous(memory_format=torch.channels_last if dim == 4 else torch.channels_last_3d))
+            and not torch.compiler.is_compiling())
 
 
 def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,

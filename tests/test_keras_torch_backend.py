@@ -256,6 +256,20 @@ else:
         for w_ours, w_theirs in zip(ours.get_weights(), theirs.get_weights()):
             np.testing.assert_allclose(w_ours, w_theirs, rtol=1e-4, atol=1e-5)
 
+    def test_group_normalization_right_after_the_input_trains():
+        """Its input records no gradient and its parameters do: with small inputs routed to torch's function, as by
+        default, torch's channels-last backward crashed the process (see the PyTorch adapter's
+        _torch_group_norm_backward_crashes)."""
+        assert ct.use_torch_for_small_inputs(True) is False
+        images, labels = _digits()
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8, 8, 1)), ck.GroupNormalization(groups=1, axis=3),
+                                  keras.layers.Conv2D(4, 3), ck.GroupNormalization(groups=2, axis=3),
+                                  keras.layers.Flatten(), keras.layers.Dense(10)])
+        gamma = model.layers[0].gamma.numpy().copy()
+        losses = _fit(model, images, labels)
+        assert losses[-1] < losses[0] and not np.array_equal(model.layers[0].gamma.numpy(), gamma)
+
     def test_jit_compiled_training_matches_eager(kernel_calls):
         """Keras compiles the torch backend's steps with torch.compile, which takes the adapter's operators."""
         images, labels = _digits()

@@ -6,6 +6,8 @@ import pickle
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1009,6 +1011,57 @@ def test_float16_channels_last_instance_norm_of_large_samples_goes_to_torch():
 
     assert not ct._float16_to_torch("instance_norm", layout((2, 8, 512, 512)))
     assert ct._float16_to_torch("instance_norm", layout((2, 8, 512, 513)))
+
+
+# torch's own group_norm on these, eagerly, crashed the process in its backward (a segmentation fault); so the
+# checks run in a process of their own, where a crash fails the test instead of ending the test run.
+_FROZEN_CHANNELS_LAST_INPUT = """
+import sys
+import torch
+import torch.nn.functional as F
+import cynorm.adapters.torch as ct
+assert ct.use_torch_for_small_inputs(True)   # (small inputs would have run torch's function)
+# (one channel: contiguous both ways, and read as channels-last by torch)
+cases = [((8, 6, 4, 4), 2, torch.float32), ((8, 64, 32, 32), 32, torch.float32), ((2, 6, 3, 4, 4), 2, torch.float32),
+         ((8, 1, 8, 8), 1, torch.float32), ((8, 6, 4, 4), 2, torch.float64), ((8, 6, 4, 4), 2, torch.float16),
+         ((8, 6, 4, 4), 2, torch.bfloat16), ((8, 1, 8, 8), 1, torch.bfloat16)]
+for shape, groups, dtype in cases:
+    generator = torch.Generator().manual_seed(0)
+    memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = torch.randn(shape, generator=generator).to(dtype).contiguous(memory_format=memory_format)
+    weight_values, upstream = torch.rand(shape[1], generator=generator), torch.randn(shape, generator=generator)
+    results = []
+    # (torch's channels-first kernel, on a contiguous copy, survives its backward: the reference)
+    for function, x_in in ((ct.group_norm, x), (F.group_norm, x.contiguous())):
+        weight = weight_values.to(dtype).requires_grad_()
+        bias = torch.zeros(shape[1], dtype=dtype, requires_grad=True)
+        y = function(x_in, groups, weight, bias, 1e-5)
+        (y.float() * upstream).sum().backward()
+        results.append((y, weight.grad, bias.grad))
+    (y, *grads), (y_ref, *grads_ref) = results
+    assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format), (shape, dtype)
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 0.0}.get(dtype, 1e-5)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tolerance, atol=tolerance)
+    for grad, grad_ref in zip(grads, grads_ref):
+        scale = grad_ref.float().abs().max().item()
+        torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=tolerance, atol=tolerance * scale)
+# a converted model's first layer in training: the input never records a gradient
+model = ct.convert(torch.nn.Sequential(torch.nn.GroupNorm(2, 6), torch.nn.Conv2d(6, 2, 1)))
+x = torch.randn(8, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+model(x).sum().backward()
+assert model[0].weight.grad is not None and model[0].bias.grad is not None
+print("ok")
+"""
+
+
+def test_frozen_channels_last_input_with_trainable_group_norm_parameters():
+    """torch 2.13's channels-last group norm backward, asked for the parameters' gradients without the input's,
+    crashes the process (see _torch_group_norm_backward_crashes): such calls take the kernels, and bfloat16, which
+    they do not take, torch's channels-first kernel on a copy, the output in the input's layout."""
+    result = subprocess.run([sys.executable, "-c", _FROZEN_CHANNELS_LAST_INPUT], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-3000:])
+
 
 @pytest.mark.parametrize("case", ["group_norm_2d", "instance_norm_2d", "layer_norm", "rms_norm"])
 def test_other_devices_fall_back_to_torch(case):

@@ -1152,7 +1152,9 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         return _run(_group_norm_op, input, num_groups, weight, bias, eps)[0]
     if torch_crashes:   # (bfloat16, which the kernels do not take: torch's channels-first kernel, on a copy)
         output = F.group_norm(input.contiguous(), num_groups, weight, bias, eps)
-        return output.contiguous(memory_format=torch.channels_last if input.dim() == 4 else torch.channels_last_3d)
+        if _channels_last_order(input) is None:
+            return output
+        return output.contiguous(memory_format=_CHANNELS_LAST[input.dim()][0])   # (the input's layout, as torch's)
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 
@@ -1172,10 +1174,8 @@ def _torch_group_norm_backward_crashes(input, weight, bias):
     if not (isinstance(input, Tensor) and not input.requires_grad
             and ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))):
         return False
-    dim = input.dim()
-    return (dim in (4, 5) and input.is_cpu
-            and (not input.is_contiguous()
-                 or input.is_contiguous(memory_format=torch.channels_last if dim == 4 else torch.channels_last_3d))
+    return (input.dim() in (4, 5) and input.is_cpu
+            and (not input.is_contiguous() or _channels_last_order(input) is not None)
             and not torch.compiler.is_compiling())
 
 

@@ -166,7 +166,6 @@ def _in_kernel_dtype(tensor):
     return tensor if tensor.dtype in _KERNEL_DTYPES else tf.cast(tensor, tf.float32)
 
 
-
 def call(layer, inputs, small_inputs_to_keras):
     """``layer.call(inputs)`` on TensorFlow: the kernels, or the layer's Keras twin where a graph is to be saved or
     compiled, or in a tf.function on inputs of up to KERAS_FASTER_UP_TO elements if ``small_inputs_to_keras``."""

@@ -648,7 +648,6 @@ def test_exported_model_runs_in_a_process_without_cynorm(tmp_path, kernel_calls)
     assert kernel_calls
 
 
-
 _THREADS_OF_KERNEL_CALLS = """
 import sys
 import numpy as np

@@ -296,7 +296,6 @@ def test_float64_variance_past_the_float64_range_is_nan_in_its_group(case):
 # Memory layouts, out=, empty batches, inputs left alone.
 
 
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("case", LAYOUT_CASES, ids=str)

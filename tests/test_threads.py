@@ -52,7 +52,6 @@ def _num_threads_in_subprocess(**environment):
     return int(result.stdout)
 
 
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")   # (fork in a process with threads, Python 3.12+)
 def test_a_forked_child_runs_the_kernels_on_one_thread(restore_thread_setting):

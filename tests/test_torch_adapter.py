@@ -738,7 +738,6 @@ def test_cached_outputs_under_concurrent_steps(every_output_cached):
         torch.testing.assert_close(dx, expected_dx, rtol=0, atol=0)
 
 
-
 def test_kernels_follow_torch_threads_in_every_thread(monkeypatch):
     """torch.set_num_threads sets the kernels' thread count too, in every thread (the OpenMP count it sets is its
     caller's thread's), for forwards and backwards of both kinds of norm, on the eager path and through the

@@ -1,7 +1,9 @@
-"""Helpers for test_torch_adapter.py that spawned worker processes import by name (DDP training)."""
+"""Helpers for the tests of the PyTorch adapter, and for the worker processes they spawn, which import them by name
+(DDP training)."""
 import datetime
 import pathlib
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -63,3 +65,33 @@ def ddp_train_worker(rank, world_size, init_method, batch_size, steps, result_pa
 def finished_marker(result_path, rank):
     """The file a rank creates once its work and its process group are done (see the DDP test)."""
     return pathlib.Path(result_path).with_name(f"rank{rank}.finished")
+
+
+@pytest.fixture(autouse=True)
+def kernels_for_small_inputs():
+    """Autouse where imported: the tests' inputs are small, so they run on the kernels, not on the torch functions
+    the adapter calls for small inputs by default (tested with the setting on where it matters)."""
+    previous = use_torch_for_small_inputs(False)
+    yield
+    use_torch_for_small_inputs(previous)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The calls of the cynorm kernels, "forward" and "backward", with their arguments.
+
+    Every path to the kernels (the NumPy API, and the adapter's calls on arguments it has checked) ends in
+    cynorm._api._run_forward or _run_backward: ``_run_forward(x_address, y_address, size, weight_address,
+    bias_address, mean_address, rstd_address, float64, geometry, ...)``.
+    """
+    calls = {}
+
+    def spy(name, kernel):
+        def counted(*args, **kwargs):
+            calls.setdefault(name, []).append(args)
+            return kernel(*args, **kwargs)
+        return counted
+
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(cynorm._api, f"_run_{name}", spy(name, getattr(cynorm._api, f"_run_{name}")))
+    return calls

@@ -22,7 +22,8 @@ import cynorm  # noqa: E402
 import cynorm.adapters.torch as ct  # noqa: E402
 from cynorm._blocks import PAGE_BYTES  # noqa: E402
 
-from _torch_util import ddp_train_worker, finished_marker, small_conv_net, train, training_batch  # noqa: E402
+from _torch_util import (ddp_train_worker, finished_marker, kernel_calls, kernels_for_small_inputs,  # noqa: E402,F401
+                         small_conv_net, train, training_batch)
 
 KERNEL_NAMES = ["group_norm", "instance_norm", "layer_norm", "rms_norm"]
 MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -53,36 +54,6 @@ def assert_close_scaled(actual, expected, tolerance):
 
 
 TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-12}
-
-
-@pytest.fixture(autouse=True)
-def kernels_for_small_inputs():
-    """The tests' inputs are small: they run on the kernels, not on the torch functions the adapter calls for
-    small inputs by default (tested below, with the setting on)."""
-    previous = ct.use_torch_for_small_inputs(False)
-    yield
-    ct.use_torch_for_small_inputs(previous)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The calls of the cynorm kernels, "forward" and "backward", with their arguments.
-
-    Every path to the kernels (the NumPy API, and the adapter's calls on arguments it has checked) ends in
-    cynorm._api._run_forward or _run_backward: ``_run_forward(x_address, y_address, size, weight_address,
-    bias_address, mean_address, rstd_address, float64, geometry, ...)``.
-    """
-    calls = {}
-
-    def spy(name, kernel):
-        def counted(*args, **kwargs):
-            calls.setdefault(name, []).append(args)
-            return kernel(*args, **kwargs)
-        return counted
-
-    for name in ("forward", "backward"):
-        monkeypatch.setattr(cynorm._api, f"_run_{name}", spy(name, getattr(cynorm._api, f"_run_{name}")))
-    return calls
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1015,7 +986,6 @@ def test_float16_channels_last_instance_norm_of_large_samples_goes_to_torch():
 # torch's own group_norm on these, eagerly, crashed the process in its backward (a segmentation fault); so the
 # checks run in a process of their own, where a crash fails the test instead of ending the test run.
 _FROZEN_CHANNELS_LAST_INPUT = """
-import sys
 import torch
 import torch.nn.functional as F
 import cynorm.adapters.torch as ct

@@ -15,7 +15,8 @@ from cynorm import benchmarks as bench
 from cynorm import slow
 
 ASV_DIR = pathlib.Path(__file__).resolve().parents[1] / "asv_bench"
-ASV_MODULES = ("bench_cynorm", "bench_torch", "bench_keras", "bench_reference")
+ASV_MODULES = ("bench_cynorm", "bench_torch", "bench_keras", "bench_cynorm_torch", "bench_cynorm_keras",
+               "bench_reference")
 
 # Every operation and layout, small enough for a test.
 TINY_CASES = (
@@ -287,7 +288,8 @@ def test_asv_classes_cover_the_table(asv_modules):
 def test_asv_setup_runs_for_one_parameter_set(asv_modules, module_name):
     module = asv_modules[module_name]
     benchmark = next(cls for cls in _asv_classes(module) if cls.operation == "layer_norm")()
-    threads = _usable_cpus() if module_name == "bench_keras" else 1  # TensorFlow's pool is fixed once it runs
+    # TensorFlow's pool is fixed once it runs
+    threads = _usable_cpus() if module_name in ("bench_keras", "bench_cynorm_keras") else 1
     try:
         benchmark.setup((4, 64), bench.LAST_AXIS, "float32", threads)
     except NotImplementedError as exc:

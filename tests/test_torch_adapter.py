@@ -1,4 +1,5 @@
 """Tests of cynorm.adapters.torch: parity with torch.nn, gradients, layouts, fallbacks, conversion, compile, DDP."""
+import itertools
 import logging
 import math
 import pathlib
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -525,9 +527,11 @@ def test_inference_skips_the_operator_only_when_nothing_watches(case, monkeypatc
     _, function, make_inputs = FUNCTION_CASES[case]
     inputs = make_inputs()
     operator = getattr(ct, f"_{case}_op")
-    direct_calls = []
-    kernels = ct._KERNELS_OF[operator]
+    direct_calls = []   # the kernels without the operator: on the full path, or on the inference path
+    kernels, inference_forward = ct._KERNELS_OF[operator], ct._inference_forward
     monkeypatch.setitem(ct._KERNELS_OF, operator, lambda *args: direct_calls.append(args) or kernels(*args))
+    monkeypatch.setattr(ct, "_inference_forward",
+                        lambda *args, **kwargs: direct_calls.append(args) or inference_forward(*args, **kwargs))
     with torch.no_grad():
         direct = function(*inputs)
         assert len(direct_calls) == 1
@@ -538,6 +542,104 @@ def test_inference_skips_the_operator_only_when_nothing_watches(case, monkeypatc
     recorded = function(*inputs)
     assert type(recorded.grad_fn).__name__ == f"cynorm_{case}Backward"
     torch.testing.assert_close(recorded.detach(), direct, rtol=0, atol=0)
+
+
+def _inference_variants(case):
+    """(input, arguments after it) of calls of ``case`` with one input shape, each in another layout, dtype or
+    kind of parameter: each has a verdict of its own, or takes the full path."""
+    x = random_tensor((2, 8, 3, 5), torch.float32)
+    strided_weight = random_tensor((16,), torch.float32, seed=1)[::2]   # (not contiguous: the full path)
+    if case == "group_norm":
+        return [(x, (4,)), (x.contiguous(memory_format=torch.channels_last), (4,)), (x.double(), (4,)),
+                (x, (4, random_tensor((8,), torch.float32), random_tensor((8,), torch.float32, seed=2))),
+                (x, (4, strided_weight)), (x, (4, None, None, 1e-2)), (x, (4, None, None, -1.0)), (x, (2,)),
+                (x[:, :, :, ::2], (4,))]
+    weight = random_tensor((5,), torch.float32)
+    return [(x, ([5],)), (x.permute(0, 2, 3, 1), ([8],)), (x.double(), ([5],)), (x, ([3, 5],)),
+            (x, ([5], weight)), (x, ([5], strided_weight[:5].contiguous()[::1])), (x, ([5], None, 1e-2)),
+            (x[:, :, :, ::2], ([3],)), (x, ([4],))]
+
+
+@pytest.mark.parametrize("case", ["group_norm", "layer_norm", "rms_norm"])
+def test_inference_calls_give_the_full_paths_results(case, monkeypatch):
+    """Calls that record no gradient take the verdict of the full path's checks kept for their input's shape,
+    strides and dtype, and their parameters' shapes: the full path's results (or its errors) for inputs of one
+    shape in other layouts and dtypes, with parameters of other kinds, and on the call that finds the verdict
+    kept as on the one that made it."""
+    function = getattr(ct, case)
+    inference_calls = []
+    inference_forward = ct._inference_forward
+    monkeypatch.setattr(ct, "_inference_forward",
+                        lambda *args, **kwargs: inference_calls.append(args) or inference_forward(*args, **kwargs))
+    ct._inference_verdicts.clear()
+
+    def full_path(*args):
+        with monkeypatch.context() as patched:
+            patched.setattr(ct, "_inference_verdict", lambda *verdict_args: None)
+            return _result_or_error(function, *args)
+
+    with torch.no_grad():
+        for x, arguments in _inference_variants(case):
+            expected = full_path(x, *arguments)
+            for _ in range(2):
+                got = _result_or_error(function, x, *arguments)
+                if isinstance(expected, Tensor):
+                    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+                    assert got.stride() == expected.stride()
+                else:
+                    assert type(got) is type(expected) and str(got) == str(expected)
+    assert len(inference_calls) >= 2 * 5   # (the kernels' verdicts: the layouts, dtypes and parameters above)
+
+
+def _result_or_error(function, *args):
+    try:
+        return function(*args)
+    except Exception as error:   # noqa: BLE001 (compared with the full path's)
+        return error
+
+
+def test_inference_calls_follow_the_small_input_setting(kernel_calls):
+    """The verdicts kept for inputs of one signature depend on use_torch_for_small_inputs."""
+    x = random_tensor((2, 8, 4, 4), torch.float32)
+    with torch.no_grad():
+        ct.use_torch_for_small_inputs(True)
+        routed = ct.group_norm(x, 4)
+        assert not kernel_calls
+        ct.use_torch_for_small_inputs(False)
+        computed = ct.group_norm(x, 4)
+    assert len(kernel_calls["forward"]) == 1
+    torch.testing.assert_close(computed, routed, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_calls_from_threads_keep_their_statistics_apart(monkeypatch):
+    """The statistics of calls that record no gradient go to each thread's own scratch memory (the kernels read
+    them back as they normalize): threads that normalize inputs of different sizes at once write theirs to
+    different memory, and get the results of calls made one at a time."""
+    inputs = [random_tensor((n, 16, 24, 24), torch.float32, seed=n) for n in (1, 3, 8)]
+    with torch.no_grad():
+        expected = [ct.group_norm(x, 8) for x in inputs]
+    statistics_at = {}   # thread -> addresses of its calls' means
+    forward_kernel = ct._forward_kernel
+
+    def spied(x, plan, weight, bias, eps, centered, mean, rstd, float64):
+        statistics_at.setdefault(threading.get_ident(), set()).add(mean)
+        return forward_kernel(x, plan, weight, bias, eps, centered, mean, rstd, float64)
+
+    monkeypatch.setattr(ct, "_forward_kernel", spied)
+    all_started = threading.Barrier(3)
+
+    def normalize_repeatedly(index):
+        all_started.wait()
+        with torch.no_grad():
+            return [ct.group_norm(inputs[(index + k) % 3], 8) for k in range(30)]
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(normalize_repeatedly, range(3)))
+    for index, outputs in enumerate(results):
+        for k, output in enumerate(outputs):
+            torch.testing.assert_close(output, expected[(index + k) % 3], rtol=0, atol=0)
+    addresses = list(statistics_at.values())
+    assert len(addresses) == 3 and all(a.isdisjoint(b) for a, b in itertools.combinations(addresses, 2))
 
 
 @pytest.fixture
@@ -1192,6 +1294,11 @@ BAD_CALLS = {
     "layer_norm_module_input": lambda f, m: m.LayerNorm((3, 5))(torch.ones(2, 3, 4)),
     "rms_norm_shape_mismatch": lambda f, m: f.rms_norm(torch.ones(2, 3, 4), [3]),
     "rms_norm_weight_shape": lambda f, m: f.rms_norm(torch.ones(2, 3, 4), [4], torch.ones(2, 2)),
+    # (arguments that cannot be kept as the signature of a verdict, or compared with a size)
+    "group_norm_list_of_groups": lambda f, m: f.group_norm(torch.ones(2, 6, 4), [2]),
+    "group_norm_list_weight": lambda f, m: f.group_norm(torch.ones(2, 6, 4), 3, [1.0] * 6),
+    "layer_norm_nested_shape": lambda f, m: f.layer_norm(torch.ones(2, 3, 4), [[4]]),
+    "rms_norm_nested_shape": lambda f, m: f.rms_norm(torch.ones(2, 3, 4), [[4]]),
 }
 
 

@@ -1095,12 +1095,13 @@ _inference_scratch = threading.local()
 
 def _inference_verdict(norm, input, weight, bias, arg):
     """Where an eager call of ``norm`` on ``input`` (in ``arg`` groups, or over the normalized shape ``arg``, a
-    tuple) that records no gradient, and that nothing else needs to see (tracing, transforms, modes: see
-    _kernels_apply), goes as the full path would take it: (the :class:`_Plan` of the trusted kernels, whether
-    float64), or _TORCHS for torch's function.  None for any other call, which takes the full path."""
-    if (torch.compiler.is_compiling() or type(input) is not Tensor or has_torch_function_variadic(input, weight, bias)
-            or _tracing_state() is not None or _functorch_transforms_active() or _forward_ad._current_level >= 0
-            or _dispatch_mode_count() > 0 or _is_exporting()):
+    tuple) that records no gradient goes, as the full path would take it: _TORCHS for torch's function (which the
+    full path calls for small inputs whatever else holds), or, if nothing else needs to see the call (tracing,
+    transforms, modes: see _kernels_apply), (the :class:`_Plan` of the trusted kernels, whether float64).  None
+    for any other call, which takes the full path.  A verdict is made only on arguments that pass every check,
+    so that none of a parameter's faults is kept for its signature."""
+    # (compiled graphs get the full path's operators; subclasses and modes see nothing before torch's call)
+    if torch.compiler.is_compiling() or type(input) is not Tensor or has_torch_function_variadic(input, weight, bias):
         return None
     for param in (weight, bias):
         if param is not None and type(param) not in _PLAIN_TENSORS:
@@ -1108,19 +1109,24 @@ def _inference_verdict(norm, input, weight, bias, arg):
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         return None
-    if not input.is_cpu or input.layout != torch.strided or _is_functorch_wrapped(input):
-        return None
     dtype = input.dtype
-    for param in (weight, bias):
-        if param is not None and not (param.is_cpu and param.dtype == dtype and param.layout == torch.strided
-                                      and param.is_contiguous() and not _is_functorch_wrapped(param)):
-            return None
     key = (norm, arg, input.shape, input.stride(), dtype, None if weight is None else weight.shape,
            None if bias is None else bias.shape, _small_inputs_to_torch)
     try:
         verdict = _inference_verdicts.get(key)
     except TypeError:   # (an argument torch refuses, such as a list of groups)
         return None
+    if verdict is _TORCHS:
+        return verdict
+    if (verdict is False or _tracing_state() is not None or _functorch_transforms_active() or _forward_ad._current_level >= 0
+            or _dispatch_mode_count() > 0 or _is_exporting()):
+        return None
+    if not input.is_cpu or input.layout != torch.strided or _is_functorch_wrapped(input):
+        return None
+    for param in (weight, bias):
+        if param is not None and not (param.is_cpu and param.dtype == dtype and param.layout == torch.strided
+                                      and param.is_contiguous() and not _is_functorch_wrapped(param)):
+            return None
     if verdict is None:
         if len(_inference_verdicts) >= _INFERENCE_VERDICTS_HELD:
             _inference_verdicts.clear()

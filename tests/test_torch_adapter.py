@@ -598,6 +598,18 @@ def _result_or_error(function, *args):
         return error
 
 
+def test_a_parameters_fault_is_not_kept_for_its_signature(kernel_calls):
+    """A call whose weight the kernels do not take gets torch's answer, and leaves no verdict behind: the next
+    call of the same shapes, with a weight they take, runs on them."""
+    ct._inference_verdicts.clear()
+    x = random_tensor((2, 8, 3, 5), torch.float32)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="mixed dtype"):   # torch's error
+            ct.group_norm(x, 4, torch.ones(8, dtype=torch.float64))
+        ct.group_norm(x, 4, torch.ones(8))
+    assert len(kernel_calls["forward"]) == 1
+
+
 def test_inference_calls_follow_the_small_input_setting(kernel_calls):
     """The verdicts kept for inputs of one signature depend on use_torch_for_small_inputs."""
     x = random_tensor((2, 8, 4, 4), torch.float32)

@@ -1,4 +1,5 @@
 """Tests of cynorm.adapters.torch: parity with torch.nn, gradients, layouts, fallbacks, conversion, compile, DDP."""
+import functools
 import itertools
 import logging
 import math
@@ -563,32 +564,48 @@ def _inference_variants(case):
 @pytest.mark.parametrize("case", ["group_norm", "layer_norm", "rms_norm"])
 def test_inference_calls_give_the_full_paths_results(case, monkeypatch):
     """Calls that record no gradient take the verdict of the full path's checks kept for their input's shape,
-    strides and dtype, and their parameters' shapes: the full path's results (or its errors) for inputs of one
-    shape in other layouts and dtypes, with parameters of other kinds, and on the call that finds the verdict
-    kept as on the one that made it."""
+    strides and dtype and their parameters' shapes: the full path's results and errors, for inputs of one shape in
+    other layouts and dtypes, with parameters of other kinds, and on the call that finds the verdict kept as on the
+    one that made it.  Calls that record a gradient, for some or all of the tensors, between them take the full
+    path, with its results and gradients."""
     function = getattr(ct, case)
-    inference_calls = []
-    inference_forward = ct._inference_forward
-    monkeypatch.setattr(ct, "_inference_forward",
-                        lambda *args, **kwargs: inference_calls.append(args) or inference_forward(*args, **kwargs))
+    taken = []   # the kernels' verdicts taken
+    monkeypatch.setattr(ct, "_inference_forward", functools.partial(_counted, taken, ct._inference_forward))
     ct._inference_verdicts.clear()
 
-    def full_path(*args):
+    def call(x, arguments, grads):
+        x = x.detach().requires_grad_(grads in ("input", "all"))
+        arguments = tuple(a.detach().requires_grad_(grads in ("parameters", "all")) if isinstance(a, Tensor) else a
+                          for a in arguments)
+        output = _result_or_error(function, x, *arguments)
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return output, ()
+        leaves = [t for t in (x, *arguments) if isinstance(t, Tensor) and t.requires_grad]
+        return output, torch.autograd.grad(output, leaves, torch.ones_like(output))
+
+    def full_path(x, arguments, grads):
         with monkeypatch.context() as patched:
             patched.setattr(ct, "_inference_verdict", lambda *verdict_args: None)
-            return _result_or_error(function, *args)
+            return call(x, arguments, grads)
 
-    with torch.no_grad():
-        for x, arguments in _inference_variants(case):
-            expected = full_path(x, *arguments)
-            for _ in range(2):
-                got = _result_or_error(function, x, *arguments)
-                if isinstance(expected, Tensor):
-                    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
-                    assert got.stride() == expected.stride()
-                else:
-                    assert type(got) is type(expected) and str(got) == str(expected)
-    assert len(inference_calls) >= 2 * 5   # (the kernels' verdicts: the layouts, dtypes and parameters above)
+    for grads in ("none", "input", "parameters", "all", "none"):
+        with torch.set_grad_enabled(grads != "none"):
+            for x, arguments in _inference_variants(case):
+                expected, expected_grads = full_path(x, arguments, grads)
+                for _ in range(2):
+                    got, got_grads = call(x, arguments, grads)
+                    if isinstance(expected, Tensor):
+                        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+                        assert got.stride() == expected.stride() and got.requires_grad == expected.requires_grad
+                        torch.testing.assert_close(got_grads, expected_grads, rtol=0, atol=0, equal_nan=True)
+                    else:
+                        assert type(got) is type(expected) and str(got) == str(expected)
+    assert len(taken) >= 2 * 2 * 5   # (twice without gradients: the layouts, dtypes and parameters above)
+
+
+def _counted(calls, function, *args, **kwargs):
+    calls.append(args)
+    return function(*args, **kwargs)
 
 
 def _result_or_error(function, *args):

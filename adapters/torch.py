@@ -1109,8 +1109,7 @@ def _inference_verdict(norm, input, weight, bias, arg):
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         return None
-    dtype = input.dtype
-    key = (norm, arg, input.shape, input.stride(), dtype, None if weight is None else weight.shape,
+    key = (norm, arg, input.shape, input.stride(), input.dtype, None if weight is None else weight.shape,
            None if bias is None else bias.shape, _small_inputs_to_torch)
     try:
         verdict = _inference_verdicts.get(key)
@@ -1118,14 +1117,11 @@ def _inference_verdict(norm, input, weight, bias, arg):
         return None
     if verdict is _TORCHS:
         return verdict
-    if (verdict is False or _tracing_state() is not None or _functorch_transforms_active() or _forward_ad._current_level >= 0
-            or _dispatch_mode_count() > 0 or _is_exporting()):
-        return None
-    if not input.is_cpu or input.layout != torch.strided or _is_functorch_wrapped(input):
+    # (what the kernels take, as the full path asks it, and what makes the full path call the operator)
+    if verdict is False or not _kernels_apply(input, weight, bias) or _dispatch_mode_count() > 0 or _is_exporting():
         return None
     for param in (weight, bias):
-        if param is not None and not (param.is_cpu and param.dtype == dtype and param.layout == torch.strided
-                                      and param.is_contiguous() and not _is_functorch_wrapped(param)):
+        if param is not None and not param.is_contiguous():
             return None
     if verdict is None:
         if len(_inference_verdicts) >= _INFERENCE_VERDICTS_HELD:

@@ -813,14 +813,19 @@ def _kernels_apply(input, *tensors):
     forward-mode formula, and the kernels gave dual tensors' outputs no tangent.
     """
     # (written with the cheapest torch queries: this runs on every call, half as long as with device objects)
-    if (_tracing_state() is not None or has_torch_function_variadic(input, *tensors) or _functorch_transforms_active()
-            or _forward_ad._current_level >= 0):
+    if has_torch_function_variadic(input, *tensors):
+        return False
+    return _kernels_take(input, tensors, eager=not torch.compiler.is_compiling())
+
+
+def _kernels_take(input, tensors, eager):
+    """_kernels_apply for a plain call (no subclass or mode) made ``eager``ly or in a graph Dynamo compiles."""
+    if _tracing_state() is not None or _functorch_transforms_active() or _forward_ad._current_level >= 0:
         return False
     dtype = input.dtype
     if not input.is_cpu or dtype not in _KERNEL_DTYPES or input.layout != torch.strided:
         return False
     # (Dynamo cannot trace the query for left-behind tensors, and a compiled graph holds none)
-    eager = not torch.compiler.is_compiling()
     if eager and _is_functorch_wrapped(input) or not eager and _is_exporting():
         return False
     for t in tensors:   # (a loop: a generator cost a few µs a call)
@@ -1117,8 +1122,10 @@ def _inference_verdict(norm, input, weight, bias, arg):
         return None
     if verdict is _TORCHS:
         return verdict
-    # (what the kernels take, as the full path asks it, and what makes the full path call the operator)
-    if verdict is False or not _kernels_apply(input, weight, bias) or _dispatch_mode_count() > 0 or _is_exporting():
+    # (what the kernels take, as the full path asks it, past the questions above, and what makes the full path call
+    # the operator)
+    if (verdict is False or not _kernels_take(input, (weight, bias), eager=True) or _dispatch_mode_count() > 0
+            or _is_exporting()):
         return None
     for param in (weight, bias):
         if param is not None and not param.is_contiguous():

@@ -25,13 +25,14 @@ import importlib
 import importlib.metadata
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 
@@ -40,7 +41,7 @@ import cynorm
 __all__ = [
     "Case", "SHAPE_TABLE", "OPERATIONS", "LAYOUTS", "DIRECTIONS", "CONTENDERS", "PeerUnavailable", "Runner",
     "Workload", "find_case", "make_workload", "time_interleaved", "summarize", "run", "machine_info",
-    "format_table", "plot", "main",
+    "combine_processes", "format_table", "plot", "main",
 ]
 
 OPERATIONS = ("group_norm", "instance_norm", "layer_norm", "rms_norm")
@@ -630,6 +631,71 @@ def run(cases, contenders, *, dtype="float32", repeat=25, threads=None, progress
     return rows
 
 
+def _rows_in_this_process(cases, names, dtype, repeat, threads, progress, label):
+    """run() on the contenders ``names``, in a process of its own (see main's ``--processes``): its page placement
+    and allocator history are its own, and so are the medians."""
+    def say(message):
+        print(f"{label}: {message}", file=sys.stderr, flush=True)
+
+    keep_freed_memory()
+    contenders = _available_contenders(names, say=lambda message: None)   # (the parent has said which are missing)
+    with cynorm.num_threads(threads):
+        return run(cases, contenders, dtype=dtype, repeat=repeat, threads=threads, progress=progress, say=say)
+
+
+def _rows_in_fresh_processes(processes, cases, names, dtype, repeat, threads, progress, say):
+    """The rows of run() in each of ``processes`` new interpreters, one after the other (spawned: fork would give
+    each the parent's memory)."""
+    context = multiprocessing.get_context("spawn")
+    runs = []
+    for index in range(processes):
+        label = f"process {index + 1} of {processes}"
+        say(label)
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            runs.append(pool.submit(_rows_in_this_process, cases, names, dtype, repeat, threads, progress,
+                                    label).result())
+    return runs
+
+
+def combine_processes(runs):
+    """One row per case from the rows of several processes (each a list from run() on the same cases): for each
+    contender the median of the processes' medians, and for each speed-up the median of the processes' speed-ups
+    with their range (``speedup_range``).  A contender or speed-up missing from any process is left out.
+
+    Each process times its contenders interleaved, so their ratio is fair within it, but for the arrays it made:
+    on six fresh sets of arrays in one process, channels-first GroupNorm (1,512,64,64) took 0.34-0.58 ms on the
+    kernels and 0.51-0.78 ms with torch's (Zen 3), torch's over ours 1.23-1.82x.  More samples in one process
+    do not average that out; more processes do.
+    """
+    rows = []
+    for versions in zip(*runs):
+        first = versions[0]
+        keys = ("operation", "shape", "layout", "direction")
+        if any([version[key] for key in keys] != [first[key] for key in keys] for version in versions):
+            raise ValueError("combine_processes() expects the same cases in the same order from every process")
+        names = [name for name in first["median_ms"] if all(name in version["median_ms"] for version in versions)]
+        speedups = [key for key in first["speedup"] if all(key in version["speedup"] for version in versions)]
+        row = {key: value for key, value in first.items() if key not in _PER_PROCESS_FIELDS}
+        row["processes"] = len(versions)
+        row["median_ms"] = {name: statistics.median(version["median_ms"][name] for version in versions)
+                            for name in names}
+        row["timings"] = {name: {"process_medians_ms": [version["median_ms"][name] for version in versions],
+                                 "min_ms": min(version["timings"][name]["min_ms"] for version in versions)}
+                          for name in names}
+        row["speedup"] = {key: statistics.median(version["speedup"][key] for version in versions)
+                          for key in speedups}
+        row["speedup_range"] = {key: [min(version["speedup"][key] for version in versions),
+                                      max(version["speedup"][key] for version in versions)] for key in speedups}
+        for field in ("gb_per_s", "roofline_fraction"):
+            values = [version[field] for version in versions if version[field] is not None]
+            row[field] = statistics.median(values) if len(values) == len(versions) else None
+        rows.append(row)
+    return rows
+
+
+_PER_PROCESS_FIELDS = ("median_ms", "timings", "speedup", "gb_per_s", "roofline_fraction")
+
+
 class _QuietProgress:
     def describe(self, text):
         pass
@@ -750,14 +816,20 @@ def _speedup_header(key):
     return f"×{slower}" if faster == OURS else f"{faster} ×{slower}"
 
 
+def _speedup_cell(row, key):
+    if key not in row["speedup"]:
+        return "-"
+    spread = row.get("speedup_range", {}).get(key)
+    return f"{row['speedup'][key]:.2f}" + ("" if spread is None else f" ({spread[0]:.2f}-{spread[1]:.2f})")
+
+
 def _table_columns(rows, contender_names):
     """(header, cell function) pairs of the result table."""
     columns = list(_CASE_COLUMNS)
     for name in contender_names:
         columns.append((f"{name} ms", lambda row, name=name: _format_ms(row["median_ms"].get(name))))
     for key in dict.fromkeys(key for row in rows for key in row["speedup"]):
-        columns.append((_speedup_header(key),
-                        lambda row, key=key: f"{row['speedup'][key]:.2f}" if key in row["speedup"] else "-"))
+        columns.append((_speedup_header(key), lambda row, key=key: _speedup_cell(row, key)))
     columns.append(("GB/s", lambda row: "-" if row["gb_per_s"] is None else f"{row['gb_per_s']:.1f}"))
     columns.append(("roofline", lambda row: "-" if row["roofline_fraction"] is None
                     else f"{row['roofline_fraction']:.0%}"))
@@ -850,6 +922,9 @@ def _argument_parser():
                         help="threads for every contender (default: all usable cores)")
     parser.add_argument("--repeat", type=_positive_int, default=None,
                         help="timed samples per contender and case (default: 25, 7 with --quick)")
+    parser.add_argument("--processes", type=_positive_int, default=1,
+                        help="run the table in N fresh processes, one after the other, and report the median of "
+                             "their medians, with the range of their speed-ups (default: 1, this process)")
     parser.add_argument("--dtype", choices=("float16", "float32", "float64"), default="float32")
     parser.add_argument("--peers", type=lambda text: _parse_names(text, PEERS, "peer"), default=DEFAULT_PEERS,
                         help=f"comma-separated peers (default: {','.join(DEFAULT_PEERS)}; "
@@ -885,18 +960,24 @@ def main(argv=None, *, cases=None):
         # A thread of a parallel call that loses its core stalls the whole call for a scheduler time slice.
         say(f"warning: the machine is busy (load average {info['load_average_1min']:.1f} on "
             f"{info['usable_cpus']} CPUs); timings will be noisy")
-    with cynorm.num_threads(threads):
-        rows = run(selected, contenders, dtype=args.dtype, repeat=repeat, threads=threads,
-                   progress=args.progress, say=say)
+    if args.processes == 1:
+        with cynorm.num_threads(threads):
+            rows = run(selected, contenders, dtype=args.dtype, repeat=repeat, threads=threads,
+                       progress=args.progress, say=say)
+        medians, ratios = f"medians of {repeat} interleaved samples", "peer time / cynorm time"
+    else:
+        rows = combine_processes(_rows_in_fresh_processes(args.processes, selected, tuple(contenders), args.dtype,
+                                                          repeat, threads, args.progress, say))
+        medians = f"medians over {args.processes} processes of each one's median of {repeat} interleaved samples"
+        ratios = "peer time / cynorm time, the median of the processes' (their range in brackets)"
     command = "cynorm bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"\n{args.dtype}, medians of {repeat} interleaved samples, fwd+bwd = forward + backward "
-          f"(dx, dweight, dbias); × = peer time / cynorm time; roofline = copy time scaled to the bytes moved "
-          f"/ cynorm time\n")
+    print(f"\n{args.dtype}, {medians}, fwd+bwd = forward + backward (dx, dweight, dbias); × = {ratios}; "
+          f"roofline = copy time scaled to the bytes moved / cynorm time\n")
     print(format_table(rows, list(contenders), markdown=args.markdown))
     if args.json:
         with open(args.json, "w") as stream:
             json.dump({"command": command, "machine": info, "dtype": args.dtype, "repeat": repeat,
-                       "results": rows}, stream, indent=1)
+                       "processes": args.processes, "results": rows}, stream, indent=1)
         say(f"wrote {args.json}")
     if args.plot:
         plot(rows, args.plot, title=f"{command}\n{info['cpu']}, {threads} threads, {args.dtype}")

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 
@@ -163,6 +164,43 @@ def test_summarize_derives_speedups_bandwidth_and_roofline_from_the_medians():
     assert row["median_ms"]["torch"] == pytest.approx(3.0)
 
 
+def _process_row(case, direction, seconds):
+    timings = {name: {"median": s, "min": s / 2, "samples": [s], "calls_per_sample": 1} for name, s in seconds.items()}
+    return bench.summarize(case, "float32", direction, timings, bench.CONTENDERS)
+
+
+def test_combine_processes_takes_the_medians_of_the_processes_and_the_range_of_their_speedups():
+    case = bench.SHAPE_TABLE[0]
+    # the adapter's speed-up runs 1.5, 1.0, 1.2 over the processes; torch is missing from none, "keras" from one
+    seconds = [{"cynorm": 2e-3, "torch": 3e-3, "cynorm.torch": 2e-3, "keras": 5e-3, "copy": 1e-3},
+               {"cynorm": 4e-3, "torch": 4e-3, "cynorm.torch": 4e-3, "copy": 2e-3},
+               {"cynorm": 3e-3, "torch": 6e-3, "cynorm.torch": 5e-3, "keras": 9e-3, "copy": 1.5e-3}]
+    runs = [[_process_row(case, direction, times) for direction in bench.DIRECTIONS] for times in seconds]
+    rows = bench.combine_processes(runs)
+    assert [row["direction"] for row in rows] == list(bench.DIRECTIONS)
+    row = rows[0]
+    assert row["processes"] == 3 and row["shape"] == list(case.shape) and row["num_groups"] == case.num_groups
+    assert row["median_ms"] == pytest.approx({"cynorm": 3.0, "torch": 4.0, "cynorm.torch": 4.0, "copy": 1.5})
+    assert row["timings"]["torch"]["process_medians_ms"] == pytest.approx([3.0, 4.0, 6.0])
+    assert row["timings"]["torch"]["min_ms"] == pytest.approx(1.5)
+    # the median of the processes' ratios (1.5, 1.0, 2.0), not the ratio of the medians (4/3)
+    assert row["speedup"] == pytest.approx({"cynorm vs torch": 1.5, "cynorm.torch vs torch": 1.2})
+    assert set(row["speedup_range"]) == set(row["speedup"])
+    assert row["speedup_range"]["cynorm vs torch"] == pytest.approx([1.0, 2.0])
+    assert row["speedup_range"]["cynorm.torch vs torch"] == pytest.approx([1.0, 1.5])
+    assert row["roofline_fraction"] == pytest.approx(0.5)
+    assert row["gb_per_s"] == pytest.approx(statistics.median(r[0]["gb_per_s"] for r in runs))
+    table = bench.format_table(rows, ["cynorm", "torch", "cynorm.torch"], markdown=True)
+    assert "| 1.50 (1.00-2.00) | 1.20 (1.00-1.50) |" in table
+
+
+def test_combine_processes_refuses_processes_that_ran_other_cases():
+    first, second = bench.SHAPE_TABLE[:2]
+    times = {"cynorm": 2e-3, "torch": 3e-3}
+    with pytest.raises(ValueError, match="the same cases in the same order"):
+        bench.combine_processes([[_process_row(first, "forward", times)], [_process_row(second, "forward", times)]])
+
+
 # --- `cynorm bench` -----------------------------------------------------------------------------------------
 
 def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys, fast_timing):
@@ -185,6 +223,38 @@ def test_bench_runs_end_to_end_and_writes_json_and_png(tmp_path, capsys, fast_ti
         assert all(ms > 0 for ms in row["median_ms"].values())
         assert row["roofline_fraction"] > 0 and row["gb_per_s"] > 0
     assert png_path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_bench_runs_each_of_several_processes_fresh_and_reports_their_medians(tmp_path, capsys, monkeypatch):
+    pools = []
+
+    class RecordedPool(bench.ProcessPoolExecutor):
+        def __init__(self, max_workers, mp_context):
+            super().__init__(max_workers=max_workers, mp_context=mp_context)
+            pools.append((max_workers, mp_context.get_start_method()))
+
+    monkeypatch.setattr(bench, "ProcessPoolExecutor", RecordedPool)
+    json_path = tmp_path / "bench.json"
+    status = bench.main(["--processes", "2", "--repeat", "1", "--threads", "1", "--peers", "reference",
+                         "--json", str(json_path), "--no-progress"], cases=TINY_CASES[:2])
+    assert status == 0
+    assert pools == [(1, "spawn"), (1, "spawn")]   # a new interpreter for each process
+    captured = capsys.readouterr()
+    assert "process 1 of 2" in captured.err and "process 2 of 2" in captured.err
+    assert "medians over 2 processes" in captured.out
+    result = json.loads(json_path.read_text())
+    assert result["processes"] == 2
+    rows = result["results"]
+    assert [(row["operation"], row["direction"]) for row in rows] == [
+        (case.operation, direction) for case in TINY_CASES[:2] for direction in bench.DIRECTIONS]
+    for row in rows:
+        assert row["processes"] == 2 and set(row["median_ms"]) == {"cynorm", "reference", "copy"}
+        for name, timing in row["timings"].items():
+            assert len(timing["process_medians_ms"]) == 2
+            assert row["median_ms"][name] == pytest.approx(statistics.median(timing["process_medians_ms"]))
+        low, high = row["speedup_range"]["cynorm vs reference"]
+        assert 0 < low <= row["speedup"]["cynorm vs reference"] <= high
+        assert f"({low:.2f}-{high:.2f})" in captured.out
 
 
 def test_bench_skips_missing_peers_and_progress_bar_with_a_message(tmp_path, capsys, monkeypatch, fast_timing):
@@ -237,6 +307,7 @@ def test_keep_freed_memory_reuses_freed_blocks_with_their_pages():
     (["--ops", "batch_norm"], "unknown operation batch_norm"),
     (["--peers", "onnx"], "unknown peer onnx"),
     (["--repeat", "0"], "must be a positive integer"),
+    (["--processes", "0"], "must be a positive integer"),
 ])
 def test_bench_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):

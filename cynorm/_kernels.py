@@ -50,6 +50,7 @@ HAVE_OPENMP = _module.HAVE_OPENMP
 HAVE_FLOAT16 = _module.HAVE_FLOAT16
 HAVE_STREAM = _module.HAVE_STREAM
 FORWARD_QUAD_ROW = _module.FORWARD_QUAD_ROW
+PREFETCHED_OUTPUT_ROW = _module.PREFETCHED_OUTPUT_ROW
 address_of = _module.address_of
 has_untouched_pages = _module.has_untouched_pages
 float_coefficients_hold = _module.float_coefficients_hold

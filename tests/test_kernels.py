@@ -428,21 +428,27 @@ def test_large_outputs_fresh_or_reused_give_the_same_bits(dtype):
 @pytest.mark.parametrize("stream", [False, True], ids=["cached-stores", "streamed"])
 @pytest.mark.parametrize("placement", ["new", "in-place"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
-def test_prefetching_forward_gives_each_samples_own_bits(dtype, placement, stream, monkeypatch):
-    # From 4 MiB of input on, the rows forward prefetches each thread's next row; a sample alone is below that
-    # size, and its rows depend on nothing else.  15 rows: the threads' shares are uneven.
-    case = NormCase("group", (5, 12, 140, 131), 1, 3)
+@pytest.mark.parametrize("case", [
+    NormCase("group", (5, 12, 140, 131), 1, 3),   # rows of 288 KiB: the input's rows ahead
+    NormCase("layer", (1500, 700), -1),           # short rows: the input's and the output's rows ahead
+], ids=str)
+def test_prefetching_forward_gives_each_samples_own_bits(case, dtype, placement, stream, monkeypatch):
+    # From 4 MiB of input on (here), the rows forward prefetches each thread's next rows; a piece of the batch
+    # alone is below that size, and its rows depend on nothing else.  The threads' shares are uneven.
     x, weight, bias = _forward_inputs(case, dtype)
-    assert x.nbytes >= 4 * 2 ** 20 > x[:1].nbytes
+    pieces = np.array_split(np.arange(x.shape[0]), 5)
+    assert x.nbytes >= 4 * 2 ** 20 > max(x[piece].nbytes for piece in pieces)
+    monkeypatch.setattr(cynorm._api, "_FORWARD_STREAM_FROM_BYTES", 4 * 2 ** 20)
+    monkeypatch.setattr(cynorm._api, "_FORWARD_SHORT_ROWS_PREFETCH_FROM_BYTES", 4 * 2 ** 20)
     _stream_large_outputs(monkeypatch, stream)
-    per_sample = [case.forward_with_stats(cynorm, x[n:n + 1], weight, bias) for n in range(x.shape[0])]
+    per_piece = [case.forward_with_stats(cynorm, x[piece], weight, bias) for piece in pieces]
     source = x.copy()
     y, (mean, rstd) = case.forward_with_stats(cynorm, source, weight, bias,
                                               out=source if placement == "in-place" else None)
-    for n, (expected_y, (expected_mean, expected_rstd)) in enumerate(per_sample):
-        assert_bitwise_equal(y[n:n + 1], expected_y)
-        assert_bitwise_equal(mean[n:n + 1], expected_mean)
-        assert_bitwise_equal(rstd[n:n + 1], expected_rstd)
+    for piece, (expected_y, (expected_mean, expected_rstd)) in zip(pieces, per_piece):
+        assert_bitwise_equal(y[piece], expected_y)
+        assert_bitwise_equal(mean[piece], expected_mean)
+        assert_bitwise_equal(rstd[piece], expected_rstd)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["cached-stores", "streamed"])
@@ -495,6 +501,24 @@ def test_outputs_stream_only_when_the_call_outgrows_the_last_level_cache(monkeyp
     _, mean, rstd = cynorm.group_norm(x, 2, return_stats=True)
     cynorm.group_norm_backward(x, x, mean, rstd)
     assert asked == [api._FORWARD_STREAM_FROM_BYTES, api._BACKWARD_STREAM_FROM_BYTES]
+
+
+def test_rows_forward_asks_for_short_rows_ahead_from_a_smaller_size(monkeypatch):
+    api = cynorm._api
+    cache = api._last_level_cache_bytes()
+    without_avx512 = cynorm._kernels.BUILD != "x86_64_v4"
+    assert api._FORWARD_SHORT_ROWS_PREFETCH_FROM_BYTES == (cache * 3 // 8 if without_avx512 else cache // 2)
+    monkeypatch.setattr(api, "_FORWARD_SHORT_ROWS_PREFETCH_FROM_BYTES", 2 ** 20)
+    monkeypatch.setattr(api, "_FORWARD_STREAM_FROM_BYTES", 2 ** 21)
+    asked = []
+    forward_rows = cynorm._kernels.forward_rows
+    monkeypatch.setattr(cynorm._kernels, "forward_rows", lambda *args: asked.append(args[-2]) or forward_rows(*args))
+    row = cynorm._kernels.PREFETCHED_OUTPUT_ROW // 4   # float32 values
+    cynorm.layer_norm(np.ones((2 ** 18 // row - 1, row), np.float32))     # short rows, just under 1 MiB
+    cynorm.layer_norm(np.ones((2 ** 18 // row, row), np.float32))         # 1 MiB
+    cynorm.layer_norm(np.ones((2 ** 18 // row // 2, 2 * row), np.float32))   # longer rows: from 2 MiB
+    cynorm.layer_norm(np.ones((2 ** 19 // row // 2, 2 * row), np.float32))
+    assert asked == [False, True, False, True]
 
 
 def test_huge_page_advice_keeps_the_contents():

@@ -1798,10 +1798,13 @@ cdef enum:
     # norm (4096,768) backward 1.33x faster with two in one A/B run, 1.07-1.23x in later ones (4096 bytes gave
     # 1.19x, 16384 the same as 8192), forward (8192,768) 1.12-1.25x.
     ROWS_AHEAD_BYTES = 8192
-    # Rows view forward: the output row ahead is asked for too, on rows of up to this many bytes.  Longer ones
-    # fill L2 with what the rows ahead will need before the row being normalized is done with it: channels-first
-    # group norm (1,768,64,64), rows of 384 KiB, ran 0.84x as fast with both rows ahead asked for (Zen 3).
-    PREFETCHED_OUTPUT_ROW_BYTES = 65536
+    # Rows view forward: the output row ahead is asked for too, on rows of these many bytes.  Longer ones fill L2
+    # with what the rows ahead will need before the row being normalized is done with it: channels-first group
+    # norm (1,768,64,64), rows of 384 KiB, ran 0.84x as fast with both rows ahead asked for (Zen 3).  On shorter
+    # ones the requests cost more than they save: layer norm (12288,256), (8192,384) and (6144,512) forwards of
+    # 12 MiB 0.92-1.04x.
+    PREFETCHED_OUTPUT_MIN_ROW_BYTES = 3072
+    PREFETCHED_OUTPUT_MAX_ROW_BYTES = 65536
     # float16 conversions: values per task (a multiple of 8, F16C's vector).
     CONVERT_BLOCK = 16384
 
@@ -1813,7 +1816,7 @@ HAVE_STREAM = bool(CYNORM_HAVE_STREAM)
 # The longest float rows (of a multiple of 16 values, longer than SHORT_ROW) whose forward this build takes four
 # rows at a time (0: none; see CYNORM_FORWARD_QUAD_ROW).
 FORWARD_QUAD_ROW = CYNORM_FORWARD_QUAD_ROW
-PREFETCHED_OUTPUT_ROW = PREFETCHED_OUTPUT_ROW_BYTES
+PREFETCHED_OUTPUT_ROWS = (PREFETCHED_OUTPUT_MIN_ROW_BYTES, PREFETCHED_OUTPUT_MAX_ROW_BYTES)
 
 
 def half_to_float(const unsigned short[::1] half_bits,   # IN  float16 values, as their bits
@@ -2823,8 +2826,9 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                                     &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream,
                                     &x[(r + ahead) * length] if prefetch and r + ahead < n_rows else NULL,
                                     &y[(r + ahead) * length] if (prefetch and not stream and r + ahead < n_rows
-                                                                 and length * sizeof(floating)
-                                                                 <= PREFETCHED_OUTPUT_ROW_BYTES) else NULL,
+                                                                 and PREFETCHED_OUTPUT_MIN_ROW_BYTES
+                                                                 <= length * sizeof(floating)
+                                                                 <= PREFETCHED_OUTPUT_MAX_ROW_BYTES) else NULL,
                                     writer)
             if stream:
                 stream_flush(writer, y)

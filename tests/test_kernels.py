@@ -430,7 +430,7 @@ def test_large_outputs_fresh_or_reused_give_the_same_bits(dtype):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
 @pytest.mark.parametrize("case", [
     NormCase("group", (5, 12, 140, 131), 1, 3),   # rows of 288 KiB: the input's rows ahead
-    NormCase("layer", (1500, 700), -1),           # short rows: the input's and the output's rows ahead
+    NormCase("layer", (1500, 801), -1),           # rows of 3 KiB: the input's and the output's rows ahead
 ], ids=str)
 def test_prefetching_forward_gives_each_samples_own_bits(case, dtype, placement, stream, monkeypatch):
     # From 4 MiB of input on (here), the rows forward prefetches each thread's next rows; a piece of the batch
@@ -513,12 +513,14 @@ def test_rows_forward_asks_for_short_rows_ahead_from_a_smaller_size(monkeypatch)
     asked = []
     forward_rows = cynorm._kernels.forward_rows
     monkeypatch.setattr(cynorm._kernels, "forward_rows", lambda *args: asked.append(args[-2]) or forward_rows(*args))
-    row = cynorm._kernels.PREFETCHED_OUTPUT_ROW // 4   # float32 values
-    cynorm.layer_norm(np.ones((2 ** 18 // row - 1, row), np.float32))     # short rows, just under 1 MiB
-    cynorm.layer_norm(np.ones((2 ** 18 // row, row), np.float32))         # 1 MiB
-    cynorm.layer_norm(np.ones((2 ** 18 // row // 2, 2 * row), np.float32))   # longer rows: from 2 MiB
-    cynorm.layer_norm(np.ones((2 ** 19 // row // 2, 2 * row), np.float32))
-    assert asked == [False, True, False, True]
+    shortest, longest = (nbytes // 4 for nbytes in cynorm._kernels.PREFETCHED_OUTPUT_ROWS)   # float32 values
+    for row in (shortest, longest):   # rows whose output is asked for too: from 1 MiB
+        cynorm.layer_norm(np.ones((2 ** 18 // row - 1, row), np.float32))   # just under 1 MiB
+        cynorm.layer_norm(np.ones((2 ** 18 // row + 1, row), np.float32))
+    for row in (shortest - 16, 2 * longest):   # others: from 2 MiB
+        cynorm.layer_norm(np.ones((2 ** 18 // row + 1, row), np.float32))
+        cynorm.layer_norm(np.ones((2 ** 19 // row + 1, row), np.float32))
+    assert asked == [False, True] * 4
 
 
 def test_huge_page_advice_keeps_the_contents():

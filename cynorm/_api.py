@@ -164,10 +164,10 @@ def _last_level_cache_bytes():
 # Thresholds measured on a 32 MiB L3 (Zen 5); the figures are in the README, "Builds and threads".
 _LAST_LEVEL_CACHE_BYTES = _last_level_cache_bytes()
 _FORWARD_STREAM_FROM_BYTES = _LAST_LEVEL_CACHE_BYTES // 2
-# The rows view's forward on rows whose output's lines are asked for ahead too (see PREFETCHED_OUTPUT_MIN_ROW_BYTES
-# in the kernels) asks for its rows from three eighths of the cache's size in builds
-# without AVX-512, measured on a Zen 3 whose memory ran at about half the Zen 5's pace: layer norm forwards of
-# 12 MiB 1.08-1.32x faster ((4096,768) 1.09-1.32x in six processes, (3072,1024) 1.24-1.25x, (768,4096)
+# The rows view's forward on rows whose output's lines are asked for ahead too (see the kernels'
+# PREFETCHED_OUTPUT_MIN_ROW_BYTES) asks for its rows from three eighths of the cache's size in builds without
+# AVX-512, measured on a Zen 3, whose memory is slower than the Zen 5's: layer norm forwards of 12 MiB
+# 1.08-1.32x faster ((4096,768) 1.09-1.32x in six processes, (3072,1024) 1.24-1.25x, (768,4096)
 # 1.14-1.30x, (1536,2048) 1.08-1.09x); of 8 MiB (2048,1024) 1.11-1.19x but (1024,2048) 0.90-0.94x; 4 MiB
 # (1024,1024) 0.81x, in cache.
 _FORWARD_SHORT_ROWS_PREFETCH_FROM_BYTES = (_FORWARD_STREAM_FROM_BYTES if _kernels.BUILD == "x86_64_v4"

@@ -2420,7 +2420,7 @@ cdef inline void normalize_row_range(const floating* x, floating* y,   # IN, OUT
                                      const floating* weight, const floating* bias,  # the row's channels
                                      double mean, double rstd, bint stream,
                                      const floating* next_row,     # IN or NULL
-                                     const floating* next_output,  # OUT or NULL
+                                     const floating* next_output,  # that row of y (only asked for), or NULL
                                      cynorm_stream_writer* writer) noexcept nogil:   # the thread's, if `stream`
     """Normalizes elements [start, stop) of a row, with streaming stores through `writer` if `stream`.  The
     caller flushes the writer and fences the streamed stores once, after its last row: a fence per row costs a

@@ -668,6 +668,8 @@ def combine_processes(runs):
     do not average that out; more processes do.
     """
     rows = []
+    if len({len(rows_of_one) for rows_of_one in runs}) > 1:
+        raise ValueError("combine_processes() expects the same cases in the same order from every process")
     for versions in zip(*runs):
         first = versions[0]
         keys = ("operation", "shape", "layout", "direction")

@@ -199,6 +199,9 @@ def test_combine_processes_refuses_processes_that_ran_other_cases():
     times = {"cynorm": 2e-3, "torch": 3e-3}
     with pytest.raises(ValueError, match="the same cases in the same order"):
         bench.combine_processes([[_process_row(first, "forward", times)], [_process_row(second, "forward", times)]])
+    with pytest.raises(ValueError, match="the same cases in the same order"):
+        bench.combine_processes([[_process_row(first, "forward", times)],
+                                 [_process_row(first, "forward", times), _process_row(second, "forward", times)]])
 
 
 # --- `cynorm bench` -----------------------------------------------------------------------------------------

@@ -380,11 +380,9 @@ def _run_forward(x, y, size, weight, bias, mean, rstd, float64, geometry, eps, c
 
     The NumPy API checks everything before calling it; so does the PyTorch adapter's eager path, whose tensors
     come with their shapes and dtypes known, and whose memory it passes without making NumPy arrays of it."""
-    threads, stream, prefetch = _launch(y, size, float64, temporary_output, _FORWARD_STREAM_FROM_BYTES)
+    threads, stream, prefetch = _launch(y, size, float64, temporary_output, _FORWARD_STREAM_FROM_BYTES,
+                                        _forward_prefetch_from_bytes(geometry, float64))
     if geometry.rows:
-        shortest, longest = _kernels.PREFETCHED_OUTPUT_ROWS
-        if shortest <= _group_size(geometry) * (8 if float64 else 4) <= longest:
-            prefetch = size * (8 if float64 else 4) >= _FORWARD_SHORT_ROWS_PREFETCH_FROM_BYTES
         _kernels.forward_rows(x, y, weight, bias, mean, rstd, float64, _units(geometry, size), geometry.groups,
                               geometry.chans_per_group, geometry.inner, eps, centered, stream, prefetch, threads)
     else:
@@ -393,12 +391,23 @@ def _run_forward(x, y, size, weight, bias, mean, rstd, float64, geometry, eps, c
                                  geometry.affine_per_row, eps, centered, stream, prefetch, threads)
 
 
-def _launch(output, size, float64, temporary_output, outgrown_from_bytes):
+def _forward_prefetch_from_bytes(geometry, float64):
+    """From how many bytes of input the forward of `geometry` asks for its rows ahead: sooner on rows whose output
+    is asked for too (see _FORWARD_SHORT_ROWS_PREFETCH_FROM_BYTES)."""
+    shortest, longest = _kernels.PREFETCHED_OUTPUT_ROWS
+    if geometry.rows and shortest <= _group_size(geometry) * (8 if float64 else 4) <= longest:
+        return _FORWARD_SHORT_ROWS_PREFETCH_FROM_BYTES
+    return _FORWARD_STREAM_FROM_BYTES
+
+
+def _launch(output, size, float64, temporary_output, outgrown_from_bytes, prefetch_from_bytes=None):
     """For a kernel on arrays of `size` values: its threads, whether it streams its `output` (an address), and
-    whether it prefetches its input, both from `outgrown_from_bytes` on (streaming only into memory in use)."""
+    whether it prefetches its input, both from `outgrown_from_bytes` on (streaming only into memory in use), or
+    prefetching from `prefetch_from_bytes`."""
     nbytes = size * (8 if float64 else 4)
     stream = not temporary_output and _prepare_large_output(output, nbytes, outgrown_from_bytes)
-    return _thread_count(size), stream, nbytes >= outgrown_from_bytes
+    prefetch_from = outgrown_from_bytes if prefetch_from_bytes is None else prefetch_from_bytes
+    return _thread_count(size), stream, nbytes >= prefetch_from
 
 
 def _units(geometry, size):

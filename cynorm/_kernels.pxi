@@ -2763,6 +2763,9 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
     cdef char* writers = NULL
     cdef cynorm_stream_writer* writer
     cdef bint by_rows, chunked
+    # (the output's rows ahead too: see PREFETCHED_OUTPUT_MIN_ROW_BYTES)
+    cdef bint prefetch_output = (prefetch and not stream and PREFETCHED_OUTPUT_MIN_ROW_BYTES
+                                 <= length * <Py_ssize_t>sizeof(floating) <= PREFETCHED_OUTPUT_MAX_ROW_BYTES)
     # float rows of a multiple of 16 values four at a time (see CYNORM_FORWARD_QUAD_ROW)
     cdef bint quads = (floating is float and groups == 1 and inner == 1
                        and length > SHORT_ROW and length % 16 == 0 and length <= CYNORM_FORWARD_QUAD_ROW
@@ -2825,10 +2828,7 @@ cdef void rows_forward(const floating* x, floating* y, const floating* weight, c
                 normalize_row_range(&x[r * length], &y[r * length], 0, length, inner,
                                     &weight[first_channel], &bias[first_channel], mean[r], rstd[r], stream,
                                     &x[(r + ahead) * length] if prefetch and r + ahead < n_rows else NULL,
-                                    &y[(r + ahead) * length] if (prefetch and not stream and r + ahead < n_rows
-                                                                 and PREFETCHED_OUTPUT_MIN_ROW_BYTES
-                                                                 <= length * sizeof(floating)
-                                                                 <= PREFETCHED_OUTPUT_MAX_ROW_BYTES) else NULL,
+                                    &y[(r + ahead) * length] if prefetch_output and r + ahead < n_rows else NULL,
                                     writer)
             if stream:
                 stream_flush(writer, y)

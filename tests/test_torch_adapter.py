@@ -530,9 +530,8 @@ def test_inference_skips_the_operator_only_when_nothing_watches(case, monkeypatc
     operator = getattr(ct, f"_{case}_op")
     direct_calls = []   # the kernels without the operator: on the full path, or on the inference path
     kernels, inference_forward = ct._KERNELS_OF[operator], ct._inference_forward
-    monkeypatch.setitem(ct._KERNELS_OF, operator, lambda *args: direct_calls.append(args) or kernels(*args))
-    monkeypatch.setattr(ct, "_inference_forward",
-                        lambda *args, **kwargs: direct_calls.append(args) or inference_forward(*args, **kwargs))
+    monkeypatch.setitem(ct._KERNELS_OF, operator, functools.partial(_counted, direct_calls, kernels))
+    monkeypatch.setattr(ct, "_inference_forward", functools.partial(_counted, direct_calls, inference_forward))
     with torch.no_grad():
         direct = function(*inputs)
         assert len(direct_calls) == 1

@@ -553,11 +553,13 @@ def _inference_variants(case):
         return [(x, (4,)), (x.contiguous(memory_format=torch.channels_last), (4,)), (x.double(), (4,)),
                 (x, (4, random_tensor((8,), torch.float32), random_tensor((8,), torch.float32, seed=2))),
                 (x, (4, strided_weight)), (x, (4, None, None, 1e-2)), (x, (4, None, None, -1.0)), (x, (2,)),
-                (x[:, :, :, ::2], (4,))]
+                (x[:, :, :, ::2], (4,)), (x.bfloat16(), (4,)), (x.bfloat16(), (3,)),
+                (x.half().contiguous(memory_format=torch.channels_last), (4,)), (x.half(), (4,))]
     weight = random_tensor((5,), torch.float32)
     return [(x, ([5],)), (x.permute(0, 2, 3, 1), ([8],)), (x.double(), ([5],)), (x, ([3, 5],)),
             (x, ([5], weight)), (x, ([5], strided_weight[:5])), (x, ([5], None, 1e-2)),
-            (x[:, :, :, ::2], ([3],)), (x, ([4],))]
+            (x[:, :, :, ::2], ([3],)), (x, ([4],)), (x.bfloat16(), ([5], weight.bfloat16())),
+            (x.bfloat16(), ([4],)), (x.half(), ([5],))]
 
 
 @pytest.mark.parametrize("case", ["group_norm", "layer_norm", "rms_norm"])
@@ -600,6 +602,36 @@ def test_inference_calls_give_the_full_paths_results(case, monkeypatch):
                     else:
                         assert type(got) is type(expected) and str(got) == str(expected)
     assert len(taken) >= 2 * 2 * 5   # (twice without gradients: the layouts, dtypes and parameters above)
+
+
+@pytest.mark.parametrize("case, dtype, layout", [("group_norm", "bfloat16", "contiguous"),
+                                                  ("group_norm", "bfloat16", "channels_last"),
+                                                  ("group_norm", "float16", "channels_last"),
+                                                  ("layer_norm", "bfloat16", "contiguous"),
+                                                  ("layer_norm", "float16", "contiguous"),
+                                                  ("rms_norm", "bfloat16", "contiguous")])
+def test_inference_calls_for_torch_ask_nothing_more(case, dtype, layout, monkeypatch):
+    """Calls that record no gradient and that the full path would hand to torch's function whatever else holds
+    (bfloat16, which the kernels do not take; float16 where torch's function is the faster) go there without the
+    full path's checks or a verdict of their own, with torch's results."""
+    dtype = getattr(torch, dtype)
+    x = random_tensor((4, 64, 16, 16), torch.float32).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = random_tensor((16,) if case != "group_norm" else (64,), dtype, seed=1)
+    function, expected = {
+        "group_norm": (lambda: ct.group_norm(x, 8, weight, weight), lambda: F.group_norm(x, 8, weight, weight)),
+        "layer_norm": (lambda: ct.layer_norm(x, [16], weight, weight), lambda: F.layer_norm(x, [16], weight, weight)),
+        "rms_norm": (lambda: ct.rms_norm(x, [16], weight), lambda: F.rms_norm(x, [16], weight)),
+    }[case]
+    asked = []
+    for name in ("_torch_takes", "_kernels_take", "_full_path_route"):
+        monkeypatch.setattr(ct, name, functools.partial(_counted, asked, getattr(ct, name)))
+    ct._inference_verdicts.clear()
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(function(), expected(), rtol=0, atol=0)
+    assert not asked and not ct._inference_verdicts
 
 
 def _counted(calls, function, *args, **kwargs):

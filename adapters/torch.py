@@ -987,7 +987,9 @@ def _torch_takes(norm, input, weight, bias=None, normalized_shape=(), num_groups
         return True
     if not isinstance(input, Tensor):
         return False
-    if _float16_to_torch(norm, input):
+    # (nested tensors have no shape, sparse ones no strides, for the questions below; torch's function takes
+    # both, LayerNorm of nested tensors among them)
+    if input.is_nested or input.layout != torch.strided or _float16_to_torch(norm, input):
         return True
     if not _small_inputs_to_torch or norm == "instance_norm":
         return False
@@ -1121,11 +1123,13 @@ def _inference_verdict(norm, input, weight, bias, arg):
     dtype = input.dtype
     if dtype not in _KERNEL_DTYPES or (dtype is torch.float16 and _float16_to_torch(norm, input)):
         return _TORCHS
-    key = (norm, arg, input.shape, input.stride(), dtype, None if weight is None else weight.shape,
-           None if bias is None else bias.shape, _small_inputs_to_torch)
     try:
+        key = (norm, arg, input.shape, input.stride(), dtype, None if weight is None else weight.shape,
+               None if bias is None else bias.shape, _small_inputs_to_torch)
         verdict = _inference_verdicts.get(key)
     except TypeError:   # (an argument torch refuses, such as a list of groups)
+        return None
+    except RuntimeError:   # (a nested or sparse tensor, without strides: see _torch_takes)
         return None
     if verdict is _TORCHS:
         return verdict

@@ -478,6 +478,35 @@ def test_torch_function_subclasses_and_modes_see_torchs_calls(case, kernel_calls
     assert not kernel_calls
 
 
+def _nested(*shapes):
+    return torch.nested.nested_tensor([random_tensor(shape, seed=seed) for seed, shape in enumerate(shapes)])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_nested_and_sparse_tensors_get_torchs_function(grad, kernel_calls):
+    """Nested tensors (torch.nested's strided layout: no shape) and sparse ones (no strides) go to torch's
+    function, with its results and errors, on the inference path as on the full path: a converted model's
+    LayerNorm takes nested tensors as torch.nn's does (it asked for their shape before)."""
+    nested = _nested((700, 768), (500, 768))   # (large enough for the kernels, were it a plain tensor)
+    weight = random_tensor((8,), seed=3).requires_grad_(grad)
+    calls = [lambda module, functional: module(nested),
+             lambda module, functional: functional.layer_norm(nested, [768]),   # (torch's ValueError)
+             lambda module, functional: functional.group_norm(_nested((8, 3, 3), (8, 5, 5)), 4, weight, weight),
+             lambda module, functional: functional.layer_norm(random_tensor((64, 768), seed=4).to_sparse(), [768])]
+    with torch.set_grad_enabled(grad):
+        for call in calls:
+            expected = _result_or_error(call, nn.LayerNorm(768), F)
+            got = _result_or_error(call, ct.LayerNorm(768), ct)
+            if isinstance(expected, Tensor):
+                assert got.is_nested and got.requires_grad == expected.requires_grad
+                for got_part, expected_part in zip(got.unbind(), expected.unbind()):
+                    torch.testing.assert_close(got_part, expected_part, rtol=0, atol=0)
+            else:
+                assert type(got) is type(expected) and str(got) == str(expected)
+    assert not kernel_calls
+
+
 @pytest.mark.parametrize("case", TRANSFORM_CASES)
 @pytest.mark.parametrize("params_need_grad", [False, True], ids=["no_grad", "grad"])
 def test_tensors_left_behind_by_a_transform_give_torchs_results(case, params_need_grad, kernel_calls):

@@ -457,6 +457,7 @@ class RMSNormalization(_AxesNormalization):
     def __init__(self, axis=-1, epsilon=1e-6, **kwargs):
         axis = _check_axis_argument(axis, type(self).__name__)
         super().__init__(**kwargs)
+        self.supports_masking = False   # (as Keras's: a mask goes no further, where the other norms pass it on)
         self.axis = axis
         self.epsilon = epsilon
 

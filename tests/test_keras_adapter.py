@@ -551,6 +551,24 @@ def test_non_neg_constraint_holds_after_fit():
     assert np.any(layer.gamma.numpy() == 0) or np.any(layer.beta.numpy() == 0)
 
 
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+def test_a_mask_goes_on_as_through_keras_layers(kind):
+    """An embedding's mask goes past our layer where it goes past Keras's (group and layer normalization pass it
+    on, RMS normalization does not, with Keras's warning): the layers after it see the same mask."""
+    inputs = keras.Input((None,), dtype="int32")
+    embedded = keras.layers.Embedding(50, 8, mask_zero=True)(inputs)
+    kwargs = {"groups": 2} if kind == "group" else {}
+    masks, warned = [], []
+    for factory in PAIRS[kind]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            masks.append(getattr(factory(**kwargs)(embedded), "_keras_mask", None))
+        # (the messages past the layer's name, which Keras numbers)
+        warned.append(sorted(str(w.message).split("'")[2] for w in caught if "mask" in str(w.message)))
+    assert (masks[0] is None) == (masks[1] is None) == (kind == "rms")
+    assert warned[0] == warned[1] and bool(warned[0]) == (kind == "rms")
+
+
 @pytest.mark.parametrize("kind", sorted(LAYER_FACTORIES))
 def test_get_config_round_trip(kind):
     layer = LAYER_FACTORIES[kind](name="norm", epsilon=1e-4) if kind == "rms" else LAYER_FACTORIES[kind](

@@ -1129,7 +1129,7 @@ def _inference_verdict(norm, input, weight, bias, arg):
         verdict = _inference_verdicts.get(key)
     except TypeError:   # (an argument torch refuses, such as a list of groups)
         return None
-    except RuntimeError:   # (a nested or sparse tensor, without strides: see _torch_takes)
+    except RuntimeError:   # (a nested tensor, without a shape, or a sparse one, without strides: see _torch_takes)
         return None
     if verdict is _TORCHS:
         return verdict

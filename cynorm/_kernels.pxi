@@ -2085,8 +2085,9 @@ cdef inline double mean_beyond(double mean, floating mean_hi) noexcept nogil:
 
 cdef inline double inverse_std(double m2, double count, double eps, bint centered) noexcept nogil:
     # A centred M2 past the float64 range (float64 values beyond ~1e154 from their mean; an infinite input makes
-    # it NaN) leaves no rstd to compute: NaN, as torch gives, where 1/sqrt(inf) would silently make the group's
-    # outputs zeros.  (An RMS norm's sum of squares is infinite with an infinite input too: 0, as in torch.)
+    # it NaN) leaves no rstd to compute: NaN, as torch gives on most shapes, where 1/sqrt(inf) would silently make
+    # the group's outputs zeros.  (An RMS norm's sum of squares is infinite with an infinite input too: 0, as in
+    # torch.)
     if centered and m2 == INFINITY:
         return NAN
     return 1.0 / sqrt(m2 / count + eps)

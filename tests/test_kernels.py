@@ -279,8 +279,8 @@ def test_non_finite_value_is_confined_to_its_group(case, dtype, bad_value):
                          + [NormCase("group", (1, 4, 300, 100), 1, 2), NormCase("layer", (37, 10), -1)], ids=str)
 def test_float64_variance_past_the_float64_range_is_nan_in_its_group(case):
     """A float64 group whose squared deviations sum past the float64 range (one value of 1e200) has no finite
-    rstd: its outputs are NaN, as torch's are, not the zeros of 1/sqrt(inf).  (RMS norm gives torch's zeros:
-    its sum of squares is infinite with an infinite input too, and there 0 is the answer.)"""
+    rstd: its outputs are NaN, as torch's are on most shapes, not the zeros of 1/sqrt(inf).  (RMS norm gives
+    torch's zeros: its sum of squares is infinite with an infinite input too, and there 0 is the answer.)"""
     x, weight, bias = _forward_inputs(case, np.float64)
     x.flat[x.size // 2 + 1] = np.nan
     with np.errstate(invalid="ignore"):

@@ -939,6 +939,20 @@ _TORCH_FASTER_BELOW, _TORCH_FASTER_ON_ROWS = ((_TORCH_FASTER_BELOW_AVX512, {}) i
                                               else (_TORCH_FASTER_BELOW_WITHOUT_AVX512,
                                                     _TORCH_FASTER_ON_ROWS_WITHOUT_AVX512))
 _TINY_MAP, _SMALL_MAP = 4, 64
+
+
+def _torchs_at_any_shape_below(norm):
+    """The number of values below which every contiguous input of ``norm`` that records no gradient runs torch's
+    function by _TORCH_FASTER_BELOW, whatever its shape: the least of its categories' limits on elements and
+    rows (an input of fewer values than a row limit has fewer rows than it).  Channels-last group norm counts
+    too, any non-contiguous group norm being one of its categories or torch's."""
+    categories = [category for category in _TORCH_FASTER_BELOW
+                  if category == norm or norm == "group_norm" and "group_norm" in category]
+    return min(limit for category in categories for limit in _TORCH_FASTER_BELOW[category][0] if limit is not None)
+
+
+_TORCHS_AT_ANY_SHAPE_BELOW = {norm: _torchs_at_any_shape_below(norm)
+                              for norm in ("group_norm", "layer_norm", "rms_norm")}
 # torch's channels-last group norm parallelizes over the positions of maps of this many values or more (its
 # feature_map_threshold), else over samples and groups
 _LARGE_CHANNELS_LAST_MAP = 1024
@@ -1096,7 +1110,7 @@ def _run(op, *args):
 _INFERENCE_VERDICTS_HELD = 256
 _inference_verdicts = {}
 _TORCHS = "torch's function"
-_PLAIN_TENSORS = (Tensor, nn.Parameter)
+_PLAIN_PARAMETERS = (Tensor, nn.Parameter, type(None))
 _inference_scratch = threading.local()
 
 
@@ -1110,9 +1124,8 @@ def _inference_verdict(norm, input, weight, bias, arg):
     # (compiled graphs get the full path's operators; subclasses and modes see nothing before torch's call)
     if torch.compiler.is_compiling() or type(input) is not Tensor or has_torch_function_variadic(input, weight, bias):
         return None
-    for param in (weight, bias):
-        if param is not None and type(param) not in _PLAIN_TENSORS:
-            return None
+    if type(weight) not in _PLAIN_PARAMETERS or type(bias) not in _PLAIN_PARAMETERS:
+        return None
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         return None
@@ -1124,6 +1137,12 @@ def _inference_verdict(norm, input, weight, bias, arg):
     if dtype not in _KERNEL_DTYPES or (dtype is torch.float16 and _float16_to_torch(norm, input)):
         return _TORCHS
     try:
+        # So do small inputs, whose size is cheaper to ask than their signature to look up: the verdict on a
+        # GroupNorm (1,32,8,8) took 0.9 µs instead of 3.8 (warm, Zen 3).  An empty input takes the full path, as
+        # its rows may too.
+        if (_small_inputs_to_torch and 0 < input.numel() < _TORCHS_AT_ANY_SHAPE_BELOW[norm]
+                and (norm == "group_norm" or input.is_contiguous())):
+            return _TORCHS
         key = (norm, arg, input.shape, input.stride(), dtype, None if weight is None else weight.shape,
                None if bias is None else bias.shape, _small_inputs_to_torch)
         verdict = _inference_verdicts.get(key)
@@ -1271,7 +1290,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         return F.group_norm(input, num_groups, weight, bias, eps)
     verdict = _inference_verdict("group_norm", input, weight, bias, num_groups)
     if verdict is _TORCHS:
-        return F.group_norm(input, num_groups, weight, bias, eps)
+        return _torchs_group_norm(input, num_groups, weight, bias, eps)
     if verdict is not None and eps >= 0:
         return _inference_forward(input, verdict, weight, bias, eps, centered=True)
     torch_crashes = _torch_group_norm_backward_crashes(input, weight, bias)
@@ -1283,6 +1302,16 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         if _channels_last_order(input) is None:
             return output
         return output.contiguous(memory_format=_CHANNELS_LAST[input.dim()][0])   # (the input's layout, as torch's)
+    return F.group_norm(input, num_groups, weight, bias, eps)
+
+
+def _torchs_group_norm(input, num_groups, weight, bias, eps):
+    """``F.group_norm`` of a plain tensor and parameters (none with ``__torch_function__``, as _inference_verdict
+    checks), calling its operator at once where its checks of the shape pass for sure: they took 2.7 µs of its 9.6
+    µs on (1,32,8,8), warm, and the operator 6.9.  They refuse fewer than 2 dims, and a single value in each
+    channel of a group ((N * C // num_groups) * H * W == 1), which needs fewer values than 2 * num_groups."""
+    if type(num_groups) is int and 0 < 2 * num_groups <= input.numel() and input.dim() >= 2:
+        return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     return F.group_norm(input, num_groups, weight, bias, eps)
 
 

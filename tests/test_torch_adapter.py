@@ -648,11 +648,23 @@ def test_inference_calls_for_torch_ask_nothing_more(case, dtype, layout, monkeyp
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     weight = random_tensor((16,) if case != "group_norm" else (64,), dtype, seed=1)
-    function, expected = {
-        "group_norm": (lambda: ct.group_norm(x, 8, weight, weight), lambda: F.group_norm(x, 8, weight, weight)),
-        "layer_norm": (lambda: ct.layer_norm(x, [16], weight, weight), lambda: F.layer_norm(x, [16], weight, weight)),
-        "rms_norm": (lambda: ct.rms_norm(x, [16], weight), lambda: F.rms_norm(x, [16], weight)),
-    }[case]
+    _assert_torchs_without_checks(*_ours_and_torchs(case, x, weight, 8 if case == "group_norm" else 16), monkeypatch)
+
+
+def _ours_and_torchs(case, x, weight, arg):
+    """Calls of our function and torch's of ``case`` on ``x``, in ``arg`` groups (a default argument, group norm)
+    or over its last ``arg`` values, with ``weight`` as the weight and the bias."""
+    if case == "group_norm":
+        return (lambda groups=arg: ct.group_norm(x, groups, weight, weight),
+                lambda groups=arg: F.group_norm(x, groups, weight, weight))
+    if case == "layer_norm":
+        return lambda: ct.layer_norm(x, [arg], weight, weight), lambda: F.layer_norm(x, [arg], weight, weight)
+    return lambda: ct.rms_norm(x, [arg], weight), lambda: F.rms_norm(x, [arg], weight)
+
+
+def _assert_torchs_without_checks(function, expected, monkeypatch):
+    """``function()``, called twice without recording gradients, gives ``expected()``'s bits without any of the
+    full path's checks and without keeping a verdict."""
     asked = []
     for name in ("_torch_takes", "_kernels_take", "_full_path_route"):
         monkeypatch.setattr(ct, name, functools.partial(_counted, asked, getattr(ct, name)))
@@ -661,6 +673,85 @@ def test_inference_calls_for_torch_ask_nothing_more(case, dtype, layout, monkeyp
         for _ in range(2):
             torch.testing.assert_close(function(), expected(), rtol=0, atol=0)
     assert not asked and not ct._inference_verdicts
+
+
+@pytest.mark.parametrize("case, shape, layout", [("group_norm", (1, 32, 8, 8), "contiguous"),
+                                                  ("group_norm", (1, 32, 8, 8), "channels_last"),
+                                                  ("group_norm", (2, 6, 5), "strided"),
+                                                  ("layer_norm", (4, 64), "contiguous"),
+                                                  ("rms_norm", (8, 128), "contiguous")])
+def test_small_inference_calls_ask_nothing_more(case, shape, layout, monkeypatch):
+    """Inputs small enough for torch's function to run them whatever their shape (see
+    _TORCHS_AT_ANY_SHAPE_BELOW) go there without the full path's checks or a verdict of their own, with torch's
+    results and torch's errors."""
+    ct.use_torch_for_small_inputs(True)
+    x = in_layout(random_tensor(shape, torch.float32), layout)
+    weight = random_tensor(shape[1:2] if case == "group_norm" else shape[-1:], torch.float32, seed=1)
+    function, expected = _ours_and_torchs(case, x, weight, shape[1] // 2 if case == "group_norm" else shape[-1])
+    _assert_torchs_without_checks(function, expected, monkeypatch)
+    if case == "group_norm":   # (groups that do not divide the channels: torch's error)
+        with torch.no_grad():
+            assert str(_result_or_error(function, 5)) == str(_result_or_error(expected, 5))
+
+
+def _small_input_shapes(norm):
+    """(shape, layout, argument) of inputs of ``norm`` in many shapes and layouts, groups or normalized shapes."""
+    if norm != "group_norm":
+        for rows, row in itertools.product([(1,), (3,), (2, 7), (16,), (64,), (1000,), (2047,), (4095,)],
+                                           [(1,), (2,), (5,), (16,), (64,), (100, 3), (256,), (768,), (2, 2, 3)]):
+            for axes in range(1, len(row) + 1):
+                yield rows + row, "contiguous", row[len(row) - axes:]
+        return
+    for samples, channels, maps in itertools.product([1, 3, 8], [1, 4, 6, 32, 96, 2048],
+                                                     [(), (1,), (4,), (2, 2), (7, 7), (16, 16), (2, 3, 3)]):
+        shape = (samples, channels, *maps)
+        for layout in ["contiguous", "strided"] + (["channels_last"] if len(shape) in (4, 5) else []):
+            for groups in {1, 2, 3, channels, 0}:
+                yield shape, layout, groups
+
+
+@pytest.mark.parametrize("norm", ["group_norm", "layer_norm", "rms_norm"])
+def test_small_input_limit_is_the_full_paths_at_any_shape(norm):
+    """Every input of fewer values than _TORCHS_AT_ANY_SHAPE_BELOW (contiguous, or any group norm's) goes to
+    torch's function by the full path's rule, and some input of that many values does not."""
+    ct.use_torch_for_small_inputs(True)
+    limit = ct._TORCHS_AT_ANY_SHAPE_BELOW[norm]
+    checked = 0
+    with torch.no_grad():
+        for shape, layout, argument in _small_input_shapes(norm):
+            if not 0 < math.prod(shape) < limit:
+                continue
+            x = in_layout(torch.zeros(shape), layout)
+            arguments = {"num_groups": argument} if norm == "group_norm" else {"normalized_shape": argument}
+            assert ct._torch_takes(norm, x, None, None, **arguments), (shape, layout, argument)
+            checked += 1
+        limit_shape, argument = ((limit // 16, 16, 1, 1), {"num_groups": 16}) if norm == "group_norm" else \
+            ((limit, 1), {"normalized_shape": (1,)})
+        assert not ct._torch_takes(norm, torch.zeros(limit_shape), None, None, **argument)
+    assert checked >= 40
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torchs_group_norm_is_torchs_function(layout, dtype):
+    """_torchs_group_norm, which calls torch's operator without F.group_norm's checks where they pass, gives
+    F.group_norm's bits and errors, around the shapes those checks refuse and with groups torch refuses."""
+    cases = [((1, 2), 2), ((1, 3), 2), ((1, 4), 2), ((2, 2), 2), ((1, 3, 1), 2), ((1, 3, 2), 2), ((1, 2, 1, 1), 2),
+             ((1, 2, 1, 1), 1), ((1, 4, 1, 1), 2), ((2, 6, 3, 3), 3), ((2, 6, 3, 3), 4), ((2, 6, 3, 3), 0),
+             ((2, 6, 3, 3), -3), ((2, 6, 3, 3), 3.0), ((2, 6, 3, 3), True), ((4,), 2), ((1, 8, 2, 2, 2), 4)]
+    for (shape, groups), parameters in itertools.product(cases, [False, True]):
+        x = random_tensor(shape, dtype)
+        if layout == "channels_last" and x.dim() in (4, 5):
+            x = in_layout(x, layout)
+        weight, bias = ((random_tensor(shape[1:2], dtype, seed=1), random_tensor(shape[1:2], dtype, seed=2))
+                        if parameters and x.dim() > 1 else (None, None))
+        got = _result_or_error(ct._torchs_group_norm, x, groups, weight, bias, 1e-5)
+        expected = _result_or_error(F.group_norm, x, groups, weight, bias, 1e-5)
+        if isinstance(expected, Tensor):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            assert got.stride() == expected.stride()
+        else:
+            assert type(got) is type(expected) and str(got) == str(expected), (shape, groups)
 
 
 def _counted(calls, function, *args, **kwargs):

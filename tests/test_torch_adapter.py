@@ -710,12 +710,18 @@ def _small_input_shapes(norm):
                 yield shape, layout, groups
 
 
+@pytest.mark.parametrize("limits", ["AVX512", "WITHOUT_AVX512"])
 @pytest.mark.parametrize("norm", ["group_norm", "layer_norm", "rms_norm"])
-def test_small_input_limit_is_the_full_paths_at_any_shape(norm):
+def test_small_input_limit_is_the_full_paths_at_any_shape(norm, limits, monkeypatch):
     """Every input of fewer values than _TORCHS_AT_ANY_SHAPE_BELOW (contiguous, or any group norm's) goes to
-    torch's function by the full path's rule, and some input of that many values does not."""
+    torch's function by the full path's rule, and some input of that many values does not: with the limits of
+    either kind of build."""
+    assert ct._TORCHS_AT_ANY_SHAPE_BELOW[norm] == ct._torchs_at_any_shape_below(norm)   # (this build's limits)
+    rows = {} if limits == "AVX512" else ct._TORCH_FASTER_ON_ROWS_WITHOUT_AVX512
+    monkeypatch.setattr(ct, "_TORCH_FASTER_BELOW", getattr(ct, f"_TORCH_FASTER_BELOW_{limits}"))
+    monkeypatch.setattr(ct, "_TORCH_FASTER_ON_ROWS", rows)
+    limit = ct._torchs_at_any_shape_below(norm)
     ct.use_torch_for_small_inputs(True)
-    limit = ct._TORCHS_AT_ANY_SHAPE_BELOW[norm]
     checked = 0
     with torch.no_grad():
         for shape, layout, argument in _small_input_shapes(norm):

@@ -191,6 +191,9 @@ SHORT_ROW_CASES = (
     NormCase("group", (50, 12, 1), 1, 4),       # rows of 3 channels, the weight by group
     NormCase("group", (13, 64, 1), 1, 2),       # rows of 32 channels, the weight by group, gradients row by row
     NormCase("group", (9, 8, 2, 2), 1, 4),      # rows of 2 channels of 4 values
+    NormCase("group", (21, 32, 2, 2), 1, 4),    # rows of 8 channels of 4 values, their constants spread
+    NormCase("group", (5, 48, 3), 1, 3),        # of 16 channels of 3 values
+    NormCase("group", (17, 64, 4), 1, 4),       # of 16 channels of 4: the longest
 )
 
 # Rows view cases that AVX-512 builds take four rows or four channels at a time.  Rows of a multiple of 16 values

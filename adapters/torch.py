@@ -887,8 +887,16 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # channels-first group norm forwards on maps of 256-1024 values 0.76-0.92x at 2**18, 1.05-1.09x at 2**19 and
 # 1.15-1.18x at 655-786K, steps 0.88-1.12x at 2**19.  Before the plans: channels-first
 # group norm on maps of 100-1024 values 0.79-0.99x up to 2**19 values, 1.06-1.28x from 2**20.  Builds without
-# AVX-512 send those calls to torch.  RMS norm's and channels-last group norm's calls won there from the limits
-# on, which stay.  Steps on maps of 5-64 values run torch's at every size: measured with keep_freed_memory
+# AVX-512 send those calls to torch.  Channels-last group norm's calls won there from the limits on, which stay.
+# RMS norm runs the kernels at every size: torch 2.13 computes it on CPU from eight operators (pow, sum, div,
+# add, rsqrt, two multiplications, casts), 18-21 µs on a (1,4096) row warm, and the adapter on the kernels ran
+# 1.16-1.6x its speed on inference calls of 16-16384 values in rows of 4-8192, where the limits' route to torch
+# ran 0.80-0.86x (a converted RMSNorm against torch's; after a 16 MB copy, 0.78-1.09x against 0.68-0.97x).
+# Channels-first group norm steps on maps of up to 4 values run torch's below 2**16 values: at 2**15 the kernels'
+# ran 0.74-0.99x torch's ((128,256) 0.78x, (128,64,4) 0.74x, (16,512,2,2) 0.96x), at 2**16 1.24-1.73x ((512,128)
+# 1.62x, (256,64,4) 1.23x, (32,512,2,2) 1.57x).  Their forwards keep the limit: 1.31-1.34x on maps of 1 from 2**14,
+# though maps of 2-4 values ran 0.61-0.84x there ((8,512,2,2) 0.61x, (64,64,4) 0.83x) and 1.06-1.14x from 2**15.
+# Group norm steps on maps of 5-64 values run torch's at every size: measured with keep_freed_memory
 # (torch's own steps steadier than without), steps on 7x7 and 8x8 maps ran 0.59-0.77x torch's from 401K to 1.6M
 # values, and 0.74-0.94x from 401K to 3.2M once these builds' backward took four channels at a time (1.2-2.4x
 # faster; (32,1024,8,8) 1.06x), on maps of 8-32 values 0.57-0.82x at 2**17-2**19.  Forwards keep their limit:
@@ -914,7 +922,9 @@ _TORCH_FASTER_BELOW_AVX512 = {
 #   limits of larger maps.
 _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
                                           layer_norm=((2 ** 19, 2 ** 12), (2 ** 20, 2 ** 13)),
+                                          rms_norm=((0, 0), (0, 0)),
                                           group_norm=((2 ** 19, None), (2 ** 20, None)),
+                                          group_norm_on_tiny_maps=((2 ** 14, None), (2 ** 16, None)),
                                           group_norm_on_small_maps=((2 ** 17, None), (math.inf, None)),
                                           channels_last_group_norm_on_small_maps=((2 ** 17, None), (math.inf, None)),
                                           channels_last_group_norm_on_small_maps_in_wide_groups=(

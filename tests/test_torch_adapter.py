@@ -684,6 +684,10 @@ def test_small_inference_calls_ask_nothing_more(case, shape, layout, monkeypatch
     """Inputs small enough for torch's function to run them whatever their shape (see
     _TORCHS_AT_ANY_SHAPE_BELOW) go there without the full path's checks or a verdict of their own, with torch's
     results and torch's errors."""
+    if math.prod(shape) >= ct._TORCHS_AT_ANY_SHAPE_BELOW[case]:   # (RMS norm without AVX-512: every input's
+        # the kernels'; the route is the other norms', so it is checked with the AVX-512 build's limit)
+        monkeypatch.setattr(ct, "_TORCH_FASTER_BELOW", ct._TORCH_FASTER_BELOW_AVX512)
+        monkeypatch.setitem(ct._TORCHS_AT_ANY_SHAPE_BELOW, case, ct._torchs_at_any_shape_below(case))
     ct.use_torch_for_small_inputs(True)
     x = in_layout(random_tensor(shape, torch.float32), layout)
     weight = random_tensor(shape[1:2] if case == "group_norm" else shape[-1:], torch.float32, seed=1)
@@ -715,7 +719,7 @@ def _small_input_shapes(norm):
 def test_small_input_limit_is_the_full_paths_at_any_shape(norm, limits, monkeypatch):
     """Every input of fewer values than _TORCHS_AT_ANY_SHAPE_BELOW (contiguous, or any group norm's) goes to
     torch's function by the full path's rule, and some input of that many values does not: with the limits of
-    either kind of build."""
+    either kind of build.  A limit of 0 (RMS norm without AVX-512): no input goes there by its size."""
     assert ct._TORCHS_AT_ANY_SHAPE_BELOW[norm] == ct._torchs_at_any_shape_below(norm)   # (this build's limits)
     rows = {} if limits == "AVX512" else ct._TORCH_FASTER_ON_ROWS_WITHOUT_AVX512
     monkeypatch.setattr(ct, "_TORCH_FASTER_BELOW", getattr(ct, f"_TORCH_FASTER_BELOW_{limits}"))
@@ -725,11 +729,11 @@ def test_small_input_limit_is_the_full_paths_at_any_shape(norm, limits, monkeypa
     checked = 0
     with torch.no_grad():
         for shape, layout, argument in _small_input_shapes(norm):
-            if not 0 < math.prod(shape) < limit:
+            if not 0 < math.prod(shape) < (limit or 2 ** 14):
                 continue
             x = in_layout(torch.zeros(shape), layout)
             arguments = {"num_groups": argument} if norm == "group_norm" else {"normalized_shape": argument}
-            assert ct._torch_takes(norm, x, None, None, **arguments), (shape, layout, argument)
+            assert ct._torch_takes(norm, x, None, None, **arguments) == (limit > 0), (shape, layout, argument)
             checked += 1
         limit_shape, argument = ((limit // 16, 16, 1, 1), {"num_groups": 16}) if norm == "group_norm" else \
             ((limit, 1), {"normalized_shape": (1,)})
@@ -1101,7 +1105,7 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("layer_norm", (4096, 512), "contiguous", True, "kernels"),        # 2**21 elements in rows of 512
     ("layer_norm", (4096, 16), "contiguous", False, "kernels"),        # 64K elements, but 4096 short rows
     ("layer_norm", (8, 16, 32), "permuted", False, "kernels"),         # a layout torch would copy
-    ("rms_norm", (2, 4096), "contiguous", False, "torch"),
+    ("rms_norm", (2, 4096), "contiguous", False, ("torch", "kernels")),   # 8K elements
     ("rms_norm", (2, 4096), "contiguous", True, "kernels"),            # RMS norm steps are faster at every size
     ("group_norm", (2, 64, 16, 16), "contiguous", True, "torch"),      # 32K elements
     ("group_norm", (4, 64, 32, 32), "contiguous", True, ("kernels", "torch")),   # 262K elements
@@ -1116,10 +1120,12 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("group_norm", (256, 64, 8), "contiguous", False, "kernels"),      # 2**17 elements on maps of 8
     ("group_norm", (256, 64, 8), "contiguous", True, "torch"),
     ("group_norm", (64, 256), "contiguous", True, "torch"),            # 16K elements on maps of 1
-    ("group_norm", (128, 256), "contiguous", True, "kernels"),         # 2**15 elements on maps of 1
+    ("group_norm", (128, 256), "contiguous", True, ("kernels", "torch")),   # 2**15 elements on maps of 1
+    ("group_norm", (256, 256), "contiguous", True, "kernels"),         # 2**16 elements
     ("group_norm", (32, 64, 4), "contiguous", False, "torch"),         # 8K elements on maps of 4
     ("group_norm", (64, 64, 4), "contiguous", False, "kernels"),       # 2**14 elements
-    ("group_norm", (128, 64, 4), "contiguous", True, "kernels"),       # 2**15 elements, recording
+    ("group_norm", (128, 64, 4), "contiguous", True, ("kernels", "torch")),   # 2**15 elements, recording
+    ("group_norm", (256, 64, 4), "contiguous", True, "kernels"),       # 2**16 elements, recording
     ("group_norm", (16, 512, 7, 7), "contiguous", False, "kernels"),
     ("group_norm", (2, 64, 16, 16), "channels_last", False, ("kernels", "torch")),   # 32K elements
     ("group_norm", (2, 256, 7, 7), "channels_last", False, "torch"),   # 25K elements

@@ -863,7 +863,9 @@ def _kernels_take(input, tensors, eager):
 _TORCH_FASTER_BELOW_AVX512 = {
     "layer_norm": ((2 ** 17, 2 ** 11), (3 * 2 ** 17, 2 ** 12)),
     "rms_norm": ((2 ** 14, 2 ** 11), (0, 0)),
-    # channels-first (contiguous) group norm: on maps of up to _TINY_MAP values, of up to _SMALL_MAP, and larger
+    # channels-first (contiguous) group norm: on maps of one value ((N,C) input among them), of up to _TINY_MAP
+    # values, of up to _SMALL_MAP, and larger
+    "group_norm_without_maps": ((2 ** 14, None), (2 ** 15, None)),
     "group_norm_on_tiny_maps": ((2 ** 14, None), (2 ** 15, None)),
     "group_norm_on_small_maps": ((2 ** 17, None), (2 ** 20, None)),
     "group_norm": ((2 ** 17, None), (2 ** 18, None)),
@@ -883,7 +885,9 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # up to 2048 rows, 0.58-1.58x at 4096 (torch's own time varying 2.7x between processes), 0.97-2.9x at 8192,
 # 1.7-4.0x from 16384 (the tutorial's (32,26,26,10) 1.72-1.87x).  With the adapter's plans (stop 28), layer norm
 # forwards on rows of 512-4096 values ran 0.82-0.97x torch's at 2**17-491K values, 1.02-1.08x at 2**19 and
-# 1.10-1.13x at 786K, steps 0.94-1.03x at 2**19 (rows of 4096: torch's own 2.0-2.2 ms, erratic) and 1.01x at 786K;
+# 1.10-1.13x at 786K, steps 0.94-1.03x at 2**19 (rows of 4096: torch's own 2.0-2.2 ms, erratic) and 1.01x at 786K.
+# At stop 41, forwards of 2**18 values in rows of 256-8192 ran 0.96-1.04x on the kernels, 0.93-0.97x routed to
+# torch's function (whose route costs a few µs), so that layer norm forwards keep the kernels from 2**18;
 # channels-first group norm forwards on maps of 256-1024 values 0.76-0.92x at 2**18, 1.05-1.09x at 2**19 and
 # 1.15-1.18x at 655-786K, steps 0.88-1.12x at 2**19.  Before the plans: channels-first
 # group norm on maps of 100-1024 values 0.79-0.99x up to 2**19 values, 1.06-1.28x from 2**20.  Builds without
@@ -894,8 +898,10 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # ran 0.80-0.86x (a converted RMSNorm against torch's; after a 16 MB copy, 0.78-1.09x against 0.68-0.97x).
 # Channels-first group norm steps on maps of up to 4 values run torch's below 2**16 values: at 2**15 the kernels'
 # ran 0.74-0.99x torch's ((128,256) 0.78x, (128,64,4) 0.74x, (16,512,2,2) 0.96x), at 2**16 1.24-1.73x ((512,128)
-# 1.62x, (256,64,4) 1.23x, (32,512,2,2) 1.57x).  Their forwards keep the limit: 1.31-1.34x on maps of 1 from 2**14,
-# though maps of 2-4 values ran 0.61-0.84x there ((8,512,2,2) 0.61x, (64,64,4) 0.83x) and 1.06-1.14x from 2**15.
+# 1.62x, (256,64,4) 1.23x, (32,512,2,2) 1.57x).  So do forwards on maps of 2-4 values: 0.58-0.81x at 2**14
+# ((8,512,2,2) 0.58x, (64,64,4) 0.78x), 0.80-0.97x at 2**15 ((16,512,2,2) 0.86x; (128,128,2) 1.12x), 1.07-1.38x at
+# 2**16 ((32,512,2,2) 1.07x, (256,64,4) 1.38x).  Forwards on maps of one value keep the kernels from 2**14: 1.31-1.34x
+# there ((64,256), (128,128)).
 # Group norm steps on maps of 5-64 values run torch's at every size: measured with keep_freed_memory
 # (torch's own steps steadier than without), steps on 7x7 and 8x8 maps ran 0.59-0.77x torch's from 401K to 1.6M
 # values, and 0.74-0.94x from 401K to 3.2M once these builds' backward took four channels at a time (1.2-2.4x
@@ -921,10 +927,11 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # - maps of 257-1023 values (24x24) ran 1.12-2.3x in forwards (0.95x on (2,2560,24,24)), 0.98-2.7x in steps: the
 #   limits of larger maps.
 _TORCH_FASTER_BELOW_WITHOUT_AVX512 = dict(_TORCH_FASTER_BELOW_AVX512,
-                                          layer_norm=((2 ** 19, 2 ** 12), (2 ** 20, 2 ** 13)),
+                                          layer_norm=((2 ** 18, 2 ** 12), (2 ** 20, 2 ** 13)),
                                           rms_norm=((0, 0), (0, 0)),
                                           group_norm=((2 ** 19, None), (2 ** 20, None)),
-                                          group_norm_on_tiny_maps=((2 ** 14, None), (2 ** 16, None)),
+                                          group_norm_without_maps=((2 ** 14, None), (2 ** 16, None)),
+                                          group_norm_on_tiny_maps=((2 ** 16, None), (2 ** 16, None)),
                                           group_norm_on_small_maps=((2 ** 17, None), (math.inf, None)),
                                           channels_last_group_norm_on_small_maps=((2 ** 17, None), (math.inf, None)),
                                           channels_last_group_norm_on_small_maps_in_wide_groups=(
@@ -1027,7 +1034,8 @@ def _torch_takes(norm, input, weight, bias=None, normalized_shape=(), num_groups
     elif norm == "group_norm":
         map_size = math.prod(input.shape[2:])
         if map_size <= _SMALL_MAP:
-            norm = "group_norm_on_tiny_maps" if map_size <= _TINY_MAP else "group_norm_on_small_maps"
+            norm = ("group_norm_without_maps" if map_size == 1 else "group_norm_on_tiny_maps" if map_size <= _TINY_MAP
+                    else "group_norm_on_small_maps")
     size = input.numel()
     limits = _TORCH_FASTER_BELOW[norm]
     row_lengths = _TORCH_FASTER_ON_ROWS.get(norm)

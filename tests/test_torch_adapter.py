@@ -1089,7 +1089,9 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("layer_norm", (512, 768), "contiguous", True, ("kernels", "torch")),    # 3 * 2**17 elements, recording
     ("layer_norm", (1024, 1024), "contiguous", True, "kernels"),       # 2**20 elements, recording
     ("layer_norm", (1024, 512), "contiguous", False, "kernels"),       # 2**19 elements
-    ("layer_norm", (640, 768), "contiguous", False, ("kernels", "torch")),   # 491K elements
+    ("layer_norm", (640, 768), "contiguous", False, "kernels"),        # 491K elements
+    ("layer_norm", (64, 4096), "contiguous", False, "kernels"),        # 2**18 elements
+    ("layer_norm", (255, 1024), "contiguous", False, ("kernels", "torch")),  # just below 2**18
     ("layer_norm", (8192, 16), "contiguous", True, ("kernels", "torch")),    # 2**17 elements, 8192 short rows
     ("layer_norm", (65536, 4), "contiguous", True, "kernels"),         # 2**18 elements, 65536 rows of 4
     ("layer_norm", (32, 26, 26, 10), "contiguous", True, "kernels"),   # the tutorial's 21632 rows of 10
@@ -1123,7 +1125,12 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("group_norm", (128, 256), "contiguous", True, ("kernels", "torch")),   # 2**15 elements on maps of 1
     ("group_norm", (256, 256), "contiguous", True, "kernels"),         # 2**16 elements
     ("group_norm", (32, 64, 4), "contiguous", False, "torch"),         # 8K elements on maps of 4
-    ("group_norm", (64, 64, 4), "contiguous", False, "kernels"),       # 2**14 elements
+    ("group_norm", (64, 64, 4), "contiguous", False, ("kernels", "torch")),   # 2**14 elements
+    ("group_norm", (8, 512, 2, 2), "contiguous", False, ("kernels", "torch")),   # 2**14 elements on maps of 4
+    ("group_norm", (256, 64, 4), "contiguous", False, "kernels"),      # 2**16 elements
+    ("group_norm", (64, 256), "contiguous", False, "kernels"),         # 2**14 elements on maps of 1
+    ("group_norm", (64, 256, 1, 1), "contiguous", False, "kernels"),
+    ("group_norm", (32, 256), "contiguous", False, "torch"),           # 8K elements on maps of 1
     ("group_norm", (128, 64, 4), "contiguous", True, ("kernels", "torch")),   # 2**15 elements, recording
     ("group_norm", (256, 64, 4), "contiguous", True, "kernels"),       # 2**16 elements, recording
     ("group_norm", (16, 512, 7, 7), "contiguous", False, "kernels"),

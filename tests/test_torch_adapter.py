@@ -684,10 +684,10 @@ def test_small_inference_calls_ask_nothing_more(case, shape, layout, monkeypatch
     """Inputs small enough for torch's function to run them whatever their shape (see
     _TORCHS_AT_ANY_SHAPE_BELOW) go there without the full path's checks or a verdict of their own, with torch's
     results and torch's errors."""
-    if math.prod(shape) >= ct._TORCHS_AT_ANY_SHAPE_BELOW[case]:   # (RMS norm without AVX-512: every input's
+    if math.prod(shape) >= ct._TORCHS_AT_ANY_SHAPE_BELOW[case][0]:   # (RMS norm without AVX-512: every input's
         # the kernels'; the route is the other norms', so it is checked with the AVX-512 build's limit)
         monkeypatch.setattr(ct, "_TORCH_FASTER_BELOW", ct._TORCH_FASTER_BELOW_AVX512)
-        monkeypatch.setitem(ct._TORCHS_AT_ANY_SHAPE_BELOW, case, ct._torchs_at_any_shape_below(case))
+        monkeypatch.setitem(ct._TORCHS_AT_ANY_SHAPE_BELOW, case, (ct._torchs_at_any_shape_below(case), 0))
     ct.use_torch_for_small_inputs(True)
     x = in_layout(random_tensor(shape, torch.float32), layout)
     weight = random_tensor(shape[1:2] if case == "group_norm" else shape[-1:], torch.float32, seed=1)
@@ -696,6 +696,57 @@ def test_small_inference_calls_ask_nothing_more(case, shape, layout, monkeypatch
     if case == "group_norm":   # (groups that do not divide the channels: torch's error)
         with torch.no_grad():
             assert str(_result_or_error(function, 5)) == str(_result_or_error(expected, 5))
+
+
+@pytest.mark.parametrize("case, shape, layout", [("group_norm", (1, 32, 8, 8), "contiguous"),
+                                                  ("group_norm", (1, 32, 8, 8), "channels_last"),
+                                                  ("group_norm", (2, 6, 5), "strided"),
+                                                  ("layer_norm", (4, 64), "contiguous"),
+                                                  ("layer_norm", (2, 3, 64), "strided")])
+def test_small_recording_calls_ask_nothing_more(case, shape, layout, monkeypatch):
+    """Calls that record a gradient on inputs small enough for torch's function to run them whatever their shape
+    (the limits of such calls) go there without the full path's checks: torch's output and gradients, bit for bit.
+    Strided layer norms take the full path, which gives them to the kernels."""
+    ct.use_torch_for_small_inputs(True)
+    asked = []
+    for name in ("_torch_takes", "_kernels_take", "_full_path_route", "_torch_group_norm_backward_crashes"):
+        monkeypatch.setattr(ct, name, functools.partial(_counted, asked, getattr(ct, name)))
+    x = in_layout(random_tensor(shape, torch.float32), layout)
+    channels = shape[1] if case == "group_norm" else shape[-1]
+    weight, bias = (random_tensor((channels,), torch.float32, seed=seed).requires_grad_() for seed in (1, 2))
+    ours, theirs = ((lambda x: ct.group_norm(x, shape[1] // 2, weight, bias),
+                     lambda x: F.group_norm(x, shape[1] // 2, weight, bias)) if case == "group_norm" else
+                    (lambda x: ct.layer_norm(x, [channels], weight, bias),
+                     lambda x: F.layer_norm(x, [channels], weight, bias)))
+    dy = random_tensor(shape, torch.float32, seed=3)
+    results = []
+    for function in (ours, theirs):
+        leaf = x.detach().requires_grad_()
+        y = function(leaf)
+        results.append((y, *torch.autograd.grad(y, (leaf, weight, bias), dy)))
+    full_path = layout == "strided" and case == "layer_norm"
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **({} if full_path else {"rtol": 0, "atol": 0}))
+    assert bool(asked) == full_path
+    assert not ct._inference_verdicts
+
+
+def test_small_frozen_input_group_norm_takes_the_full_path(monkeypatch):
+    """A small channels-last group norm of an input that records no gradient, under parameters that do, takes the
+    full path, which keeps it from torch's backward (which would crash there): the kernels' gradients."""
+    ct.use_torch_for_small_inputs(True)
+    asked = []
+    monkeypatch.setattr(ct, "_torch_group_norm_backward_crashes",
+                        functools.partial(_counted, asked, ct._torch_group_norm_backward_crashes))
+    x = in_layout(random_tensor((2, 8, 4, 4), torch.float64), "channels_last")
+    weight, bias = (random_tensor((8,), torch.float64, seed=seed).requires_grad_() for seed in (1, 2))
+    y = ct.group_norm(x, 2, weight, bias)
+    assert asked and type(y.grad_fn).__name__.startswith("cynorm")
+    expected = F.group_norm(x.contiguous(), 2, weight, bias)
+    torch.testing.assert_close(y, expected)
+    dy = random_tensor((2, 8, 4, 4), torch.float64, seed=3)
+    for got, want in zip(torch.autograd.grad(y, (weight, bias), dy), torch.autograd.grad(expected, (weight, bias), dy)):
+        torch.testing.assert_close(got, want)
 
 
 def _small_input_shapes(norm):
@@ -714,30 +765,36 @@ def _small_input_shapes(norm):
                 yield shape, layout, groups
 
 
+@pytest.mark.parametrize("recording", [False, True])
 @pytest.mark.parametrize("limits", ["AVX512", "WITHOUT_AVX512"])
 @pytest.mark.parametrize("norm", ["group_norm", "layer_norm", "rms_norm"])
-def test_small_input_limit_is_the_full_paths_at_any_shape(norm, limits, monkeypatch):
+def test_small_input_limit_is_the_full_paths_at_any_shape(norm, limits, recording, monkeypatch):
     """Every input of fewer values than _TORCHS_AT_ANY_SHAPE_BELOW (contiguous, or any group norm's) goes to
     torch's function by the full path's rule, and some input of that many values does not: with the limits of
-    either kind of build.  A limit of 0 (RMS norm without AVX-512): no input goes there by its size."""
-    assert ct._TORCHS_AT_ANY_SHAPE_BELOW[norm] == ct._torchs_at_any_shape_below(norm)   # (this build's limits)
+    either kind of build, for calls that record a gradient and for those that do not.  A limit of 0 (RMS norm's
+    recording calls; all its calls without AVX-512): no input goes there by its size."""
+    assert ct._TORCHS_AT_ANY_SHAPE_BELOW[norm] == (ct._torchs_at_any_shape_below(norm),   # (this build's limits)
+                                                   ct._torchs_at_any_shape_below(norm, True))
     rows = {} if limits == "AVX512" else ct._TORCH_FASTER_ON_ROWS_WITHOUT_AVX512
     monkeypatch.setattr(ct, "_TORCH_FASTER_BELOW", getattr(ct, f"_TORCH_FASTER_BELOW_{limits}"))
     monkeypatch.setattr(ct, "_TORCH_FASTER_ON_ROWS", rows)
-    limit = ct._torchs_at_any_shape_below(norm)
+    limit = ct._torchs_at_any_shape_below(norm, recording)
     ct.use_torch_for_small_inputs(True)
     checked = 0
-    with torch.no_grad():
+    with torch.set_grad_enabled(recording):
         for shape, layout, argument in _small_input_shapes(norm):
             if not 0 < math.prod(shape) < (limit or 2 ** 14):
                 continue
-            x = in_layout(torch.zeros(shape), layout)
+            x = in_layout(torch.zeros(shape, requires_grad=recording), layout)
             arguments = {"num_groups": argument} if norm == "group_norm" else {"normalized_shape": argument}
             assert ct._torch_takes(norm, x, None, None, **arguments) == (limit > 0), (shape, layout, argument)
             checked += 1
-        limit_shape, argument = ((limit // 16, 16, 1, 1), {"num_groups": 16}) if norm == "group_norm" else \
-            ((limit, 1), {"normalized_shape": (1,)})
-        assert not ct._torch_takes(norm, torch.zeros(limit_shape), None, None, **argument)
+        # (a channels-first group norm or a channels-last one on large maps, whichever category sets the limit)
+        at_limit = ([((limit // 16, 16, 1, 1), "contiguous", {"num_groups": 16}),
+                     ((1, limit // 1024, 32, 32), "channels_last", {"num_groups": max(limit // 1024, 1)})]
+                    if norm == "group_norm" else [((limit, 1), "contiguous", {"normalized_shape": (1,)})])
+        assert any(not ct._torch_takes(norm, in_layout(torch.zeros(shape, requires_grad=recording), layout), None,
+                                       None, **argument) for shape, layout, argument in at_limit)
     assert checked >= 40
 
 

@@ -894,8 +894,9 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # AVX-512 send those calls to torch.  Channels-last group norm's calls won there from the limits on, which stay.
 # RMS norm runs the kernels at every size: torch 2.13 computes it on CPU from eight operators (pow, sum, div,
 # add, rsqrt, two multiplications, casts), 18-21 µs on a (1,4096) row warm, and the adapter on the kernels ran
-# 1.16-1.6x its speed on inference calls of 16-16384 values in rows of 4-8192, where the limits' route to torch
-# ran 0.80-0.86x (a converted RMSNorm against torch's; after a 16 MB copy, 0.78-1.09x against 0.68-0.97x).
+# 1.10-1.61x torch's speed on inference calls of 16-16384 values in rows of 4-8192, and converted RMSNorm modules
+# 1.16-1.37x, where the limits' route to torch had run 0.80-0.86x (after a 16 MB copy, 0.78-1.09x against
+# 0.68-0.97x).
 # Channels-first group norm steps on maps of up to 4 values run torch's below 2**16 values: at 2**15 the kernels'
 # ran 0.74-0.99x torch's ((128,256) 0.78x, (128,64,4) 0.74x, (16,512,2,2) 0.96x), at 2**16 1.24-1.73x ((512,128)
 # 1.62x, (256,64,4) 1.23x, (32,512,2,2) 1.57x).  So do forwards on maps of 2-4 values: 0.58-0.81x at 2**14

@@ -121,11 +121,12 @@ def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
         results += [y, mean, rstd, dx, dweight, dbias]
 
     # channels-first groups of 9 channels of 7, 20 and 49 values (AVX-512 and AVX2 builds sum four channels at a
-    # time in the backward: values left one by one, 8 lanes, 32 lanes), a channel left over; and groups of one channel
+    # time in the backward: values left one by one, 8 lanes, 32 lanes), a channel left over; groups of one channel
     # of 20 and 64 values (instance norm: four samples' rows of a channel at a time, rows left over; the
-    # backward's 4 blocks of samples need 4 samples each)
+    # backward's 4 blocks of samples need 4 samples each); and short rows of 16 channels of 4 values (2x2 maps),
+    # normalized with their channels' constants spread
     for samples, groups, chans_per_group, inner in ((3, 4, 9, 49), (2, 3, 9, 20), (4, 2, 9, 7), (19, 3, 1, 20),
-                                                    (33, 2, 1, 64)):
+                                                    (33, 2, 1, 64), (11, 3, 16, 4)):
         x = (5e3 + rng.standard_normal(samples * groups * chans_per_group * inner)).astype(dtype)
         dy = rng.standard_normal(x.size).astype(dtype)
         weight = rng.standard_normal(groups * chans_per_group).astype(dtype)

@@ -698,6 +698,24 @@ def test_small_inference_calls_ask_nothing_more(case, shape, layout, monkeypatch
             assert str(_result_or_error(function, 5)) == str(_result_or_error(expected, 5))
 
 
+@pytest.mark.parametrize("shape", [(128, 768), (4, 32, 768), (1000, 10), (2048, 64)])
+def test_routed_layer_norms_ask_nothing_more(shape, monkeypatch):
+    """Contiguous layer norms that the limits give torch's function, larger than the least limit at any shape, go
+    there by their size and row length, without the full path's checks or a verdict: torch's bits.  Rows of 64
+    values run torch's at every size without AVX-512, the kernels' from 2**17 values with it."""
+    ct.use_torch_for_small_inputs(True)
+    x = random_tensor(shape, torch.float32)
+    weight = random_tensor(shape[-1:], torch.float32, seed=1)
+    assert x.numel() >= ct._TORCHS_AT_ANY_SHAPE_BELOW["layer_norm"][0]
+    with torch.no_grad():
+        routed = ct._torch_takes("layer_norm", x, weight, weight, shape[-1:])
+    assert routed == (shape != (2048, 64) or ct._kernels.BUILD != "x86_64_v4")
+    if routed:
+        _assert_torchs_without_checks(*_ours_and_torchs("layer_norm", x, weight, shape[-1]), monkeypatch)
+    else:
+        assert ct._inference_verdict("layer_norm", x, weight, weight, shape[-1:]) not in (None, ct._TORCHS)
+
+
 @pytest.mark.parametrize("case, shape, layout", [("group_norm", (1, 32, 8, 8), "contiguous"),
                                                   ("group_norm", (1, 32, 8, 8), "channels_last"),
                                                   ("group_norm", (2, 6, 5), "strided"),

@@ -899,7 +899,7 @@ _TORCH_FASTER_BELOW_AVX512 = {
 # 0.68-0.97x).
 # Channels-first group norm steps on maps of up to 4 values run torch's below 2**16 values: at 2**15 the kernels'
 # ran 0.74-0.99x torch's ((128,256) 0.78x, (128,64,4) 0.74x, (16,512,2,2) 0.96x), at 2**16 1.24-1.73x ((512,128)
-# 1.62x, (256,64,4) 1.23x, (32,512,2,2) 1.57x).  So do forwards on maps of 2-4 values: 0.58-0.81x at 2**14
+# 1.62x, (256,64,4) 1.23x, (32,512,2,2) 1.57x).  So do forwards on maps of 2-4 values: 0.58-0.84x at 2**14
 # ((8,512,2,2) 0.58x, (64,64,4) 0.78x), 0.80-0.97x at 2**15 ((16,512,2,2) 0.86x; (128,128,2) 1.12x), 1.07-1.38x at
 # 2**16 ((32,512,2,2) 1.07x, (256,64,4) 1.38x).  Forwards on maps of one value keep the kernels from 2**14: 1.31-1.34x
 # there ((64,256), (128,128)).

@@ -1157,7 +1157,7 @@ def _inference_verdict(norm, input, weight, bias, arg):
         return None
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        return _small_recording_verdict(norm, input)
+        return _small_recording_verdict(norm, input, arg)
     # Calls that the full path hands to torch's function whatever else holds (bfloat16, and float16 where torch's
     # is the faster) go there at once, without its checks or a look-up of their signature.  After a 16 MB torch
     # op had swept the caches, such calls took 6-9 µs longer than torch's own, against 39-43 µs for bfloat16
@@ -1166,19 +1166,9 @@ def _inference_verdict(norm, input, weight, bias, arg):
     if dtype not in _KERNEL_DTYPES or (dtype is torch.float16 and _float16_to_torch(norm, input)):
         return _TORCHS
     try:
-        # So do small inputs, whose size is cheaper to ask than their signature to look up: the verdict on a
-        # GroupNorm (1,32,8,8) took 0.9 µs instead of 3.8 (warm, Zen 3).  An empty input takes the full path, as
-        # its rows may too.
-        size = input.numel()
-        if _small_inputs_to_torch and size > 0:
-            if size < _TORCHS_AT_ANY_SHAPE_BELOW[norm][0] and (norm == "group_norm" or input.is_contiguous()):
-                return _TORCHS
-            # and so do contiguous layer and RMS norms that the limits give torch's function at their size and
-            # row length: with the key's look-up, converted LayerNorms on (16,768), (128,768) and (1000,10) ran
-            # 0.71-0.89x torch's modules, 0.79-0.91x without it (0.75-0.79x and 0.79-0.83x after a 16 MB copy;
-            # A/B in one process, 200 rounds, Zen 3)
-            if norm != "group_norm" and input.is_contiguous() and _faster_on_torch(norm, size, arg, False):
-                return _TORCHS
+        # So do inputs that the limits give torch's function by their size (see _torchs_by_size)
+        if _torchs_by_size(norm, input, arg, False):
+            return _TORCHS
         key = (norm, arg, input.shape, input.stride(), dtype, None if weight is None else weight.shape,
                None if bias is None else bias.shape, _small_inputs_to_torch)
         verdict = _inference_verdicts.get(key)
@@ -1205,22 +1195,34 @@ def _inference_verdict(norm, input, weight, bias, arg):
     return verdict or None
 
 
-def _small_recording_verdict(norm, input):
-    """_inference_verdict's answer to a call that records a gradient: _TORCHS for an input small enough for the
-    full path to hand it to torch's function whatever its shape (as for calls that record none, with the limits of
-    those that do), else None, the full path.  Such a routed GroupNorm (1,32,8,8) forward took 17.4 µs through the
-    full path's checks against torch's 12.4 (warm, Zen 3).  A group norm of an input that records no gradient
+def _torchs_by_size(norm, input, arg, records_grad):
+    """Whether the full path hands a call of ``norm`` (see _inference_verdict) to torch's function by its input's
+    size, asked without its signature: an input smaller than the least limit of its kind of call at any shape
+    (_TORCHS_AT_ANY_SHAPE_BELOW; contiguous, or any group norm's), or a contiguous layer or RMS norm that the limits
+    give torch's function at its size and row length.  The first took the verdict on a GroupNorm (1,32,8,8) from
+    3.8 µs to 0.9 (warm, Zen 3).  With the signature's look-up, converted LayerNorms on (16,768), (128,768) and
+    (1000,10) ran 0.71-0.89x torch's modules, 0.79-0.91x without it (0.75-0.79x and 0.79-0.83x after a 16 MB copy;
+    A/B in one process, 200 rounds, Zen 3).  An empty input takes the full path, as its rows may too."""
+    size = input.numel()
+    if not _small_inputs_to_torch or size == 0:
+        return False
+    if size < _TORCHS_AT_ANY_SHAPE_BELOW[norm][records_grad] and (norm == "group_norm" or input.is_contiguous()):
+        return True
+    return norm != "group_norm" and input.is_contiguous() and _faster_on_torch(norm, size, arg, records_grad)
+
+
+def _small_recording_verdict(norm, input, arg):
+    """_inference_verdict's answer to a call that records a gradient: _TORCHS where _torchs_by_size gives it to
+    torch's function, else None, the full path.  Such a routed GroupNorm (1,32,8,8) forward took 17.4 µs through
+    the full path's checks against torch's 12.4 (warm, Zen 3).  A group norm of an input that records no gradient
     (under parameters that do) takes the full path, which keeps it from torch's function where torch's backward
     would crash (see _torch_group_norm_backward_crashes)."""
-    if not _small_inputs_to_torch or (norm == "group_norm" and not input.requires_grad):
+    if norm == "group_norm" and not input.requires_grad:
         return None
     try:
-        if (0 < input.numel() < _TORCHS_AT_ANY_SHAPE_BELOW[norm][1]
-                and (norm == "group_norm" or input.is_contiguous())):
-            return _TORCHS
+        return _TORCHS if _torchs_by_size(norm, input, arg, True) else None
     except RuntimeError:   # (a nested tensor, or a sparse one: see _inference_verdict)
-        pass
-    return None
+        return None
 
 
 def _full_path_route(norm, input, weight, bias, arg):

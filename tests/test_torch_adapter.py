@@ -720,11 +720,12 @@ def test_routed_layer_norms_ask_nothing_more(shape, monkeypatch):
                                                   ("group_norm", (1, 32, 8, 8), "channels_last"),
                                                   ("group_norm", (2, 6, 5), "strided"),
                                                   ("layer_norm", (4, 64), "contiguous"),
+                                                  ("layer_norm", (128, 768), "contiguous"),   # (by its rows)
                                                   ("layer_norm", (2, 3, 64), "strided")])
 def test_small_recording_calls_ask_nothing_more(case, shape, layout, monkeypatch):
-    """Calls that record a gradient on inputs small enough for torch's function to run them whatever their shape
-    (the limits of such calls) go there without the full path's checks: torch's output and gradients, bit for bit.
-    Strided layer norms take the full path, which gives them to the kernels."""
+    """Calls that record a gradient on inputs that the limits of such calls give torch's function by their size
+    (whatever their shape, or a contiguous layer norm's rows) go there without the full path's checks: torch's
+    output and gradients, bit for bit.  Strided layer norms take the full path, which gives them to the kernels."""
     ct.use_torch_for_small_inputs(True)
     asked = []
     for name in ("_torch_takes", "_kernels_take", "_full_path_route", "_torch_group_norm_backward_crashes"):

@@ -1199,8 +1199,9 @@ def _torchs_by_size(norm, input, arg, records_grad):
     """Whether the full path hands a call of ``norm`` (see _inference_verdict) to torch's function by its input's
     size, asked without its signature: an input smaller than the least limit of its kind of call at any shape
     (_TORCHS_AT_ANY_SHAPE_BELOW; contiguous, or any group norm's), or a contiguous layer or RMS norm that the limits
-    give torch's function at its size and row length.  The first took the verdict on a GroupNorm (1,32,8,8) from
-    3.8 µs to 0.9 (warm, Zen 3).  With the signature's look-up, converted LayerNorms on (16,768), (128,768) and
+    give torch's function at its size and row length (for layer and RMS norm, the first is a cheaper case of the
+    second, so that a tiny call pays for no more).  The first took the verdict on a GroupNorm (1,32,8,8) from 3.8
+    µs to 0.9 (warm, Zen 3).  With the signature's look-up, converted LayerNorms on (16,768), (128,768) and
     (1000,10) ran 0.71-0.89x torch's modules, 0.79-0.91x without it (0.75-0.79x and 0.79-0.83x after a 16 MB copy;
     A/B in one process, 200 rounds, Zen 3).  An empty input takes the full path, as its rows may too."""
     size = input.numel()

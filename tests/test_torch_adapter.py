@@ -665,9 +665,7 @@ def _ours_and_torchs(case, x, weight, arg):
 def _assert_torchs_without_checks(function, expected, monkeypatch):
     """``function()``, called twice without recording gradients, gives ``expected()``'s bits without any of the
     full path's checks and without keeping a verdict."""
-    asked = []
-    for name in ("_torch_takes", "_kernels_take", "_full_path_route"):
-        monkeypatch.setattr(ct, name, functools.partial(_counted, asked, getattr(ct, name)))
+    asked = _spied(monkeypatch, "_torch_takes", "_kernels_take", "_full_path_route")
     ct._inference_verdicts.clear()
     with torch.no_grad():
         for _ in range(2):
@@ -727,22 +725,17 @@ def test_small_recording_calls_ask_nothing_more(case, shape, layout, monkeypatch
     (whatever their shape, or a contiguous layer norm's rows) go there without the full path's checks: torch's
     output and gradients, bit for bit.  Strided layer norms take the full path, which gives them to the kernels."""
     ct.use_torch_for_small_inputs(True)
-    asked = []
-    for name in ("_torch_takes", "_kernels_take", "_full_path_route", "_torch_group_norm_backward_crashes"):
-        monkeypatch.setattr(ct, name, functools.partial(_counted, asked, getattr(ct, name)))
+    asked = _spied(monkeypatch, "_torch_takes", "_kernels_take", "_full_path_route",
+                   "_torch_group_norm_backward_crashes")
     x = in_layout(random_tensor(shape, torch.float32), layout)
-    channels = shape[1] if case == "group_norm" else shape[-1]
-    weight, bias = (random_tensor((channels,), torch.float32, seed=seed).requires_grad_() for seed in (1, 2))
-    ours, theirs = ((lambda x: ct.group_norm(x, shape[1] // 2, weight, bias),
-                     lambda x: F.group_norm(x, shape[1] // 2, weight, bias)) if case == "group_norm" else
-                    (lambda x: ct.layer_norm(x, [channels], weight, bias),
-                     lambda x: F.layer_norm(x, [channels], weight, bias)))
+    weight = random_tensor(shape[1:2] if case == "group_norm" else shape[-1:], torch.float32, seed=1)
+    weight.requires_grad_()
     dy = random_tensor(shape, torch.float32, seed=3)
     results = []
-    for function in (ours, theirs):
+    for which in (0, 1):   # ours, then torch's, each on a leaf of its own
         leaf = x.detach().requires_grad_()
-        y = function(leaf)
-        results.append((y, *torch.autograd.grad(y, (leaf, weight, bias), dy)))
+        y = _ours_and_torchs(case, leaf, weight, shape[1] // 2 if case == "group_norm" else shape[-1])[which]()
+        results.append((y, *torch.autograd.grad(y, (leaf, weight), dy)))
     full_path = layout == "strided" and case == "layer_norm"
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, **({} if full_path else {"rtol": 0, "atol": 0}))
@@ -754,9 +747,7 @@ def test_small_frozen_input_group_norm_takes_the_full_path(monkeypatch):
     """A small channels-last group norm of an input that records no gradient, under parameters that do, takes the
     full path, which keeps it from torch's backward (which would crash there): the kernels' gradients."""
     ct.use_torch_for_small_inputs(True)
-    asked = []
-    monkeypatch.setattr(ct, "_torch_group_norm_backward_crashes",
-                        functools.partial(_counted, asked, ct._torch_group_norm_backward_crashes))
+    asked = _spied(monkeypatch, "_torch_group_norm_backward_crashes")
     x = in_layout(random_tensor((2, 8, 4, 4), torch.float64), "channels_last")
     weight, bias = (random_tensor((8,), torch.float64, seed=seed).requires_grad_() for seed in (1, 2))
     y = ct.group_norm(x, 2, weight, bias)
@@ -843,6 +834,14 @@ def test_torchs_group_norm_is_torchs_function(layout, dtype):
 def _counted(calls, function, *args, **kwargs):
     calls.append(args)
     return function(*args, **kwargs)
+
+
+def _spied(monkeypatch, *names):
+    """The list into which the adapter's functions ``names``, from now on, put the arguments of each call."""
+    calls = []
+    for name in names:
+        monkeypatch.setattr(ct, name, functools.partial(_counted, calls, getattr(ct, name)))
+    return calls
 
 
 def _result_or_error(function, *args):

@@ -1189,6 +1189,8 @@ SMALL_INPUT_NORMS = {   # norm: (ours, torch's), on an input and a parameter for
     ("group_norm", (8, 64, 32, 32), "contiguous", False, "kernels"),   # 2**19 elements
     ("group_norm", (8, 64, 32, 32), "contiguous", True, ("kernels", "torch")),   # 2**19 elements, recording
     ("group_norm", (16, 64, 32, 32), "contiguous", False, "kernels"),  # 2**20 elements
+    ("group_norm", (16, 64, 32, 32), "contiguous", True, ("kernels", "torch")),   # 2**20 elements, recording
+    ("group_norm", (1, 512, 64, 64), "contiguous", True, "kernels"),   # 2**21 elements, recording
     ("group_norm", (16, 512, 7, 7), "contiguous", True, "torch"),      # 401K elements on maps of 49
     ("group_norm", (16, 512, 8, 8), "contiguous", True, "torch"),      # 2**19 elements on maps of 64
     ("group_norm", (32, 512, 8, 8), "contiguous", True, ("kernels", "torch")),   # 2**20 elements on maps of 64

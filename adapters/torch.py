@@ -1130,39 +1130,47 @@ def _run(op, *args):
     return _KERNELS_OF[op](*args)
 
 
-# Eager calls that record no gradient (inference).  In a model, each norm runs after other layers have swept the
-# caches, and every torch query of the full path (_torch_takes, the takes checks, _run) then costs 3-7 µs instead
-# of 0.1-0.2 (measured after a 16 MB torch op: input.shape 7 µs, input.dtype 5 µs, the group norm checks 72 µs, a
-# statistics tensor 40 µs; Zen 3).  Through the full path, a channels-last GroupNorm (1,512,64,64) forward took
-# 100-130 µs longer than the kernel called bare, and ran 0.85-0.87x torch's there.  These calls take the verdict
-# of the full path's checks on the input's shape, strides and dtype, kept from the first call of that signature,
-# and check on every call only what the signature does not tell: the global states that hand calls to torch,
-# and the parameters' device, dtype and memory.  Their statistics, which nothing keeps, go to the thread's
-# scratch memory.
+# Eager calls.  In a model, each norm runs after other layers have swept the caches, and every torch query of the
+# full path (_torch_takes, the takes checks, _run) then costs 3-7 µs instead of 0.1-0.2 (measured after a 16 MB
+# torch op: input.shape 7 µs, input.dtype 5 µs, the group norm checks 72 µs, a statistics tensor 40 µs; Zen 3).
+# Through the full path, a channels-last GroupNorm (1,512,64,64) forward took 100-130 µs longer than the kernel
+# called bare, and ran 0.85-0.87x torch's there.  These calls take the verdict of the full path's checks on the
+# input's shape, strides and dtype, and on whether the call records a gradient, kept from the first call of that
+# signature, and check on every call only what the signature does not tell: the global states that hand calls to
+# torch, and the parameters' device, dtype and memory.  Calls that record no gradient then run the kernels alone,
+# their statistics, which nothing keeps, in the thread's scratch memory; those that do run the kernels' autograd
+# Function (_EAGER), which saves its statistics.  Against the full path's checks, the kept verdict took 5-124 µs
+# off training steps of 0.9-5.6 ms in most readings (GroupNorm (1,512,64,64) either layout, (8,256,56,56)
+# channels-last, (2,320,64,64); LayerNorm (4096,768), (1024,1024); A/B in one process, Zen 3), within the noise in
+# others.
 
-_INFERENCE_VERDICTS_HELD = 256
-_inference_verdicts = {}
+_EAGER_VERDICTS_HELD = 256
+_eager_verdicts = {}
 _TORCHS = "torch's function"
+_EAGER = "the kernels' autograd Function"
 _PLAIN_PARAMETERS = (Tensor, nn.Parameter, type(None))
 _inference_scratch = threading.local()
 
 
-def _inference_verdict(norm, input, weight, bias, arg):
+def _eager_verdict(norm, input, weight, bias, arg):
     """Where an eager call of ``norm`` on ``input`` (in ``arg`` groups, or over the normalized shape ``arg``, a
-    tuple) that records no gradient goes, as the full path would take it: _TORCHS for torch's function (which the
-    full path calls for small inputs, and for what the kernels cannot take, whatever else holds), or, if nothing
-    else needs to see the call (tracing, transforms, modes: see _kernels_apply), (the :class:`_Plan` of the
-    trusted kernels, whether float64).  None for any other call, which takes the full path.  A verdict is made
-    only on arguments that pass every check, so that none of a parameter's faults is kept for its signature.
-    Calls that record a gradient get _small_recording_verdict's answer."""
+    tuple) goes, as the full path would take it: _TORCHS for torch's function (which the full path calls for small
+    inputs, and for what the kernels cannot take, whatever else holds), or, if nothing else needs to see the call
+    (tracing, transforms, modes: see _kernels_apply), _EAGER for the kernels' autograd Function (a call that
+    records a gradient), or (the :class:`_Plan` of the trusted kernels, whether float64) for the kernels alone (one
+    that does not).  None for any other call, which takes the full path.  A verdict is made only on arguments that
+    pass every check, so that none of a parameter's faults is kept for its signature."""
     # (compiled graphs get the full path's operators; subclasses and modes see nothing before torch's call)
     if torch.compiler.is_compiling() or type(input) is not Tensor or has_torch_function_variadic(input, weight, bias):
         return None
     if type(weight) not in _PLAIN_PARAMETERS or type(bias) not in _PLAIN_PARAMETERS:
         return None
-    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
-        return _small_recording_verdict(norm, input, arg)
+    records = torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                           or (bias is not None and bias.requires_grad))
+    # A group norm of an input that records no gradient, under parameters that do, takes the full path, which keeps
+    # it from torch's function where torch's backward would crash (see _torch_group_norm_backward_crashes).
+    if records and norm == "group_norm" and not input.requires_grad:
+        return None
     # Calls that the full path hands to torch's function whatever else holds (bfloat16, and float16 where torch's
     # is the faster) go there at once, without its checks or a look-up of their signature.  After a 16 MB torch
     # op had swept the caches, such calls took 6-9 µs longer than torch's own, against 39-43 µs for bfloat16
@@ -1172,11 +1180,11 @@ def _inference_verdict(norm, input, weight, bias, arg):
         return _TORCHS
     try:
         # So do inputs that the limits give torch's function by their size (see _torchs_by_size)
-        if _torchs_by_size(norm, input, arg, False):
+        if _torchs_by_size(norm, input, arg, records):
             return _TORCHS
         key = (norm, arg, input.shape, input.stride(), dtype, None if weight is None else weight.shape,
-               None if bias is None else bias.shape, _small_inputs_to_torch)
-        verdict = _inference_verdicts.get(key)
+               None if bias is None else bias.shape, records, _small_inputs_to_torch)
+        verdict = _eager_verdicts.get(key)
     except TypeError:   # (an argument torch refuses, such as a list of groups)
         return None
     except RuntimeError:   # (a nested tensor, without a shape, or a sparse one, without strides: see _torch_takes)
@@ -1193,20 +1201,20 @@ def _inference_verdict(norm, input, weight, bias, arg):
         if param is not None and not param.is_contiguous():
             return None
     if verdict is None:
-        if len(_inference_verdicts) >= _INFERENCE_VERDICTS_HELD:
-            _inference_verdicts.clear()
-        with torch.no_grad():   # (the verdict of a call that records no gradient)
-            verdict = _inference_verdicts[key] = _full_path_route(norm, input, weight, bias, arg) or False
+        if len(_eager_verdicts) >= _EAGER_VERDICTS_HELD:
+            _eager_verdicts.clear()
+        verdict = _eager_verdicts[key] = _full_path_route(norm, input, weight, bias, arg, records) or False
     return verdict or None
 
 
 def _torchs_by_size(norm, input, arg, records_grad):
-    """Whether the full path hands a call of ``norm`` (see _inference_verdict) to torch's function by its input's
+    """Whether the full path hands a call of ``norm`` (see _eager_verdict) to torch's function by its input's
     size, asked without its signature: an input smaller than the least limit of its kind of call at any shape
     (_TORCHS_AT_ANY_SHAPE_BELOW; contiguous, or any group norm's), or a contiguous layer or RMS norm that the limits
     give torch's function at its size and row length (for layer and RMS norm, the first is a cheaper case of the
     second, so that a tiny call pays for no more).  The first took the verdict on a GroupNorm (1,32,8,8) from 3.8
-    µs to 0.9 (warm, Zen 3).  With the signature's look-up, converted LayerNorms on (16,768), (128,768) and
+    µs to 0.9 (warm, Zen 3); in a call that records a gradient, such a GroupNorm took 17.4 µs through the full
+    path's checks against torch's 12.4.  With the signature's look-up, converted LayerNorms on (16,768), (128,768) and
     (1000,10) ran 0.71-0.89x torch's modules, 0.79-0.91x without it (0.75-0.79x and 0.79-0.83x after a 16 MB copy;
     A/B in one process, 200 rounds, Zen 3).  An empty input takes the full path, as its rows may too."""
     size = input.numel()
@@ -1217,24 +1225,10 @@ def _torchs_by_size(norm, input, arg, records_grad):
     return norm != "group_norm" and input.is_contiguous() and _faster_on_torch(norm, size, arg, records_grad)
 
 
-def _small_recording_verdict(norm, input, arg):
-    """_inference_verdict's answer to a call that records a gradient: _TORCHS where _torchs_by_size gives it to
-    torch's function, else None, the full path.  Such a routed GroupNorm (1,32,8,8) forward took 17.4 µs through
-    the full path's checks against torch's 12.4 (warm, Zen 3).  A group norm of an input that records no gradient
-    (under parameters that do) takes the full path, which keeps it from torch's function where torch's backward
-    would crash (see _torch_group_norm_backward_crashes)."""
-    if norm == "group_norm" and not input.requires_grad:
-        return None
-    try:
-        return _TORCHS if _torchs_by_size(norm, input, arg, True) else None
-    except RuntimeError:   # (a nested tensor, or a sparse one: see _inference_verdict)
-        return None
-
-
-def _full_path_route(norm, input, weight, bias, arg):
-    """Where the full path of the functional API takes a call of ``norm`` (see _inference_verdict) that records
-    no gradient, for any eps it takes: (plan, whether float64) for the trusted kernels, _TORCHS for torch's
-    function, or None for the NumPy API (float16)."""
+def _full_path_route(norm, input, weight, bias, arg, records):
+    """Where the full path of the functional API takes a call of ``norm`` (see _eager_verdict), for any eps it
+    takes: _TORCHS for torch's function; for a call that ``records`` a gradient, _EAGER; for one that does not,
+    (plan, whether float64) for the trusted kernels, or None for the NumPy API (float16)."""
     if norm == "group_norm":
         routed = _torch_takes(norm, input, weight, bias, num_groups=arg)
         takes = _group_norm_takes(input, arg, weight, bias, 0.0)
@@ -1244,6 +1238,8 @@ def _full_path_route(norm, input, weight, bias, arg):
                  else _rms_norm_takes(input, arg, weight, None))
     if routed or not takes:
         return _TORCHS
+    if records:
+        return _EAGER
     if input.dtype not in (torch.float32, torch.float64):
         return None
     plan = _plan(input, num_groups=arg) if norm == "group_norm" else _plan(input, num_axes=len(arg))
@@ -1252,7 +1248,7 @@ def _full_path_route(norm, input, weight, bias, arg):
 
 @_following_torch_threads
 def _inference_forward(input, verdict, weight, bias, eps, centered):
-    """The output of _trusted_forward on the verdict of _inference_verdict (the parameters checked contiguous), its
+    """The output of _trusted_forward on the verdict of _eager_verdict (the parameters checked contiguous), its
     statistics written to the thread's scratch memory."""
     plan, float64 = verdict
     count = plan.stats_count
@@ -1350,10 +1346,12 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     where it is faster (small inputs, see :func:`use_torch_for_small_inputs`)."""
     if torch.jit.is_scripting():
         return F.group_norm(input, num_groups, weight, bias, eps)
-    verdict = _inference_verdict("group_norm", input, weight, bias, num_groups)
+    verdict = _eager_verdict("group_norm", input, weight, bias, num_groups)
     if verdict is _TORCHS:
         return _torchs_group_norm(input, num_groups, weight, bias, eps)
     if verdict is not None and eps >= 0:
+        if verdict is _EAGER:
+            return _EAGER_APPLY_OF[_group_norm_op](input, num_groups, weight, bias, eps)[0]
         return _inference_forward(input, verdict, weight, bias, eps, centered=True)
     torch_crashes = _torch_group_norm_backward_crashes(input, weight, bias)
     if ((torch_crashes or not _torch_takes("group_norm", input, weight, bias, num_groups=num_groups))
@@ -1368,7 +1366,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
 
 
 def _torchs_group_norm(input, num_groups, weight, bias, eps):
-    """``F.group_norm`` of a plain tensor and parameters (none with ``__torch_function__``, as _inference_verdict
+    """``F.group_norm`` of a plain tensor and parameters (none with ``__torch_function__``, as _eager_verdict
     checks), calling its operator at once where its checks of the shape pass for sure: they took 2.7 µs of its 9.6
     µs on (1,32,8,8), warm, and the operator 6.9.  They refuse fewer than 2 dims, and a single value in each
     channel of a group ((N * C // num_groups) * H * W == 1), which needs fewer values than 2 * num_groups."""
@@ -1436,10 +1434,12 @@ def layer_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tens
     if torch.jit.is_scripting():
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _normalized_shape_tuple(normalized_shape)
-    verdict = _inference_verdict("layer_norm", input, weight, bias, shape)
+    verdict = _eager_verdict("layer_norm", input, weight, bias, shape)
     if verdict is _TORCHS:
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     if verdict is not None and eps >= 0:
+        if verdict is _EAGER:
+            return _EAGER_APPLY_OF[_layer_norm_op](input, list(shape), weight, bias, eps)[0]
         return _inference_forward(input, verdict, weight, bias, eps, centered=True)
     if (not _torch_takes("layer_norm", input, weight, bias, shape)
             and _layer_norm_takes(input, shape, weight, bias, eps)):
@@ -1457,11 +1457,13 @@ def rms_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor
     if torch.jit.is_scripting():
         return F.rms_norm(input, normalized_shape, weight, eps)
     shape = _normalized_shape_tuple(normalized_shape)
-    verdict = _inference_verdict("rms_norm", input, weight, None, shape)
+    verdict = _eager_verdict("rms_norm", input, weight, None, shape)
     if verdict is _TORCHS:
         return F.rms_norm(input, normalized_shape, weight, eps)
     if verdict is not None and (eps is None or eps >= 0):
         eps = torch.finfo(input.dtype).eps if eps is None else eps
+        if verdict is _EAGER:
+            return _EAGER_APPLY_OF[_rms_norm_op](input, list(shape), weight, eps)[0]
         return _inference_forward(input, verdict, weight, None, eps, centered=False)
     if (not _torch_takes("rms_norm", input, weight, normalized_shape=shape)
             and _rms_norm_takes(input, shape, weight, eps)):

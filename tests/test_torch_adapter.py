@@ -596,12 +596,12 @@ def test_inference_calls_give_the_full_paths_results(case, monkeypatch):
     """Calls that record no gradient take the verdict of the full path's checks kept for their input's shape,
     strides and dtype and their parameters' shapes: the full path's results and errors, for inputs of one shape in
     other layouts and dtypes, with parameters of other kinds, and on the call that finds the verdict kept as on the
-    one that made it.  Calls that record a gradient, for some or all of the tensors, between them take the full
-    path, with its results and gradients."""
+    one that made it.  Calls that record a gradient, for some or all of the tensors, between them take verdicts of
+    their own, with the full path's results and gradients."""
     function = getattr(ct, case)
     taken = []   # the kernels' verdicts taken
     monkeypatch.setattr(ct, "_inference_forward", functools.partial(_counted, taken, ct._inference_forward))
-    ct._inference_verdicts.clear()
+    ct._eager_verdicts.clear()
 
     def call(x, arguments, grads):
         x = x.detach().requires_grad_(grads in ("input", "all"))
@@ -615,7 +615,7 @@ def test_inference_calls_give_the_full_paths_results(case, monkeypatch):
 
     def full_path(x, arguments, grads):
         with monkeypatch.context() as patched:
-            patched.setattr(ct, "_inference_verdict", lambda *verdict_args: None)
+            patched.setattr(ct, "_eager_verdict", lambda *verdict_args: None)
             return call(x, arguments, grads)
 
     for grads in ("none", "input", "parameters", "all", "none"):
@@ -666,11 +666,11 @@ def _assert_torchs_without_checks(function, expected, monkeypatch):
     """``function()``, called twice without recording gradients, gives ``expected()``'s bits without any of the
     full path's checks and without keeping a verdict."""
     asked = _spied(monkeypatch, "_torch_takes", "_kernels_take", "_full_path_route")
-    ct._inference_verdicts.clear()
+    ct._eager_verdicts.clear()
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(function(), expected(), rtol=0, atol=0)
-    assert not asked and not ct._inference_verdicts
+    assert not asked and not ct._eager_verdicts
 
 
 @pytest.mark.parametrize("case, shape, layout", [("group_norm", (1, 32, 8, 8), "contiguous"),
@@ -711,7 +711,7 @@ def test_routed_layer_norms_ask_nothing_more(shape, monkeypatch):
     if routed:
         _assert_torchs_without_checks(*_ours_and_torchs("layer_norm", x, weight, shape[-1]), monkeypatch)
     else:
-        assert ct._inference_verdict("layer_norm", x, weight, weight, shape[-1:]) not in (None, ct._TORCHS)
+        assert ct._eager_verdict("layer_norm", x, weight, weight, shape[-1:]) not in (None, ct._TORCHS)
 
 
 @pytest.mark.parametrize("case, shape, layout", [("group_norm", (1, 32, 8, 8), "contiguous"),
@@ -722,8 +722,9 @@ def test_routed_layer_norms_ask_nothing_more(shape, monkeypatch):
                                                   ("layer_norm", (2, 3, 64), "strided")])
 def test_small_recording_calls_ask_nothing_more(case, shape, layout, monkeypatch):
     """Calls that record a gradient on inputs that the limits of such calls give torch's function by their size
-    (whatever their shape, or a contiguous layer norm's rows) go there without the full path's checks: torch's
-    output and gradients, bit for bit.  Strided layer norms take the full path, which gives them to the kernels."""
+    (whatever their shape, or a contiguous layer norm's rows) go there without the full path's checks or a verdict
+    of their own: torch's output and gradients, bit for bit.  Strided layer norms go to the kernels, on the verdict
+    of the full path's checks."""
     ct.use_torch_for_small_inputs(True)
     asked = _spied(monkeypatch, "_torch_takes", "_kernels_take", "_full_path_route",
                    "_torch_group_norm_backward_crashes")
@@ -740,7 +741,57 @@ def test_small_recording_calls_ask_nothing_more(case, shape, layout, monkeypatch
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, **({} if full_path else {"rtol": 0, "atol": 0}))
     assert bool(asked) == full_path
-    assert not ct._inference_verdicts
+    assert bool(ct._eager_verdicts) == full_path
+
+
+@pytest.mark.parametrize("case, shape, layout", [("group_norm", (2, 8, 4, 4), "contiguous"),
+                                                  ("group_norm", (2, 8, 4, 4), "channels_last"),
+                                                  ("group_norm", (2, 8, 5), "strided"),
+                                                  ("layer_norm", (4, 64), "contiguous"),
+                                                  ("layer_norm", (2, 3, 64), "strided"),
+                                                  ("rms_norm", (8, 128), "contiguous")])
+def test_recording_calls_keep_their_verdict(case, shape, layout, monkeypatch):
+    """A call that records a gradient takes the verdict of the full path's checks kept from the first call of its
+    signature: the next call asks none of them, and runs the kernels' autograd Function with the first call's
+    output and gradients, bit for bit."""
+    ct.use_torch_for_small_inputs(False)
+    asked = _spied(monkeypatch, "_torch_takes", "_full_path_route", "_torch_group_norm_backward_crashes",
+                   "_group_norm_takes", "_layer_norm_takes", "_rms_norm_takes", "_run")
+    ct._eager_verdicts.clear()
+    x = in_layout(random_tensor(shape, torch.float32), layout)
+    weight = random_tensor(shape[1:2] if case == "group_norm" else shape[-1:], torch.float32, seed=1)
+    weight.requires_grad_()
+    dy = random_tensor(shape, torch.float32, seed=3)
+    results = []
+    for call in range(2):
+        asked.clear()
+        leaf = x.detach().requires_grad_()
+        y = _ours_and_torchs(case, leaf, weight, shape[1] // 2 if case == "group_norm" else shape[-1])[0]()
+        results.append((y, *torch.autograd.grad(y, (leaf, weight), dy)))
+        assert type(y.grad_fn).__name__ == f"cynorm_{case}Backward"
+        assert bool(asked) == (call == 0)
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_recording_and_inference_verdicts_are_kept_apart(kernel_calls):
+    """A signature keeps a verdict for calls that record a gradient and one for calls that do not, whose limits
+    differ: a channels-first GroupNorm of 2**20 values (2**17 with AVX-512) runs the kernels without a gradient to
+    record and torch's function with one, whichever call comes first."""
+    ct.use_torch_for_small_inputs(True)
+    shape = (2, 64, 32, 32) if ct._kernels.BUILD == "x86_64_v4" else (16, 64, 32, 32)
+    x = random_tensor(shape, torch.float32)
+    weight = random_tensor(shape[1:2], torch.float32, seed=1)
+    for first_recording in (False, True):
+        ct._eager_verdicts.clear()
+        for recording in (first_recording, not first_recording, first_recording):
+            kernel_calls.clear()
+            leaf = x.detach().requires_grad_(recording)
+            y = ct.group_norm(leaf, 32, weight, weight)
+            assert bool(kernel_calls) == (not recording)
+            if recording:
+                assert type(y.grad_fn).__name__ == "NativeGroupNormBackward0"
+        assert len(ct._eager_verdicts) == 2
 
 
 def test_small_frozen_input_group_norm_takes_the_full_path(monkeypatch):
@@ -854,7 +905,7 @@ def _result_or_error(function, *args):
 def test_a_parameters_fault_is_not_kept_for_its_signature(kernel_calls):
     """A call whose weight the kernels do not take gets torch's answer, and leaves no verdict behind: the next
     call of the same shapes, with a weight they take, runs on them."""
-    ct._inference_verdicts.clear()
+    ct._eager_verdicts.clear()
     x = random_tensor((2, 8, 3, 5), torch.float32)
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="mixed dtype"):   # torch's error

@@ -1435,8 +1435,8 @@ def layer_norm(input: Tensor, normalized_shape: List[int], weight: Optional[Tens
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
     shape = _normalized_shape_tuple(normalized_shape)
     verdict = _eager_verdict("layer_norm", input, weight, bias, shape)
-    if verdict is _TORCHS:
-        return F.layer_norm(input, normalized_shape, weight, bias, eps)
+    if verdict is _TORCHS:   # (F.layer_norm without its __torch_function__ check: a (4,64) call 7.1 µs -> 6.9)
+        return torch.layer_norm(input, normalized_shape, weight, bias, eps, torch.backends.cudnn.enabled)
     if verdict is not None and eps >= 0:
         if verdict is _EAGER:
             return _EAGER_APPLY_OF[_layer_norm_op](input, list(shape), weight, bias, eps)[0]

@@ -61,7 +61,7 @@ _GUARD = 0xA5
 
 
 def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
-    """Forward and backward of fifteen rows cases and a columns case, and a columns forward in blocks, with
+    """Forward and backward of fifteen rows cases and two columns cases, and a columns forward in blocks, with
     adversarial data, as raw kernel calls; `stream`: the forward and the backward write their outputs with
     streaming stores and prefetch their input (the kernels' paths for arrays that outgrow the cache);
     `output_phase`: where the outputs y and dx start in a cache line (kernels stream lines straight where the
@@ -153,18 +153,20 @@ def _run_all_kernels(module, dtype, stream, output_phase=0, guards=None):
                          1, 1, channels, inner, True, stream, stream, 2)
     results += [y, mean, rstd, dx, dweight, dbias]
 
-    samples, n_rows, n_cols, groups = 3, 301, 24, 6
-    x = (rng.standard_normal(samples * n_rows * n_cols) * 3 - 50).astype(dtype)
-    dy = rng.standard_normal(x.size).astype(dtype)
-    weight = rng.standard_normal(n_cols).astype(dtype)
-    bias = rng.standard_normal(n_cols).astype(dtype)
-    y, mean, rstd = output_like(x), np.empty(samples * groups), np.empty(samples * groups)
-    module.forward_columns(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, samples, n_rows, n_cols,
-                           groups, 1, False, 1e-5, True, stream, stream, 2)
-    dx, dweight, dbias = output_like(x), np.empty_like(weight), np.empty_like(weight)
-    module.backward_columns(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias), float64,
-                            samples, n_rows, n_cols, groups, 1, False, True, stream, stream, 2)
-    results += [y, mean, rstd, dx, dweight, dbias]
+    # channels-last samples of narrow rows (folded), and of rows of 160 columns in tiles of 150 rows (AVX2 builds
+    # sum those eight rows at a time where not prefetched: 18 eights, a four and two rows left a tile)
+    for samples, n_rows, n_cols, groups in ((3, 301, 24, 6), (2, 600, 160, 5)):
+        x = (rng.standard_normal(samples * n_rows * n_cols) * 3 - 50).astype(dtype)
+        dy = rng.standard_normal(x.size).astype(dtype)
+        weight = rng.standard_normal(n_cols).astype(dtype)
+        bias = rng.standard_normal(n_cols).astype(dtype)
+        y, mean, rstd = output_like(x), np.empty(samples * groups), np.empty(samples * groups)
+        module.forward_columns(at(x), at(y), at(weight), at(bias), at(mean), at(rstd), float64, samples, n_rows,
+                               n_cols, groups, 1, False, 1e-5, True, stream, stream, 2)
+        dx, dweight, dbias = output_like(x), np.empty_like(weight), np.empty_like(weight)
+        module.backward_columns(at(dy), at(x), at(mean), at(rstd), at(weight), at(dx), at(dweight), at(dbias),
+                                float64, samples, n_rows, n_cols, groups, 1, False, True, stream, stream, 2)
+        results += [y, mean, rstd, dx, dweight, dbias]
 
     # a channels-last sample of one tile taken in blocks of column groups (not where streamed), 256 float32 or
     # 128 float64 columns wide: AVX-512 builds sum them in register strips, over rows further apart than that;

@@ -1048,9 +1048,13 @@ def _torch_takes(norm, input, weight, bias=None, normalized_shape=(), num_groups
     limits = _TORCH_FASTER_BELOW[norm]
     if norm not in _TORCH_FASTER_ON_ROWS and size >= limits[0][0] and size >= limits[1][0]:
         return False
-    records_grad = torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                                or (bias is not None and bias.requires_grad))
-    return _faster_on_torch(norm, size, normalized_shape, records_grad)
+    return _faster_on_torch(norm, size, normalized_shape, _records_grad(input, weight, bias))
+
+
+def _records_grad(input, weight, bias):
+    """Whether a call of a norm on ``input`` with ``weight`` and ``bias`` (each may be None) records a gradient."""
+    return torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
 
 
 def _faster_on_torch(category, size, normalized_shape, records_grad):
@@ -1165,8 +1169,7 @@ def _eager_verdict(norm, input, weight, bias, arg):
         return None
     if type(weight) not in _PLAIN_PARAMETERS or type(bias) not in _PLAIN_PARAMETERS:
         return None
-    records = torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                           or (bias is not None and bias.requires_grad))
+    records = _records_grad(input, weight, bias)
     # A group norm of an input that records no gradient, under parameters that do, takes the full path, which keeps
     # it from torch's function where torch's backward would crash (see _torch_group_norm_backward_crashes).
     if records and norm == "group_norm" and not input.requires_grad:

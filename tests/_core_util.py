@@ -223,6 +223,13 @@ NARROW_COLUMN_CASES = (
     NormCase("group", (2, 30, 30, 24), -1, 8),    # 2 rows of 24 as one of 48
 )
 
+# Channels-last rows of 128 columns or more in tiles of 150 rows, which AVX2 builds sum eight rows at a time where
+# the rows are not asked for ahead: 18 eights, a four and two rows left in each tile.
+WIDE_COLUMN_CASES = (
+    NormCase("group", (2, 20, 30, 160), -1, 5),
+    NormCase("instance", (1, 24, 25, 128), -1),
+)
+
 # Channels-last samples of a single tile and hundreds of channels, whose forward takes blocks of whole column
 # groups over all the rows, their statistics then their normalization, where samples are too few to share out a
 # tile at a time (float32 block sizes in the comments, by thread count).

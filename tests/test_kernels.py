@@ -19,8 +19,8 @@ from cynorm import slow
 from cynorm.benchmarks import empty_past_cache_line
 
 from _core_util import (FLOAT_DTYPES, FOUR_ROW_CASES, GROUP_BLOCK_CASES, LAYOUT_CASES, LAYOUTS, NARROW_COLUMN_CASES,
-                        SHORT_ROW_CASES, SPLIT_CASES, NormCase, assert_bitwise_equal, assert_close, compute_dtype,
-                        dtype_name, norm_cases, random_array, random_params, run_forward_and_backward, with_layout)
+                        SHORT_ROW_CASES, SPLIT_CASES, WIDE_COLUMN_CASES, NormCase, assert_bitwise_equal, assert_close,
+                        compute_dtype, dtype_name, norm_cases, random_array, random_params, run_forward_and_backward, with_layout)
 
 ODD_SIZE_CASES = (
     NormCase("group", (3, 7, 11), 1, 7),  # prime channel count, 3-D input
@@ -47,7 +47,7 @@ ODD_SIZE_CASES = (
 )
 # every shape the accuracy tests compare against the float64 reference
 REFERENCE_CASES = (LAYOUT_CASES + ODD_SIZE_CASES + SPLIT_CASES + SHORT_ROW_CASES + FOUR_ROW_CASES
-                   + NARROW_COLUMN_CASES + GROUP_BLOCK_CASES)
+                   + NARROW_COLUMN_CASES + WIDE_COLUMN_CASES + GROUP_BLOCK_CASES)
 
 # Every element alone in its group: the normalized value is 0, so the output is the bias.
 SINGLE_ELEMENT_GROUP_CASES = (

@@ -10,7 +10,7 @@ import pytest
 
 import cynorm
 
-from _core_util import (FLOAT_DTYPES, GROUP_BLOCK_CASES, NARROW_COLUMN_CASES, SPLIT_CASES, NormCase,
+from _core_util import (FLOAT_DTYPES, GROUP_BLOCK_CASES, NARROW_COLUMN_CASES, SPLIT_CASES, WIDE_COLUMN_CASES, NormCase,
                         assert_bitwise_equal, dtype_name, random_array, random_params, run_forward_and_backward)
 
 # Each norm and layout with 100k to 200k elements: enough work that a kernel which keeps small inputs on one
@@ -34,7 +34,7 @@ THREADED_CASES = (
     # one channels-last sample of a single tile: normalized in a part per thread (rows folded in the second)
     NormCase("group", (1, 8, 16, 512), -1, 32),
     NormCase("group", (1, 200, 10), -1, 5),
-) + SPLIT_CASES + NARROW_COLUMN_CASES + GROUP_BLOCK_CASES
+) + SPLIT_CASES + NARROW_COLUMN_CASES + WIDE_COLUMN_CASES + GROUP_BLOCK_CASES
 
 
 @pytest.fixture

@@ -661,9 +661,10 @@ def _(grad_output, input, rstd, weight):
 
 def _double_backward_error(norm):
     return RuntimeError(
-        f"cynorm {norm}: double backward (the gradient of a gradient) is not supported by the cynorm kernels; use "
-        f"torch.nn.functional.{norm} (or the torch.nn module, see cynorm.adapters.torch.revert) for this model "
-        f"instead")
+        f"cynorm {norm}: double backward (the gradient of a gradient) is not supported through the operator "
+        f"torch.ops.cynorm.{norm}_backward (the path of direct calls of torch.ops.cynorm and of calls under torch "
+        f"dispatch modes; eager calls of cynorm.adapters.torch support it); use torch.nn.functional.{norm} (or "
+        f"the torch.nn module, see cynorm.adapters.torch.revert) for this model instead")
 
 
 def _input_grads(needs_input_grad, param_positions, grad_input, *param_grads):
@@ -675,27 +676,32 @@ def _input_grads(needs_input_grad, param_positions, grad_input, *param_grads):
     return tuple(grads)
 
 
-class _RefuseDoubleBackward(torch.autograd.Function):
-    """Passes gradients through, recorded as functions of the incoming gradient and the input they came from;
-    differentiating them again raises the double-backward error."""
+def _recorded_input_grads(ctx, grad_output, torchs_function):
+    """The result of an eager Function's backward with create_graph=True (a gradient penalty, a Hessian-vector
+    product): the gradients of the norm's inputs as ``torchs_function``, torch's own function of the same
+    arguments, gives them, recorded, so that they can be differentiated again.  The kernels' backward records
+    nothing, so torch's function runs again on the forward's inputs, and torch's autograd differentiates it."""
+    inputs = (ctx.saved_tensors[0], *ctx.arguments)   # (the input as saved: checked unmodified since the forward)
+    wanted = [position for position, needed in enumerate(ctx.needs_input_grad) if needed]
+    grads = torch.autograd.grad(torchs_function(*inputs), [inputs[position] for position in wanted], grad_output,
+                                create_graph=True, allow_unused=True)
+    recorded = [None] * len(inputs)
+    for position, grad in zip(wanted, grads):
+        recorded[position] = grad
+    return tuple(recorded)
 
-    @staticmethod
-    def forward(ctx, norm, grad_output, input, *grads):
-        ctx.norm = norm
-        return tuple(None if grad is None else grad.view_as(grad) for grad in grads)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        raise _double_backward_error(ctx.norm)
-
-
-def _register_autograd(norm, forward_op, backward_op, param_positions):
+def _register_autograd(norm, forward_op, backward_op, param_positions, torchs_function):
     """Make ``backward_op`` the gradient of ``forward_op``, the ops computing ``norm``, and return the eager
     ``torch.autograd.Function`` computing the same on the kernels directly (see :func:`_run`).
 
     Both ops follow one contract: the forward returns ``(y, *stats)``; the backward takes
     ``(grad_y, input, *stats, weight)`` and returns ``(grad_input, *param_grads)``, one gradient for each
-    forward input at ``param_positions`` (weight, then bias if the norm has one).
+    forward input at ``param_positions`` (weight, then bias if the norm has one).  ``torchs_function``, torch's
+    own function of the forward op's arguments, gives the eager Function's gradients where they must be
+    differentiated again (see _recorded_input_grads).  The operators' autograd does not: torch.compile traces it
+    into its graphs, which must keep the kernels' backward, and refuses double backward anyway, for torch's norms
+    as for ours.
     """
     weight_position = param_positions[0]
     forward_kernels, backward_kernels = _KERNELS_OF[forward_op], _KERNELS_OF[backward_op]
@@ -720,16 +726,16 @@ def _register_autograd(norm, forward_op, backward_op, param_positions):
     def eager_backward(ctx, grad_output, *unused_stats_grads):
         if grad_output is None:   # not materialized: the output had no gradient
             return (None,) * len(ctx.needs_input_grad)
-        if not torch.is_grad_enabled():   # the usual backward, without create_graph
-            return input_grads(ctx, grad_output, backward_kernels)
-        with torch.no_grad():
-            grads = input_grads(ctx, grad_output, backward_kernels)
-        # create_graph=True: differentiating these again must fail loudly
-        return _RefuseDoubleBackward.apply(norm, grad_output, ctx.saved_tensors[0], *grads)
+        if torch.is_grad_enabled():   # create_graph=True
+            return _recorded_input_grads(ctx, grad_output, torchs_function)
+        return input_grads(ctx, grad_output, backward_kernels)
 
     def eager_forward(ctx, *inputs):
         output = forward_kernels(*inputs)
         save_for_backward(ctx, inputs, output)
+        # the arguments after the input (saved above), for a backward that records its gradients; the input, an
+        # activation, is let go with the saved tensors after the backward
+        ctx.arguments = inputs[1:]
         # the statistics get no gradient: no zero tensors for them, and None for an unused output
         ctx.set_materialize_grads(False)
         return output
@@ -774,11 +780,15 @@ _KERNELS_OF = {_group_norm_op: _trusted_group_norm, _instance_norm_op: _trusted_
                _rms_norm_backward_op: _trusted_rms_norm_backward}
 # The autograd Function of each forward operator, for eager calls that record gradients (see _run).
 _EAGER_FUNCTION_OF = {
-    _group_norm_op: _register_autograd("group_norm", _group_norm_op, _group_norm_backward_op, param_positions=(2, 3)),
-    _instance_norm_op: _register_autograd("instance_norm", _instance_norm_op, _instance_norm_backward_op,
-                                          param_positions=(1, 2)),
-    _layer_norm_op: _register_autograd("layer_norm", _layer_norm_op, _layer_norm_backward_op, param_positions=(2, 3)),
-    _rms_norm_op: _register_autograd("rms_norm", _rms_norm_op, _rms_norm_backward_op, param_positions=(2,)),
+    _group_norm_op: _register_autograd("group_norm", _group_norm_op, _group_norm_backward_op, param_positions=(2, 3),
+                                       torchs_function=F.group_norm),
+    _instance_norm_op: _register_autograd(
+        "instance_norm", _instance_norm_op, _instance_norm_backward_op, param_positions=(1, 2),
+        torchs_function=lambda input, weight, bias, eps: F.instance_norm(input, weight=weight, bias=bias, eps=eps)),
+    _layer_norm_op: _register_autograd("layer_norm", _layer_norm_op, _layer_norm_backward_op, param_positions=(2, 3),
+                                       torchs_function=F.layer_norm),
+    _rms_norm_op: _register_autograd("rms_norm", _rms_norm_op, _rms_norm_backward_op, param_positions=(2,),
+                                     torchs_function=F.rms_norm),
 }
 
 

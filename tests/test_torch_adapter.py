@@ -372,12 +372,49 @@ def test_operators_skip_the_numpy_api_on_arguments_they_have_checked(case, dtype
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", FUNCTION_CASES)
+def test_gradgradcheck(case, kernel_calls):
+    """Gradients of gradients: a backward with create_graph=True records torch's own gradients of the norm."""
+    kernel, function, make_inputs = FUNCTION_CASES[case]
+    assert torch.autograd.gradgradcheck(function, make_inputs())
+    assert kernel_calls["forward"]
+
+
+def test_gradient_penalty_through_a_converted_model_gives_torchs_gradients(kernel_calls):
+    """A WGAN-GP critic's step (the gradient of the score with respect to the images, differentiated again) on a
+    converted model: every parameter's gradient as the torch.nn model gives it."""
+    torch.manual_seed(0)
+    # (no bias before the instance norm, which removes it: its gradient would be rounding error)
+    critic = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 3, bias=False),
+                           nn.InstanceNorm2d(8, affine=True), nn.SiLU(), nn.Flatten(), nn.LayerNorm(8 * 4 * 4),
+                           nn.Linear(8 * 4 * 4, 16), nn.RMSNorm(16), nn.Linear(16, 1)).double()
+    converted = ct.convert(critic)
+    images = random_tensor((4, 3, 8, 8))
+
+    def penalty_step(model):
+        x = images.clone().requires_grad_()
+        score = model(x)
+        grad, = torch.autograd.grad(score.sum(), x, create_graph=True)
+        loss = score.mean() + 10 * (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+        model.zero_grad()
+        loss.backward()
+        return [parameter.grad for parameter in model.parameters()]
+
+    for ours, theirs in zip(penalty_step(converted), penalty_step(critic), strict=True):
+        assert_close_scaled(ours, theirs, TOLERANCES[torch.float64])
+    assert len(kernel_calls["forward"]) == 4 and kernel_calls["backward"]
+
+
 @pytest.mark.parametrize("case", ["group_norm", "instance_norm", "layer_norm", "rms_norm"])
-def test_double_backward_raises_clear_error(case):
-    _, function, make_inputs = FUNCTION_CASES[case]
-    inputs = make_inputs()
-    first_order = torch.autograd.grad(function(*inputs).pow(2).sum(), inputs, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+def test_double_backward_through_the_operators_raises_clear_error(case):
+    """Calls of torch.ops.cynorm (as under torch.compile, whose autograd refuses double backward for torch's
+    norms too, and dispatch modes) differentiate through the backward operators, which refuse it."""
+    operator, make_arguments = OPERATOR_CASES[case]
+    arguments = make_arguments()
+    inputs = [a for a in arguments if isinstance(a, Tensor)]
+    first_order = torch.autograd.grad(operator(*arguments)[0].pow(2).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match=rf"double backward .* not supported through the operator "
+                                           rf"torch\.ops\.cynorm\.{case}_backward"):
         torch.autograd.grad(sum(g.sum() for g in first_order), inputs)
 
 

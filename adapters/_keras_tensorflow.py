@@ -20,6 +20,21 @@ try:
 except ImportError:
     def _graph_in_xla_context(graph):
         return False
+# Whether a tape is active (a cheap first question), and whether the active tapes may differentiate a
+# computation on some tensors, and how: 0 not at all, 1 once, 2 more than once (nested tapes that both watch
+# them, as for a gradient penalty, or a persistent tape).  Without TensorFlow's queries, any computation counts
+# as maybe differentiated twice.
+try:
+    from tensorflow.python.eager.record import could_possibly_record as _any_tape_records
+except ImportError:
+    def _any_tape_records():
+        return True
+try:
+    from tensorflow.python.ops.gradients_util import PossibleTapeGradientTypes as _possible_gradient_types
+except ImportError:
+    def _possible_gradient_types(tensors):
+        return _HIGHER_ORDER
+_HIGHER_ORDER = 2
 
 from cynorm._blocks import PAGE_BYTES, numpy_block_pool, placement
 from cynorm._threads import framework_threads
@@ -172,6 +187,9 @@ def call(layer, inputs, small_inputs_to_keras):
     if not tf.executing_eagerly() and (_in_save_context()
                                        or _graph_in_xla_context(tf.compat.v1.get_default_graph())):
         return layer._keras_call(inputs)   # a graph to be saved or compiled (see the module's docstring)
+    weight, bias = (None if variable is None else _in_kernel_dtype(variable) for variable in layer._weight_and_bias())
+    if _needs_differentiable_gradient(inputs, weight, bias):
+        return layer._keras_call(inputs)
     # Run eagerly, Keras's layers pay for each of their several operations: the kernels win at every size.
     # Float32 and float64 policies only: under mixed precision Keras's RMSNormalization reads its scale in
     # float16 where ours reads it in float32, and in a tf.cond the two branches of a float16 layer would
@@ -179,20 +197,32 @@ def call(layer, inputs, small_inputs_to_keras):
     if (not small_inputs_to_keras or tf.executing_eagerly()
             or layer.compute_dtype not in ("float32", "float64") or layer.variable_dtype != layer.compute_dtype
             or math.prod(d for d in inputs.shape if d is not None) > KERAS_FASTER_UP_TO):
-        return _apply_kernel(layer, inputs)
+        return _apply_kernel(layer, inputs, weight, bias)
     if inputs.shape.is_fully_defined():
         return layer._keras_call(inputs)
     return tf.cond(tf.size(inputs, out_type=tf.int64) <= KERAS_FASTER_UP_TO,
                    lambda: layer._keras_call(inputs),
-                   lambda: _apply_kernel(layer, inputs))
+                   lambda: _apply_kernel(layer, inputs, weight, bias))
 
 
-def _apply_kernel(layer, inputs):
-    """The layer's kernel (``layer._kernel``, an ArrayKernel) on ``inputs``, their normalized axes first moved to
-    the end by ``layer._permutation`` where it is not None (the kernels need them next to each other)."""
+def _needs_differentiable_gradient(inputs, *params):
+    """Whether the tapes recording a call on ``inputs`` and ``params`` (the parameters as read for it, or None) may
+    differentiate its gradient again (a gradient penalty, nested tapes, a persistent tape).  The kernels'
+    gradient, a tf.numpy_function, has no gradient of its own, which TensorFlow took for zero: a gradient
+    penalty through GroupNormalization lost its second-order terms (a critic's parameter gradients were off by up
+    to 2.6 where they were of order 1), or failed in a tf.function.  Such calls run the Keras twin, which
+    TensorFlow differentiates to any order."""
+    if not _any_tape_records():
+        return False
+    return _possible_gradient_types([inputs, *(param for param in params if param is not None)]) == _HIGHER_ORDER
+
+
+def _apply_kernel(layer, inputs, weight, bias):
+    """The layer's kernel (``layer._kernel``, an ArrayKernel) on ``inputs`` and its parameters as read for the call
+    (in a kernel dtype, or None), the inputs' normalized axes first moved to the end by ``layer._permutation``
+    where it is not None (the kernels need them next to each other)."""
     def kernel(inputs):
-        weight, bias = layer._weight_and_bias()
-        x, weight, bias = (None if t is None else _in_kernel_dtype(t) for t in (inputs, weight, bias))
+        x = _in_kernel_dtype(inputs)
         return tf.cast(_normalize(x, weight, bias, layer._kernel, layer._stats_shape(x.shape)), layer.compute_dtype)
 
     return layer._with_axes_moved(inputs, layer._permutation, kernel)

@@ -249,6 +249,28 @@ else:
         losses = _fit(model, images, labels)
         assert losses[-1] < losses[0] and not np.array_equal(model.layers[0].gamma.numpy(), gamma)
 
+    def test_gradient_penalty_gives_keras_gradients(kernel_calls):
+        """A WGAN-GP critic step: the PyTorch adapter's gradients, recorded with create_graph=True, are
+        differentiated again as those of Keras's layers are."""
+        images = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 6, 6, 8)))
+
+        def penalty_step(normalization):
+            keras.utils.set_random_seed(0)
+            critic = keras.Sequential([keras.Input((6, 6, 8)), keras.layers.Conv2D(8, 3, dtype="float64"),
+                                       normalization, keras.layers.Flatten(dtype="float64"),
+                                       keras.layers.Dense(1, dtype="float64")])
+            x = images.clone().requires_grad_()
+            score = critic(x)
+            grad, = torch.autograd.grad(score.sum(), x, create_graph=True)
+            loss = score.mean() + 10 * (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+            return torch.autograd.grad(loss, [weight.value for weight in critic.trainable_weights])
+
+        ours = penalty_step(ck.GroupNormalization(groups=4, dtype="float64"))
+        theirs = penalty_step(keras.layers.GroupNormalization(groups=4, dtype="float64"))
+        assert kernel_calls.get("forward") and kernel_calls.get("backward")
+        for got, expected in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+
     def test_jit_compiled_training_matches_eager():
         """Keras compiles the torch backend's steps with torch.compile, which takes the adapter's operators."""
         images, labels = _digits()

@@ -407,8 +407,8 @@ def test_gradient_penalty_through_a_converted_model_gives_torchs_gradients(kerne
 
 @pytest.mark.parametrize("case", ["group_norm", "instance_norm", "layer_norm", "rms_norm"])
 def test_double_backward_through_the_operators_raises_clear_error(case):
-    """Calls of torch.ops.cynorm (as under torch.compile, whose autograd refuses double backward for torch's
-    norms too, and dispatch modes) differentiate through the backward operators, which refuse it."""
+    """Calls of torch.ops.cynorm (direct, or under dispatch modes) differentiate through the backward operators,
+    which refuse it.  (Under torch.compile, torch's autograd refuses double backward first, for torch's norms too.)"""
     operator, make_arguments = OPERATOR_CASES[case]
     arguments = make_arguments()
     inputs = [a for a in arguments if isinstance(a, Tensor)]

@@ -53,6 +53,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16)
 # torch's queries that every eager call makes, bound once (each lookup through torch's modules cost up to a µs
 # after a kernel had swept the caches)
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor   # (autograd.grad's is_grads_batched=True)
 _functorch_transforms_active = torch._C._are_functorch_transforms_active
 _tracing_state = torch._C._get_tracing_state
 _dispatch_mode_count = torch._C._len_torch_dispatch_stack
@@ -676,19 +677,24 @@ def _input_grads(needs_input_grad, param_positions, grad_input, *param_grads):
     return tuple(grads)
 
 
-def _recorded_input_grads(ctx, grad_output, torchs_function):
-    """The result of an eager Function's backward with create_graph=True (a gradient penalty, a Hessian-vector
-    product): the gradients of the norm's inputs as ``torchs_function``, torch's own function of the same
-    arguments, gives them, recorded, so that they can be differentiated again.  The kernels' backward records
-    nothing, so torch's function runs again on the forward's inputs, and torch's autograd differentiates it."""
+def _torchs_input_grads(ctx, grad_output, torchs_function):
+    """The result of an eager Function's backward where the kernels' cannot serve: the gradients of the norm's
+    inputs as ``torchs_function``, torch's own function of the same arguments, run again on the forward's inputs,
+    gives them through torch's autograd.  That is for a backward that records its gradients, so that they can be
+    differentiated again (create_graph=True: a gradient penalty, a Hessian-vector product), and for one whose
+    incoming gradient torch.func.vmap batches, which has no memory for the kernels to take
+    (torch.autograd.functional.jacobian and hessian with vectorize=True failed on it before)."""
     inputs = (ctx.saved_tensors[0], *ctx.arguments)   # (the input as saved: checked unmodified since the forward)
     wanted = [position for position, needed in enumerate(ctx.needs_input_grad) if needed]
-    grads = torch.autograd.grad(torchs_function(*inputs), [inputs[position] for position in wanted], grad_output,
-                                create_graph=True, allow_unused=True)
-    recorded = [None] * len(inputs)
+    record = torch.is_grad_enabled()
+    with torch.enable_grad():
+        output = torchs_function(*inputs)
+    grads = torch.autograd.grad(output, [inputs[position] for position in wanted], grad_output, create_graph=record,
+                                allow_unused=True)
+    input_grads = [None] * len(inputs)
     for position, grad in zip(wanted, grads):
-        recorded[position] = grad
-    return tuple(recorded)
+        input_grads[position] = grad
+    return tuple(input_grads)
 
 
 def _register_autograd(norm, forward_op, backward_op, param_positions, torchs_function):
@@ -698,8 +704,8 @@ def _register_autograd(norm, forward_op, backward_op, param_positions, torchs_fu
     Both ops follow one contract: the forward returns ``(y, *stats)``; the backward takes
     ``(grad_y, input, *stats, weight)`` and returns ``(grad_input, *param_grads)``, one gradient for each
     forward input at ``param_positions`` (weight, then bias if the norm has one).  ``torchs_function``, torch's
-    own function of the forward op's arguments, gives the eager Function's gradients where they must be
-    differentiated again (see _recorded_input_grads).  The operators' autograd does not: torch.compile traces it
+    own function of the forward op's arguments, gives the eager Function's gradients where the kernels' backward
+    cannot (see _torchs_input_grads).  The operators' autograd does not: torch.compile traces it
     into its graphs, which must keep the kernels' backward, and refuses double backward anyway, for torch's norms
     as for ours.
     """
@@ -726,8 +732,9 @@ def _register_autograd(norm, forward_op, backward_op, param_positions, torchs_fu
     def eager_backward(ctx, grad_output, *unused_stats_grads):
         if grad_output is None:   # not materialized: the output had no gradient
             return (None,) * len(ctx.needs_input_grad)
-        if torch.is_grad_enabled():   # create_graph=True
-            return _recorded_input_grads(ctx, grad_output, torchs_function)
+        # (create_graph=True, or a batched gradient: see _torchs_input_grads)
+        if torch.is_grad_enabled() or _is_legacy_batched(grad_output) or _is_functorch_wrapped(grad_output):
+            return _torchs_input_grads(ctx, grad_output, torchs_function)
         return input_grads(ctx, grad_output, backward_kernels)
 
     def eager_forward(ctx, *inputs):

@@ -380,6 +380,40 @@ def test_gradgradcheck(case, kernel_calls):
     assert kernel_calls["forward"]
 
 
+@pytest.mark.parametrize("case", FUNCTION_CASES)
+def test_batched_gradients(case, kernel_calls):
+    """autograd.grad with is_grads_batched=True (torch.autograd.functional.jacobian and hessian with
+    vectorize=True) batches the incoming gradient with vmap, which leaves the kernels no memory to read: torch's
+    function gives those gradients, as the kernels give them one at a time (the call failed before)."""
+    _, function, make_inputs = FUNCTION_CASES[case]
+    inputs = make_inputs()
+    output = function(*inputs)
+    grad_outputs = random_tensor((3, *output.shape), seed=9)
+    if case == "group_norm_channels_last":   # (torch's function on a channels-last input raises the same under vmap)
+        with pytest.raises(RuntimeError, match="NYI: querying is_contiguous inside of vmap"):
+            torch.autograd.grad(output, inputs, grad_outputs, is_grads_batched=True)
+        return
+    batched = torch.autograd.grad(output, inputs, grad_outputs, retain_graph=True, is_grads_batched=True)
+    for index, grad_output in enumerate(grad_outputs):
+        one_at_a_time = torch.autograd.grad(output, inputs, grad_output, retain_graph=True)
+        for got, expected in zip(batched, one_at_a_time, strict=True):
+            torch.testing.assert_close(got[index], expected, rtol=1e-12, atol=1e-12)
+    assert kernel_calls["forward"] and kernel_calls["backward"]
+
+
+def test_vectorized_hessian_of_a_group_norm():
+    """torch.autograd.functional.hessian(vectorize=True), which fails on torch's own group_norm in torch 2.13 (a
+    size mismatch in its batched double backward), gives the Hessian that torch's computes one row at a time."""
+    x, weight, bias = _double((2, 4, 3, 3), 4, 4)
+
+    def hessian(group_norm, vectorize):
+        return torch.autograd.functional.hessian(lambda t: group_norm(t, 2, weight, bias).pow(3).sum(), x,
+                                                 vectorize=vectorize)
+
+    torch.testing.assert_close(hessian(ct.group_norm, vectorize=True), hessian(F.group_norm, vectorize=False),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_gradient_penalty_through_a_converted_model_gives_torchs_gradients(kernel_calls):
     """A WGAN-GP critic's step (the gradient of the score with respect to the images, differentiated again) on a
     converted model: every parameter's gradient as the torch.nn model gives it."""

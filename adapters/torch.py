@@ -678,12 +678,13 @@ def _input_grads(needs_input_grad, param_positions, grad_input, *param_grads):
 
 
 def _torchs_input_grads(ctx, grad_output, torchs_function):
-    """The result of an eager Function's backward where the kernels' cannot serve: the gradients of the norm's
-    inputs as ``torchs_function``, torch's own function of the same arguments, run again on the forward's inputs,
-    gives them through torch's autograd.  That is for a backward that records its gradients, so that they can be
-    differentiated again (create_graph=True: a gradient penalty, a Hessian-vector product), and for one whose
-    incoming gradient torch.func.vmap batches, which has no memory for the kernels to take
-    (torch.autograd.functional.jacobian and hessian with vectorize=True failed on it before)."""
+    """The result of an eager Function's backward where the kernels' backward cannot serve: the gradients of the
+    norm's inputs as ``torchs_function``, torch's own function of the same arguments, run again on the forward's
+    inputs, gives them through torch's autograd.  That is for a backward that records its gradients, so that they
+    can be differentiated again (create_graph=True: a gradient penalty, a Hessian-vector product), and for one
+    whose incoming gradient a vmap batches (autograd.grad's is_grads_batched=True, as in
+    torch.autograd.functional.jacobian and hessian with vectorize=True, which failed on it before; torch.func.vmap),
+    which leaves the kernels no memory to read."""
     inputs = (ctx.saved_tensors[0], *ctx.arguments)   # (the input as saved: checked unmodified since the forward)
     wanted = [position for position, needed in enumerate(ctx.needs_input_grad) if needed]
     record = torch.is_grad_enabled()
@@ -705,9 +706,8 @@ def _register_autograd(norm, forward_op, backward_op, param_positions, torchs_fu
     ``(grad_y, input, *stats, weight)`` and returns ``(grad_input, *param_grads)``, one gradient for each
     forward input at ``param_positions`` (weight, then bias if the norm has one).  ``torchs_function``, torch's
     own function of the forward op's arguments, gives the eager Function's gradients where the kernels' backward
-    cannot (see _torchs_input_grads).  The operators' autograd does not: torch.compile traces it
-    into its graphs, which must keep the kernels' backward, and refuses double backward anyway, for torch's norms
-    as for ours.
+    cannot (see _torchs_input_grads).  The operators' autograd does not: torch.compile traces it into its graphs,
+    which must keep the kernels' backward, and refuses double backward anyway, for torch's norms as for ours.
     """
     weight_position = param_positions[0]
     forward_kernels, backward_kernels = _KERNELS_OF[forward_op], _KERNELS_OF[backward_op]

@@ -392,6 +392,14 @@ cdef extern from *:
     #define CYNORM_MOMENTS_EIGHT_ROWS 0
     #endif
 
+    /* Columns view, builds without AVX-512: the sums of wide rows asked for ahead take a row at a time (see
+       ROW_AT_A_TIME_AHEAD_FROM_BYTES).  Unmeasured with AVX-512, whose strips take rows of up to 256 floats. */
+    #if !defined(__AVX512F__)
+    #define CYNORM_ROWS_AHEAD_ONE_AT_A_TIME 1
+    #else
+    #define CYNORM_ROWS_AHEAD_ONE_AT_A_TIME 0
+    #endif
+
     /* Columns view: per-column sums over the rows of a tile kept in registers, a strip of up to
        CYNORM_STRIP_VECTORS vectors of columns at a time, each column's sums added row after row (as the Cython
        loops add them: the same bits).  In GCC's and clang's vector types, for AVX-512 builds: an AVX2 build's
@@ -1623,6 +1631,7 @@ cdef extern from *:
     bint CYNORM_HAVE_ROW_LOOP
     bint CYNORM_NORMALIZE_ROW_QUADS
     bint CYNORM_MOMENTS_EIGHT_ROWS
+    bint CYNORM_ROWS_AHEAD_ONE_AT_A_TIME
     bint CYNORM_ROW_LOOP_JOINS_LINES
     void cynorm_channels_input_gradient_float(const float* dy, const float* x, float* dx, Py_ssize_t inner,
                                               Py_ssize_t channels, const float* weight, double rstd,
@@ -1805,6 +1814,13 @@ cdef enum:
     # Columns view: the statistics and gradient sums of a large input ask for the row about this many bytes
     # ahead (alone, the hardware prefetcher left that pass at a third of the memory's read speed).
     PREFETCH_AHEAD_BYTES = 4096
+    # Columns view, builds without AVX-512: the statistics and gradient sums of a large input (its rows asked for
+    # ahead) take rows of this many bytes or more one at a time, not four: the four rows' requests, 64 lines at
+    # once on rows of 1 KiB, left the sums waiting on memory.  A/B on a Zen 3, the same bits: channels-last
+    # GroupNorm forwards (8,3136,256) 1.36-1.55x, (2,16384,256) 1.37x, (8,4096,320) 1.32x, (4,4096,512)
+    # 1.08-1.19x, (4,16384,128) 0.92-1.09x, backwards 1.03-1.45x ((1,4096,512) 1.35x); float64 rows of 1-2 KiB
+    # 1.12-1.27x.  Rows of 256 bytes ran 0.92-1.05x (64 float32 values: InstanceNorm (8,16384,64)).
+    ROW_AT_A_TIME_AHEAD_FROM_BYTES = 512
     # Rows view, large input: the row prefetched while a row is written is at least this many bytes ahead.
     # One row ahead of 3 KiB rows left the backward's first pass over the next row waiting on memory: layer
     # norm (4096,768) backward 1.33x faster with two in one A/B run, 1.07-1.23x in later ones (4096 bytes gave
@@ -2139,6 +2155,12 @@ cdef inline Py_ssize_t rows_ahead(Py_ssize_t row_bytes, Py_ssize_t ahead_bytes) 
     return max(1, ahead_bytes // max(row_bytes, 1))
 
 
+cdef inline bint rows_one_at_a_time(Py_ssize_t row_bytes, Py_ssize_t readable_rows) noexcept nogil:
+    """Whether the columns view's sums take rows of `row_bytes` one at a time rather than four: rows asked for
+    ahead (up to `readable_rows`, 0 for none) of ROW_AT_A_TIME_AHEAD_FROM_BYTES or more."""
+    return CYNORM_ROWS_AHEAD_ONE_AT_A_TIME and readable_rows > 0 and row_bytes >= ROW_AT_A_TIME_AHEAD_FROM_BYTES
+
+
 cdef inline void repeat_columns(accumulator* values, Py_ssize_t n_cols,
                                 Py_ssize_t width) noexcept nogil:   # INOUT (width,)
     """Repeats values[:n_cols] along the row up to `width` (a multiple of n_cols): the per-column arrays of rows
@@ -2180,11 +2202,12 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
     cdef Py_ssize_t readable_wide_rows = readable_rows // fold
     cdef Py_ssize_t a, col, g, j, quad, c0, blk, block_width
     cdef Py_ssize_t ahead = rows_ahead(width * sizeof(floating), PREFETCH_AHEAD_BYTES)
+    cdef bint one_at_a_time = rows_one_at_a_time(width * sizeof(floating), readable_wide_rows)
     cdef accumulator b1[COLUMN_BLOCK]
     cdef accumulator b2[COLUMN_BLOCK]
     cdef const floating* row
     cdef accumulator d, d0, d1, d2, d3, d4, d5, d6, d7
-    cdef Py_ssize_t octs
+    cdef Py_ssize_t octs, quads
     cdef double t1, t2, count = rows * cols_per_group
     cdef bint accurate = True, group_accurate
     cdef Py_ssize_t done = 0
@@ -2200,9 +2223,10 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
                                             ahead, <const double*>centre, <double*>s1, <double*>s2)
     # The columns left: four rows at a time, each column's sums still taken row after row (the same bits): a
     # quarter of the loads and stores of the sums, and of the loop's start-up per row (a forward on
-    # (16,1024,64) 1.12-1.31x, (1,4096,512) 1.07x).  The sums of COLUMN_BLOCK columns at a time are kept in
-    # local arrays, which no pointer can reach, so the compiler vectorizes the loop without checking pointers
-    # for overlap every four rows (forwards 1.02-1.06x, rows of 10 columns 1.39x).
+    # (16,1024,64) 1.12-1.31x, (1,4096,512) 1.07x); wide rows asked for ahead, one at a time (see
+    # rows_one_at_a_time).  The sums of COLUMN_BLOCK columns at a time are kept in local arrays, which no pointer
+    # can reach, so the compiler vectorizes the loop without checking pointers for overlap every four rows
+    # (forwards 1.02-1.06x, rows of 10 columns 1.39x).
     for blk in range((width - done + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
         c0 = done + blk * COLUMN_BLOCK
         block_width = min(<Py_ssize_t>COLUMN_BLOCK, width - c0)
@@ -2216,6 +2240,7 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
         # (2,4096,320) 1.02x; rows of 64 values ran 0.95-0.96x, and rows asked for ahead ((8,3136,256)) 0.93-0.94x.
         octs = (wide_rows // 8 if CYNORM_MOMENTS_EIGHT_ROWS and width >= EIGHT_ROWS_FROM_WIDTH
                 and readable_wide_rows == 0 else 0)
+        quads = 0 if one_at_a_time else wide_rows // 4
         for quad in range(0, 2 * octs, 2):
             row = x + 4 * quad * wide_stride + c0
             for col in range(block_width):
@@ -2230,7 +2255,7 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
                 b1[col] = (((((((b1[col] + d0) + d1) + d2) + d3) + d4) + d5) + d6) + d7
                 b2[col] = ((((((((b2[col] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3) + d4 * d4) + d5 * d5)
                             + d6 * d6) + d7 * d7)
-        for quad in range(2 * octs, wide_rows // 4):
+        for quad in range(2 * octs, quads):
             row = x + 4 * quad * wide_stride + c0
             if c0 == 0:   # (the first block asks for the rows ahead; past strips, they have asked already)
                 for a in range(4 * quad, 4 * quad + 4):
@@ -2243,7 +2268,7 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
                 d3 = row[3 * wide_stride + col] - centre[c0 + col]
                 b1[col] = (((b1[col] + d0) + d1) + d2) + d3
                 b2[col] = (((b2[col] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
-        for a in range(wide_rows // 4 * 4, wide_rows):
+        for a in range(4 * quads, wide_rows):
             row = x + a * wide_stride + c0
             if c0 == 0 and a + ahead < readable_wide_rows:
                 cynorm_prefetch_lines(x + (a + ahead) * wide_stride, width * sizeof(floating))
@@ -4358,6 +4383,7 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
     cdef floating xhat, v, tail1, tail2
     cdef Py_ssize_t a, col, step, quad, body = n_cols - n_cols % LANES, c0, blk, block_width, done
     cdef Py_ssize_t ahead = rows_ahead(width * sizeof(floating), PREFETCH_AHEAD_BYTES)
+    cdef Py_ssize_t quads = 0 if rows_one_at_a_time(width * sizeof(floating), readable_wide_rows) else wide_rows // 4
     cdef double sum1, sum2
     cdef floating b1[COLUMN_BLOCK]
     cdef floating b2[COLUMN_BLOCK]
@@ -4376,17 +4402,17 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
             done = cynorm_gradient_strips_double(dy, x, wide_rows, width, readable_wide_rows, ahead, mean_hi, s1,
                                                  s2)
         # The columns left four rows at a time, each column's sums still taken row after row, and the rows
-        # ahead asked for (backward on (16,1024,64) 1.28-1.65x; neutral from 256 columns on).  The sums of
-        # COLUMN_BLOCK columns at a time are kept in local arrays, which no pointer can reach: the compiler
-        # vectorizes the loop without checking the pointers for overlap, as it had every four rows (rows of 32
-        # columns 1.1x).
+        # ahead asked for (backward on (16,1024,64) 1.28-1.65x; neutral from 256 columns on); wide rows asked
+        # for ahead, one at a time (see rows_one_at_a_time).  The sums of COLUMN_BLOCK columns at a time are kept
+        # in local arrays, which no pointer can reach: the compiler vectorizes the loop without checking the
+        # pointers for overlap, as it had every four rows (rows of 32 columns 1.1x).
         for blk in range((width - done + COLUMN_BLOCK - 1) // COLUMN_BLOCK):
             c0 = done + blk * COLUMN_BLOCK
             block_width = min(<Py_ssize_t>COLUMN_BLOCK, width - c0)
             for col in range(block_width):
                 b1[col] = 0
                 b2[col] = 0
-            for quad in range(wide_rows // 4):
+            for quad in range(quads):
                 dyr = dy + 4 * quad * width + c0
                 xr = x + 4 * quad * width + c0
                 if c0 == 0:   # (as in tile_moments_around)
@@ -4400,9 +4426,12 @@ cdef inline void columns_gradient_sums(const floating* dy, const floating* x,   
                                  + dyr[width + col] * (xr[width + col] - mean_hi[c0 + col]))
                                 + dyr[2 * width + col] * (xr[2 * width + col] - mean_hi[c0 + col]))
                                + dyr[3 * width + col] * (xr[3 * width + col] - mean_hi[c0 + col]))
-            for a in range(wide_rows // 4 * 4, wide_rows):
+            for a in range(4 * quads, wide_rows):
                 dyr = dy + a * width + c0
                 xr = x + a * width + c0
+                if c0 == 0 and a + ahead < readable_wide_rows:
+                    cynorm_prefetch_lines(dy + (a + ahead) * width, width * sizeof(floating))
+                    cynorm_prefetch_lines(x + (a + ahead) * width, width * sizeof(floating))
                 for col in range(block_width):
                     b1[col] += dyr[col]
                     b2[col] += dyr[col] * (xr[col] - mean_hi[c0 + col])

@@ -431,6 +431,9 @@ def test_large_outputs_fresh_or_reused_give_the_same_bits(dtype):
 @pytest.mark.parametrize("case", [
     NormCase("group", (5, 12, 140, 131), 1, 3),   # rows of 288 KiB: the input's rows ahead
     NormCase("layer", (1500, 801), -1),           # rows of 3 KiB: the input's and the output's rows ahead
+    # columns view, rows of 160 values asked for ahead: summed a row at a time in builds without AVX-512, four
+    # or eight at a time in the pieces' calls
+    NormCase("group", (5, 40, 40, 160), -1, 8),
 ], ids=str)
 def test_prefetching_forward_gives_each_samples_own_bits(case, dtype, placement, stream, monkeypatch):
     # From 4 MiB of input on (here), the rows forward prefetches each thread's next rows; a piece of the batch
@@ -456,15 +459,18 @@ def test_prefetching_forward_gives_each_samples_own_bits(case, dtype, placement,
     NormCase("group", (5, 12, 140, 131), 1, 3),   # a thread's rows skip the other groups' rows
     NormCase("layer", (1500, 700), -1),           # one group: a thread's next task starts at the next row
     NormCase("rms", (1500, 700), -1),
+    NormCase("group", (7, 40, 40, 160), -1, 8),   # columns view: a sample's rows of 160 values asked for ahead
 ], ids=str)
 def test_prefetching_backward_gives_each_rows_own_bits(case, stream, monkeypatch):
-    # From 4 MiB of input on, the rows backward prefetches rows a few ahead of the one it writes, across the
-    # blocks of samples that share parameter partial sums.  dx of a row depends on that row alone; the parameter
-    # gradients do not depend on the thread count.
+    # From 4 MiB of input on (here), the rows backward prefetches rows a few ahead of the one it writes, across
+    # the blocks of samples that share parameter partial sums, and the columns backward asks for the rows of the
+    # tile it sums.  dx of a row depends on that row alone; the parameter gradients do not depend on the thread
+    # count.
     x, weight, bias = _forward_inputs(case, np.float32)
     dy = random_array(case.shape, np.float32, seed=7)
     pieces = np.array_split(np.arange(x.shape[0]), 7)
     assert x.nbytes >= 4 * 2 ** 20 > max(x[piece].nbytes for piece in pieces)
+    monkeypatch.setattr(cynorm._api, "_BACKWARD_STREAM_FROM_BYTES", 4 * 2 ** 20)
     _stream_large_outputs(monkeypatch, stream)
     _, stats = case.forward_with_stats(cynorm, x, weight, bias)
     dx, dweight, dbias = case.backward(cynorm, dy, x, stats, weight)

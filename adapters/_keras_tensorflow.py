@@ -187,19 +187,21 @@ def call(layer, inputs, small_inputs_to_keras):
     if not tf.executing_eagerly() and (_in_save_context()
                                        or _graph_in_xla_context(tf.compat.v1.get_default_graph())):
         return layer._keras_call(inputs)   # a graph to be saved or compiled (see the module's docstring)
-    weight, bias = (None if variable is None else _in_kernel_dtype(variable) for variable in layer._weight_and_bias())
-    if _needs_differentiable_gradient(inputs, weight, bias):
-        return layer._keras_call(inputs)
     # Run eagerly, Keras's layers pay for each of their several operations: the kernels win at every size.
     # Float32 and float64 policies only: under mixed precision Keras's RMSNormalization reads its scale in
     # float16 where ours reads it in float32, and in a tf.cond the two branches of a float16 layer would
     # keep tensors of different dtypes for the gradient (see _normalize).
-    if (not small_inputs_to_keras or tf.executing_eagerly()
-            or layer.compute_dtype not in ("float32", "float64") or layer.variable_dtype != layer.compute_dtype
-            or math.prod(d for d in inputs.shape if d is not None) > KERAS_FASTER_UP_TO):
-        return _apply_kernel(layer, inputs, weight, bias)
-    if inputs.shape.is_fully_defined():
+    small_graph_input = (small_inputs_to_keras and not tf.executing_eagerly()
+                   and layer.compute_dtype in ("float32", "float64") and layer.variable_dtype == layer.compute_dtype
+                   and math.prod(d for d in inputs.shape if d is not None) <= KERAS_FASTER_UP_TO)
+    if small_graph_input and inputs.shape.is_fully_defined():
+        # (before the kernels' reads of the parameters, which the twin would leave unused in the graph)
         return layer._keras_call(inputs)
+    weight, bias = (None if variable is None else _in_kernel_dtype(variable) for variable in layer._weight_and_bias())
+    if _needs_differentiable_gradient(inputs, weight, bias):
+        return layer._keras_call(inputs)
+    if not small_graph_input:
+        return _apply_kernel(layer, inputs, weight, bias)
     return tf.cond(tf.size(inputs, out_type=tf.int64) <= KERAS_FASTER_UP_TO,
                    lambda: layer._keras_call(inputs),
                    lambda: _apply_kernel(layer, inputs, weight, bias))

@@ -1,4 +1,5 @@
 """Tests of the Keras layers on the cynorm kernels (cynorm.adapters.keras) and of the tutorial."""
+import collections
 import os
 import subprocess
 import sys
@@ -352,9 +353,16 @@ def test_small_inputs_run_keras_operations_in_tf_function(kind, batch_known, pol
                                        atol=tolerance * max(1.0, np.abs(g_theirs).max()))
         if batch_known and not kernel_calls:   # the same graph as Keras's: the same bits
             np.testing.assert_array_equal(y_ours, y_theirs)
+            # and the same operations: none of the kernels' reads of the parameters is left unused in it
+            graphs = [step.get_concrete_function(x, upstream).graph for step in (step_ours, step_theirs)]
+            assert _operation_counts(graphs[0]) == _operation_counts(graphs[1])
     del kernel_calls[:]
     ours(tf.constant(_random((1,) + EXAMPLE_SHAPE, 0, ours.compute_dtype)))
     assert kernel_calls == [kernel_calls[0]] and kernel_calls[0].endswith(".forward")
+
+
+def _operation_counts(graph):
+    return collections.Counter(operation.type for operation in graph.get_operations())
 
 
 _DYNAMIC_BATCH_STEPS = """

@@ -2202,12 +2202,12 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
     cdef Py_ssize_t readable_wide_rows = readable_rows // fold
     cdef Py_ssize_t a, col, g, j, quad, c0, blk, block_width
     cdef Py_ssize_t ahead = rows_ahead(width * sizeof(floating), PREFETCH_AHEAD_BYTES)
-    cdef bint one_at_a_time = rows_one_at_a_time(width * sizeof(floating), readable_wide_rows)
+    cdef Py_ssize_t quads = 0 if rows_one_at_a_time(width * sizeof(floating), readable_wide_rows) else wide_rows // 4
     cdef accumulator b1[COLUMN_BLOCK]
     cdef accumulator b2[COLUMN_BLOCK]
     cdef const floating* row
     cdef accumulator d, d0, d1, d2, d3, d4, d5, d6, d7
-    cdef Py_ssize_t octs, quads
+    cdef Py_ssize_t octs
     cdef double t1, t2, count = rows * cols_per_group
     cdef bint accurate = True, group_accurate
     cdef Py_ssize_t done = 0
@@ -2240,7 +2240,6 @@ cdef inline bint tile_moments_around(const floating* x, Py_ssize_t rows, Py_ssiz
         # (2,4096,320) 1.02x; rows of 64 values ran 0.95-0.96x, and rows asked for ahead ((8,3136,256)) 0.93-0.94x.
         octs = (wide_rows // 8 if CYNORM_MOMENTS_EIGHT_ROWS and width >= EIGHT_ROWS_FROM_WIDTH
                 and readable_wide_rows == 0 else 0)
-        quads = 0 if one_at_a_time else wide_rows // 4
         for quad in range(0, 2 * octs, 2):
             row = x + 4 * quad * wide_stride + c0
             for col in range(block_width):

@@ -192,8 +192,9 @@ def call(layer, inputs, small_inputs_to_keras):
     # float16 where ours reads it in float32, and in a tf.cond the two branches of a float16 layer would
     # keep tensors of different dtypes for the gradient (see _normalize).
     small_graph_input = (small_inputs_to_keras and not tf.executing_eagerly()
-                   and layer.compute_dtype in ("float32", "float64") and layer.variable_dtype == layer.compute_dtype
-                   and math.prod(d for d in inputs.shape if d is not None) <= KERAS_FASTER_UP_TO)
+                         and layer.compute_dtype in ("float32", "float64")
+                         and layer.variable_dtype == layer.compute_dtype
+                         and math.prod(d for d in inputs.shape if d is not None) <= KERAS_FASTER_UP_TO)
     if small_graph_input and inputs.shape.is_fully_defined():
         # (before the kernels' reads of the parameters, which the twin would leave unused in the graph)
         return layer._keras_call(inputs)

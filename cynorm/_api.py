@@ -180,6 +180,7 @@ _BACKWARD_STREAM_FROM_BYTES = _LAST_LEVEL_CACHE_BYTES // 6
 # 1.53x, (4,1024,256) 1.62x, (4,4096,128) 1.18x; 1-3 MiB 1.07-1.13x), and followed by torch's SiLU of the output,
 # which then reads it from memory, 1.03-1.05x at 8-10 MiB (0.95-1.04x at 4 MiB).  Their input is still asked for
 # ahead from half the cache's size only: asked for too, streamed forwards of 4-10 MiB took 0.95-1.19x as long.
+# (Layer norm over a middle axis of 8-9 MiB, which the columns view also computes, ran 0.96-1.01x: the same.)
 _COLUMNS_FORWARD_STREAM_FROM_BYTES = (_FORWARD_STREAM_FROM_BYTES if _kernels.BUILD == "x86_64_v4"
                                       else _LAST_LEVEL_CACHE_BYTES // 4)
 

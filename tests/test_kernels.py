@@ -484,11 +484,45 @@ def test_prefetching_backward_gives_each_rows_own_bits(case, stream, monkeypatch
         assert_bitwise_equal(dbias, one_thread_dbias)
 
 
+def _linux_cache_directory(root, caches):
+    """A folder laid out as Linux's /sys/devices/system/cpu/cpu0/cache, one index per (level, type, size)."""
+    for number, cache in enumerate(caches):
+        index = root / f"index{number}"
+        index.mkdir()
+        for name, value in zip(("level", "type", "size"), cache):
+            (index / name).write_text(f"{value}\n")
+    return str(root)
+
+
+@pytest.mark.parametrize("caches, counted_mib", [
+    ([(1, "Data", "48K"), (1, "Instruction", "64K"), (2, "Unified", "2048K"), (3, "Unified", "16384K")], 16),
+    ([(1, "Data", "48K"), (1, "Instruction", "64K"), (2, "Unified", "2048K"), (3, "Unified", "491520K")], 32),
+    ([(3, "Unified", "24M"), (1, "Data", "32K")], 24),               # listed in any order
+    ([(1, "Data", "32K"), (2, "Unified", "1024K")], 1),               # no L3
+    ([(2, "Unified", "512K"), (3, "Instruction", "8192K")], 0.5),   # an instruction cache holds no data
+    ([(3, "Unified", "a lot")], 32),                                 # unreadable: counts on 32 MiB
+    ([], 32),
+], ids=str)
+def test_the_cache_counted_on_is_linuxs_last_level_one_up_to_32_mib(tmp_path, caches, counted_mib):
+    assert cynorm._api._last_level_cache_bytes(_linux_cache_directory(tmp_path, caches)) == counted_mib * 2 ** 20
+
+
+def test_the_cache_counted_on_is_this_machines(tmp_path):
+    assert cynorm._api._last_level_cache_bytes(str(tmp_path / "missing")) == 32 * 2 ** 20
+    try:
+        reported = subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        reported = ""
+    if not sys.platform.startswith("linux") or not reported.isdigit() or int(reported) <= 0:
+        pytest.skip("no L3 size from glibc's getconf here")
+    assert cynorm._api._LAST_LEVEL_CACHE_BYTES == min(int(reported), 32 * 2 ** 20)
+
+
 def test_outputs_stream_only_when_the_call_outgrows_the_last_level_cache(monkeypatch):
     api = cynorm._api
     # a forward streams once x and y fill the cache, a backward once dy, x and dx fill half of it
-    cache = api._last_level_cache_bytes()
-    assert cache > 0
+    cache = api._LAST_LEVEL_CACHE_BYTES
+    assert cache == api._last_level_cache_bytes() > 0
     assert (api._FORWARD_STREAM_FROM_BYTES, api._BACKWARD_STREAM_FROM_BYTES) == (cache // 2, cache // 6)
     # the columns view's forward (channels-last) from a quarter of it in builds without AVX-512 (see _api)
     without_avx512 = cynorm._kernels.BUILD != "x86_64_v4"
@@ -516,7 +550,7 @@ def test_outputs_stream_only_when_the_call_outgrows_the_last_level_cache(monkeyp
 
 def test_rows_forward_asks_for_short_rows_ahead_from_a_smaller_size(monkeypatch):
     api = cynorm._api
-    cache = api._last_level_cache_bytes()
+    cache = api._LAST_LEVEL_CACHE_BYTES
     without_avx512 = cynorm._kernels.BUILD != "x86_64_v4"
     assert api._FORWARD_SHORT_ROWS_PREFETCH_FROM_BYTES == (cache * 3 // 8 if without_avx512 else cache // 2)
     monkeypatch.setattr(api, "_FORWARD_SHORT_ROWS_PREFETCH_FROM_BYTES", 2 ** 20)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import cynorm
-from cynorm.adapters.torch import GroupNorm, use_torch_for_small_inputs
+from cynorm.adapters.torch import GroupNorm, _eager_verdicts, use_torch_for_small_inputs
 
 
 def small_conv_net():
@@ -70,8 +70,10 @@ def finished_marker(result_path, rank):
 @pytest.fixture(autouse=True)
 def kernels_for_small_inputs():
     """Autouse where imported: the tests' inputs are small, so they run on the kernels, not on the torch functions
-    the adapter calls for small inputs by default (tested with the setting on where it matters)."""
+    the adapter calls for small inputs by default (tested with the setting on where it matters).  Each test also
+    starts without the verdicts that calls of earlier tests kept (which tests of the routes look for)."""
     previous = use_torch_for_small_inputs(False)
+    _eager_verdicts.clear()
     yield
     use_torch_for_small_inputs(previous)
 

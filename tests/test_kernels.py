@@ -518,6 +518,18 @@ def test_the_cache_counted_on_is_this_machines(tmp_path):
     assert cynorm._api._LAST_LEVEL_CACHE_BYTES == min(int(reported), 32 * 2 ** 20)
 
 
+def test_info_command_tells_the_cache_counted_on_and_the_streaming_thresholds(capsys):
+    from cynorm.__main__ import main
+    api = cynorm._api
+    main(["info"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith(f"kernel build: {cynorm._kernels.BUILD} ")
+    assert lines[3] == (f"last-level cache counted on: {api._LAST_LEVEL_CACHE_BYTES / 2 ** 20:g} MiB (outputs streamed "
+                        f"from {api._FORWARD_STREAM_FROM_BYTES / 2 ** 20:g} MiB in forwards, "
+                        f"{api._COLUMNS_FORWARD_STREAM_FROM_BYTES / 2 ** 20:g} MiB in channels-last ones, "
+                        f"{api._BACKWARD_STREAM_FROM_BYTES / 2 ** 20:.3g} MiB in backwards)")
+
+
 def test_outputs_stream_only_when_the_call_outgrows_the_last_level_cache(monkeypatch):
     api = cynorm._api
     # a forward streams once x and y fill the cache, a backward once dy, x and dx fill half of it

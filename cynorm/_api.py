@@ -147,7 +147,7 @@ def _thread_count(size):
 # 2-vCPU VM of a Xeon whose L3 Linux reports as 480 MiB, one thread summed arrays of 4-64 MiB at 25-27 GB/s and
 # of 256 MiB at 15 (from memory), and GroupNorm (8,256,56,56) training steps through the PyTorch adapter ran
 # 1.24-1.28x (channels-last) and 1.65-1.71x (channels-first) torch's counting on 32 MiB, 1.00-1.02x and 1.37-1.40x
-# counting on 64 MiB, 0.91-0.95x and 1.19-1.27x counting on all of it (each in processes of its own).
+# counting on 64 MiB, 0.91-0.95x and 1.18-1.27x counting on all of it (each in processes of its own).
 _CACHE_COUNTED_ON_AT_MOST_BYTES = 32 * 2 ** 20
 _LINUX_CACHE_DIRECTORY = "/sys/devices/system/cpu/cpu0/cache"
 _SIZE_SUFFIXES = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}

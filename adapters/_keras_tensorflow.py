@@ -36,7 +36,7 @@ except ImportError:
         return _HIGHER_ORDER
 _HIGHER_ORDER = 2
 
-from cynorm._blocks import PAGE_BYTES, numpy_block_pool, placement
+from cynorm._blocks import PAGE_BYTES, numpy_block_pool, placed_in
 from cynorm._threads import framework_threads
 
 
@@ -67,14 +67,8 @@ def _empty_aligned(like):
     a copy, from the output pool when it is large, placed half a page from ``like`` (see
     cynorm._blocks.placement)."""
     nbytes = like.nbytes
-    block = _output_pool.take(nbytes, _placed_in, like) if nbytes >= _POOLED_OUTPUT_BYTES else None
+    block = _output_pool.take(nbytes, placed_in, like) if nbytes >= _POOLED_OUTPUT_BYTES else None
     return (_aligned_bytes(nbytes) if block is None else block).view(like.dtype).reshape(like.shape)
-
-
-def _placed_in(block, like):
-    """The part of a pool block that an output like ``like`` takes."""
-    offset = placement(block.ctypes.data, like.ctypes.data)
-    return block[offset:offset + like.nbytes]
 
 
 def _new_output_pool(limit):

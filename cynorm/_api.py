@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _kernels
-from ._blocks import PAGE_BYTES, numpy_block_pool, placement
+from ._blocks import PAGE_BYTES, numpy_block_pool, placed_in
 from ._threads import get_num_threads
 
 __all__ = [
@@ -247,9 +247,7 @@ def _output(out, like, name, placed=False):
     half a page from `like`'s data."""
     if out is None:
         if placed and like.nbytes >= _PLACED_OUTPUT_FROM_BYTES:
-            values = np.empty(like.size + PAGE_BYTES // like.itemsize, like.dtype)
-            first = placement(values.ctypes.data, like.ctypes.data) // like.itemsize
-            return values[first:first + like.size].reshape(like.shape)
+            return placed_in(np.empty(like.nbytes + PAGE_BYTES, np.uint8), like).view(like.dtype).reshape(like.shape)
         return np.empty(like.shape, like.dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"`{name}` must be a NumPy array, got {type(out).__name__}")

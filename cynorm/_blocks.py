@@ -26,6 +26,13 @@ def placement(base, near):
     return (near - near % _LINE_BYTES + PAGE_BYTES // 2 - base) % PAGE_BYTES
 
 
+def placed_in(memory, like):
+    """The part of ``memory`` (uint8, at least ``like.nbytes + PAGE_BYTES`` of them) where an output like the array
+    ``like`` starts, as :func:`placement` places it: its ``like.nbytes`` bytes."""
+    offset = placement(memory.ctypes.data, like.ctypes.data)
+    return memory[offset:offset + like.nbytes]
+
+
 class BlockPool:
     """Blocks by size in bytes, each free or in use, up to ``limit`` bytes in all.
 

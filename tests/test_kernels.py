@@ -396,6 +396,40 @@ def test_streamed_gradient_has_the_same_bits(case, dtype, placement, monkeypatch
             assert_bitwise_equal(got_array, expected_array)
 
 
+# The rows view's loops over a channel's values take the values before the output's first vector boundary apart
+# (channel_values_to_vector): the same bits wherever the input and the output start in a cache line.
+ALIGNMENT_CASES = (
+    NormCase("group", (3, 6, 5, 37), 1, 3),    # channels of 185 values
+    NormCase("instance", (2, 3, 4100), 1),     # channels of more values than a streamed block
+    NormCase("group", (2, 4, 3), 1, 2),        # channels of fewer values than a vector
+    NormCase("layer", (3, 700), -1),           # a weight per value
+)
+
+
+@pytest.mark.parametrize("x_place,out_place", [(16, 16), (16, 0), (0, 40), (40, 40), (8, 56)],
+                         ids=lambda place: f"line+{place}")
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
+@pytest.mark.parametrize("case", ALIGNMENT_CASES, ids=str)
+def test_arrays_anywhere_in_a_line_give_the_same_bits(case, dtype, x_place, out_place):
+    x, weight, bias = _forward_inputs(case, dtype)
+    dy = np.random.default_rng(11).standard_normal(x.shape).astype(dtype)
+    expected_y, expected_stats = case.forward_with_stats(cynorm, x, weight, bias)
+    expected_grads = case.backward(cynorm, dy, x, expected_stats, weight)
+    placed_x, placed_dy = (empty_past_cache_line(x.shape, dtype, x_place) for _ in range(2))
+    placed_x[...], placed_dy[...] = x, dy
+    y, dx = (empty_past_cache_line(x.shape, dtype, out_place) for _ in range(2))
+    y[...] = dx[...] = np.nan   # (a value left unwritten shows)
+    _, stats = case.forward_with_stats(cynorm, placed_x, weight, bias, out=y)
+    assert_bitwise_equal(y, expected_y)
+    for got, expected in zip(stats, expected_stats):
+        assert_bitwise_equal(got, expected)
+    grads = case.backward(cynorm, placed_dy, placed_x, stats, weight, out=dx)
+    assert grads[0] is dx
+    for got, expected in zip(grads, expected_grads):
+        if expected is not None:
+            assert_bitwise_equal(got, expected)
+
+
 def test_kernel_addresses_are_those_of_contiguous_float_values():
     """The kernels take arrays by address: the first value's of a C-contiguous float32 or float64 array (0 for
     an empty one, which they do not read); other arrays never get an address."""

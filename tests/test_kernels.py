@@ -396,13 +396,16 @@ def test_streamed_gradient_has_the_same_bits(case, dtype, placement, monkeypatch
             assert_bitwise_equal(got_array, expected_array)
 
 
-# The rows view's loops over a channel's values take the values before the output's first vector boundary apart
-# (channel_values_to_vector): the same bits wherever the input and the output start in a cache line.
+# Loops over consecutive values take the values before the output's first vector boundary apart
+# (values_before_vector): the same bits wherever the input and the output start in a cache line.
 ALIGNMENT_CASES = (
-    NormCase("group", (3, 6, 5, 37), 1, 3),    # channels of 185 values
-    NormCase("instance", (2, 3, 4100), 1),     # channels of more values than a streamed block
-    NormCase("group", (2, 4, 3), 1, 2),        # channels of fewer values than a vector
-    NormCase("layer", (3, 700), -1),           # a weight per value
+    NormCase("group", (3, 6, 5, 37), 1, 3),     # rows view: channels of 185 values
+    NormCase("instance", (2, 3, 4100), 1),      # channels of more values than a streamed block
+    NormCase("group", (2, 4, 3), 1, 2),         # channels of fewer values than a vector
+    NormCase("layer", (3, 700), -1),            # a weight per value
+    NormCase("group", (2, 9, 7, 48), -1, 3),    # columns view: rows a multiple of a line apart
+    NormCase("group", (2, 9, 7, 40), -1, 4),    # rows that are not
+    GROUP_BLOCK_CASES[0],                       # blocks of column groups
 )
 
 

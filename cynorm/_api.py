@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _kernels
-from ._blocks import PAGE_BYTES, numpy_block_pool, placed_in
+from ._blocks import numpy_block_pool
 from ._threads import get_num_threads
 
 __all__ = [
@@ -233,21 +233,9 @@ def _prepare_large_output(address, nbytes, stream_from_bytes):
     return _kernels.HAVE_STREAM
 
 
-# The columns view writes its output a line at a time (see the kernels' normalize_tile), and NumPy starts a large
-# array 16 bytes into a line, anywhere in a page: the outputs the NumPy API makes for that view's forwards are
-# placed as the adapters place theirs (cynorm._blocks.placement), from 1 MiB.  On an AVX-512 Xeon, channels-last
-# GroupNorm and InstanceNorm forwards of 1-8 MiB ran 1.14-1.46x faster so, on each of four inputs (layer norm over a
-# middle axis, also the columns view's, 0.96-1.05x); the rows view's forwards ran 0.92-1.04x, the backwards
-# 0.92-1.04x, and forwards of 64-512 KiB 0.78-1.21x: they keep NumPy's placement.
-_PLACED_OUTPUT_FROM_BYTES = 2 ** 20
-
-
-def _output(out, like, name, placed=False):
-    """`out` checked against `like`, or a new array like it: if `placed` and large, one that starts a cache line
-    half a page from `like`'s data."""
+def _output(out, like, name):
+    """`out` checked against `like`, or a new array like it."""
     if out is None:
-        if placed and like.nbytes >= _PLACED_OUTPUT_FROM_BYTES:
-            return placed_in(np.empty(like.nbytes + PAGE_BYTES, np.uint8), like).view(like.dtype).reshape(like.shape)
         return np.empty(like.shape, like.dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"`{name}` must be a NumPy array, got {type(out).__name__}")
@@ -386,7 +374,7 @@ def _forward(x, geometry, weight, bias, eps, out, stats_shape, param_shape, cent
     dtype = _compute_dtype(x.dtype)
     weight = _param(weight, "weight", param_shape, dtype, 1.0)
     bias = _param(bias, "bias", param_shape, dtype, 0.0)
-    y = _output(out, x, "out", placed=not geometry.rows)
+    y = _output(out, x, "out")
     mean, rstd = np.empty(stats_shape), np.empty(stats_shape)
     if x.size == 0:   # the statistics of no values (the kernels skip empty input)
         mean.fill(np.nan)

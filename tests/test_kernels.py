@@ -567,28 +567,6 @@ def test_info_command_tells_the_cache_counted_on_and_the_streaming_thresholds(ca
                         f"{api._BACKWARD_STREAM_FROM_BYTES / 2 ** 20:.3g} MiB in backwards)")
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_large_channels_last_forward_outputs_start_a_line_half_a_page_from_the_input(dtype):
-    """Only the columns view's forward outputs of 1 MiB or more that the NumPy API makes are placed; the values
-    are those of a forward into NumPy's memory."""
-    def line(array):
-        return array.ctypes.data - array.ctypes.data % 64
-
-    values = (2 ** 20 // np.dtype(dtype).itemsize) // 256   # per channel, for 1 MiB over 256 channels
-    x = np.random.default_rng(0).standard_normal((1, values, 256)).astype(dtype)
-    y, mean, rstd = cynorm.group_norm(x, 32, axis=-1, return_stats=True)
-    assert y.ctypes.data % 64 == 0 and (y.ctypes.data - line(x)) % 4096 == 2048
-    assert y.shape == x.shape and y.dtype == x.dtype and y.flags.c_contiguous and y.flags.writeable
-    out = np.empty_like(x)
-    assert cynorm.group_norm(x, 32, axis=-1, out=out) is out
-    assert_bitwise_equal(y, out)
-    dx = cynorm.group_norm_backward(x, x, mean, rstd, axis=-1)[0]
-    smaller = cynorm.group_norm(x[:, 1:], 32, axis=-1)
-    channels_first = cynorm.group_norm(np.ascontiguousarray(x.transpose(0, 2, 1)), 32)
-    for unplaced in (dx, smaller, channels_first):   # NumPy's own arrays
-        assert unplaced.base is None
-
-
 def test_outputs_stream_only_when_the_call_outgrows_the_last_level_cache(monkeypatch):
     api = cynorm._api
     # a forward streams once x and y fill the cache, a backward once dy, x and dx fill half of it

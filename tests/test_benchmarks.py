@@ -402,6 +402,15 @@ def test_asv_layer_norm_output_placement_runs(asv_modules):
     np.testing.assert_array_equal(benchmark.out, expected)
 
 
+def test_asv_array_placement_runs(asv_modules):
+    module = importlib.import_module("benchmarks.bench_output_placement")
+    benchmark = module.ArrayPlacement()
+    benchmark.setup(16, bench.CHANNELS_FIRST)
+    assert benchmark.x.ctypes.data % 64 == benchmark.out.ctypes.data % 64 == 16
+    benchmark.time_forward(16, bench.CHANNELS_FIRST)
+    np.testing.assert_array_equal(benchmark.out, cynorm.group_norm(benchmark.x, 32, benchmark.weight, benchmark.bias))
+
+
 def test_asv_setup_skips_missing_peers_and_cases_outside_the_table(asv_modules, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(NotImplementedError, match="torch is not installed"):

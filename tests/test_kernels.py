@@ -409,7 +409,7 @@ ALIGNMENT_CASES = (
 )
 
 
-@pytest.mark.parametrize("x_place,out_place", [(16, 16), (16, 0), (0, 40), (40, 40), (8, 56)],
+@pytest.mark.parametrize("x_place,out_place", [(16, 16), (16, 0), (0, 40), (40, 40), (8, 56), (1, 3)],
                          ids=lambda place: f"line+{place}")
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES[:2], ids=dtype_name)
 @pytest.mark.parametrize("case", ALIGNMENT_CASES, ids=str)

@@ -2487,7 +2487,7 @@ cdef inline void normalize_values(const floating* x, floating* y,   # IN, OUT: n
         shift = <floating>(bias[c] - mean_lo * (rstd * weight[c]))
         start = max(first, c * inner) - first
         stop = min(first + n, (c + 1) * inner) - first
-        # The values before y's first vector boundary apart (see values_before_vector)
+        # (the values before y's first vector boundary in a loop of their own: see values_before_vector)
         body = min(start + values_before_vector(y + start), stop)
         for i in range(start, body):
             y[i] = (x[i] - mean_hi) * scale + shift
@@ -3387,7 +3387,7 @@ cdef inline void input_gradient_values(const floating* dy, const floating* x,   
         scale = <floating>(rstd * weight[c])
         start = max(first, c * inner) - first
         stop = min(first + n, (c + 1) * inner) - first
-        body = min(start + values_before_vector(dx + start), stop)   # (as in normalize_values)
+        body = min(start + values_before_vector(dx + start), stop)   # (as normalize_values splits its loop)
         for i in range(start, body):
             dx[i] = scale * dy[i] + coef_x * (x[i] - mean_hi) + coef_0
         for i in range(body, stop):

@@ -1532,6 +1532,34 @@ def test_frozen_channels_last_input_with_trainable_group_norm_parameters():
     assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-3000:])
 
 
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "double_backward"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("small_inputs_to_torch", [True, False], ids=["small_to_torch", "small_on_kernels"])
+def test_group_norm_bias_without_weight_gets_its_gradient(small_inputs_to_torch, dtype, layout, create_graph):
+    """torch 2.13's group norm backward raises "tensor does not have a device" for a bias without a weight: the
+    kernels compute that gradient, and the calls that go to torch's function (small inputs, bfloat16, double
+    backward) get torch's results for a weight of ones."""
+    ct.use_torch_for_small_inputs(small_inputs_to_torch)
+    x = in_layout(random_tensor((2, 6, 3, 4), dtype, seed=6), layout)
+    bias = random_tensor(6, dtype, seed=7).requires_grad_()
+    grad_output = random_tensor(x.shape, dtype, seed=8)
+    with pytest.raises(RuntimeError, match="tensor does not have a device"):   # (torch's, as it stands)
+        torch.autograd.grad(F.group_norm(x.contiguous(), 3, None, bias), bias, grad_output)
+    for x_records in (False, True):
+        x = x.detach().requires_grad_(x_records)
+        inputs = [x, bias] if x_records else [bias]
+        grads = torch.autograd.grad(ct.group_norm(x, 3, None, bias), inputs, grad_output, create_graph=create_graph)
+        x_torch = x.detach().contiguous().requires_grad_(x_records)   # (see _torch_group_norm_backward_crashes)
+        bias_torch = bias.detach().requires_grad_()
+        expected = torch.autograd.grad(F.group_norm(x_torch, 3, torch.ones(6, dtype=dtype), bias_torch),
+                                       [x_torch, bias_torch] if x_records else [bias_torch], grad_output)
+        for grad, grad_expected in zip(grads, expected, strict=True):
+            # (bfloat16 runs torch's function on either side; with create_graph its backward rounds otherwise)
+            tolerance = TOLERANCES.get(dtype, 2 ** -7 if create_graph else 0.0)
+            assert_close_scaled(grad, grad_expected, tolerance)
+
+
 @pytest.mark.parametrize("case", ["group_norm_2d", "instance_norm_2d", "layer_norm", "rms_norm"])
 def test_other_devices_fall_back_to_torch(case):
     theirs, ours = module_pair(case, affine=True)

@@ -14,7 +14,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
@@ -23,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import cynorm  # noqa: E402
 import cynorm.adapters.torch as ct  # noqa: E402
+from cynorm import slow  # noqa: E402
 from cynorm._blocks import PAGE_BYTES  # noqa: E402
 
 from _torch_util import (ddp_train_worker, finished_marker, kernel_calls, kernels_for_small_inputs,  # noqa: E402,F401
@@ -132,6 +136,163 @@ def test_module_forward_and_backward_match_torch(case, layout, affine, dtype, ke
         assert_close_scaled(grad, grad_reference, TOLERANCES[dtype])
     torch.testing.assert_close(x.detach(), x_before, rtol=0, atol=0)
     assert len(kernel_calls["forward"]) == 1 and len(kernel_calls["backward"]) == 1
+
+
+# A drawn call of the functional API: the norm, the input's shape, layout and dtype, which parameters it has and
+# which tensors record a gradient (none under no_grad or inference_mode), eps, the data's offset from zero, and
+# whether small inputs go to torch's function.  Successive examples share the adapter's kept verdicts (see
+# _eager_verdict), so that one signature meets other grad modes, settings and parameters.
+LAYOUTS = ("contiguous", "channels_last", "strided", "last_axes_swapped")
+GRAD_MODES = ("record", "no_grad", "inference_mode")
+# (float16 on the kernels: half an ulp; bfloat16 goes to torch's function, whose own error bounds it)
+DRAWN_TOLERANCES = {**TOLERANCES, torch.float16: 2 ** -11, torch.bfloat16: 2 ** -11}
+
+
+@st.composite
+def functional_calls(draw):
+    norm = draw(st.sampled_from(KERNEL_NAMES))
+    if norm in ("group_norm", "instance_norm"):
+        num_groups = draw(st.integers(1, 4))
+        channels = num_groups * draw(st.integers(1, 5))
+        spatial = draw(st.lists(st.integers(1, 9), min_size=1 if norm == "instance_norm" else 0, max_size=3))
+        if norm == "instance_norm" and math.prod(spatial) == 1:
+            spatial[-1] = 2   # (torch refuses a single value per channel)
+        shape = (draw(st.integers(1, 3)), channels, *spatial)
+        param_shape = (channels,)
+    else:
+        num_groups = None
+        shape = tuple(draw(st.lists(st.integers(1, 17), min_size=1, max_size=4)))
+        param_shape = shape[len(shape) - draw(st.integers(1, min(2, len(shape)))):]
+    layouts = [layout for layout in LAYOUTS if layout != "channels_last" or len(shape) in MEMORY_FORMATS]
+    grad_mode = draw(st.sampled_from(GRAD_MODES))
+    has_weight = draw(st.booleans())
+    has_bias = norm != "rms_norm" and draw(st.booleans())
+    records = grad_mode == "record"
+    return dict(
+        norm=norm, shape=shape, param_shape=param_shape, num_groups=num_groups,
+        layout=draw(st.sampled_from(layouts)),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])),
+        has_weight=has_weight, has_bias=has_bias, grad_mode=grad_mode,
+        # (x, weight, bias); a norm of tensors of which none records a gradient runs as inference
+        needs_grad=(records and draw(st.booleans()), records and has_weight and draw(st.booleans()),
+                    records and has_bias and draw(st.booleans())),
+        eps=draw(st.sampled_from([1e-5, 1e-3, None] if norm == "rms_norm" else [1e-5, 1e-3])),
+        offset=draw(st.sampled_from([0.0, 1e3])),
+        small_inputs_to_torch=draw(st.booleans()),
+    )
+
+
+def _functional_call(module, call, x, weight, bias):
+    """``call``'s norm through ``module`` (torch.nn.functional or the adapter)."""
+    norm, eps = call["norm"], call["eps"]
+    if norm == "group_norm":
+        return module.group_norm(x, call["num_groups"], weight, bias, eps)
+    if norm == "instance_norm":
+        return module.instance_norm(x, weight=weight, bias=bias, eps=eps)
+    if norm == "layer_norm":
+        return module.layer_norm(x, list(call["param_shape"]), weight, bias, eps)
+    return module.rms_norm(x, list(call["param_shape"]), weight, eps)
+
+
+def _run_functional_call(module, call, tensors, grad_output):
+    """The output and the gradients of ``call`` through ``module``, in the call's grad mode; the gradients of
+    the tensors that record one (None for the others, and without a gradient to record)."""
+    mode = {"record": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+    tensors = [None if t is None else t.detach().requires_grad_(needs) for t, needs in zip(tensors,
+                                                                                         call["needs_grad"])]
+    with mode[call["grad_mode"]]():
+        output = _functional_call(module, call, *tensors)
+    recording = [t for t in tensors if t is not None and t.requires_grad]
+    grads = dict(zip(map(id, recording), torch.autograd.grad(output, recording, grad_output) if recording else ()))
+    return output, [None if t is None else grads.get(id(t)) for t in tensors]
+
+
+def _reference_results(call, tensors, grad_output):
+    """cynorm.slow's output of ``call`` on ``tensors`` (x, weight, bias), and the gradients of each for
+    ``grad_output``, as float64 tensors."""
+    x, weight, bias = (None if t is None else t.detach().double().numpy() for t in tensors)
+    dy, norm, eps = grad_output.double().numpy(), call["norm"], call["eps"]
+    if norm in ("group_norm", "instance_norm"):
+        num_groups = call["num_groups"] if norm == "group_norm" else x.shape[1]
+        y, mean, rstd = slow.group_norm(x, num_groups, weight, bias, eps=eps, return_stats=True)
+        grads = slow.group_norm_backward(dy, x, mean, rstd, weight)
+    else:
+        axes = tuple(range(x.ndim - len(call["param_shape"]), x.ndim))
+        if norm == "layer_norm":
+            y, mean, rstd = slow.layer_norm(x, weight, bias, axis=axes, eps=eps, return_stats=True)
+            grads = slow.layer_norm_backward(dy, x, mean, rstd, weight, axis=axes)
+        else:   # (eps None: the input dtype's epsilon, as torch takes it)
+            eps = torch.finfo(tensors[0].dtype).eps if eps is None else eps
+            y, rstd = slow.rms_norm(x, weight, axis=axes, eps=eps, return_stats=True)
+            grads = slow.rms_norm_backward(dy, x, rstd, weight, axis=axes)
+    return torch.from_numpy(np.asarray(y)), [None if g is None else torch.from_numpy(np.asarray(g)) for g in grads]
+
+
+def _functional_call_error(actual, expected, reference):
+    """The largest error of ``actual`` and of ``expected`` (torch's result) against ``reference``."""
+    return ((actual.double() - reference).abs().max().item(), (expected.double() - reference).abs().max().item())
+
+
+@given(functional_calls())
+def test_drawn_functional_calls_match_torch(call):
+    """Outputs and gradients as close to the float64 reference as the dtype allows, or as torch's own results
+    (the calls that go to torch's function are torch's), of torch's dtype, memory layout and gradient recording,
+    on inputs that stay unchanged; or torch's error."""
+    previous = ct.use_torch_for_small_inputs(call["small_inputs_to_torch"])
+    try:
+        dtype, shape = call["dtype"], call["shape"]
+        seed = len(shape) + sum(shape)
+        x = (random_tensor(shape, seed=seed) + call["offset"]).to(dtype)
+        if call["layout"] == "last_axes_swapped":
+            x = x.transpose(-1, -2).contiguous().transpose(-1, -2) if x.dim() >= 2 else x
+        else:
+            x = in_layout(x, call["layout"])
+        weight = random_tensor(call["param_shape"], dtype, seed=seed + 1) if call["has_weight"] else None
+        bias = random_tensor(call["param_shape"], dtype, seed=seed + 2) if call["has_bias"] else None
+        grad_output = random_tensor(shape, dtype, seed=seed + 3)
+        tensors = [x, weight, bias]
+        before = [None if t is None else t.clone() for t in tensors]
+
+        try:
+            output, grads = _run_functional_call(ct, call, tensors, grad_output)
+        except ValueError as error:   # (e.g. a single value in each group's channels, which torch refuses)
+            with pytest.raises(ValueError, match=re.escape(str(error))):
+                _run_functional_call(F, call, tensors, grad_output)
+            return
+        # torch's CPU group norm crashes in a backward for a channels-last input that records no gradient under
+        # parameters that do (see _torch_group_norm_backward_crashes): its results then come from a contiguous copy
+        x_needs, *params_need = call["needs_grad"]
+        torch_crashes = (call["norm"] == "group_norm" and call["layout"] == "channels_last" and not x_needs
+                         and any(params_need))
+        torchs = [t.contiguous() if torch_crashes and t is not None else t for t in tensors]
+        # and torch 2.13's group norm backward raises "tensor does not have a device" for a bias without a weight
+        # (the adapter gives that bias its gradient, see test_group_norm_bias_without_weight_gets_its_gradient):
+        # there torch's function gets ones
+        if call["norm"] == "group_norm" and not call["has_weight"] and params_need[1]:
+            torchs[1] = torch.ones(call["param_shape"], dtype=dtype)
+        expected, expected_grads = _run_functional_call(F, call, torchs, grad_output.contiguous())
+        reference, reference_grads = _reference_results(call, tensors, grad_output)
+
+        for t, t_before in zip(tensors, before):
+            assert t is None or torch.equal(t, t_before)
+        assert output.dtype == expected.dtype and output.shape == expected.shape
+        assert output.requires_grad == expected.requires_grad
+        assert output.is_inference() == expected.is_inference()
+        if call["layout"] == "contiguous":
+            assert output.is_contiguous()
+        elif call["layout"] == "channels_last":   # (or torch's layout, from torch's function)
+            assert output.is_contiguous(memory_format=MEMORY_FORMATS[x.dim()]) or output.stride() == expected.stride()
+        results = [(output, expected, reference)] + [
+            (grad, expected_grad, reference_grad)
+            for grad, expected_grad, reference_grad in zip(grads, expected_grads, reference_grads)
+            if grad is not None or expected_grad is not None]
+        for actual, torchs_result, exact in results:
+            assert actual is not None and torchs_result is not None and actual.dtype == dtype
+            error, torchs_error = _functional_call_error(actual, torchs_result, exact)
+            scale = max(exact.abs().max().item(), 1.0)
+            assert error <= max(DRAWN_TOLERANCES[dtype] * scale, torchs_error), (error, torchs_error, scale)
+    finally:
+        ct.use_torch_for_small_inputs(previous)
 
 
 @pytest.mark.parametrize("case", ["group_norm_2d", "group_norm_3d", "instance_norm_2d", "instance_norm_3d"])

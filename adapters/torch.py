@@ -698,19 +698,20 @@ def _torchs_input_grads(ctx, grad_output, torchs_function):
     return tuple(input_grads)
 
 
-def _torchs_group_norm_weight(weight, bias):
+def _torchs_group_norm_weight(input, weight, bias):
     """The weight to give torch's group norm: ``weight``, or ones standing in for a missing one (the same values)
     under a bias that records a gradient, for which torch 2.13's backward raises "tensor does not have a device".
     The kernels give such a bias its gradient; so, with this, do the calls that go to torch's function (small
-    inputs, bfloat16, other devices, double backward)."""
-    if weight is None and isinstance(bias, Tensor) and bias.requires_grad and torch.is_grad_enabled():
+    inputs, bfloat16, other devices, double backward).  Subclasses and modes see torch's call as it is."""
+    if (weight is None and isinstance(bias, Tensor) and bias.requires_grad and torch.is_grad_enabled()
+            and not has_torch_function_variadic(input, bias)):
         return torch.ones_like(bias)
     return weight
 
 
 def _torchs_group_norm_function(input, num_groups, weight, bias, eps):
     """``F.group_norm``, with the weight of _torchs_group_norm_weight."""
-    return F.group_norm(input, num_groups, _torchs_group_norm_weight(weight, bias), bias, eps)
+    return F.group_norm(input, num_groups, _torchs_group_norm_weight(input, weight, bias), bias, eps)
 
 
 def _register_autograd(norm, forward_op, backward_op, param_positions, torchs_function):
@@ -1397,8 +1398,6 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         if _channels_last_order(input) is None:
             return output
         return output.contiguous(memory_format=_CHANNELS_LAST[input.dim()][0])   # (the input's layout, as torch's)
-    if has_torch_function_variadic(input, weight, bias):   # (subclasses and modes see torch's call as it is)
-        return F.group_norm(input, num_groups, weight, bias, eps)
     return _torchs_group_norm_function(input, num_groups, weight, bias, eps)
 
 
@@ -1409,7 +1408,7 @@ def _torchs_group_norm(input, num_groups, weight, bias, eps):
     channel of a group ((N * C // num_groups) * H * W == 1), which needs fewer values than 2 * num_groups.  (The
     weight as _torchs_group_norm_weight gives it.)"""
     if weight is None and bias is not None:
-        weight = _torchs_group_norm_weight(weight, bias)
+        weight = _torchs_group_norm_weight(input, weight, bias)
     if type(num_groups) is int and 0 < 2 * num_groups <= input.numel() and input.dim() >= 2:
         return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)
     return F.group_norm(input, num_groups, weight, bias, eps)

@@ -31,6 +31,7 @@ from cynorm import slow  # noqa: E402
 from cynorm._blocks import PAGE_BYTES  # noqa: E402
 
 from _core_util import TOLERANCE as KERNEL_TOLERANCE  # noqa: E402
+from _core_util import NormCase  # noqa: E402
 from _torch_util import (ddp_train_worker, finished_marker, kernel_calls, kernels_for_small_inputs,  # noqa: E402,F401
                          small_conv_net, train, training_batch)
 
@@ -52,6 +53,8 @@ def in_layout(x, layout):
         return x.contiguous(memory_format=MEMORY_FORMATS[x.dim()])
     if layout == "strided":
         return torch.stack([x, x], dim=-1)[..., 0]
+    if layout == "last_axes_swapped":   # (dense, its last two axes in the other order in memory)
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2) if x.dim() >= 2 else x.contiguous()
     raise ValueError(layout)
 
 
@@ -215,20 +218,13 @@ def _reference_results(call, tensors, grad_output):
     """cynorm.slow's output of ``call`` on ``tensors`` (x, weight, bias), and the gradients of each for
     ``grad_output``, as float64 tensors."""
     x, weight, bias = (None if t is None else t.detach().double().numpy() for t in tensors)
-    dy, norm, eps = grad_output.double().numpy(), call["norm"], call["eps"]
-    if norm in ("group_norm", "instance_norm"):
-        num_groups = call["num_groups"] if norm == "group_norm" else x.shape[1]
-        y, mean, rstd = slow.group_norm(x, num_groups, weight, bias, eps=eps, return_stats=True)
-        grads = slow.group_norm_backward(dy, x, mean, rstd, weight)
-    else:
-        axes = tuple(range(x.ndim - len(call["param_shape"]), x.ndim))
-        if norm == "layer_norm":
-            y, mean, rstd = slow.layer_norm(x, weight, bias, axis=axes, eps=eps, return_stats=True)
-            grads = slow.layer_norm_backward(dy, x, mean, rstd, weight, axis=axes)
-        else:   # (eps None: the input dtype's epsilon, as torch takes it)
-            eps = torch.finfo(tensors[0].dtype).eps if eps is None else eps
-            y, rstd = slow.rms_norm(x, weight, axis=axes, eps=eps, return_stats=True)
-            grads = slow.rms_norm_backward(dy, x, rstd, weight, axis=axes)
+    norm = call["norm"].removesuffix("_norm")
+    axis = 1 if norm in ("group", "instance") else tuple(range(x.ndim - len(call["param_shape"]), x.ndim))
+    case = NormCase(norm, x.shape, axis, call["num_groups"] if norm == "group" else None)
+    # (eps None, RMS norm's: the input dtype's epsilon, as torch takes it)
+    eps = torch.finfo(tensors[0].dtype).eps if call["eps"] is None else call["eps"]
+    y, stats = case.forward_with_stats(slow, x, weight, bias, eps=eps)
+    grads = case.backward(slow, grad_output.double().numpy(), x, stats, weight)
     return torch.from_numpy(np.asarray(y)), [None if g is None else torch.from_numpy(np.asarray(g)) for g in grads]
 
 
@@ -254,11 +250,7 @@ def test_drawn_functional_calls_match_torch(call):
     try:
         dtype, shape = call["dtype"], call["shape"]
         seed = len(shape) + sum(shape)
-        x = (random_tensor(shape, seed=seed) + call["offset"]).to(dtype)
-        if call["layout"] == "last_axes_swapped":
-            x = x.transpose(-1, -2).contiguous().transpose(-1, -2) if x.dim() >= 2 else x
-        else:
-            x = in_layout(x, call["layout"])
+        x = in_layout((random_tensor(shape, seed=seed) + call["offset"]).to(dtype), call["layout"])
         weight = random_tensor(call["param_shape"], dtype, seed=seed + 1) if call["has_weight"] else None
         bias = random_tensor(call["param_shape"], dtype, seed=seed + 2) if call["has_bias"] else None
         grad_output = random_tensor(shape, dtype, seed=seed + 3)
@@ -1633,8 +1625,7 @@ def test_drawn_converted_modules_match_torch(drawn):
     ours = ct.convert(theirs)
     assert type(ours) is not type(theirs)
     for step, training in enumerate([trains, trains, False]):
-        x = random_tensor(shape, seed=step)
-        x = x.contiguous(memory_format=MEMORY_FORMATS[len(shape)]) if channels_last else x
+        x = in_layout(random_tensor(shape, seed=step), "channels_last" if channels_last else "contiguous")
         grad_output = random_tensor(shape, seed=10 + step)
         results = []
         for m, x_dtype in ((ours, dtype), (theirs, dtype), (reference, torch.float64)):
